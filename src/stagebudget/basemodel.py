@@ -1,0 +1,324 @@
+"""The small local base model: a character tokenizer and a Llama-style causal LM.
+
+Built from a config, pre-trained briefly on :func:`stagebudget.tasks.pretrain_corpus`
+and cached in a content-addressed directory, so each machine builds it once.
+torch and transformers are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CODE_VERSION = "base-v1"
+COMPLETE_MARKER = "COMPLETE"
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+CHARS = "".join(chr(c) for c in range(32, 127))  # printable ASCII covers every suite char
+MAX_LEN = 128  # position budget: prompt + answer (<= 64 chars) + generation slack
+
+# per size: model shape and pre-training recipe
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "intermediate_size": 384, "steps": 700, "lr": 2e-3, "batch": 64,
+             "corpus": 30000},
+    "test": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64, "steps": 30, "lr": 3e-3, "batch": 32, "corpus": 2000},
+}
+EVAL_SIZES = {"tiny": (200, 200), "test": (30, 30)}
+
+
+class ModelRefError(ValueError):
+    """A base model reference cannot be used; the message says why and what to pass."""
+
+
+def default_cache_dir() -> Path:
+    """``$STAGEBUDGET_CACHE`` or ``~/.cache/stagebudget``."""
+    env = os.environ.get("STAGEBUDGET_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "stagebudget"
+
+
+# ---------------------------------------------------------------- tokenizer
+def build_tokenizer(out_dir: Path) -> None:
+    """Save a char-level ``PreTrainedTokenizerFast`` to ``out_dir``.
+
+    Every encoded text starts with ``<bos>`` (a TemplateProcessing post-processor), so TRL
+    SFT, TRL GRPO and our evaluation tokenize prompts identically; padding is on the left.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *CHARS))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>", padding_side="left", model_max_length=MAX_LEN)
+    fast.save_pretrained(str(out_dir))
+
+
+# ---------------------------------------------------------------- model
+def _config_dict(size: str) -> dict[str, Any]:
+    spec = SIZES[size]
+    return {
+        "vocab_size": len(SPECIAL_TOKENS) + len(CHARS), "hidden_size": spec["hidden_size"],
+        "intermediate_size": spec["intermediate_size"],
+        "num_hidden_layers": spec["num_hidden_layers"],
+        "num_attention_heads": spec["num_attention_heads"],
+        "num_key_value_heads": spec["num_attention_heads"],
+        "max_position_embeddings": MAX_LEN, "tie_word_embeddings": True,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+def _build_key(size: str, seed: int) -> str:
+    spec = {"config": _config_dict(size), "recipe": SIZES[size], "seed": seed,
+            "corpus": {"fn": "pretrain_corpus", "n": SIZES[size]["corpus"]},
+            "code": CODE_VERSION}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{size}-{digest}"
+
+
+def build_base(size: str = "tiny", cache_dir: Path | None = None, seed: int = 0,
+               force: bool = False, progress: Callable[[str], None] | None = None) -> Path:
+    """Build (or reuse) the pre-trained base model of ``size`` and return its directory.
+
+    The directory name hashes the config, recipe, corpus spec, seed and code version; a
+    directory holding the completion marker is reused. The build writes into a temporary
+    sibling directory and renames it into place, so a half-written model is never reused.
+    """
+    if size not in SIZES:
+        raise ModelRefError(f"unknown base size {size!r}; allowed: {', '.join(SIZES)}")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = cache / _build_key(size, seed)
+    if (final / COMPLETE_MARKER).is_file() and not force:
+        return final
+    say = progress or (lambda _msg: None)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache))
+    try:
+        info = _pretrain(size, seed, tmp, say)
+        (tmp / "base_info.json").write_text(json.dumps(info, indent=2))
+        (tmp / COMPLETE_MARKER).write_text(final.name)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"base model ready at {final}")
+    return final
+
+
+def _batches(tokenizer: Any, texts: list[str], batch: int, rng: random.Random) -> Any:
+    import torch
+
+    eos = tokenizer.eos_token_id
+    while True:
+        chosen = rng.sample(texts, batch)
+        ids = [tokenizer(t)["input_ids"] + [eos] for t in chosen]
+        width = max(map(len, ids))
+        input_ids = torch.zeros((batch, width), dtype=torch.long)
+        labels = torch.full((batch, width), -100, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for row, seq in enumerate(ids):  # right padding while training
+            input_ids[row, :len(seq)] = torch.tensor(seq)
+            labels[row, 1:len(seq)] = torch.tensor(seq[1:])
+            mask[row, :len(seq)] = 1
+        yield input_ids, mask, labels
+
+
+def _pretrain(size: str, seed: int, out: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from stagebudget.tasks import pretrain_corpus
+
+    spec = SIZES[size]
+    torch.manual_seed(seed)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    build_tokenizer(out)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    model = LlamaForCausalLM(LlamaConfig(**_config_dict(size)))
+    texts = pretrain_corpus(seed=seed, n=spec["corpus"])
+    optim = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.01)
+    warmup, steps = max(1, spec["steps"] // 20), spec["steps"]
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warmup))
+    batches = _batches(tokenizer, texts, spec["batch"], random.Random(f"{seed}:batches"))
+    start = time.perf_counter()
+    model.train()
+    for step in range(1, steps + 1):
+        input_ids, mask, labels = next(batches)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        sched.step()
+        if step % 100 == 0 or step == steps:
+            say(f"pretrain step {step}/{steps} loss {loss.item():.3f}")
+    seconds = time.perf_counter() - start
+    model.eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    info: dict[str, Any] = {
+        "size": size, "seed": seed, "params": sum(p.numel() for p in model.parameters()),
+        "steps": steps, "train_seconds": round(seconds, 1), "code_version": CODE_VERSION,
+        "heldout_lm_loss": round(_heldout_loss(model, tokenizer, seed), 4),
+    }
+    info.update(_base_accuracy(model, tokenizer, size))
+    return info
+
+
+def _heldout_loss(model: Any, tokenizer: Any, seed: int, n: int = 256) -> float:
+    """Mean LM loss on raw sequence chunks from the held-out (test) pool."""
+    import torch
+
+    from stagebudget.tasks import data
+
+    rng = random.Random(f"{seed}:heldout")
+    texts = []
+    for _ in range(n):
+        recs = data.pool(rng.choice(("ecoli_genome", "cdip_genome", "proteome")), "test")
+        rec = recs[rng.randrange(len(recs))]
+        start = rng.randrange(len(rec) - 48 + 1)
+        texts.append(rec[start:start + 48])
+    batch = next(_batches(tokenizer, texts, len(texts), random.Random(0)))
+    with torch.no_grad():
+        return float(model(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss)
+
+
+def _base_accuracy(model: Any, tokenizer: Any, size: str) -> dict[str, Any]:
+    from stagebudget.tasks import load_suite
+
+    n_id, n_ood = EVAL_SIZES[size]
+    suite = load_suite(n_train=0, n_id_test=n_id, n_ood_test=n_ood, seed=0)
+    out: dict[str, Any] = {"eval_suite": suite.name}
+    for split in ("id_test", "ood_test"):
+        examples = suite.split(split)
+        preds = greedy_generate(model, tokenizer, [e.prompt for e in examples], 12)
+        scores = [suite.score(e, p) for e, p in zip(examples, preds, strict=True)]
+        key = "id" if split == "id_test" else "ood"
+        out[f"base_{key}_accuracy"] = round(sum(scores) / max(1, len(scores)), 4)
+        for task in suite.tasks:
+            mine = [s for e, s in zip(examples, scores, strict=True) if e.task == task]
+            out[f"base_{key}_accuracy_{task}"] = round(sum(mine) / max(1, len(mine)), 4)
+    return out
+
+
+# ---------------------------------------------------------------- loading and generation
+def load_model_and_tokenizer(path: Path, device: str = "cpu",
+                             trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Load a causal LM (safetensors only) and its tokenizer from a local directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), use_safetensors=True, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.to(device), tokenizer
+
+
+def greedy_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+                    batch_size: int = 256) -> list[str]:
+    """Greedy completions of ``prompts`` (left-padded batches), cut at EOS, specials removed."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True)
+            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            with torch.no_grad():
+                gen = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+                if tokenizer.eos_token_id in row:
+                    row = row[:row.index(tokenizer.eos_token_id)]
+                out.append(tokenizer.decode(row, skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------- references
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_base_model(ref: str, cache_dir: Path | None = None, base_dir: Path | None = None,
+                       allow_build: bool = True) -> Path:
+    """Turn ``"builtin:tiny"``, ``"builtin:test"`` or a local directory into a model path.
+
+    Local directories must hold config.json, ``*.safetensors`` weights and a tokenizer.
+    Nothing is ever downloaded.
+    """
+    if ref.startswith("builtin:"):
+        size = ref.split(":", 1)[1]
+        if size not in SIZES:
+            raise ModelRefError(f"unknown built-in base model {ref!r}; allowed: "
+                                f"{', '.join('builtin:' + s for s in SIZES)}")
+        if not allow_build:
+            final = (Path(cache_dir) if cache_dir else default_cache_dir()) / _build_key(size, 0)
+            if not (final / COMPLETE_MARKER).is_file():
+                raise ModelRefError(f"{ref} is not built yet (expected {final}); build it first "
+                                    "with build_base or allow building")
+            return final
+        return build_base(size, cache_dir=cache_dir)
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    if not path.exists():
+        if _HUB_NAME.match(ref) and not ref.startswith((".", "/")):
+            raise ModelRefError(
+                f"base model {ref!r} looks like a Hugging Face Hub name, but stagebudget never "
+                "downloads at run time; download it yourself and pass the local directory "
+                "(with config.json, *.safetensors and a tokenizer), or use builtin:tiny")
+        raise ModelRefError(f"base model directory {path} does not exist; pass a local "
+                            "Hugging Face model directory or builtin:tiny")
+    _check_model_dir(path)
+    return path
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise ModelRefError(f"base model {path} is not a directory")
+    if not (path / "config.json").is_file():
+        raise ModelRefError(f"base model directory {path} has no config.json")
+    if not any(path.glob("*.safetensors")):
+        if any(path.glob("*.bin")):
+            raise ModelRefError(
+                f"base model directory {path} holds only .bin (pickle) weights, which "
+                "stagebudget refuses to load; convert them to safetensors (e.g. load the model "
+                "and call save_pretrained(dir, safe_serialization=True))")
+        raise ModelRefError(f"base model directory {path} has no *.safetensors weights")
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
+        raise ModelRefError(f"base model directory {path} has no tokenizer "
+                            "(tokenizer.json or tokenizer_config.json)")
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """The base_info.json of a built-in base model directory ({} when absent)."""
+    info = Path(path) / "base_info.json"
+    return json.loads(info.read_text()) if info.is_file() else {}
+
+
+__all__ = ["ModelRefError", "build_base", "build_tokenizer", "default_cache_dir",
+           "describe", "greedy_generate", "load_model_and_tokenizer", "resolve_base_model"]
+

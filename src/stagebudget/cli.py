@@ -1,0 +1,222 @@
+"""The ``stagebudget`` command line.
+
+Every command imports its heavy machinery lazily, so ``--help``, ``validate``, ``tasks``,
+``status`` and ``pareto`` answer quickly. User mistakes (:class:`~stagebudget.errors.UserError`)
+print one paragraph and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from stagebudget.errors import UserError
+
+app = typer.Typer(
+    name="stagebudget",
+    help="Decide how to spend a fixed post-training budget: search SFT/RL/LoRA schedules for the "
+    "in-domain / out-of-domain Pareto front.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+base_app = typer.Typer(help="Build or inspect the embedded base model.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.command()
+def search(
+    space: Annotated[Path, typer.Argument(help="Search-space YAML file, e.g. search_spaces/demo.yaml")],
+    name: Annotated[str | None, typer.Option(help="Run name (default: the space's name)")] = None,
+    trials: Annotated[int | None, typer.Option(help="Number of trials (overrides the space)")] = None,
+    budget_hours: Annotated[float | None, typer.Option(
+        help="Device-hour budget for the whole search; no trial starts past it")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Trials at once (overrides the space)")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
+    storage: Annotated[str | None, typer.Option(
+        help="Optuna storage URL (default: SQLite in the run directory)")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted search")] = False,
+    runs_dir: Annotated[Path, typer.Option(help="Where run directories go")] = Path("runs"),
+    live: Annotated[bool, typer.Option(help="Live display (off: plain log lines)")] = True,
+) -> None:
+    """Run a budgeted multi-objective search (Optuna samples, Ray Tune runs the trials)."""
+    from stagebudget.search import run_search
+
+    run_dir = run_search(
+        space, name=name, runs_dir=runs_dir, trials=trials, budget_hours=budget_hours,
+        concurrency=concurrency, address=address, storage=storage, resume=resume, live=live,
+    )
+    console.print(f"run directory: {run_dir}")
+    console.print(f"next: stagebudget pareto {run_dir}   |   stagebudget export {run_dir} --pick knee")
+
+
+@app.command()
+def validate(
+    space: Annotated[Path, typer.Argument(help="Search-space YAML file")],
+) -> None:
+    """Check a search space and print it with its cheapest and most expensive schedules."""
+    from stagebudget.space import SearchSpace
+
+    s = SearchSpace.load(space)
+    cost = s.cost_model()
+    cheap, dear = s.check_feasible(cost)
+    console.print(f"[bold]{space}[/bold]: search space {s.name!r} is valid")
+    console.print(f"  base model: {s.base_model}   tasks: {s.tasks.source} "
+                  f"{list(s.tasks.names) or '(default set)'}")
+    console.print(f"  per-trial budget: {s.budget.per_trial_hours:g} device-hours "
+                  f"({s.per_trial_budget.seconds:.0f} s); search budget: "
+                  f"{s.budget.search_hours if s.budget.search_hours else 'none'}")
+    console.print(f"  allocation by {s.mode}; searched dimensions:")
+    for pname, dist in s.dimensions().items():
+        spec = dist.model_dump(exclude_none=True, exclude_defaults=True)
+        console.print(f"    {pname}: {spec}")
+    objectives = ", ".join(f"{o.name} ({o.direction})" for o in s.objectives)
+    console.print(f"  objectives: {objectives}")
+    console.print(f"  sampler: {s.sampler.name}   trials: {s.trials}   concurrency: {s.concurrency}")
+    console.print(f"  cost model: {cost.source}")
+    for label, sched in (("cheapest", cheap), ("most expensive", dear)):
+        console.print(f"  {label} schedule: {sched.describe()}  "
+                      f"{cost.schedule_seconds(sched):.1f} device-seconds planned")
+
+
+@app.command()
+def status(run: Annotated[Path, typer.Argument(help="Run directory, e.g. runs/demo")]) -> None:
+    """Table of trials and the current Pareto front (works mid-run)."""
+    from stagebudget.runs import load_run
+    from stagebudget.status import render_status
+
+    render_status(load_run(run), console)
+
+
+@app.command()
+def pareto(
+    run: Annotated[Path, typer.Argument(help="Run directory")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="HTML file (default RUN/report.html)")] = None,
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the report in a browser")] = False,
+    png: Annotated[bool, typer.Option(help="Also write PNGs (needs a browser engine)")] = False,
+) -> None:
+    """Write the self-contained HTML Pareto report of a run."""
+    from stagebudget.report import write_report
+    from stagebudget.runs import load_run
+
+    path = write_report(load_run(run), out, png=png)
+    console.print(f"report: {path}")
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory")],
+    pick: Annotated[str, typer.Option(
+        help="knee | max-ood | max-id | ood-at-id=0.9 | trial=N")] = "knee",
+    out: Annotated[Path, typer.Option("-o", "--out", help="Schedule file to write")] = Path("best.yaml"),
+) -> None:
+    """Export a front schedule: a file `stagebudget train` re-runs, plus TRL/PEFT configs."""
+    from stagebudget.export import export as do_export
+    from stagebudget.runs import load_run
+
+    path = do_export(load_run(run), pick, out)
+    console.print(f"exported: {path}   re-run with: stagebudget train {path} -o OUTDIR")
+
+
+@app.command()
+def train(
+    schedule: Annotated[Path, typer.Argument(help="Schedule YAML (e.g. from `stagebudget export`)")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output directory")] = Path("trained"),
+    save: Annotated[bool, typer.Option(help="Save the final model (safetensors)")] = True,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+) -> None:
+    """Train one schedule end to end and measure ID/OOD at every evaluation point."""
+    from stagebudget.schedule import Schedule
+    from stagebudget.trainview import train_with_progress
+
+    sched = Schedule.load(schedule)
+    result = train_with_progress(sched, out, save_model=save, device=device, console=console,
+                                 base_dir=schedule.resolve().parent)
+    console.print(f"ID {result.id_accuracy:.3f}  OOD {result.ood_accuracy:.3f}  "
+                  f"device-hours {result.device_hours:.5f}  ->  {out}")
+
+
+@app.command()
+def calibrate(
+    base_model: Annotated[str, typer.Option(help="builtin:tiny or a local model directory")] = "builtin:tiny",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Table file (default: cache)")] = None,
+) -> None:
+    """Time a few real steps of each stage kind and save the cost table the planner uses."""
+    from stagebudget.calibrate import calibrate as do_calibrate
+
+    cost = do_calibrate(base_model=base_model, device=device, out=out)
+    for e in cost.table:
+        console.print(f"  {e['kind']:>4} rank {e['rank']:>3}: {e['seconds_per_step']:.3f} s/step")
+    console.print(f"saved: {cost.source}")
+
+
+@app.command()
+def tasks(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (one object per task)")] = False,
+) -> None:
+    """List the built-in biology tasks with their ID/OOD splits and two examples each."""
+    from dataclasses import asdict
+
+    from stagebudget.tasks import DEFAULT_TASKS, render_examples, task_infos
+
+    rows = []
+    for info in task_infos():
+        examples = [{"prompt": e.prompt, "answer": e.answer, "split": e.split}
+                    for e in render_examples(info.name, n=2)]
+        rows.append({**asdict(info), "default": info.name in DEFAULT_TASKS, "examples": examples})
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title="built-in tasks (* = in the default suite)", show_lines=True)
+    for col in ("task", "domain", "ID split", "OOD split", "scorer", "examples"):
+        table.add_column(col)
+    for r in rows:
+        ex = "\n".join(f"{e['prompt']} -> {e['answer']}  ({e['split']})" for e in r["examples"])
+        table.add_row(r["name"] + (" *" if r["default"] else ""), r["domain"], r["id_split"],
+                      r["ood_split"], r["scorer"], ex)
+    console.print(table)
+
+
+@base_app.command("build")
+def base_build(
+    size: Annotated[str, typer.Option(help="tiny (default) or test")] = "tiny",
+    force: Annotated[bool, typer.Option(help="Rebuild even if cached")] = False,
+) -> None:
+    """Build (or reuse from the cache) the embedded base model."""
+    from stagebudget.basemodel import build_base
+
+    path = build_base(size=size, force=force, progress=lambda m: console.print(m))
+    info = path / "base_info.json"
+    console.print(f"base model: {path}")
+    if info.is_file():
+        console.print(info.read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app; user errors print one paragraph and exit 2."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except UserError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; `stagebudget search ... --resume` continues a search")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Budgets, the cost model, and the planner that turns a budget allocation into a schedule.
+
+The cost model gives device-seconds per training step of a stage. It comes either from a
+calibrated table measured on the target hardware (``stagebudget calibrate``) or from an
+analytic FLOP estimate. The planner uses it so that every schedule fits its budget by
+construction: nothing infeasible is ever launched.
+
+>>> cm = CostModel.analytic(ModelShape.builtin("tiny"))
+>>> s = plan_schedule({"sft": 0.25, "rl": 0.75}, {"sft": {"lora_rank": 64},
+...                   "rl": {"lora_rank": 4}}, Budget(hours=0.02), cm)
+>>> cm.schedule_seconds(s) <= Budget(hours=0.02).seconds
+True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stagebudget.errors import BudgetError, ConfigError
+from stagebudget.fileio import atomic_write_json
+from stagebudget.schedule import STAGE_KINDS, Schedule, StageSpec, TasksRef
+
+# Effective throughput and per-step overheads for the analytic fallback. They are rough on
+# purpose (fitted to the measurements in FINDINGS.md for a 2-core CPU and an H100); calibrate
+# replaces them with measured numbers for the hardware at hand.
+_DEVICE = {
+    "cpu": {"flops": 4.0e10, "step_overhead": 0.04, "gen_token_overhead": 0.03},
+    "cuda": {"flops": 1.5e14, "step_overhead": 0.05, "gen_token_overhead": 0.015},
+}
+DEFAULT_SEQ_LEN = 32
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A per-trial (or per-search) budget in device-hours (GPU-hours on a GPU)."""
+
+    hours: float
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.hours, int | float) and math.isfinite(self.hours)) or self.hours <= 0:
+            raise BudgetError(f"a budget must be a positive number of device-hours, got {self.hours!r}")
+
+    @property
+    def seconds(self) -> float:
+        return self.hours * 3600.0
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost model needs to know about a model."""
+
+    n_params: int
+    hidden: int
+    layers: int
+    intermediate: int
+
+    @staticmethod
+    def builtin(size: str) -> ModelShape:
+        """Shapes of the built-in base models (see :mod:`stagebudget.basemodel`)."""
+        shapes = {
+            "tiny": dict(hidden=128, layers=4, intermediate=384, vocab=64),
+            "test": dict(hidden=64, layers=2, intermediate=128, vocab=64),
+        }
+        if size not in shapes:
+            raise ConfigError(f"unknown built-in model size {size!r}; allowed: {', '.join(shapes)}")
+        s = shapes[size]
+        return ModelShape._from_dims(s["hidden"], s["layers"], s["intermediate"], s["vocab"])
+
+    @staticmethod
+    def _from_dims(hidden: int, layers: int, intermediate: int, vocab: int) -> ModelShape:
+        per_layer = 4 * hidden * hidden + 3 * hidden * intermediate
+        return ModelShape(per_layer * layers + vocab * hidden, hidden, layers, intermediate)
+
+    @staticmethod
+    def for_ref(ref: str) -> ModelShape:
+        """Shape of ``builtin:SIZE`` or of a local model directory (read from its config.json)."""
+        if ref.startswith("builtin:"):
+            return ModelShape.builtin(ref.split(":", 1)[1])
+        cfg_path = Path(ref) / "config.json"
+        if not cfg_path.is_file():
+            # The model resolver gives the precise error later; size it as the tiny model here.
+            return ModelShape.builtin("tiny")
+        cfg = json.loads(cfg_path.read_text())
+        cfg = cfg.get("text_config", cfg)
+        hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 768)
+        layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 12)
+        inter = int(cfg.get("intermediate_size") or 4 * hidden)
+        vocab = int(cfg.get("vocab_size") or 32000)
+        return ModelShape._from_dims(hidden, layers, inter, vocab)
+
+
+@dataclass
+class CostModel:
+    """Device-seconds per step of a stage, from a calibrated table or an analytic estimate."""
+
+    shape: ModelShape
+    device: str = "cpu"
+    seq_len: int = DEFAULT_SEQ_LEN
+    table: list[dict[str, Any]] = field(default_factory=list)
+    source: str = "analytic"
+
+    @classmethod
+    def analytic(cls, shape: ModelShape, device: str = "cpu", seq_len: int = DEFAULT_SEQ_LEN) -> CostModel:
+        return cls(shape=shape, device=device, seq_len=seq_len)
+
+    @classmethod
+    def load(cls, path: str | Path, shape: ModelShape) -> CostModel:
+        """Read a table written by ``stagebudget calibrate``."""
+        data = json.loads(Path(path).read_text())
+        return cls(
+            shape=shape,
+            device=data.get("device", "cpu"),
+            seq_len=int(data.get("seq_len", DEFAULT_SEQ_LEN)),
+            table=list(data["entries"]),
+            source=str(path),
+        )
+
+    def save(self, path: str | Path, **meta: Any) -> None:
+        atomic_write_json(
+            path,
+            {"device": self.device, "seq_len": self.seq_len, "shape": asdict(self.shape), **meta,
+             "entries": self.table},
+        )
+
+    # --- per-step cost -------------------------------------------------------------------
+    def step_seconds(self, spec: StageSpec) -> float:
+        """Device-seconds of one training step of ``spec``."""
+        entries = [e for e in self.table if e["kind"] == spec.kind]
+        if entries:
+            return self._from_table(spec, entries)
+        return self._analytic(spec)
+
+    def _work(self, spec: StageSpec) -> float:
+        """Relative amount of work per step, used to scale calibrated entries."""
+        if spec.kind == "rl":
+            return float(spec.batch_size * (spec.num_generations or 8) * (spec.max_completion_length or 12))
+        return float(spec.batch_size)
+
+    def _from_table(self, spec: StageSpec, entries: list[dict[str, Any]]) -> float:
+        def rank_distance(e: dict[str, Any]) -> float:
+            return abs(math.log2(1 + e["rank"]) - math.log2(1 + spec.lora_rank))
+
+        best = min(entries, key=rank_distance)
+        ref = StageSpec(
+            kind=spec.kind,
+            steps=1,
+            lora_rank=best["rank"],
+            batch_size=best["batch"],
+            **(
+                {"num_generations": best["num_generations"],
+                 "max_completion_length": best["max_completion_length"]}
+                if spec.kind == "rl"
+                else {}
+            ),
+        )
+        # Split the measured time into a fixed part and a part proportional to work.
+        fixed = min(best["seconds_per_step"], _DEVICE[self._dev]["step_overhead"])
+        scale = self._work(spec) / self._work(ref)
+        return fixed + (best["seconds_per_step"] - fixed) * scale
+
+    @property
+    def _dev(self) -> str:
+        return "cuda" if self.device.startswith("cuda") else "cpu"
+
+    def _analytic(self, spec: StageSpec) -> float:
+        dev = _DEVICE[self._dev]
+        p = self.shape.n_params
+        lora_params = 2 * spec.lora_rank * self.shape.hidden * 7 * self.shape.layers
+        train_factor = 6 if spec.lora_rank == 0 else 4
+        if spec.kind == "rl":
+            gens = spec.num_generations or 8
+            comp = spec.max_completion_length or 12
+            n_seq = spec.batch_size * gens
+            tokens = n_seq * (self.seq_len + comp)
+            gen_flops = 2 * p * n_seq * comp
+            train = (train_factor * p + 6 * lora_params) * tokens
+            return dev["step_overhead"] * 2 + comp * dev["gen_token_overhead"] + (gen_flops + train) / dev["flops"]
+        tokens = spec.batch_size * self.seq_len
+        return dev["step_overhead"] + (train_factor * p + 6 * lora_params) * tokens / dev["flops"]
+
+    def schedule_seconds(self, schedule: Schedule) -> float:
+        """Planned training device-seconds of a whole schedule."""
+        return sum(s.steps * self.step_seconds(s) for s in schedule.stages)
+
+
+def plan_schedule(
+    allocation: Mapping[str, float | int],
+    stage_params: Mapping[str, Mapping[str, Any]],
+    budget: Budget,
+    cost: CostModel,
+    *,
+    mode: str = "share",
+    base_model: str = "builtin:tiny",
+    tasks: TasksRef | None = None,
+    seed: int = 0,
+    name: str | None = None,
+) -> Schedule:
+    """Turn a budget allocation into a schedule that fits ``budget`` by construction.
+
+    ``allocation`` maps stage kind to a share of the budget (``mode="share"``, shares sum to at
+    most 1) or to a step count (``mode="steps"``). Stages with share or steps 0 are left out.
+    Stages run in the canonical order cpt -> sft -> rl. Raises :class:`BudgetError` when a stage
+    given budget cannot fit one step, saying what budget would.
+    """
+    stages = []
+    for kind in STAGE_KINDS:
+        amount = allocation.get(kind, 0) or 0
+        if amount <= 0:
+            continue
+        probe = StageSpec(kind=kind, steps=1, **dict(stage_params.get(kind, {})))  # type: ignore[arg-type]
+        per_step = cost.step_seconds(probe)
+        if mode == "share":
+            steps = int(math.floor(amount * budget.seconds / per_step + 1e-9))
+            if steps < 1:
+                need_h = per_step / amount / 3600.0
+                raise BudgetError(
+                    f"stage {kind!r} gets {amount:.3g} of a {budget.hours:.4g} device-hour budget "
+                    f"({amount * budget.seconds:.2f} s), but one step costs {per_step:.2f} s; a "
+                    f"budget of at least {need_h:.4g} device-hours would fit one step"
+                )
+        else:
+            steps = int(amount)
+        stages.append(probe.model_copy(update={"steps": steps}))
+    if not stages:
+        raise BudgetError("the allocation gives no stage any budget: at least one share must be > 0")
+    schedule = Schedule(
+        base_model=base_model,
+        tasks=tasks or TasksRef(),
+        stages=tuple(stages),
+        seed=seed,
+        budget_hours=budget.hours,
+        name=name,
+    )
+    spent = cost.schedule_seconds(schedule)
+    if spent > budget.seconds * (1 + 1e-9):
+        raise BudgetError(
+            f"the schedule {schedule.describe()} needs {spent:.1f} device-seconds but the budget is "
+            f"{budget.seconds:.1f} s ({budget.hours:.4g} h); lower the steps or raise the budget to "
+            f"at least {spent / 3600:.4g} device-hours"
+        )
+    return schedule

@@ -1,0 +1,19 @@
+"""Where calibrated cost tables live: one per (base model, device) in the cache."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """``$STAGEBUDGET_CACHE`` or ``~/.cache/stagebudget``."""
+    return Path(os.environ.get("STAGEBUDGET_CACHE", Path.home() / ".cache" / "stagebudget"))
+
+
+def default_table_path(base_model: str, device: str) -> Path:
+    """``<cache>/cost/<device>-<model key>.json``: the table ``stagebudget calibrate`` writes."""
+    key = hashlib.sha256(base_model.encode()).hexdigest()[:12]
+    dev = "cuda" if device.startswith("cuda") else device
+    return cache_root() / "cost" / f"{dev}-{key}.json"

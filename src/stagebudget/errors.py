@@ -1,0 +1,81 @@
+"""User-facing errors.
+
+Every mistake in user input becomes a :class:`UserError` whose message says which file and which
+field is wrong, what was given and what is allowed. The CLI prints it as one paragraph and exits
+non-zero without a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+class UserError(ValueError):
+    """Bad input from the user: a file, a field or a flag. Printed without a traceback."""
+
+
+class ConfigError(UserError):
+    """A search-space or schedule file (or its fields) is invalid."""
+
+    def __init__(self, message: str, *, source: str | Path | None = None, field: str | None = None):
+        self.source = str(source) if source is not None else None
+        self.field = field
+        where = []
+        if self.source:
+            where.append(self.source)
+        if field:
+            where.append(f"field `{field}`")
+        prefix = ": ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class BudgetError(UserError):
+    """A budget allocation cannot fit even one step of a stage."""
+
+
+class RunError(UserError):
+    """A run directory is missing, foreign, or has nothing to show."""
+
+
+def allowed(values: Iterable[Any]) -> str:
+    """Render allowed values for an error message: ``allowed(["a", "b"]) == "'a', 'b'"``."""
+    return ", ".join(repr(v) for v in values)
+
+
+_TYPE_TAGS = {"int", "float", "str", "bool", "none", "dict", "list", "tuple"}
+
+
+def _is_tag(part: Any) -> bool:
+    """Pydantic puts union-member tags (``int``, ``function-after[...]``) into error locations."""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)
+
+
+def from_pydantic(exc: Any, source: str | Path | None) -> ConfigError:
+    """Turn a pydantic ``ValidationError`` into one readable :class:`ConfigError`.
+
+    Each problem is named by its dotted field path, e.g. ``stages.sft.lora_rank``. For a field
+    that accepts either a value or a distribution, only the message for the form given is kept.
+    """
+    by_field: dict[str, list[tuple[bool, dict[str, Any]]]] = {}
+    for err in exc.errors():
+        loc = err.get("loc", ())
+        clean = ".".join(str(p) for p in loc if not _is_tag(p))
+        via_model = any(isinstance(p, str) and "[" in p for p in loc)
+        by_field.setdefault(clean, []).append((via_model, err))
+    lines = []
+    for field, errs in by_field.items():
+        if len(errs) > 1:
+            given_mapping = isinstance(errs[0][1].get("input"), dict)
+            preferred = [e for via, e in errs if via == given_mapping and "valid dictionary" not in
+                         str(e.get("msg"))]
+            chosen = preferred[:1] or [errs[0][1]]
+        else:
+            chosen = [errs[0][1]]
+        for err in chosen:
+            msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+            if err.get("type") not in ("missing", "value_error") and "input" in err:
+                msg = f"{msg} (got {err['input']!r})"
+            lines.append(f"field `{field}`: {msg}" if field else msg)
+    return ConfigError("; ".join(lines), source=source)

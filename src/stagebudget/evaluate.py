@@ -1,0 +1,42 @@
+"""Batched greedy evaluation of a model on a suite's ID-test and OOD-test splits.
+
+Prompts are passed as plain text: the tokenizer adds BOS itself, exactly as TRL's SFT and GRPO
+trainers tokenize them, so the model is measured on the inputs it was trained on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stagebudget.records import ID_ACCURACY, OOD_ACCURACY
+
+EVAL_BATCH = 256
+
+
+def max_new_tokens_for(suite: Any, slack: int = 2) -> int:
+    """Longest test answer (in characters, the tokenizer is char-level) plus ``slack``."""
+    answers = [e.answer for e in (*suite.id_test, *suite.ood_test)]
+    return max((len(a) for a in answers), default=8) + slack
+
+
+def accuracy(model: Any, tokenizer: Any, suite: Any, examples: list[Any], max_new_tokens: int,
+             batch_size: int = EVAL_BATCH) -> float:
+    """Mean ``suite.score`` of greedy completions of ``examples`` (0.0 for an empty split)."""
+    from stagebudget.basemodel import greedy_generate
+
+    if not examples:
+        return 0.0
+    preds = greedy_generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens,
+                            batch_size=batch_size)
+    scores = [suite.score(e, p) for e, p in zip(examples, preds, strict=True)]
+    return sum(scores) / len(scores)
+
+
+def evaluate(model: Any, tokenizer: Any, suite: Any, *, max_new_tokens: int | None = None,
+             batch_size: int = EVAL_BATCH) -> dict[str, float]:
+    """``{"id_accuracy", "ood_accuracy"}`` of greedy decoding on the suite's test splits."""
+    n_new = max_new_tokens or max_new_tokens_for(suite)
+    return {
+        ID_ACCURACY: accuracy(model, tokenizer, suite, suite.id_test, n_new, batch_size),
+        OOD_ACCURACY: accuracy(model, tokenizer, suite, suite.ood_test, n_new, batch_size),
+    }

@@ -1,0 +1,69 @@
+"""Safe YAML/JSON reading and atomic writes.
+
+Every write goes to a temporary file in the same directory and is renamed into place, so a crash
+or a full disk never leaves a half-written record, export or cache entry behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stagebudget.errors import ConfigError, UserError
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Load a YAML file with ``yaml.safe_load``; a missing or malformed file is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("file not found (give the path to an existing YAML file)", source=p)
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"malformed YAML{where}: {problem}", source=p) from None
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file in the same directory, fsync, rename)."""
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as exc:
+        raise UserError(f"cannot write {p}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write {p}: {exc.strerror or exc}; nothing was changed") from None
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_write_yaml(path: str | Path, data: Any) -> None:
+    """Write ``data`` as block-style YAML, atomically."""
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file; a corrupted file raises a UserError naming it."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{p}: unreadable or corrupted JSON ({exc})") from None

@@ -1,0 +1,152 @@
+"""The run directory and per-trial records: the source of truth beside the Optuna study.
+
+Layout of ``runs/NAME/``::
+
+    run.json                 what this is: tool, version, study name, storage URL, space file
+    space.yaml               the validated search space the run was started with
+    study.db                 the Optuna study (SQLite by default; optuna-dashboard opens it)
+    tune/                    Ray Tune's experiment state
+    trials/<key>/record.json one record per trial (written atomically, updated as it runs)
+    trials/<key>/curves.jsonl ID/OOD curve rows, appended as they are measured
+    report.html, exports/    what ``pareto`` and ``export`` write
+
+Fronts, plots and exports read these files and the study, never in-memory Ray objects, so they
+work on a finished or a half-finished run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stagebudget.errors import RunError
+from stagebudget.fileio import atomic_write_json, read_json
+
+TOOL = "stagebudget"
+STATUSES = ("RUNNING", "COMPLETE", "FAILED", "PRUNED")
+# Metric names reported to Ray and stored as objectives (constants, never retyped).
+ID_ACCURACY = "id_accuracy"
+OOD_ACCURACY = "ood_accuracy"
+DEVICE_HOURS = "device_hours"
+
+
+@dataclass
+class TrialRecord:
+    """Everything one trial leaves: schedule, objectives, ledger, status, error, versions.
+
+    ``key`` is unique per trial (the Ray trial id); ``params`` are the sampled Optuna params,
+    which also join a record to its Optuna trial.
+    """
+
+    key: str
+    params: dict[str, Any]
+    schedule: dict[str, Any]
+    status: str = "RUNNING"
+    reference: str | None = None
+    objectives: dict[str, float] = field(default_factory=dict)
+    ledger: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    started: float | None = None
+    finished: float | None = None
+    attempt: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialRecord:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one run directory."""
+
+    root: Path
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def space(self) -> Path:
+        return self.root / "space.yaml"
+
+    @property
+    def study_db(self) -> Path:
+        return self.root / "study.db"
+
+    @property
+    def tune(self) -> Path:
+        return self.root / "tune"
+
+    @property
+    def trials(self) -> Path:
+        return self.root / "trials"
+
+    @property
+    def exports(self) -> Path:
+        return self.root / "exports"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    def trial_dir(self, key: str) -> Path:
+        return self.trials / key
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        atomic_write_json(self.meta, {"tool": TOOL, **meta})
+
+    def read_meta(self) -> dict[str, Any]:
+        """Read run.json; a directory that is not a stagebudget run is a clear error."""
+        if not self.root.is_dir():
+            raise RunError(f"{self.root}: no such run directory")
+        if not self.meta.is_file():
+            raise RunError(
+                f"{self.root} is not a stagebudget run directory (no run.json); give the directory "
+                "that `stagebudget search` created, e.g. runs/demo"
+            )
+        meta = read_json(self.meta)
+        if not isinstance(meta, dict) or meta.get("tool") != TOOL:
+            raise RunError(f"{self.meta} was not written by stagebudget (tool={meta.get('tool')!r})"
+                           if isinstance(meta, dict) else f"{self.meta} is not a run description")
+        return meta
+
+    def write_record(self, record: TrialRecord) -> None:
+        atomic_write_json(self.trial_dir(record.key) / "record.json", record.to_dict())
+
+    def records(self) -> list[TrialRecord]:
+        """All readable trial records; corrupted ones are skipped and reported by ``bad_records``."""
+        out = []
+        for path in sorted(self.trials.glob("*/record.json")):
+            try:
+                out.append(TrialRecord.from_dict(json.loads(path.read_text())))
+            except (OSError, ValueError, TypeError):
+                continue
+        return out
+
+    def bad_records(self) -> list[Path]:
+        bad = []
+        for path in sorted(self.trials.glob("*/record.json")):
+            try:
+                TrialRecord.from_dict(json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError):
+                bad.append(path)
+        return bad
+
+    def curves(self, key: str) -> list[dict[str, Any]]:
+        """Curve rows of one trial; a torn last line (killed mid-write) is ignored."""
+        path = self.trial_dir(key) / "curves.jsonl"
+        rows = []
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return rows

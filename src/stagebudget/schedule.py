@@ -1,0 +1,167 @@
+"""Stage specs and schedules: frozen, hashable, validated, YAML round-trip.
+
+A :class:`Schedule` is everything that determines a trained model: base model, ordered stages,
+task suite and seed. Between stages the adapter is merged, so each stage has its own LoRA rank.
+
+>>> s = Schedule(stages=(StageSpec(kind="sft", steps=50, lora_rank=64),))
+>>> Schedule.from_dict(s.to_dict()) == s
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stagebudget.errors import ConfigError, from_pydantic
+from stagebudget.fileio import atomic_write_yaml, read_yaml
+
+StageKind = Literal["cpt", "sft", "rl"]
+STAGE_KINDS: tuple[str, ...] = ("cpt", "sft", "rl")
+RL_ONLY_FIELDS = ("num_generations", "max_completion_length", "beta", "temperature")
+
+
+class Strict(BaseModel):
+    """Frozen pydantic model that rejects unknown keys, naming them and the allowed ones."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in cls.model_fields]
+            if unknown:
+                raise ValueError(
+                    f"unknown key `{unknown[0]}`; allowed keys: {', '.join(cls.model_fields)}"
+                )
+        return data
+
+
+class StageSpec(Strict):
+    """One post-training stage.
+
+    ``lora_rank`` 0 means full fine-tuning. ``batch_size`` is examples per step for cpt/sft and
+    prompts per step for rl (each prompt gets ``num_generations`` completions).
+    """
+
+    kind: StageKind
+    steps: int = Field(ge=1)
+    lora_rank: int = Field(default=8, ge=0)
+    lora_alpha: int | None = Field(default=None, ge=1)
+    learning_rate: float = Field(default=5e-4, gt=0, le=1.0)
+    batch_size: int = Field(default=32, ge=1)
+    eval_interval: int = Field(default=25, ge=1)
+    max_length: int = Field(default=64, ge=8)
+    num_generations: int | None = Field(default=None, ge=2)
+    max_completion_length: int | None = Field(default=None, ge=1)
+    beta: float | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _rl_fields(self) -> StageSpec:
+        if self.kind != "rl":
+            given = [f for f in RL_ONLY_FIELDS if getattr(self, f) is not None]
+            if given:
+                raise ValueError(
+                    f"`{given[0]}` applies only to rl stages, but this stage is kind={self.kind!r}"
+                )
+            return self
+        # Fill RL defaults (measured workable on the embedded default, see FINDINGS).
+        defaults = {
+            "num_generations": 8,
+            "max_completion_length": 12,
+            "beta": 0.0,
+            "temperature": 1.0,
+        }
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        return self
+
+    @property
+    def alpha(self) -> int:
+        """LoRA alpha; defaults to twice the rank."""
+        return self.lora_alpha if self.lora_alpha is not None else max(1, 2 * self.lora_rank)
+
+
+class TasksRef(Strict):
+    """Which tasks a schedule trains and is measured on.
+
+    ``source`` is ``builtin`` or a path to a JSONL file of user tasks (then ``scorer`` names how
+    answers are scored). ``seed`` is the data seed: it is fixed across trials so every trial is
+    measured on the same held-out sets.
+    """
+
+    source: str = "builtin"
+    names: tuple[str, ...] = ()
+    n_train: int = Field(default=4000, ge=1)
+    n_id_test: int = Field(default=200, ge=1)
+    n_ood_test: int = Field(default=200, ge=1)
+    scorer: str | None = None
+    seed: int = 0
+
+
+class Schedule(Strict):
+    """Base model + ordered stages + task suite + seed. Frozen, hashable, YAML round-trip."""
+
+    base_model: str = "builtin:tiny"
+    tasks: TasksRef = TasksRef()
+    stages: tuple[StageSpec, ...]
+    seed: int = 0
+    budget_hours: float | None = Field(default=None, gt=0)
+    trust_remote_code: bool = False
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _order(self) -> Schedule:
+        if not self.stages:
+            raise ValueError("a schedule needs at least one stage (cpt, sft or rl)")
+        if any(s.kind == "cpt" for s in self.stages[1:]) and self.stages[0].kind != "cpt":
+            raise ValueError("a cpt stage may only come first (continued pre-training precedes SFT/RL)")
+        return self
+
+    # --- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists, not tuples) with unset RL fields dropped."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | Path | None = None) -> Schedule:
+        """Validate ``data``; errors name ``source`` and the field."""
+        if not isinstance(data, dict):
+            raise ConfigError("a schedule must be a mapping with a `stages` list", source=source)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise from_pydantic(exc, source) from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Schedule:
+        """Read a schedule YAML file (safe loading). Export files keep it under ``schedule:``."""
+        data = read_yaml(path)
+        if isinstance(data, dict) and "schedule" in data and "stages" not in data:
+            data = data["schedule"]
+        return cls.from_dict(data, source=path)
+
+    def save(self, path: str | Path) -> None:
+        """Write as YAML, atomically."""
+        atomic_write_yaml(path, self.to_dict())
+
+    def digest(self) -> str:
+        """Content hash of everything that determines the trained model."""
+        payload = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def stage(self, kind: str) -> StageSpec | None:
+        """The first stage of ``kind``, if any."""
+        return next((s for s in self.stages if s.kind == kind), None)
+
+    def describe(self) -> str:
+        """Short human label, e.g. ``sft 40@r64 -> rl 120@r4``."""
+        return " -> ".join(f"{s.kind} {s.steps}@r{s.lora_rank}" for s in self.stages)

@@ -1,0 +1,222 @@
+"""What every stage shares: context, output, LoRA config, device settings, callbacks, merging.
+
+A stage is a function ``StageContext -> StageOutput``. It builds a TRL trainer from the context
+with :func:`training_args` and :func:`stage_callbacks`, trains it with :func:`train_and_merge`
+and returns the merged plain model. LoRA settings become a ``peft.LoraConfig`` here and only here
+(:func:`lora_config`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from stagebudget.ledger import BudgetClock, budget_callback
+from stagebudget.schedule import StageSpec
+
+# Nothing here ever talks to the Hugging Face Hub: models and tokenizers are local objects.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# Target modules for Llama/Qwen-style models; "all-linear" (every linear layer but the output
+# head) covers them and other architectures alike.
+LORA_TARGETS = "all-linear"
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; names the stage and the step."""
+
+    def __init__(self, stage: str, stage_index: int, step: int, value: float) -> None:
+        self.stage, self.stage_index, self.step, self.value = stage, stage_index, step, value
+        super().__init__(
+            f"training diverged in stage {stage_index} ({stage}) at step {step}: loss={value}; "
+            "lower the learning rate of this stage"
+        )
+
+
+@dataclass
+class StageContext:
+    """Everything a stage needs. ``evaluate(model, step)`` is the pipeline's evaluation hook.
+
+    ``logs`` receives every training log row (TRL's ``loss``/``reward``...) with its ``step``;
+    ``step_seconds_estimate`` is the planned seconds per step, the budget check's first estimate.
+    """
+
+    model: Any
+    tokenizer: Any
+    suite: Any
+    spec: StageSpec
+    stage_index: int
+    clock: BudgetClock
+    evaluate: Callable[[Any, int], dict[str, Any]]
+    seed: int = 0
+    device: str = "cpu"
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    step_seconds_estimate: float | None = None
+    extra_callbacks: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class StageOutput:
+    """A trained stage: the merged plain model, its metrics and the steps it took."""
+
+    model: Any
+    metrics: dict[str, Any]
+    steps_done: int
+
+
+StageFn = Callable[[StageContext], StageOutput]
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; other values pass through."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def lora_config(spec: StageSpec) -> Any:
+    """The ``peft.LoraConfig`` of a stage, or None for full fine-tuning (rank 0).
+
+    >>> lora_config(StageSpec(kind="sft", steps=1, lora_rank=0)) is None
+    True
+    """
+    if spec.lora_rank == 0:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=spec.lora_rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=0.0,
+        target_modules=LORA_TARGETS,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def merge(model: Any) -> Any:
+    """Fold a LoRA adapter into the weights (``merge_and_unload``); plain models pass through."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+def precision_args(device: str) -> dict[str, Any]:
+    """CPU: fp32 (``bf16=False``, ``use_cpu=True``); CUDA: bf16 when the GPU supports it."""
+    if device.startswith("cuda"):
+        import torch
+
+        return {"bf16": bool(torch.cuda.is_bf16_supported()), "use_cpu": False}
+    return {"bf16": False, "fp16": False, "use_cpu": True}
+
+
+def training_args(ctx: StageContext, **extra: Any) -> dict[str, Any]:
+    """Keyword arguments shared by every stage's ``SFTConfig``/``GRPOConfig``.
+
+    Constant learning rate without warm-up, so a shorter run is a true prefix of a longer one;
+    no checkpoints, no reporting, no progress bars, a log row at every step; gradient
+    checkpointing off (TRL 1.x turns it on by default, and it is slower at these sizes).
+    """
+    spec = ctx.spec
+    args: dict[str, Any] = {
+        "output_dir": tempfile.mkdtemp(prefix=f"stagebudget-{spec.kind}-"),
+        "max_steps": spec.steps,
+        "per_device_train_batch_size": spec.batch_size,
+        "learning_rate": spec.learning_rate,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "logging_steps": 1,
+        "logging_nan_inf_filter": False,  # a NaN loss must reach the divergence check
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "gradient_checkpointing": False,
+        "seed": ctx.seed,
+        "data_seed": ctx.seed,
+        "dataloader_num_workers": 0,
+        **precision_args(ctx.device),
+    }
+    args.update(extra)
+    return args
+
+
+def quiet_libraries() -> None:
+    """Silence progress bars and info logs of datasets/transformers (a trial logs its own)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def stage_callbacks(ctx: StageContext) -> list[Any]:
+    """Callbacks every stage trains with: logging + divergence + evaluation, and the budget."""
+    return [_log_eval_callback(ctx), budget_callback(ctx.clock, ctx.step_seconds_estimate),
+            *ctx.extra_callbacks]
+
+
+def _log_eval_callback(ctx: StageContext) -> Any:
+    from transformers import TrainerCallback
+
+    class LogEvalCallback(TrainerCallback):  # type: ignore[misc]
+        """Record each log row, raise on a non-finite loss, evaluate every eval_interval steps."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+                   model: Any = None, **kwargs: Any) -> None:
+            if not logs or "train_runtime" in logs:  # the end-of-training summary row
+                return
+            step = int(state.global_step)
+            loss = logs.get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                raise TrainingDiverged(ctx.spec.kind, ctx.stage_index, step, float(loss))
+            ctx.logs.append({"step": step, **{k: _plain(v) for k, v in logs.items()}})
+            # Step 0 and the last step are evaluated by the pipeline.
+            if step % ctx.spec.eval_interval == 0 and step < ctx.spec.steps:
+                ctx.evaluate(model, step)
+
+    return LogEvalCallback()
+
+
+def _plain(value: Any) -> Any:
+    return float(value) if hasattr(value, "item") else value
+
+
+def train_and_merge(ctx: StageContext, trainer: Any) -> tuple[Any, int]:
+    """Run ``trainer.train()`` on the budget clock, then merge the adapter.
+
+    Returns the merged plain model and the optimizer steps taken.
+    """
+    try:
+        with ctx.clock.training():
+            trainer.train()
+    finally:
+        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+    with ctx.clock.setting_up():
+        model = merge(trainer.model)
+    model.eval()
+    return model, int(trainer.state.global_step)
+
+
+def mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of ``key`` over the log rows that have it (None when none do)."""
+    values = [float(r[key]) for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def last_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    """The latest logged value of ``key`` (None when never logged)."""
+    for row in reversed(rows):
+        if row.get(key) is not None:
+            return float(row[key])
+    return None

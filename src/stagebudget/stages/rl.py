@@ -1,0 +1,105 @@
+"""Reinforcement learning: TRL ``GRPOTrainer`` on the training prompts, rewarded by the suite.
+
+TRL counts ``per_device_train_batch_size`` in completions, not prompts: a step of ``batch_size``
+prompts with ``num_generations`` completions each is ``batch_size * num_generations`` rows (with
+``steps_per_generation`` = 1, one generation batch per optimizer step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from stagebudget.stages.common import (
+    StageContext,
+    StageOutput,
+    last_of,
+    lora_config,
+    mean_of,
+    quiet_libraries,
+    stage_callbacks,
+    train_and_merge,
+    training_args,
+)
+
+REWARD_NAME = "suite_reward"
+
+
+def rl_dataset(ctx: StageContext) -> Any:
+    """``{"prompt", "answer", "task"}`` rows; answer and task reach the reward as keyword columns."""
+    from datasets import Dataset
+
+    rows = [{"prompt": e.prompt, "answer": e.answer, "task": e.task} for e in ctx.suite.train]
+    if not rows:
+        raise ValueError("the task suite has no training examples: an rl stage needs n_train >= 1")
+    return Dataset.from_list(rows)
+
+
+def suite_reward(suite: Any) -> Callable[..., list[float]]:
+    """A TRL reward function wrapping ``suite.reward`` (correctness + small format term).
+
+    TRL 1.16 calls it as ``f(prompts=, completions=, completion_ids=, answer=[...], task=[...],
+    trainer_state=, ...)``, one list entry per completion.
+    """
+    from stagebudget.tasks import Example
+
+    def reward(prompts: list[str], completions: list[str], answer: list[str], task: list[str],
+               **_: Any) -> list[float]:
+        return [
+            float(suite.reward(Example(p, a, t, "train"), c))
+            for p, c, a, t in zip(prompts, completions, answer, task, strict=True)
+        ]
+
+    reward.__name__ = REWARD_NAME
+    return reward
+
+
+def run_rl(ctx: StageContext) -> StageOutput:
+    """Train one GRPO stage (own LoRA adapter, or full fine-tuning at rank 0) and merge it."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    quiet_libraries()
+    spec = ctx.spec
+    gens = int(spec.num_generations or 8)
+    with ctx.clock.setting_up():
+        args = GRPOConfig(**training_args(
+            ctx,
+            per_device_train_batch_size=spec.batch_size * gens,
+            num_generations=gens,
+            max_completion_length=spec.max_completion_length,
+            beta=spec.beta,
+            temperature=spec.temperature,
+            log_completions=False,
+        ))
+        trainer = GRPOTrainer(
+            model=ctx.model,
+            reward_funcs=[suite_reward(ctx.suite)],
+            args=args,
+            train_dataset=rl_dataset(ctx),
+            processing_class=ctx.tokenizer,
+            peft_config=lora_config(spec),
+            callbacks=stage_callbacks(ctx),
+        )
+    model, steps = train_and_merge(ctx, trainer)
+    return StageOutput(model=model, metrics=reward_metrics(ctx.logs), steps_done=steps)
+
+
+def reward_metrics(logs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean reward per logged step, and the first vs the last part of the run.
+
+    ``reward_first``/``reward_last`` average the first/last quarter of the logged steps (at
+    least 1, at most 10 steps each), since one step's mean over a few prompts is noisy.
+    """
+    rows = [r for r in logs if r.get("reward") is not None]
+    rewards = [float(r["reward"]) for r in rows]
+    k = max(1, min(10, len(rewards) // 4))
+    first = sum(rewards[:k]) / k if rewards else None
+    last = sum(rewards[-k:]) / k if rewards else None
+    return {
+        "mean_reward": mean_of(rows, "reward"),
+        "reward_first": first,
+        "reward_last": last,
+        "reward_gain": (last - first) if first is not None and last is not None else None,
+        "reward_per_step": rewards,
+        "train_loss": last_of(logs, "loss"),
+    }

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from stagebudget.cost import Budget, CostModel, ModelShape, plan_schedule
+from stagebudget.errors import BudgetError
+from stagebudget.schedule import StageSpec
+
+
+@pytest.fixture
+def cost() -> CostModel:
+    return CostModel.analytic(ModelShape.builtin("tiny"))
+
+
+def test_tiny_shape_matches_the_measured_model():
+    # 0.86M parameters with tied embeddings (FINDINGS.md)
+    assert 800_000 < ModelShape.builtin("tiny").n_params < 900_000
+
+
+def test_costs_grow_with_work(cost):
+    sft8 = cost.step_seconds(StageSpec(kind="sft", steps=1, lora_rank=8))
+    sft64 = cost.step_seconds(StageSpec(kind="sft", steps=1, lora_rank=64))
+    big = cost.step_seconds(StageSpec(kind="sft", steps=1, lora_rank=8, batch_size=128))
+    rl = cost.step_seconds(StageSpec(kind="rl", steps=1, lora_rank=4, batch_size=16))
+    assert 0 < sft8 < sft64 and sft8 < big and rl > sft8
+
+
+@pytest.mark.parametrize(
+    ("share", "hours", "rank_sft", "rank_rl"),
+    list(itertools.product([0.0, 0.125, 0.5, 0.875, 1.0], [0.005, 0.02, 0.3], [8, 256], [0, 4, 64])),
+)
+def test_every_planned_schedule_fits_its_budget(cost, share, hours, rank_sft, rank_rl):
+    budget = Budget(hours=hours)
+    s = plan_schedule({"sft": share, "rl": 1 - share},
+                      {"sft": {"lora_rank": rank_sft}, "rl": {"lora_rank": rank_rl, "batch_size": 16}},
+                      budget, cost)
+    assert cost.schedule_seconds(s) <= budget.seconds
+    kinds = [st.kind for st in s.stages]
+    assert kinds == [k for k, a in (("sft", share), ("rl", 1 - share)) if a > 0]
+    # and no step was wasted: one more step of any stage would not fit in its share
+    for st, amount in zip(s.stages, [a for a in (share, 1 - share) if a > 0], strict=True):
+        assert (st.steps + 1) * cost.step_seconds(st) > amount * budget.seconds
+
+
+def test_too_small_budget_says_what_would_fit(cost):
+    with pytest.raises(BudgetError, match="would fit one step"):
+        plan_schedule({"rl": 1.0}, {"rl": {"lora_rank": 4}}, Budget(hours=1e-5), cost)
+
+
+def test_steps_mode_over_budget_is_an_error(cost):
+    with pytest.raises(BudgetError, match="raise the budget"):
+        plan_schedule({"sft": 10_000}, {}, Budget(hours=0.001), cost, mode="steps")
+
+
+@pytest.mark.parametrize("hours", [0, -1, float("nan"), float("inf")])
+def test_bad_budgets(hours):
+    with pytest.raises(BudgetError):
+        Budget(hours=hours)
+
+
+def test_calibrated_table_is_used_and_round_trips(tmp_path, cost):
+    cost.table = [{"kind": "sft", "rank": 8, "batch": 32, "seconds_per_step": 1.0}]
+    cost.save(tmp_path / "t.json")
+    loaded = CostModel.load(tmp_path / "t.json", ModelShape.builtin("tiny"))
+    assert loaded.step_seconds(StageSpec(kind="sft", steps=1, lora_rank=8)) == pytest.approx(1.0)
+    double = loaded.step_seconds(StageSpec(kind="sft", steps=1, lora_rank=8, batch_size=64))
+    assert 1.5 < double < 2.0
+    # kinds absent from the table fall back to the analytic estimate
+    rl = StageSpec(kind="rl", steps=1, lora_rank=4)
+    assert loaded.step_seconds(rl) == pytest.approx(cost._analytic(rl))

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import pytest
+
+from stagebudget.errors import ConfigError
+from stagebudget.schedule import Schedule, StageSpec, TasksRef
+
+
+def make() -> Schedule:
+    return Schedule(
+        base_model="builtin:tiny",
+        tasks=TasksRef(names=("translate",), n_train=100),
+        stages=(
+            StageSpec(kind="sft", steps=40, lora_rank=64, learning_rate=5e-4),
+            StageSpec(kind="rl", steps=20, lora_rank=4, learning_rate=1e-3, batch_size=16),
+        ),
+        seed=3,
+        budget_hours=0.01,
+    )
+
+
+def test_yaml_round_trip(tmp_path):
+    s = make()
+    s.save(tmp_path / "s.yaml")
+    assert Schedule.load(tmp_path / "s.yaml") == s
+    assert Schedule.from_dict(s.to_dict()) == s
+
+
+def test_frozen_and_hashable():
+    s = make()
+    assert hash(s) == hash(make())
+    assert s.digest() == make().digest()
+    with pytest.raises(Exception):
+        s.seed = 4  # type: ignore[misc]
+    assert make().model_copy(update={"seed": 4}).digest() != s.digest()
+
+
+def test_rl_defaults_filled_only_for_rl():
+    s = make()
+    rl = s.stage("rl")
+    assert rl is not None and rl.num_generations == 8 and rl.beta == 0.0
+    sft = s.stage("sft")
+    assert sft is not None and sft.num_generations is None
+    assert sft.alpha == 128
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"stages": [{"kind": "sft", "steps": 0}]}, "stages.0.steps"),
+        ({"stages": [{"kind": "sfx", "steps": 3}]}, "'cpt', 'sft' or 'rl'"),
+        ({"stages": [{"kind": "sft", "steps": 3, "beta": 0.1}]}, "applies only to rl"),
+        ({"stages": [{"kind": "sft", "steps": 3, "lora_rank": -1}]}, "lora_rank"),
+        ({"stages": [{"kind": "sft", "steps": 3, "bogus": 1}]}, "unknown key `bogus`"),
+        ({"stages": []}, "at least one stage"),
+        ({"stages": [{"kind": "sft", "steps": 3}, {"kind": "cpt", "steps": 3}]}, "cpt stage may only"),
+        ([1, 2], "must be a mapping"),
+    ],
+)
+def test_bad_schedules_name_the_field(data, needle):
+    with pytest.raises(ConfigError) as err:
+        Schedule.from_dict(data, source="sched.yaml")
+    assert "sched.yaml" in str(err.value)
+    assert needle in str(err.value)
+
+
+def test_export_wrapper_is_accepted(tmp_path):
+    path = tmp_path / "best.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({"schedule": make().to_dict(), "trl": {}}))
+    assert Schedule.load(path) == make()

@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from stagebudget.errors import ConfigError
+from stagebudget.space import Dist, SearchSpace, to_optuna
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
+
+BASE = {
+    "name": "t",
+    "budget": {"per_trial_hours": 0.01},
+    "stages": {
+        "sft": {"share": {"type": "float", "low": 0.0, "high": 1.0, "step": 0.25},
+                "lora_rank": {"type": "categorical", "choices": [8, 32]},
+                "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+        "rl": {"share": "rest", "lora_rank": 4, "batch_size": 16},
+    },
+}
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_shipped_spaces_load_and_fit(path):
+    space = SearchSpace.load(path)
+    cost = space.cost_model()
+    cheap, dear = space.check_feasible(cost)
+    assert cost.schedule_seconds(dear) <= space.per_trial_budget.seconds
+    assert cost.schedule_seconds(cheap) <= cost.schedule_seconds(dear)
+
+
+def test_paper_grid_is_the_published_design():
+    space = SearchSpace.load(ROOT / "search_spaces" / "paper_grid.yaml")
+    grid = space.grid_space()
+    assert grid["sft.share"] == [i / 8 for i in range(8)]
+    assert grid["sft.lora_rank"] == [16, 64, 256]
+    assert grid["rl.lora_rank"] == [4, 16, 64]
+    assert space.trials == 8 * 3 * 3
+
+
+def test_converter_matches_hand_written_space(tmp_path):
+    """The same seeded sampler over the converted and a hand-written space suggests the same."""
+    space = SearchSpace.load(write(tmp_path, BASE))
+    converted = space.optuna_space()
+    hand = {
+        "sft.share": optuna.distributions.FloatDistribution(0.0, 1.0, step=0.25),
+        "sft.lora_rank": optuna.distributions.CategoricalDistribution([8, 32]),
+        "sft.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+    }
+    assert converted == hand
+
+    def suggestions(dists):
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=7))
+        out = []
+        for _ in range(10):
+            trial = study.ask(dists)
+            out.append(trial.params)
+            study.tell(trial, 0.0)
+        return out
+
+    assert suggestions(converted) == suggestions(hand)
+
+
+@pytest.mark.parametrize(
+    "dist",
+    [
+        {"type": "float", "low": 0.1, "high": 2.0},
+        {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
+        {"type": "float", "low": 0.0, "high": 1.0, "step": 0.125},
+        {"type": "int", "low": 1, "high": 9, "step": 2},
+        {"type": "int", "low": 1, "high": 1024, "log": True},
+        {"type": "categorical", "choices": [4, 16, 64]},
+        {"type": "categorical", "choices": ["a", True, 0.5]},
+    ],
+)
+def test_every_domain_round_trips(dist):
+    d = Dist.model_validate(dist)
+    assert Dist.model_validate(d.model_dump(exclude_none=True)) == d
+    od = to_optuna(d)
+    again = optuna.distributions.json_to_distribution(optuna.distributions.distribution_to_json(od))
+    assert again == od
+
+
+def test_params_to_schedule_uses_rest_share(tmp_path):
+    space = SearchSpace.load(write(tmp_path, BASE))
+    cost = space.cost_model()
+    s = space.schedule_from_params({"sft.share": 0.25, "sft.lora_rank": 32,
+                                    "sft.learning_rate": 1e-3}, cost)
+    sft, rl = s.stages
+    assert (sft.kind, sft.lora_rank, sft.learning_rate, rl.kind, rl.lora_rank) == ("sft", 32, 1e-3, "rl", 4)
+    assert cost.schedule_seconds(s) <= space.per_trial_budget.seconds
+    only_sft = space.schedule_from_params({"sft.share": 1.0, "sft.lora_rank": 8,
+                                           "sft.learning_rate": 1e-3}, cost)
+    assert [st.kind for st in only_sft.stages] == ["sft"]
+
+
+def test_reference_points_are_inside_the_space(tmp_path):
+    space = SearchSpace.load(write(tmp_path, BASE))
+    refs = dict(space.reference_points())
+    assert set(refs) == {"sft_only", "rl_only", "heuristic"}
+    dists = space.optuna_space()
+    for params in refs.values():
+        for name, value in params.items():
+            dists[name]._contains(dists[name].to_internal_repr(value))
+    assert refs["heuristic"]["sft.share"] == 0.25
+    assert refs["heuristic"]["sft.lora_rank"] == 32
+
+
+def bad(**changes):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    for dotted, value in changes.items():
+        node = data
+        keys = dotted.split("__")
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    ("data", "needles"),
+    [
+        (bad(colour="red"), ["unknown key `colour`", "allowed keys"]),
+        (bad(trials="many"), ["trials"]),
+        (bad(stages__sft__lora_rank={"type": "categorical", "choices": []}), ["non-empty"]),
+        (bad(stages__sft__lora_rank={"type": "categorical", "choices": [8, 8]}), ["must not repeat"]),
+        (bad(stages__sft__learning_rate={"type": "float", "low": 5, "high": 2}), ["low <= high", "low=5"]),
+        (bad(stages__sft__learning_rate={"type": "float", "low": 0, "high": 1, "log": True}), ["low > 0"]),
+        (bad(budget={"per_trial_hours": -1}), ["budget.per_trial_hours", "greater than 0"]),
+        (bad(budget={"per_trial_hours": 1e-6}), ["would fit one step"]),
+        (bad(sampler={"name": "cmaes"}), ["unknown sampler", "tpe"]),
+        (bad(objectives=[{"name": "bleu"}]), ["unknown objective", "ood_accuracy"]),
+        (bad(objectives=[{"name": "id_accuracy"}, {"name": "id_accuracy"}]), ["must not repeat"]),
+        (bad(stages__sft__lora_rank={"type": "categorical", "choices": [8, 2.5]}), ["non-negative integers"]),
+        (bad(stages__sft__lora_rank=-4), ["lora_rank"]),
+        (bad(stages__ppo={"share": 0.1}), ["unknown stage 'ppo'"]),
+        (bad(stages__sft__num_generations=4), ["only to the rl stage"]),
+        (bad(stages__rl__share=0.5), ["add up"]),
+        (bad(concurrency=0), ["concurrency"]),
+    ],
+)
+def test_bad_spaces_are_clear_errors(tmp_path, data, needles):
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        SearchSpace.load(path)
+    text = str(err.value)
+    assert str(path) in text
+    for needle in needles:
+        assert needle in text
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("name: x\nstages: [1,\n")
+    with pytest.raises(ConfigError, match="malformed YAML at line"):
+        SearchSpace.load(p)
+
+
+def test_grid_needs_steps(tmp_path):
+    space = SearchSpace.load(write(tmp_path, BASE))
+    with pytest.raises(ConfigError, match="needs `step`"):
+        space.grid_space()

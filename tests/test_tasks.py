@@ -1,0 +1,209 @@
+"""Tests for the task suite: labels, splits, determinism, user files, scorers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from Bio.Restriction import Restriction
+from Bio.Seq import Seq
+
+from stagebudget.tasks import (
+    DEFAULT_TASKS,
+    SCORERS,
+    SPLITS,
+    Example,
+    TaskFileError,
+    builtin_task_names,
+    load_suite,
+    pretrain_corpus,
+    render_examples,
+    task_infos,
+)
+from stagebudget.tasks.builtin import translate
+
+
+@pytest.fixture(scope="module")
+def full_suite():
+    return load_suite(names=builtin_task_names(), n_train=900, n_id_test=180, n_ood_test=180)
+
+
+def _seq(ex: Example) -> str:
+    return ex.prompt.split(":", 1)[1].rstrip("=")
+
+
+def _rule(ex: Example) -> str:
+    return ex.prompt.split(":", 1)[0]
+
+
+def test_import_is_light():
+    code = "import sys, stagebudget.tasks; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_three_domains_three_tasks_each():
+    domains: dict[str, int] = {}
+    for info in task_infos():
+        domains[info.domain] = domains.get(info.domain, 0) + 1
+        assert info.scorer in SCORERS and info.ood_split and info.id_split
+    assert {d for d, n in domains.items() if n >= 3} >= {"genomics", "transcriptomics", "proteins"}
+    assert set(DEFAULT_TASKS) <= set(builtin_task_names())
+
+
+def test_sizes_and_lengths(full_suite):
+    assert len(full_suite.train) == 900
+    assert len(full_suite.id_test) == 180 and len(full_suite.ood_test) == 180
+    for s in SPLITS:
+        for ex in full_suite.split(s):
+            assert ex.split == s and ex.answer and len(ex.prompt + ex.answer) <= 64
+            assert full_suite.score(ex, ex.answer) == 1.0
+
+
+def test_splits_share_no_sequences(full_suite):
+    for task in full_suite.tasks:
+        train = {_seq(e) for e in full_suite.train if e.task == task}
+        for s in ("id_test", "ood_test"):
+            assert not train & {_seq(e) for e in full_suite.split(s) if e.task == task}
+
+
+def test_deterministic_by_seed():
+    a = load_suite(n_train=60, n_id_test=30, n_ood_test=30, seed=3)
+    b = load_suite(n_train=60, n_id_test=30, n_ood_test=30, seed=3)
+    c = load_suite(n_train=60, n_id_test=30, n_ood_test=30, seed=4)
+    assert a.train == b.train and a.ood_test == b.ood_test
+    assert a.train != c.train
+    assert pretrain_corpus(seed=1, n=200) == pretrain_corpus(seed=1, n=200)
+
+
+def test_translate_labels_match_biopython(full_suite):
+    seen_codes = set()
+    for ex in full_suite.train + full_suite.id_test + full_suite.ood_test:
+        if ex.task != "translate":
+            continue
+        code = int(_rule(ex)[2:])
+        seen_codes.add((ex.split, code))
+        assert ex.answer == str(Seq(_seq(ex)).translate(table=code))
+        if ex.split == "ood_test":  # the named rule matters in every OOD prompt
+            assert ex.answer != translate(_seq(ex), 1)
+    assert {c for s, c in seen_codes if s != "ood_test"} == {1, 11}
+    assert {c for s, c in seen_codes if s == "ood_test"} == {2, 4}
+
+
+def test_strand_labels_match_biopython(full_suite):
+    for ex in full_suite.train + full_suite.ood_test:
+        if ex.task == "strand":
+            seq, op = Seq(_seq(ex)), _rule(ex)
+            expected = {"rc": seq.reverse_complement(), "tx": seq.transcribe(),
+                        "rt": seq.reverse_complement().transcribe()}[op]
+            assert ex.answer == str(expected)
+            assert (op == "rt") == (ex.split == "ood_test")
+
+
+def test_charge_labels(full_suite):
+    for ex in full_suite.train + full_suite.ood_test:
+        if ex.task != "charge":
+            continue
+        ph, pep = float(_rule(ex)[2:]), _seq(ex)
+        assert len(ex.answer) == len(pep)
+        for residue, sign in zip(pep, ex.answer, strict=True):
+            if residue in "KR" or (residue == "H" and ph < 5.98):
+                want = "+" if not (residue == "K" and ph > 10) else "0"
+            elif residue in "DE" or (residue == "C" and ph > 9) or (residue == "Y" and ph > 10):
+                want = "-"
+            else:
+                want = "0"
+            assert sign == want, (ex, residue)
+        assert (ph in (5.0, 11.0)) == (ex.split == "ood_test")
+
+
+def test_other_labels(full_suite):
+    for ex in full_suite.train + full_suite.id_test + full_suite.ood_test:
+        seq = _seq(ex)
+        if ex.task == "gc_count":
+            assert int(ex.answer) == seq.count("G") + seq.count("C")
+        elif ex.task == "antisense":
+            assert ex.answer == str(Seq(seq).reverse_complement_rna())
+        elif ex.task == "restriction":
+            enzyme = next(e for e in Restriction.AllEnzymes if e.__name__.lower() == _rule(ex)[2:])
+            assert int(ex.answer) == seq.find(str(enzyme.site)) + 1
+        elif ex.task == "stop":
+            protein = str(Seq(seq[: len(seq) // 3 * 3]).translate(table=int(_rule(ex)[2:])))
+            assert int(ex.answer) == (protein.index("*") + 1 if "*" in protein else 0)
+
+
+def test_render_examples():
+    shown = render_examples("translate", n=2)
+    assert [e.split for e in shown] == ["id_test", "id_test", "ood_test", "ood_test"]
+
+
+def test_unknown_names_rejected():
+    with pytest.raises(TaskFileError, match="allowed: .*translate"):
+        load_suite(names=["nope"])
+    with pytest.raises(TaskFileError, match="allowed: exact, per_position, set_f1, numeric"):
+        load_suite(scorer="fuzzy")
+
+
+def _write(path: Path, rows: list) -> Path:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+GOOD = [{"prompt": "a:1=", "answer": "x", "split": "train"},
+        {"prompt": "a:2=", "answer": "y", "split": "id_test", "task": "t"},
+        {"prompt": "a:3=", "answer": "4.0", "split": "ood_test", "task": "t"}]
+
+
+def test_jsonl_loads_relative_to_base_dir(tmp_path):
+    _write(tmp_path / "t.jsonl", GOOD)
+    suite = load_suite("t.jsonl", base_dir=tmp_path, scorer="numeric")
+    assert [len(suite.train), len(suite.id_test), len(suite.ood_test)] == [1, 1, 1]
+    assert suite.tasks["t"].scorer == "numeric" and suite.tasks["user"].domain == "user"
+    assert suite.score(suite.ood_test[0], "4") == 1.0
+
+
+@pytest.mark.parametrize("bad, why", [
+    ("{not json", "invalid JSON"),
+    ({"prompt": "p", "split": "train"}, "missing field 'answer'"),
+    ({"prompt": "p", "answer": "a", "split": "dev"}, "unknown split 'dev'"),
+    ({"prompt": "p", "answer": "", "split": "train"}, "field .answer. must be a non-empty"),
+])
+def test_jsonl_bad_row_names_line(tmp_path, bad, why):
+    path = _write(tmp_path / "bad.jsonl", [*GOOD[:2], bad, GOOD[2]])
+    with pytest.raises(TaskFileError, match=f"line 3: {why}") as err:
+        load_suite(str(path))
+    assert str(path) in str(err.value) and "id_test" in str(err.value)
+
+
+def test_jsonl_empty_test_split_rejected(tmp_path):
+    path = _write(tmp_path / "t.jsonl", GOOD[:2])
+    with pytest.raises(TaskFileError, match="'ood_test' split is empty"):
+        load_suite(str(path))
+
+
+def test_scorers():
+    assert SCORERS["exact"]("MW\n", "MW") == 1.0 and SCORERS["exact"]("M", "MW") == 0.0
+    assert SCORERS["per_position"]("MWK", "MWR") == pytest.approx(2 / 3)
+    assert SCORERS["set_f1"]("3,7", "7,3") == 1.0 and SCORERS["set_f1"]("-", "-") == 1.0
+    assert SCORERS["set_f1"]("3", "3,7") == pytest.approx(2 / 3)
+    assert SCORERS["numeric"]("3.2", "3") == 1.0 and SCORERS["numeric"]("4", "3") == 0.75
+    assert SCORERS["numeric"]("abc", "3") == 0.0 and SCORERS["numeric"]("9", "3") == 0.0
+
+
+def test_reward_has_format_term(full_suite):
+    ex = next(e for e in full_suite.train if e.task == "translate")
+    assert full_suite.reward(ex, ex.answer) == pytest.approx(1.1)
+    wrong = "A" if ex.answer[0] != "A" else "G"
+    assert full_suite.reward(ex, wrong) == pytest.approx(0.1)
+    assert full_suite.reward(ex, "hello there") == 0.0
+
+
+def test_pretrain_corpus_has_all_variants():
+    texts = pretrain_corpus(seed=0, n=3000)
+    prefixes = {t.split(":", 1)[0] for t in texts if ":" in t}
+    assert {"tl1", "tl11", "tl2", "tl4", "rc", "tx", "rt", "ch5", "ch7", "ch11"} <= prefixes
+    assert any(":" not in t for t in texts)  # raw sequence chunks
+    assert max(map(len, texts)) <= 64
