@@ -16,7 +16,8 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--base", type=Path, default=None, help="base model dir (default: build tiny)")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="base model dir (default: build tiny)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)

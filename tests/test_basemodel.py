@@ -42,7 +42,8 @@ def test_tokenizer_adds_bos_and_round_trips(tmp_path):
 def test_build_base_is_loadable_and_cached(tiny_base):
     assert (tiny_base / "model.safetensors").is_file()
     info = json.loads((tiny_base / "base_info.json").read_text())
-    assert {"params", "steps", "heldout_lm_loss", "base_id_accuracy", "base_ood_accuracy"} <= set(info)
+    want = {"params", "steps", "heldout_lm_loss", "base_id_accuracy", "base_ood_accuracy"}
+    assert want <= set(info)
     model, tok = load_model_and_tokenizer(tiny_base)
     out = greedy_generate(model, tok, ["tl11:ATGTGG=", "rc:ACGT="], max_new_tokens=4)
     assert len(out) == 2 and all(len(o) <= 4 for o in out)
@@ -61,12 +62,12 @@ def test_default_cache_dir_env(monkeypatch, tmp_path):
 def test_resolve_errors(tmp_path):
     with pytest.raises(ModelRefError, match="does not exist"):
         resolve_base_model(str(tmp_path / "missing"))
-    with pytest.raises(ModelRefError, match="never\\s+downloads"):
+    with pytest.raises(ModelRefError, match=r"never\s+downloads"):
         resolve_base_model("meta-llama/Llama-3.2-1B")
     with pytest.raises(ModelRefError, match="allowed: builtin:tiny"):
         resolve_base_model("builtin:huge")
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ModelRefError, match="no \\*.safetensors"):
+    with pytest.raises(ModelRefError, match=r"no \*\.safetensors"):
         resolve_base_model(str(tmp_path))
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ModelRefError, match="convert them to safetensors"):

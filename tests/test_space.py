@@ -170,3 +170,17 @@ def test_grid_needs_steps(tmp_path):
     space = SearchSpace.load(write(tmp_path, BASE))
     with pytest.raises(ConfigError, match="needs `step`"):
         space.grid_space()
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "", "..", "x" * 101])
+def test_run_names_cannot_escape_the_runs_folder(tmp_path, name):
+    with pytest.raises(ConfigError, match="run name"):
+        SearchSpace.load(write(tmp_path, {**BASE, "name": name}))
+
+
+def test_relative_paths_resolve_inside_the_space_folder(tmp_path):
+    (tmp_path / "tasks.jsonl").write_text("")
+    space = SearchSpace.load(write(tmp_path, {**BASE, "tasks": {"source": "tasks.jsonl", "scorer": "exact"}}))
+    assert space.tasks.source == str((tmp_path / "tasks.jsonl").resolve())
+    with pytest.raises(ConfigError, match="leaves the space file's folder"):
+        SearchSpace.load(write(tmp_path, {**BASE, "tasks": {"source": "../../etc/passwd"}}))

@@ -40,7 +40,8 @@ def _rule(ex: Example) -> str:
 
 
 def test_import_is_light():
-    code = "import sys, stagebudget.tasks; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = ("import sys, stagebudget.tasks; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
@@ -141,7 +142,7 @@ def test_render_examples():
 
 
 def test_unknown_names_rejected():
-    with pytest.raises(TaskFileError, match="allowed: .*translate"):
+    with pytest.raises(TaskFileError, match=r"allowed: .*translate"):
         load_suite(names=["nope"])
     with pytest.raises(TaskFileError, match="allowed: exact, per_position, set_f1, numeric"):
         load_suite(scorer="fuzzy")

@@ -111,6 +111,7 @@ def build_base(size: str = "tiny", cache_dir: Path | None = None, seed: int = 0,
         info = _pretrain(size, seed, tmp, say)
         (tmp / "base_info.json").write_text(json.dumps(info, indent=2))
         (tmp / COMPLETE_MARKER).write_text(final.name)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -147,13 +148,15 @@ def _pretrain(size: str, seed: int, out: Path, say: Callable[[str], None]) -> di
 
     spec = SIZES[size]
     torch.manual_seed(seed)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # STAGEBUDGET_THREADS overrides: on a busy machine one thread is several times faster
+    torch.set_num_threads(int(os.environ.get("STAGEBUDGET_THREADS", min(2, os.cpu_count() or 1))))
     build_tokenizer(out)
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     model = LlamaForCausalLM(LlamaConfig(**_config_dict(size)))
     texts = pretrain_corpus(seed=seed, n=spec["corpus"])
     optim = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.01)
-    warmup, steps = max(1, spec["steps"] // 20), spec["steps"]
+    # a fixed warmup then a constant rate: a shorter build is a prefix of a longer one
+    warmup, steps = min(30, spec["steps"]), spec["steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warmup))
     batches = _batches(tokenizer, texts, spec["batch"], random.Random(f"{seed}:batches"))
     start = time.perf_counter()

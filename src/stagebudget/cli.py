@@ -98,7 +98,8 @@ def status(run: Annotated[Path, typer.Argument(help="Run directory, e.g. runs/de
 @app.command()
 def pareto(
     run: Annotated[Path, typer.Argument(help="Run directory")],
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="HTML file (default RUN/report.html)")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "-o", "--out", help="HTML file (default RUN/report.html)")] = None,
     open_browser: Annotated[bool, typer.Option("--open", help="Open the report in a browser")] = False,
     png: Annotated[bool, typer.Option(help="Also write PNGs (needs a browser engine)")] = False,
 ) -> None:

@@ -179,7 +179,8 @@ class CostModel:
             tokens = n_seq * (self.seq_len + comp)
             gen_flops = 2 * p * n_seq * comp
             train = (train_factor * p + 6 * lora_params) * tokens
-            return dev["step_overhead"] * 2 + comp * dev["gen_token_overhead"] + (gen_flops + train) / dev["flops"]
+            fixed = dev["step_overhead"] * 2 + comp * dev["gen_token_overhead"]
+            return fixed + (gen_flops + train) / dev["flops"]
         tokens = spec.batch_size * self.seq_len
         return dev["step_overhead"] + (train_factor * p + 6 * lora_params) * tokens / dev["flops"]
 
@@ -215,7 +216,7 @@ def plan_schedule(
         probe = StageSpec(kind=kind, steps=1, **dict(stage_params.get(kind, {})))  # type: ignore[arg-type]
         per_step = cost.step_seconds(probe)
         if mode == "share":
-            steps = int(math.floor(amount * budget.seconds / per_step + 1e-9))
+            steps = math.floor(amount * budget.seconds / per_step + 1e-9)
             if steps < 1:
                 need_h = per_step / amount / 3600.0
                 raise BudgetError(

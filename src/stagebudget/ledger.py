@@ -37,6 +37,7 @@ class StageEntry:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     setup_seconds: float = 0.0
+    max_step_seconds: float = 0.0
     stopped_at_budget: bool = False
 
 
@@ -205,6 +206,8 @@ def budget_callback(clock: BudgetClock, prior_step_seconds: float | None = None)
             now = clock.train_seconds()
             self.estimate = now - self.last_mark
             self.last_mark = now
+            entry = clock.current
+            entry.max_step_seconds = max(entry.max_step_seconds, self.estimate)
             if state.global_step < state.max_steps:
                 self._check(control)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,7 @@ OBJECTIVES: dict[str, str] = {
     "ood_accuracy": "maximize",
     "device_hours": "minimize",
 }
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
 TUNABLE_FIELDS = tuple(f for f in StageSpec.model_fields if f not in ("kind", "steps"))
 
@@ -82,7 +84,7 @@ class Dist(Strict):
         step = self.step if self.step is not None else (1 if self.type == "int" else None)
         if step is None:
             raise ValueError("the grid sampler needs `step` on every float dimension")
-        n = int(math.floor((hi - lo) / step + 1e-9)) + 1
+        n = math.floor((hi - lo) / step + 1e-9) + 1
         values = [lo + i * step for i in range(n)]
         return [int(v) for v in values] if self.type == "int" else [round(v, 12) for v in values]
 
@@ -94,7 +96,7 @@ class Dist(Strict):
         mid = math.sqrt(lo * hi) if self.log else (lo + hi) / 2
         if self.step is not None:
             mid = lo + round((mid - lo) / self.step) * self.step
-        return int(round(mid)) if self.type == "int" else mid
+        return round(mid) if self.type == "int" else mid
 
 
 def to_optuna(dist: Dist) -> Any:
@@ -145,9 +147,9 @@ class StageDims(Strict):
             raise ValueError("give exactly one of `share` (fraction of the budget) or `steps`")
         if isinstance(self.share, float | int) and not 0 <= self.share <= 1:
             raise ValueError(f"`share` must be within [0, 1], got {self.share}")
-        if isinstance(self.share, Dist) and (self.share.type == "categorical" and any(
-                not isinstance(c, int | float) or not 0 <= c <= 1 for c in self.share.choices or ())
-                or self.share.type != "categorical" and not 0 <= self.share.low <= self.share.high <= 1):  # type: ignore[operator]
+        if isinstance(self.share, Dist) and ((self.share.type == "categorical" and any(
+                not isinstance(c, int | float) or not 0 <= c <= 1 for c in self.share.choices or ()))
+                or (self.share.type != "categorical" and not 0 <= self.share.low <= self.share.high <= 1)):  # type: ignore[operator]
             raise ValueError("`share` values must lie within [0, 1]")
         return self
 
@@ -211,6 +213,11 @@ class SearchSpace(Strict):
     cost_table: str | None = None
     trust_remote_code: bool = False
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return check_run_name(v)
+
     @field_validator("stages", mode="before")
     @classmethod
     def _stage_names(cls, v: Any) -> Any:
@@ -264,9 +271,34 @@ class SearchSpace(Strict):
             space = cls.model_validate(data)
         except ValidationError as exc:
             raise from_pydantic(exc, path) from None
+        space = space._with_resolved_paths(Path(path).resolve().parent, path)
         space._source = str(path)
         space.check_feasible()
         return space
+
+    def _with_resolved_paths(self, folder: Path, source: str | Path) -> SearchSpace:
+        """Make relative paths absolute against the space file's folder, which they may not leave."""
+        def inside(value: str, field: str) -> str:
+            p = Path(value).expanduser()
+            if p.is_absolute():
+                return str(p)
+            resolved = (folder / p).resolve()
+            if not resolved.is_relative_to(folder):
+                raise ConfigError(
+                    f"relative path {value!r} leaves the space file's folder {folder}; give an "
+                    "absolute path to use a file elsewhere", source=source, field=field)
+            return str(resolved)
+
+        update: dict[str, Any] = {}
+        if self.tasks.source != "builtin":
+            update["tasks"] = self.tasks.model_copy(
+                update={"source": inside(self.tasks.source, "tasks.source")})
+        is_local = self.base_model.startswith((".", "/", "~")) or (folder / self.base_model).exists()
+        if not self.base_model.startswith("builtin:") and is_local:
+            update["base_model"] = inside(self.base_model, "base_model")
+        if self.cost_table:
+            update["cost_table"] = inside(self.cost_table, "cost_table")
+        return self.model_copy(update=update) if update else self
 
     _source: str | None = None
 
@@ -407,6 +439,16 @@ class SearchSpace(Strict):
             return False
         point["sft.share"] = sft_share
         return True
+
+
+def check_run_name(name: str) -> str:
+    """A run name becomes a directory under the runs folder: letters, digits, ``.``, ``_``, ``-``."""
+    if not RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            f"a run name may use letters, digits, '.', '_' and '-' only (it names a directory "
+            f"inside the runs folder), got {name!r}"
+        )
+    return name
 
 
 def _high(share: Any) -> float:

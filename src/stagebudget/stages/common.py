@@ -197,6 +197,9 @@ def train_and_merge(ctx: StageContext, trainer: Any) -> tuple[Any, int]:
 
     Returns the merged plain model and the optimizer steps taken.
     """
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # logs go to ctx.logs, not to stdout
     try:
         with ctx.clock.training():
             trainer.train()

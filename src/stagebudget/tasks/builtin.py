@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from stagebudget.tasks import data
 
@@ -60,7 +60,7 @@ def _revcomp(dna: str) -> str:
 
 
 # ---------------------------------------------------------------- genetic codes
-@lru_cache(maxsize=None)
+@cache
 def codon_table(code: int) -> dict[str, str]:
     """Codon -> one-letter amino acid (``*`` for stop) for an NCBI genetic code."""
     from Bio.Data import CodonTable
@@ -148,7 +148,7 @@ ENZYMES_ID = ("AluI", "HaeIII", "MspI", "TaqI")
 ENZYMES_OOD = ("MboI", "RsaI", "HhaI", "MseI")
 
 
-@lru_cache(maxsize=None)
+@cache
 def enzyme_site(name: str) -> str:
     """Recognition site of a restriction enzyme, from Bio.Restriction."""
     from Bio import Restriction
@@ -230,7 +230,7 @@ def _draw_sequon(rng: random.Random, v: Variant, part: str, ood: bool) -> Draw:
     return f"ng:{pep}=", ",".join(map(str, found)) or "-"
 
 
-@lru_cache(maxsize=None)
+@cache
 def hydro_scale(name: str) -> dict[str, float]:
     """A hydropathy scale from Bio.SeqUtils.ProtParamData (``kd`` or ``hw``)."""
     from Bio.SeqUtils import ProtParamData
@@ -261,7 +261,8 @@ GENOMES = ("ecoli_genome", "cdip_genome")
 BUILTIN_TASKS: dict[str, BuiltinTask] = {t.name: t for t in (
     BuiltinTask(
         "translate", "transcriptomics",
-        "Translate 3-5 codons of real CDS or genome under the NCBI genetic code named in the prompt.",
+        "Translate 3-5 codons of real CDS or genome under the NCBI genetic code named in the "
+        "prompt.",
         "genetic codes 1 and 11 (E. coli and Mycoplasma-like CDS windows, E. coli genome frames)",
         "genetic codes 2 and 4; every prompt holds a codon whose meaning differs from code 1",
         "exact",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from functools import lru_cache
+from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -45,7 +45,8 @@ def _path(source: str) -> Path:
     package, rel, _ = SOURCES[source]
     spec = find_spec(package)
     if spec is None or spec.origin is None:
-        raise DataMissingError(f"package {package!r} is not installed; it ships the {source!r} data")
+        raise DataMissingError(
+            f"package {package!r} is not installed; it ships the {source!r} data")
     path = Path(spec.origin).parent / rel
     if not path.is_file():
         raise DataMissingError(f"sequence file {path} is missing from the {package!r} wheel")
@@ -69,7 +70,7 @@ def _read_fasta(path: Path) -> list[str]:
     return seqs
 
 
-@lru_cache(maxsize=None)
+@cache
 def records(source: str) -> tuple[str, ...]:
     """All records of one source (genes, proteins, or fixed-size genome blocks)."""
     seqs = _read_fasta(_path(source))
@@ -83,7 +84,7 @@ def _is_test(index: int) -> bool:
     return zlib.crc32(str(index).encode()) % 100 < TEST_POOL_PERCENT
 
 
-@lru_cache(maxsize=None)
+@cache
 def pool(source: str, part: str) -> tuple[str, ...]:
     """Records of ``source`` in pool ``part`` ("train" or "test"); fixed, seed-free."""
     want_test = part == "test"

@@ -1,0 +1,136 @@
+"""Measure seconds per training step of each stage kind on this hardware: the cost table.
+
+Real steps of the real stages (TRL trainers, LoRA or full fine-tuning) are timed at a few ranks
+with the default batch sizes, after warm-up steps that are not counted. The table is saved where
+:func:`stagebudget.pipeline.default_cost_model` and the planner find it.
+
+    >>> cm = calibrate("builtin:test", kinds=("sft",), ranks=(4,), steps=1)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from stagebudget.cost import CostModel, ModelShape
+from stagebudget.costtable import default_table_path
+from stagebudget.errors import UserError
+from stagebudget.ledger import BudgetClock
+from stagebudget.schedule import STAGE_KINDS, StageSpec
+
+DEFAULT_RANKS = (0, 4, 16, 64)
+SFT_BATCH = 32
+RL_PROMPTS, RL_GENERATIONS, RL_COMPLETION = 16, 8, 12
+
+
+def calibration_spec(kind: str, rank: int, steps: int) -> StageSpec:
+    """The stage measured for ``kind`` at ``rank``: default batch sizes, no evaluation."""
+    if kind == "rl":
+        return StageSpec(kind="rl", steps=steps, lora_rank=rank, batch_size=RL_PROMPTS,
+                         num_generations=RL_GENERATIONS, max_completion_length=RL_COMPLETION,
+                         learning_rate=1e-3, eval_interval=steps + 1)
+    return StageSpec(kind=kind, steps=steps, lora_rank=rank, batch_size=SFT_BATCH,
+                     eval_interval=steps + 1)  # type: ignore[arg-type]
+
+
+def _step_timer() -> Any:
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):  # type: ignore[misc]
+        """Seconds between consecutive step ends (the whole loop iteration the budget charges)."""
+
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+            self.marks = [time.perf_counter()]
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            self.marks.append(time.perf_counter())
+
+        def durations(self) -> list[float]:
+            return [b - a for a, b in zip(self.marks, self.marks[1:], strict=False)]
+
+    return StepTimer()
+
+
+def time_stage(model_path: Path, suite: Any, spec: StageSpec, warmup: int, device: str) -> float:
+    """Median seconds per step of ``spec`` after ``warmup`` uncounted steps (fresh base model)."""
+    from stagebudget.basemodel import load_model_and_tokenizer
+    from stagebudget.stages import StageContext, get_stage
+
+    model, tokenizer = load_model_and_tokenizer(model_path, device=device)
+    clock = BudgetClock(None, device=device)
+    clock.begin_stage(spec.kind, 0, planned_steps=spec.steps, planned_seconds=0.0)
+    timer = _step_timer()
+    ctx = StageContext(model=model, tokenizer=tokenizer, suite=suite, spec=spec, stage_index=0,
+                       clock=clock, evaluate=lambda m, s: {}, device=device,
+                       extra_callbacks=[timer])
+    get_stage(spec.kind)(ctx)
+    timed = timer.durations()[warmup:]
+    if not timed:
+        raise RuntimeError(f"calibrating {spec.kind} r{spec.lora_rank}: no step was timed")
+    return float(statistics.median(timed))
+
+
+def calibrate(
+    base_model: str = "builtin:tiny",
+    device: str = "auto",
+    kinds: Sequence[str] = STAGE_KINDS,
+    ranks: Sequence[int] = DEFAULT_RANKS,
+    steps: int = 3,
+    *,
+    warmup: int = 1,
+    out: Path | None = None,
+    cache_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> CostModel:
+    """Time ``steps`` real steps (after ``warmup``) of each kind at each rank; save the table.
+
+    Entries are ``{"kind", "rank", "batch", "num_generations", "max_completion_length",
+    "seconds_per_step"}``. Saved to ``out`` or to ``costtable.default_table_path(base_model,
+    device)``; returns the calibrated :class:`CostModel`.
+    """
+    from stagebudget.basemodel import resolve_base_model
+    from stagebudget.stages.common import resolve_device
+    from stagebudget.tasks import load_suite
+
+    _check_args(kinds, ranks, steps, warmup)
+    dev = resolve_device(device)
+    path = resolve_base_model(base_model, cache_dir=cache_dir)
+    suite = load_suite(n_train=512, n_id_test=1, n_ood_test=1, seed=0)
+    say = progress or (lambda _msg: None)
+    entries = []
+    for kind in kinds:
+        for rank in ranks:
+            spec = calibration_spec(kind, rank, warmup + steps)
+            seconds = time_stage(path, suite, spec, warmup, dev)
+            entries.append({
+                "kind": kind, "rank": rank, "batch": spec.batch_size,
+                "num_generations": spec.num_generations,
+                "max_completion_length": spec.max_completion_length,
+                "seconds_per_step": seconds,
+            })
+            say(f"{kind} r{rank}: {seconds:.3f} s/step")
+    target = Path(out) if out is not None else default_table_path(base_model, dev)
+    cost = CostModel(shape=ModelShape.for_ref(base_model), device=dev, table=entries,
+                     source=str(target))
+    cost.save(target, base_model=base_model, steps=steps, warmup=warmup,
+              measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return cost
+
+
+def _check_args(kinds: Sequence[str], ranks: Sequence[int], steps: int, warmup: int) -> None:
+    unknown = [k for k in kinds if k not in STAGE_KINDS]
+    if unknown:
+        raise UserError(f"unknown stage kind {unknown[0]!r}; allowed: {', '.join(STAGE_KINDS)}")
+    if not kinds or not ranks:
+        raise UserError("calibrate needs at least one stage kind and one rank")
+    if any(r < 0 for r in ranks):
+        raise UserError(f"LoRA ranks must be >= 0 (0 = full fine-tuning), but got {list(ranks)}")
+    if steps < 1 or warmup < 0:
+        raise UserError(f"steps must be >= 1 and warmup >= 0, but got steps={steps}, "
+                        f"warmup={warmup}")

@@ -1,0 +1,200 @@
+"""Export one trial of a run: its schedule (re-runnable) plus the equivalent TRL/PEFT settings.
+
+The file's ``schedule:`` key is what ``stagebudget train FILE`` reads (see ``Schedule.load``);
+``trl:`` lists, per stage, the ``trl.SFTConfig``/``trl.GRPOConfig`` arguments and the
+``peft.LoraConfig`` kwargs a user can take to their own pipeline. Nothing heavy is imported.
+
+>>> lora_kwargs(StageSpec(kind="sft", steps=10, lora_rank=0)) is None
+True
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stagebudget.errors import RunError, UserError
+from stagebudget.fileio import atomic_write_yaml
+from stagebudget.records import ID_ACCURACY, OOD_ACCURACY
+from stagebudget.schedule import StageSpec
+
+if TYPE_CHECKING:
+    from stagebudget.pareto import FrontInfo
+    from stagebudget.runs import Run
+
+PICK_FORMS = ("knee", "max-ood", "max-id", "ood-at-id=X (e.g. ood-at-id=0.9)", "trial=N")
+CONFIG_CLASS = {"cpt": "trl.SFTConfig", "sft": "trl.SFTConfig", "rl": "trl.GRPOConfig"}
+
+
+def trl_config_kwargs(spec: StageSpec, seed: int | None = None) -> dict[str, Any]:
+    """TRL config arguments equivalent to one stage (``SFTConfig`` for cpt/sft, ``GRPOConfig``
+    for rl). The learning rate is constant (no warmup), as stagebudget trains.
+
+    For rl, ``batch_size`` counts prompts, while TRL's ``per_device_train_batch_size`` counts
+    completions, so it is ``batch_size * num_generations`` (one device, no accumulation).
+
+    >>> trl_config_kwargs(StageSpec(kind="sft", steps=40, batch_size=8))["max_steps"]
+    40
+    """
+    args: dict[str, Any] = {
+        "max_steps": spec.steps,
+        "learning_rate": spec.learning_rate,
+        "per_device_train_batch_size": spec.batch_size,
+        "gradient_accumulation_steps": 1,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "eval_strategy": "steps",
+        "eval_steps": spec.eval_interval,
+    }
+    if seed is not None:
+        args["seed"] = seed
+    if spec.kind == "rl":
+        generations = spec.num_generations or 8
+        args.update(
+            per_device_train_batch_size=spec.batch_size * generations,
+            num_generations=generations,
+            max_completion_length=spec.max_completion_length,
+            beta=spec.beta,
+            temperature=spec.temperature,
+        )
+    else:
+        args["max_length"] = spec.max_length
+        # sft trains on completions only; cpt is plain language modelling on raw text.
+        args["completion_only_loss"] = spec.kind == "sft"
+        if spec.kind == "cpt":
+            args["dataset_text_field"] = "text"
+    return args
+
+
+def lora_kwargs(spec: StageSpec) -> dict[str, Any] | None:
+    """``peft.LoraConfig`` kwargs for one stage; None for rank 0 (full fine-tuning).
+
+    >>> lora_kwargs(StageSpec(kind="rl", steps=5, lora_rank=4))["lora_alpha"]
+    8
+    """
+    if spec.lora_rank == 0:
+        return None
+    return {
+        "r": spec.lora_rank,
+        "lora_alpha": spec.alpha,
+        "target_modules": "all-linear",
+        "lora_dropout": 0.0,
+        "task_type": "CAUSAL_LM",
+    }
+
+
+def resolve_pick(front: FrontInfo, pick: str, states: dict[int, str] | None = None) -> int:
+    """The trial number ``pick`` selects among the completed trials of ``front``.
+
+    Raises :class:`RunError` when nothing is complete, :class:`UserError` for an unknown pick or
+    one that matches no trial (saying why and what is available).
+    """
+    text = pick.strip().lower()
+    match = re.fullmatch(r"(knee|max-ood|max-id|ood-at-id=(?P<x>.+)|trial=(?P<n>.+))", text)
+    if match is None:
+        raise UserError(f"unknown pick {pick!r}; allowed forms: {', '.join(PICK_FORMS)}")
+    if front.empty:
+        n = dict(front.counts)
+        raise RunError(
+            f"no completed trial to export yet ({n.get('RUNNING', 0)} running, "
+            f"{n.get('FAILED', 0)} failed); wait for one to complete"
+        )
+    if match["n"] is not None:
+        return _pick_trial(front, match["n"], states or {})
+    if text == "knee":
+        return front.knee if front.knee is not None else front.front[0]
+    if text in ("max-id", "max-ood"):
+        return _best(front, ID_ACCURACY if text == "max-id" else OOD_ACCURACY,
+                     front.points.keys(), pick)
+    return _ood_at_id(front, match["x"], pick)
+
+
+def _need(front: FrontInfo, name: str, pick: str) -> None:
+    if name not in front.objective_names:
+        raise UserError(f"pick {pick!r} needs the objective {name!r}, but this run's objectives "
+                        f"are {', '.join(front.objective_names)}")
+
+
+def _best(front: FrontInfo, name: str, numbers: Any, pick: str) -> int:
+    """Best trial by ``name`` (ties: better other objectives by front order, then lower number)."""
+    _need(front, name, pick)
+    sign = 1.0 if front.directions[front.objective_names.index(name)] == "maximize" else -1.0
+    return max(sorted(numbers), key=lambda n: (sign * front.value(n, name), n in front.front, -n))
+
+
+def _ood_at_id(front: FrontInfo, raw: str, pick: str) -> int:
+    try:
+        floor = float(raw)
+    except ValueError:
+        raise UserError(f"pick {pick!r}: {raw!r} is not a number; e.g. ood-at-id=0.9") from None
+    _need(front, ID_ACCURACY, pick)
+    _need(front, OOD_ACCURACY, pick)
+    eligible = [n for n in front.points if front.value(n, ID_ACCURACY) >= floor - 1e-12]
+    if not eligible:
+        top = _best(front, ID_ACCURACY, front.points.keys(), pick)
+        best = front.value(top, ID_ACCURACY)
+        raise UserError(
+            f"no completed trial reaches ID accuracy >= {floor:g}; the best ID accuracy is "
+            f"{best:.4g} (trial {top}): lower the threshold (e.g. ood-at-id={best:.3g}) or use "
+            "max-id"
+        )
+    return _best(front, OOD_ACCURACY, eligible, pick)
+
+
+def _pick_trial(front: FrontInfo, raw: str, states: dict[int, str]) -> int:
+    try:
+        number = int(raw)
+    except ValueError:
+        raise UserError(f"trial={raw!r}: give an Optuna trial number, e.g. trial=3") from None
+    if number in front.points:
+        return number
+    done = ", ".join(map(str, sorted(front.points)))
+    why = (f"trial {number} is {states[number]}, not complete" if number in states
+           else f"there is no trial {number} in this run")
+    knee = f"; the knee is trial {front.knee}" if front.knee is not None else ""
+    raise UserError(f"{why}; completed trials: {done}{knee}")
+
+
+def export_document(run: Run, number: int, pick: str, front: FrontInfo) -> dict[str, Any]:
+    """The exported mapping for trial ``number`` of ``run`` (schedule, trl, objectives, source)."""
+    view = next((t for t in run.trials() if t.number == number), None)
+    schedule = view.schedule if view is not None else None
+    if view is None or schedule is None:
+        raise RunError(
+            f"trial {number} has no readable trial record in {run.dir.trials} (record.json with "
+            "a schedule), so its schedule cannot be exported"
+        )
+    objectives = dict(zip(front.objective_names, front.points[number].values, strict=True))
+    if view.record is not None:
+        extra = {k: v for k, v in view.record.objectives.items() if k not in objectives}
+        objectives.update(extra)
+    stages = [
+        {"stage": spec.kind, "index": i, "config": CONFIG_CLASS[spec.kind],
+         "args": trl_config_kwargs(spec, seed=schedule.seed), "peft": lora_kwargs(spec)}
+        for i, spec in enumerate(schedule.stages)
+    ]
+    source = {"run": run.name, "run_dir": str(run.dir.root), "study": run.study.study_name,
+              "trial": number, "pick": pick, "reference": view.reference,
+              "params": view.params, "on_front": number in front.front}
+    if view.record is not None:
+        source["record"] = view.record.key
+    return {"schedule": schedule.to_dict(), "trl": stages, "objectives": objectives,
+            "source": source}
+
+
+def export(run: Run, pick: str, out: Path) -> Path:
+    """Write the trial ``pick`` selects as a YAML file (atomically) and return its path.
+
+    ``out`` may be a file path or an existing directory (the file is then named after the run
+    and trial). ``stagebudget train`` re-runs the ``schedule:`` it holds exactly.
+    """
+    front = run.front(curves=False)
+    states = {t.number: t.state for t in run.trials() if t.number is not None}
+    number = resolve_pick(front, pick, states)
+    document = export_document(run, number, pick, front)
+    out = Path(out)
+    if out.is_dir():
+        out = out / f"{run.name}-trial{number}.yaml"
+    atomic_write_yaml(out, document)
+    return out

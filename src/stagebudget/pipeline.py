@@ -1,0 +1,286 @@
+"""Run one schedule: base model -> [cpt] -> sft -> rl, merging between stages, measuring as it goes.
+
+Each stage is looked up in the registry (:data:`stagebudget.stages.STAGES`) and handed the
+previous stage's merged model. ID and OOD accuracy are measured at step 0 of every stage (the
+first point of stage k>0 is the last of stage k-1, reused, not re-measured), every
+``eval_interval`` steps and at the end of each stage. Every curve row is appended to
+``curves.jsonl`` as it is measured and passed to ``report`` (the search forwards it to Ray).
+
+Training time is charged to the schedule's budget (``budget_hours``); a stage that would pass it
+is stopped before the step that would, and the stop is recorded in the ledger. Exceptions
+propagate: a failed trial is a failure, never a zero score.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stagebudget.cost import CostModel, ModelShape
+from stagebudget.fileio import atomic_write_json
+from stagebudget.ledger import BudgetClock
+from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY
+from stagebudget.schedule import Schedule, StageSpec
+from stagebudget.stages.common import TrainingDiverged
+
+__all__ = ["TrainingDiverged", "TrialResult", "default_cost_model", "run_schedule"]
+
+Report = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrialResult:
+    """What one trained schedule scored and spent."""
+
+    schedule: Schedule
+    id_accuracy: float
+    ood_accuracy: float
+    device_hours: float
+    planned_device_hours: float
+    curves: list[dict[str, Any]] = field(default_factory=list)
+    ledger: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def objectives(self) -> dict[str, float]:
+        """``{"id_accuracy", "ood_accuracy", "device_hours"}``."""
+        return {ID_ACCURACY: self.id_accuracy, OOD_ACCURACY: self.ood_accuracy,
+                DEVICE_HOURS: self.device_hours}
+
+
+def default_cost_model(base_model: str, device: str) -> CostModel:
+    """The calibrated table for (base model, device) when one was saved, else the analytic one."""
+    from stagebudget.costtable import default_table_path
+
+    shape = ModelShape.for_ref(base_model)
+    path = default_table_path(base_model, device)
+    if path.is_file():
+        return CostModel.load(path, shape)
+    return CostModel.analytic(shape, device=device)
+
+
+class _Curves:
+    """Collects curve rows, appends each to ``curves.jsonl`` and forwards it to ``report``."""
+
+    def __init__(self, out_dir: Path | None, report: Report | None,
+                 progress: Report | None) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.path = out_dir / "curves.jsonl" if out_dir is not None else None
+        self.report, self.progress = report, progress
+        self.global_offset = 0  # steps taken by the stages before the current one
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+        if self.report is not None:
+            self.report(dict(row))
+        _emit(self.progress, "eval", **row)
+
+
+def _emit(progress: Report | None, event: str, **data: Any) -> None:
+    if progress is not None:
+        progress({"event": event, **data})
+
+
+def _latest_signal(kind: str, logs: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"reward": ...}`` for rl, ``{"train_loss": ...}`` otherwise (None before any log)."""
+    key, src = ("reward", "reward") if kind == "rl" else ("train_loss", "loss")
+    value = next((r[src] for r in reversed(logs) if r.get(src) is not None), None)
+    return {key: value}
+
+
+@dataclass
+class _Run:
+    """The state one schedule carries from stage to stage."""
+
+    schedule: Schedule
+    model: Any
+    tokenizer: Any
+    suite: Any
+    clock: BudgetClock
+    curves: _Curves
+    cost: CostModel
+    device: str
+    max_new_tokens: int
+    last_eval: dict[str, float] | None = None
+    stage_metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    def measure(self, model: Any, kind: str, index: int, step: int,
+                logs: list[dict[str, Any]]) -> dict[str, float]:
+        """Evaluate ``model`` (charged to evaluation time) and record a curve row."""
+        from stagebudget.evaluate import evaluate
+
+        with self.clock.evaluating():
+            acc = evaluate(model, self.tokenizer, self.suite, max_new_tokens=self.max_new_tokens)
+        self.record(acc, kind, index, step, logs)
+        return acc
+
+    def record(self, acc: dict[str, float], kind: str, index: int, step: int,
+               logs: list[dict[str, Any]]) -> None:
+        """Add the curve row of ``acc`` measured at ``step`` of stage ``index``."""
+        self.last_eval = dict(acc)
+        signal = _latest_signal(kind, logs) if step > 0 else _latest_signal(kind, [])
+        self.curves.add({
+            "stage": kind, "stage_index": index, "step": step,
+            "global_step": self.curves.global_offset + step,
+            "device_seconds": self.clock.train_seconds(),
+            ID_ACCURACY: acc[ID_ACCURACY], OOD_ACCURACY: acc[OOD_ACCURACY], **signal,
+        })
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch; deterministic cuDNN (cheap at these sizes)."""
+    import torch
+    import transformers
+
+    transformers.set_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def _start(schedule: Schedule, out_dir: Path | None, device: str, cost: CostModel,
+           cache_dir: Path | None, base_dir: Path | None, report: Report | None,
+           progress: Report | None) -> _Run:
+    """Load the base model and the suite; open the run's outputs."""
+    from stagebudget.basemodel import load_model_and_tokenizer, resolve_base_model
+    from stagebudget.evaluate import max_new_tokens_for
+    from stagebudget.tasks import load_suite
+
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        schedule.save(out_dir / "schedule.yaml")
+        (out_dir / "curves.jsonl").write_text("")  # a fresh run starts a fresh curve file
+    _emit(progress, "load", base_model=schedule.base_model)
+    path = resolve_base_model(schedule.base_model, cache_dir=cache_dir, base_dir=base_dir)
+    model, tokenizer = load_model_and_tokenizer(path, device=device,
+                                                trust_remote_code=schedule.trust_remote_code)
+    t = schedule.tasks
+    suite = load_suite(t.source, t.names, n_train=t.n_train, n_id_test=t.n_id_test,
+                       n_ood_test=t.n_ood_test, seed=t.seed, scorer=t.scorer, base_dir=base_dir)
+    budget = schedule.budget_hours * 3600.0 if schedule.budget_hours is not None else None
+    clock = BudgetClock(budget, device=device)
+    return _Run(schedule, model, tokenizer, suite, clock, _Curves(out_dir, report, progress),
+                cost, device, max_new_tokens_for(suite))
+
+
+def _run_stage(run: _Run, index: int, spec: StageSpec, progress: Report | None) -> None:
+    """Train stage ``index``: evaluate at its start, run it, merge, evaluate at its end."""
+    from stagebudget.stages import StageContext, get_stage
+
+    per_step = run.cost.step_seconds(spec)
+    run.clock.begin_stage(spec.kind, index, planned_steps=spec.steps,
+                          planned_seconds=per_step * spec.steps)
+    _emit(progress, "stage_start", stage=spec.kind, stage_index=index, steps=spec.steps)
+    if run.last_eval is None:
+        run.measure(run.model, spec.kind, index, 0, [])
+    else:  # the first point of this stage is the last one of the previous stage
+        run.record(run.last_eval, spec.kind, index, 0, [])
+    if not run.clock.fits(per_step):
+        run.clock.current.stopped_at_budget = True
+        run.clock.end_stage(0)
+        run.stage_metrics.append({"skipped": "budget exhausted before the stage began"})
+        _emit(progress, "stage_end", stage=spec.kind, stage_index=index, steps_done=0)
+        return
+    ctx = StageContext(
+        model=run.model, tokenizer=run.tokenizer, suite=run.suite, spec=spec, stage_index=index,
+        clock=run.clock, evaluate=lambda m, s: {}, seed=run.schedule.seed, device=run.device,
+        step_seconds_estimate=per_step,
+    )
+    ctx.evaluate = lambda model, step: run.measure(model, spec.kind, index, step, ctx.logs)
+    out = get_stage(spec.kind)(ctx)
+    run.clock.end_stage(out.steps_done)
+    run.model = out.model
+    last = run.curves.rows[-1]
+    if not (last["stage_index"] == index and last["step"] == out.steps_done):
+        run.measure(run.model, spec.kind, index, out.steps_done, ctx.logs)
+    run.curves.global_offset += out.steps_done
+    run.stage_metrics.append(dict(out.metrics))
+    _emit(progress, "stage_end", stage=spec.kind, stage_index=index, steps_done=out.steps_done)
+
+
+def run_schedule(
+    schedule: Schedule,
+    out_dir: Path | None = None,
+    *,
+    report: Report | None = None,
+    save_model: bool = False,
+    device: str = "auto",
+    cost: CostModel | None = None,
+    cache_dir: Path | None = None,
+    base_dir: Path | None = None,
+    progress: Report | None = None,
+) -> TrialResult:
+    """Train ``schedule`` stage by stage and measure it; write its records under ``out_dir``.
+
+    Writes ``schedule.yaml``, ``curves.jsonl`` (row by row), ``ledger.json``, ``metrics.json``
+    and, with ``save_model``, the final merged model to ``model/``. ``report`` receives every
+    curve row; ``progress`` receives events (``load``, ``stage_start``, ``eval``,
+    ``stage_end``, ``done``). Raises :class:`TrainingDiverged` on a NaN/inf loss; any exception
+    propagates after the ledger so far is written.
+    """
+    from stagebudget.stages.common import resolve_device
+
+    out = Path(out_dir) if out_dir is not None else None
+    dev = resolve_device(device)
+    _seed_everything(schedule.seed)
+    cost_model = cost if cost is not None else default_cost_model(schedule.base_model, dev)
+    run = _start(schedule, out, dev, cost_model, cache_dir, base_dir, report, progress)
+    try:
+        for index, spec in enumerate(schedule.stages):
+            _run_stage(run, index, spec, progress)
+    finally:
+        if out is not None:
+            atomic_write_json(out / "ledger.json", run.clock.ledger())
+    result = _result(run)
+    if out is not None:
+        atomic_write_json(out / "metrics.json", result.metrics)
+        if save_model:
+            run.model.save_pretrained(str(out / "model"), safe_serialization=True)
+            run.tokenizer.save_pretrained(str(out / "model"))
+    _emit(progress, "done", **result.objectives())
+    return result
+
+
+def _result(run: _Run) -> TrialResult:
+    """Objectives, per-stage metrics and planned-vs-measured seconds of a finished run."""
+    ledger = run.clock.ledger()
+    final = run.last_eval or {ID_ACCURACY: math.nan, OOD_ACCURACY: math.nan}
+    planned_hours = run.cost.schedule_seconds(run.schedule) / 3600.0
+    stages = []
+    for entry, metrics in zip(ledger["stages"], run.stage_metrics, strict=True):
+        planned = entry["planned_seconds"]
+        measured = entry["train_seconds"]
+        stages.append({
+            "kind": entry["kind"], "stage_index": entry["index"],
+            "steps": entry["planned_steps"], "steps_done": entry["steps_done"],
+            "planned_seconds": planned, "measured_seconds": measured,
+            "measured_over_planned": measured / planned if planned > 0 else None,
+            "seconds_per_step": measured / entry["steps_done"] if entry["steps_done"] else None,
+            "stopped_at_budget": entry["stopped_at_budget"],
+            **{k: v for k, v in metrics.items() if k != "reward_per_step"},
+        })
+    objectives = {ID_ACCURACY: final[ID_ACCURACY], OOD_ACCURACY: final[OOD_ACCURACY],
+                  DEVICE_HOURS: ledger["device_hours"]}
+    metrics = {
+        "objectives": objectives,
+        "schedule": run.schedule.describe(),
+        "digest": run.schedule.digest(),
+        "device": run.device,
+        "cost_source": run.cost.source,
+        "planned_device_hours": planned_hours,
+        "device_hours": ledger["device_hours"],
+        "measured_over_planned": (ledger["device_hours"] / planned_hours
+                                  if planned_hours > 0 else None),
+        "eval_seconds": ledger["eval_seconds"],
+        "stopped_at_budget": ledger["stopped_at_budget"],
+        "stages": stages,
+    }
+    return TrialResult(run.schedule, final[ID_ACCURACY], final[OOD_ACCURACY],
+                       ledger["device_hours"], planned_hours, list(run.curves.rows), ledger,
+                       metrics)

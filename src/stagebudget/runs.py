@@ -1,0 +1,338 @@
+"""Read a run directory: the Optuna study (objectives, the front) joined with the trial records.
+
+The study is the source of truth for objective values; records add schedules, curves, ledgers
+and errors. A record joins its Optuna trial by params (identical params give an identical
+schedule), matched in order. Everything here works on a half-finished run. Optuna is imported
+only when a run is loaded, so importing this module stays light.
+
+>>> run = load_run("runs/demo")  # doctest: +SKIP
+>>> run.front().front  # doctest: +SKIP
+[3, 0, 5]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from stagebudget.errors import ConfigError, RunError
+from stagebudget.fileio import read_yaml
+from stagebudget.pareto import FrontInfo, TrialPoint, compute_front, curve_series
+from stagebudget.records import DEVICE_HOURS, RunDir, TrialRecord
+from stagebudget.schedule import Schedule
+
+STATES = ("COMPLETE", "RUNNING", "WAITING", "PRUNED", "FAILED")
+
+
+@dataclass(frozen=True)
+class TrialView:
+    """One trial as stagebudget shows it: Optuna's state and values plus its record (if any).
+
+    ``number`` is the Optuna trial number; it is None only for a record that matches no Optuna
+    trial. ``values`` maps objective names to values (complete trials only).
+    """
+
+    number: int | None
+    state: str
+    params: dict[str, Any]
+    values: dict[str, float]
+    record: TrialRecord | None
+    run_dir: RunDir
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reference(self) -> str | None:
+        """``sft_only``, ``rl_only``, ``heuristic`` or None for a sampled trial."""
+        if self.record is not None and self.record.reference:
+            return self.record.reference
+        ref = self.attrs.get("reference")
+        return str(ref) if ref else None
+
+    @cached_property
+    def schedule(self) -> Schedule | None:
+        """The trained schedule, from the record; None without a (valid) record."""
+        if self.record is None or not self.record.schedule:
+            return None
+        try:
+            return Schedule.from_dict(self.record.schedule)
+        except ConfigError:
+            return None
+
+    @property
+    def stage_shares(self) -> dict[str, float]:
+        """Budget share per stage kind, from the params; the one stage without a share param
+        (``share: rest``) gets what is left. Empty when the run allocates steps, not shares."""
+        shares = {k.split(".")[0]: float(v) for k, v in self.params.items()
+                  if k.endswith(".share") and isinstance(v, int | float)}
+        if not shares:
+            return {}
+        kinds = [s.kind for s in self.schedule.stages] if self.schedule else []
+        rest = [k for k in kinds if k not in shares]
+        if len(rest) == 1:
+            shares[rest[0]] = max(0.0, 1.0 - sum(shares.values()))
+        return shares
+
+    @property
+    def sft_share(self) -> float | None:
+        """Share of the budget given to SFT (0 when the schedule has no SFT stage)."""
+        shares = self.stage_shares
+        if shares:
+            return shares.get("sft", 0.0)
+        if self.schedule is not None and len(self.schedule.stages) == 1:
+            return 1.0 if self.schedule.stages[0].kind == "sft" else 0.0
+        return None
+
+    @property
+    def device_hours(self) -> float | None:
+        """Training device-hours spent: the objective if searched, else the record's ledger."""
+        if DEVICE_HOURS in self.values:
+            return self.values[DEVICE_HOURS]
+        if self.record is None:
+            return None
+        if isinstance(self.record.objectives.get(DEVICE_HOURS), int | float):
+            return float(self.record.objectives[DEVICE_HOURS])
+        return ledger_hours(self.record.ledger)
+
+    @property
+    def error(self) -> str | None:
+        """The record's error, else Optuna's fail reason."""
+        if self.record is not None and self.record.error:
+            return self.record.error
+        reason = self.attrs.get("fail_reason")
+        return str(reason) if reason else None
+
+    @property
+    def label(self) -> str:
+        """Short schedule summary, e.g. ``sft 40@r32 -> rl 20@r4``."""
+        if self.schedule is not None:
+            return self.schedule.describe()
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+
+    def curves(self) -> list[dict[str, Any]]:
+        """Curve rows (read now, so a running trial shows its latest)."""
+        return self.run_dir.curves(self.record.key) if self.record is not None else []
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    """One line of ``stagebudget status``."""
+
+    number: int | None
+    state: str
+    reference: str | None
+    schedule: str
+    sft_share: float | None
+    id_accuracy: float | None
+    ood_accuracy: float | None
+    device_hours: float | None
+    on_front: bool
+    knee: bool
+    error: str | None
+
+
+def ledger_hours(ledger: dict[str, Any]) -> float | None:
+    """Device-hours from a ledger: ``device_hours``, ``device_seconds``, or summed per stage.
+
+    >>> ledger_hours({"stages": [{"device_seconds": 1800}, {"device_seconds": 1800}]})
+    1.0
+    """
+    if not isinstance(ledger, dict):
+        return None
+    for key, scale in (("device_hours", 1.0), ("train_device_hours", 1.0),
+                       ("device_seconds", 3600.0), ("train_device_seconds", 3600.0)):
+        if isinstance(ledger.get(key), int | float):
+            return float(ledger[key]) / scale
+    stages = ledger.get("stages")
+    if isinstance(stages, dict):
+        stages = list(stages.values())
+    if not isinstance(stages, list | tuple):
+        return None
+    secs = [s.get("device_seconds") for s in stages if isinstance(s, dict)]
+    numbers = [float(s) for s in secs if isinstance(s, int | float)]
+    if not secs or len(numbers) != len(secs):
+        return None
+    return sum(numbers) / 3600.0
+
+
+class Run:
+    """A loaded run: its directory, run.json, and the open Optuna study."""
+
+    def __init__(self, root: Path, meta: dict[str, Any], study: Any):
+        self.dir = RunDir(Path(root))
+        self.meta = meta
+        self.study = study
+        self.objectives = _objectives(meta, self.dir.meta)
+        if len(study.directions) != len(self.objectives):
+            raise RunError(
+                f"{self.dir.meta} lists {len(self.objectives)} objectives but the study "
+                f"{study.study_name!r} has {len(study.directions)}; the run description and the "
+                "study do not belong together"
+            )
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name") or self.dir.root.name)
+
+    @property
+    def objective_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.objectives)
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return tuple(d for _, d in self.objectives)
+
+    @property
+    def budget_hours(self) -> float | None:
+        """Per-trial budget in device-hours: run.json, else space.yaml, else a schedule."""
+        for value in (self.meta.get("per_trial_hours"), self.meta.get("budget_hours"),
+                      (self.meta.get("budget") or {}).get("per_trial_hours")
+                      if isinstance(self.meta.get("budget"), dict) else None):
+            if isinstance(value, int | float):
+                return float(value)
+        if self.dir.space.is_file():
+            try:
+                space = read_yaml(self.dir.space)
+                value = space["budget"]["per_trial_hours"]
+                if isinstance(value, int | float):
+                    return float(value)
+            except (ConfigError, KeyError, TypeError):
+                pass
+        return next((t.schedule.budget_hours for t in self.trials()
+                     if t.schedule is not None and t.schedule.budget_hours), None)
+
+    def trials(self) -> list[TrialView]:
+        """All Optuna trials (by number) joined with their records, then unmatched records."""
+        trials = sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number)
+        records = _ordered_records(self.dir.records())
+        pool: dict[str, deque[TrialRecord]] = defaultdict(deque)
+        for rec in records:
+            pool[params_key(rec.params)].append(rec)
+        names = self.objective_names
+        views = []
+        for t in trials:
+            queue = pool.get(params_key(t.params))
+            record = queue.popleft() if queue else None
+            values = dict(zip(names, t.values, strict=True)) if t.values is not None else {}
+            attrs = {**t.system_attrs, **t.user_attrs}
+            state = "FAILED" if t.state.name == "FAIL" else t.state.name  # as records spell it
+            views.append(TrialView(t.number, state, dict(t.params), values, record,
+                                   self.dir, attrs))
+        for queue in pool.values():
+            views.extend(TrialView(None, rec.status, dict(rec.params), {}, rec, self.dir)
+                         for rec in queue)
+        return views
+
+    def front(self, ref_point: tuple[float, ...] | None = None, curves: bool = True) -> FrontInfo:
+        """The Pareto front of the completed trials (see :func:`stagebudget.pareto.compute_front`),
+        with the front trials' curves when ``curves`` is true."""
+        views = self.trials()
+        points = [_point(v, self.objective_names) for v in views]
+        counts = {s: sum(v.state == s for v in views) for s in STATES}
+        counts["total"] = len(views)
+        info = compute_front([p for p in points if p is not None], self.objective_names,
+                             self.directions, ref_point=ref_point, counts=counts)
+        if curves:
+            by_number = {v.number: v for v in views if v.number is not None}
+            for number in info.front:
+                info.curves[number] = curve_series(number, by_number[number].curves())
+        return info
+
+    def status_rows(self, front: FrontInfo | None = None) -> list[StatusRow]:
+        """One row per trial (Optuna order, then records without a trial) for ``status``."""
+        front = front or self.front(curves=False)
+        on_front = set(front.front)
+        return [
+            StatusRow(
+                number=v.number, state=v.state, reference=v.reference, schedule=v.label,
+                sft_share=v.sft_share, id_accuracy=v.values.get("id_accuracy"),
+                ood_accuracy=v.values.get("ood_accuracy"), device_hours=v.device_hours,
+                on_front=v.number in on_front, knee=v.number is not None and v.number == front.knee,
+                error=v.error.strip().splitlines()[0] if v.error and v.error.strip() else None,
+            )
+            for v in self.trials()
+        ]
+
+
+def load_run(path: str | Path) -> Run:
+    """Open a run directory: validate run.json, then load its Optuna study (read only)."""
+    run_dir = RunDir(Path(path))
+    meta = run_dir.read_meta()
+    study_name = meta.get("study_name")
+    if not isinstance(study_name, str) or not study_name:
+        raise RunError(f"{run_dir.meta} has no `study_name`; the run description is incomplete")
+    storage = _storage_url(meta.get("storage"), run_dir)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise RunError(
+            f"study {study_name!r} (from {run_dir.meta}) is not in {storage}; studies there: "
+            f"{', '.join(map(repr, names)) or 'none'}"
+        ) from None
+    except Exception as exc:  # storage back-ends raise many types; say which storage failed
+        raise RunError(f"cannot open the study storage {storage}: {exc}") from None
+    return Run(run_dir.root, meta, study)
+
+
+def params_key(params: dict[str, Any]) -> str:
+    """Canonical text of params, so 32 and 32.0, or float noise, still join."""
+    def canon(v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return v
+        return round(float(v), 10)
+
+    return json.dumps({k: canon(v) for k, v in params.items()}, sort_keys=True, default=str)
+
+
+def _ordered_records(records: list[TrialRecord]) -> list[TrialRecord]:
+    return sorted(records, key=lambda r: (r.started is None, r.started or 0.0, r.key))
+
+
+def _storage_url(storage: Any, run_dir: RunDir) -> str:
+    """The study storage URL; a SQLite file that moved with the run directory is found there."""
+    if not isinstance(storage, str) or not storage:
+        raise RunError(f"{run_dir.meta} has no `storage` (an Optuna storage URL)")
+    if not storage.startswith("sqlite:///"):
+        return storage
+    db = Path(storage.removeprefix("sqlite:///"))
+    if db.is_file():
+        return storage
+    if run_dir.study_db.is_file():  # the run directory was moved or copied
+        return f"sqlite:///{run_dir.study_db.resolve()}"
+    # Never let Optuna create an empty database in place of a missing one.
+    raise RunError(f"the study database {db} (from {run_dir.meta}) does not exist")
+
+
+def _objectives(meta: dict[str, Any], source: Path) -> list[tuple[str, str]]:
+    objs = meta.get("objectives")
+    if not isinstance(objs, list) or not objs:
+        raise RunError(f"{source} has no `objectives` list (name and direction of each)")
+    out = []
+    for o in objs:
+        if not isinstance(o, dict) or o.get("direction") not in ("maximize", "minimize"):
+            raise RunError(f"{source}: each objective needs a name and a direction "
+                           f"('maximize' or 'minimize'), got {o!r}")
+        out.append((str(o.get("name")), str(o["direction"])))
+    return out
+
+
+def _point(view: TrialView, names: tuple[str, ...]) -> TrialPoint | None:
+    """A completed trial with finite values for every objective, as a front point."""
+    if view.state != "COMPLETE" or view.number is None:
+        return None
+    values = tuple(view.values.get(n, math.nan) for n in names)
+    if not all(math.isfinite(v) for v in values):
+        return None
+    return TrialPoint(
+        number=view.number, values=values, reference=view.reference, sft_share=view.sft_share,
+        label=view.label, schedule=view.record.schedule if view.record else None,
+        stage_shares=view.stage_shares,
+    )

@@ -1,0 +1,90 @@
+"""``stagebudget status RUN``: one row per trial, then the front, readable while a run goes on."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+from rich.text import Text
+
+from stagebudget.pareto import FrontInfo
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from stagebudget.runs import Run, StatusRow
+
+STATE_STYLE = {"COMPLETE": "green", "RUNNING": "yellow", "WAITING": "dim", "PRUNED": "magenta",
+               "FAILED": "red"}
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def trials_table(rows: list[StatusRow], title: str = "trials") -> Table:
+    """The per-trial table: state, reference, schedule, SFT share, objectives, cost, front, error."""
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for name, kw in (("#", {"justify": "right"}), ("state", {"min_width": 8}), ("ref", {}),
+                     ("schedule", {"overflow": "fold", "min_width": 16}),
+                     ("sft share", {"justify": "right"}),
+                     ("ID", {"justify": "right"}), ("OOD", {"justify": "right"}),
+                     ("dev-h", {"justify": "right"}), ("front", {"justify": "center"}),
+                     ("error", {"overflow": "ellipsis", "max_width": 36, "no_wrap": True})):
+        table.add_column(name, **kw)  # type: ignore[arg-type]
+    for r in rows:
+        mark = "✓ knee" if r.knee else ("✓" if r.on_front else "")
+        table.add_row(
+            "–" if r.number is None else str(r.number),
+            Text(r.state, style=STATE_STYLE.get(r.state, "")),
+            r.reference or "",
+            r.schedule,
+            _fmt(r.sft_share, ".3g"),
+            _fmt(r.id_accuracy),
+            _fmt(r.ood_accuracy),
+            _fmt(r.device_hours, ".4f"),
+            Text(mark, style="bold green") if mark else "",
+            Text(r.error or "", style="red"),
+            style="dim" if r.state not in ("COMPLETE", "RUNNING") else None,
+        )
+    return table
+
+
+def front_table(front: FrontInfo) -> Table:
+    """The front: its trials (by the first objective), the knee, and the hypervolume."""
+    ref = ", ".join(f"{v:.3g}" for v in front.ref_point)
+    caption = (f"hypervolume {front.hypervolume:.4f} (reference point {ref}); "
+               f"knee: {'trial ' + str(front.knee) if front.knee is not None else '–'}")
+    table = Table(title=f"Pareto front ({len(front.front)} of {len(front.points)} completed)",
+                  title_justify="left", caption=caption, caption_justify="left",
+                  header_style="bold")
+    table.add_column("#", justify="right")
+    for name, direction in zip(front.objective_names, front.directions, strict=True):
+        table.add_column(f"{name} {'↑' if direction == 'maximize' else '↓'}", justify="right")
+    table.add_column("sft share", justify="right")
+    table.add_column("schedule", overflow="fold")
+    table.add_column("", justify="left")
+    for number in front.front:
+        p = front.points[number]
+        notes = [n for n in ("knee" if number == front.knee else "", p.reference or "") if n]
+        table.add_row(str(number), *(f"{v:.4g}" for v in p.values), _fmt(p.sft_share, ".3g"),
+                      p.label, ", ".join(notes))
+    return table
+
+
+def render_status(run: Run, console: Console) -> None:
+    """Print the trials table and the front summary of ``run`` (finished or not)."""
+    front = run.front(curves=False)
+    c = front.counts
+    budget = run.budget_hours
+    console.print(
+        f"[bold]{run.name}[/bold]  {c.get('COMPLETE', 0)} complete, {c.get('RUNNING', 0)} "
+        f"running, {c.get('FAILED', 0)} failed, {c.get('PRUNED', 0)} pruned"
+        f" of {run.meta.get('trials_requested', '?')} requested"
+        + (f"; budget {budget:.4g} device-hours per trial" if budget is not None else "")
+    )
+    console.print(trials_table(run.status_rows(front)))
+    if front.empty:
+        console.print("no completed trial yet: the front appears once a trial completes")
+        return
+    console.print(front_table(front))

@@ -1,0 +1,93 @@
+"""The cluster path: a two-node Ray cluster on loopback, a search driven through ``address``.
+
+The nodes are started with ``ray start --block`` in their own process groups and stopped by
+signalling those groups, not with ``ray stop --force`` (which would kill every Ray process on the
+machine, including other users' clusters).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from stagebudget.records import RunDir
+from stagebudget.search import run_search
+from stagebudget.trainable import fake_trial_fn
+
+DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_for_nodes(address: str, n: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run([RAY, "status", "--address", address], capture_output=True,
+                             text=True).stdout
+        if out.count("node_") >= n:
+            return
+        time.sleep(1)
+    raise AssertionError(f"cluster at {address} did not reach {n} nodes")
+
+
+@pytest.mark.slow
+def test_search_on_a_two_node_cluster(tmp_path: Path) -> None:
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    head = _start(["--head", f"--port={port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+                   "--include-dashboard=false"], tmp_path / "head.log")
+    nodes = [head]
+    try:
+        time.sleep(3)
+        nodes.append(_start([f"--address={address}", "--num-cpus=1",
+                             "--node-ip-address=127.0.0.1"], tmp_path / "worker.log"))
+        _wait_for_nodes(address, 2)
+        data = yaml.safe_load(DEMO.read_text())
+        data.update(trials=3, concurrency=2, references=False)
+        space = tmp_path / "space.yaml"
+        space.write_text(yaml.safe_dump(data))
+        run_dir = run_search(space, name="cluster", runs_dir=tmp_path / "runs", address=address,
+                             live=False, trial_fn=functools.partial(fake_trial_fn, seconds=0.3))
+        run = RunDir(run_dir)
+        meta = run.read_meta()
+        assert meta["address"] == address
+        study = optuna.load_study(study_name=meta["study_name"], storage=meta["storage"])
+        assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+        assert sorted(r.status for r in run.records()) == ["COMPLETE"] * 3
+    finally:
+        for proc in reversed(nodes):
+            _stop(proc)

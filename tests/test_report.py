@@ -1,0 +1,130 @@
+"""The HTML report: figures drawn from FrontInfo, self-contained page, and a real browser render."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fake_run import FRONT, FakeTrial, make_fake_run
+from stagebudget import report
+from stagebudget.report import (
+    curves_figure,
+    front_figure,
+    hypervolume_figure,
+    write_pngs,
+    write_report,
+)
+from stagebudget.runs import Run, load_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return load_run(make_fake_run(tmp_path_factory.mktemp("runs") / "fake"))
+
+
+@pytest.fixture(scope="module")
+def html_path(run: Run) -> Path:
+    return write_report(run)
+
+
+def test_front_figure_draws_the_front_info(run: Run) -> None:
+    front = run.front(curves=False)
+    fig = front_figure(front)
+    traces = {t.name: t for t in fig.data}
+    assert len(traces["dominated"].x) == len(front.dominated) == 5
+    line = traces["Pareto front"]
+    assert list(line.x) == [0.60, 0.70, 0.85, 0.92] and line.mode == "lines+markers"
+    assert list(line.marker.color) == [0.125, 0.25, 0.5, 0.5]  # coloured by SFT share
+    refs = {n: t for n, t in traces.items() if n.startswith("reference: ")}
+    assert {t.marker.symbol for t in refs.values()} == {"square-open", "diamond-open",
+                                                          "star-open"}
+    assert "knee (trial 3)" in [a.text for a in fig.layout.annotations]
+    hover = line.text[2]
+    assert "trial 3" in hover and "knee" in hover
+    assert "sft: 40 steps, LoRA r8 α16, lr 0.0005, batch 32, share 0.5" in hover
+    assert "rl: 20 steps, LoRA r16 α32" in hover
+
+
+def test_curves_and_hypervolume_figures(run: Run) -> None:
+    front = run.front()
+    curves = curves_figure(front)
+    assert len(curves.data) == 2 * len(FRONT)  # ID and OOD per front trial
+    assert sum(1 for s in curves.layout.shapes if s.type == "line") == len(FRONT)  # boundaries
+    hv = hypervolume_figure(front)
+    assert list(hv.data[0].x) == list(range(1, 10))
+    assert hv.data[0].y[-1] == pytest.approx(0.53)
+
+
+def test_report_is_self_contained(html_path: Path) -> None:
+    text = html_path.read_text()
+    assert html_path.name == "report.html"
+    assert not re.search(r"<script[^>]+src=", text), "no external scripts (machines are offline)"
+    assert text.count("Plotly.newPlot") == 3
+    assert len(text) > 1_000_000  # plotly.js itself is inlined
+    assert "9 complete, 1 failed, 1 running" in text
+    assert "0.5300 (reference point 0, 0)" in text
+    assert "trial 3: sft 40@r8 -&gt; rl 20@r16" in text
+
+
+def test_report_before_any_trial_completes(tmp_path: Path) -> None:
+    run = load_run(make_fake_run(tmp_path / "r", trials=(FakeTrial(0.5, 8, 4, state="RUNNING"),)))
+    out = write_report(run, tmp_path / "out" / "r.html")
+    assert "no completed trial yet" in out.read_text()
+
+
+def test_png_skipped_without_a_browser(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(report, "find_browser", lambda: None)
+    messages: list[str] = []
+    assert write_pngs({}, tmp_path / "r.html", messages.append) == []
+    assert "PNG export skipped: no Chromium/Chrome found" in messages[0]
+
+
+def chromium() -> str:
+    path = next((p for n in ("chromium", "chromium-browser", "google-chrome")
+                 if (p := shutil.which(n))), None)
+    if path is None:
+        pytest.skip("no chromium binary on PATH (CI: apt-get install -y chromium)")
+    return path
+
+
+def headless(binary: str, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           "--virtual-time-budget=10000", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+
+
+def figure_dom(dom: str, name: str) -> str:
+    start = dom.index(f'id="fig-{name}"')
+    ends = [i for n in ("front", "curves", "hypervolume")
+            if (i := dom.find(f'id="fig-{n}"', start + 1)) > 0]
+    return dom[start:min(ends, default=len(dom))]
+
+
+@pytest.mark.browser
+def test_report_renders_in_headless_chromium(run: Run, html_path: Path, tmp_path: Path) -> None:
+    binary = chromium()
+    dom = headless(binary, "--dump-dom", html_path.resolve().as_uri()).stdout
+    # SVG that only exists once the inlined plotly.js ran, with no network.
+    assert dom.count('class="main-svg"') >= 3
+    front = run.front(curves=False)
+    points = re.compile(r'class="point\b')
+    n_front = len(points.findall(figure_dom(dom, "front")))
+    assert n_front == len(front.points) + len(front.references)  # every trial, plus ref symbols
+    assert len(points.findall(figure_dom(dom, "hypervolume"))) == len(front.hv_history)
+    assert figure_dom(dom, "curves").count('class="scatterlayer') == len(FRONT)
+    shot = tmp_path / "report.png"
+    headless(binary, "--window-size=1280,2200", f"--screenshot={shot}",
+             html_path.resolve().as_uri())
+    assert shot.stat().st_size > 50_000  # a blank page is a few KB
+
+
+def test_three_objective_front_is_not_joined(tmp_path: Path) -> None:
+    run = load_run(make_fake_run(tmp_path / "r3", device_hours=True))
+    fig = front_figure(run.front(curves=False))
+    front = next(t for t in fig.data if t.name.startswith("Pareto front"))
+    assert front.mode == "markers" and front.name == "Pareto front (3 objectives)"
+    assert "device_hours" in front.text[0]

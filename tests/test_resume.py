@@ -1,0 +1,108 @@
+"""Resume for real: a search driver is SIGKILLed mid-run, then resumed.
+
+Finished trials are kept and not re-run; trials the dead driver left RUNNING become FAIL in the
+study and FAILED ("interrupted") in their records; the study ends with exactly the requested
+number of finished trials; references already run are not enqueued again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import yaml
+
+from stagebudget.records import RunDir
+from stagebudget.search import run_search
+from stagebudget.trainable import fake_trial_fn
+
+DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+State = optuna.trial.TrialState
+TRIALS = 6
+
+DRIVER = """
+import functools, sys
+from pathlib import Path
+from stagebudget.search import run_search
+from stagebudget.trainable import fake_trial_fn
+run_search(sys.argv[1], name="res", runs_dir=Path(sys.argv[2]), live=False,
+           trial_fn=functools.partial(fake_trial_fn, seconds=2.0))
+"""
+
+
+def _completed(run: RunDir) -> list:
+    return [r for r in run.records() if r.status == "COMPLETE"]
+
+
+def _start_and_kill(space: Path, runs: Path, log: Path) -> None:
+    """Run the driver in its own process group; SIGKILL the group once a trial completed."""
+    run = RunDir(runs / "res")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(space), str(runs)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not (run.trials.is_dir() and _completed(run)):
+            assert proc.poll() is None, f"driver exited early:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no trial completed:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_killed_search_resumes_without_losing_or_repeating(tmp_path: Path) -> None:
+    data = yaml.safe_load(DEMO.read_text())
+    data.update(trials=TRIALS, concurrency=2)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(data))
+    runs = tmp_path / "runs"
+    _start_and_kill(space, runs, tmp_path / "driver.log")
+
+    run = RunDir(runs / "res")
+    before = {r.key: r for r in _completed(run)}
+    stale = {r.key for r in run.records() if r.status == "RUNNING"}
+    assert before and len(before) < TRIALS
+
+    run_search(space, name="res", runs_dir=runs, resume=True, live=False,
+               trial_fn=functools.partial(fake_trial_fn, seconds=0.1))
+
+    meta = run.read_meta()
+    assert len(meta["resumed"]) == 1
+    study = optuna.load_study(study_name=meta["study_name"], storage=meta["storage"])
+    states = [t.state for t in study.trials]
+    assert len(states) == TRIALS                       # exactly what was asked, no more
+    assert all(s in (State.COMPLETE, State.FAIL) for s in states)
+    records = {r.key: r for r in run.records()}
+    for key, rec in before.items():                    # finished trials kept, not re-run
+        assert records[key].status == "COMPLETE" and records[key].started == rec.started
+        assert records[key].attempt == 1
+    for key in stale:                                  # interrupted ones are marked, not lost
+        assert records[key].status == "FAILED" and records[key].error == "interrupted"
+    assert all(r.status in ("COMPLETE", "FAILED") for r in records.values())
+    by_tune_id = {t.user_attrs.get("tune_trial_id"): t for t in study.trials}
+    for key, rec in records.items():
+        assert (by_tune_id[key].state == State.COMPLETE) == (rec.status == "COMPLETE")
+    refs = [t.user_attrs["reference"] for t in study.trials if "reference" in t.user_attrs]
+    assert sorted(refs) == ["heuristic", "rl_only", "sft_only"]   # each run once
+    assert json.loads((run.root / "run.json").read_text())["trials_requested"] == TRIALS
+
+
+def test_resume_of_a_finished_search_runs_nothing(tmp_path: Path) -> None:
+    data = yaml.safe_load(DEMO.read_text())
+    data.update(trials=1, concurrency=1, references=False)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(data))
+    fn = functools.partial(fake_trial_fn, seconds=0.05)
+    run_dir = run_search(space, name="done", runs_dir=tmp_path / "runs", live=False, trial_fn=fn)
+    # A resume with nothing left starts no Ray and no trial.
+    run_search(space, name="done", runs_dir=tmp_path / "runs", resume=True, live=False,
+               trial_fn="stagebudget.no_such_module:fn")
+    assert len(RunDir(run_dir).records()) == 1

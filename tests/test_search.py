@@ -1,0 +1,212 @@
+"""The search driver: validation before compute, a fake search end to end, the search budget,
+samplers, and one real small search (slow)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from stagebudget.errors import UserError
+from stagebudget.records import RunDir
+from stagebudget.search import check_local_resources, run_search
+from stagebudget.space import SearchSpace
+from stagebudget.trainable import fake_trial_fn
+from stagebudget.tune_adapter import (
+    BudgetLimiter,
+    make_sampler,
+    open_storage,
+    reference_name,
+)
+
+DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+FAST = functools.partial(fake_trial_fn, seconds=0.1)
+
+
+def write_space(tmp_path: Path, **changes: object) -> Path:
+    """The demo space with top-level ``changes``, written to tmp_path/space.yaml."""
+    data = yaml.safe_load(DEMO.read_text())
+    data.update(changes)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def study_of(run_dir: Path) -> optuna.Study:
+    meta = RunDir(run_dir).read_meta()
+    return optuna.load_study(study_name=meta["study_name"], storage=meta["storage"])
+
+
+# --- validation before compute ------------------------------------------------------------
+def test_too_much_concurrency_for_this_machine_names_field_and_numbers(tmp_path: Path) -> None:
+    cpus = os.cpu_count() or 1
+    space = write_space(tmp_path, concurrency=cpus + 1)
+    with pytest.raises(UserError, match=rf"concurrency.*{cpus + 1} x 1 .*has {cpus}"):
+        run_search(space, runs_dir=tmp_path / "runs", live=False, trial_fn=FAST)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_gpu_request_without_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    space = SearchSpace.load(DEMO, concurrency=1, resources_per_trial={"cpu": 1, "gpu": 1})
+    with pytest.raises(UserError, match=r"resources_per_trial.gpu.*has 0"):
+        check_local_resources(space)
+
+
+def test_existing_run_dir_needs_resume_and_missing_one_cannot_resume(tmp_path: Path) -> None:
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    with pytest.raises(UserError, match="--resume.*--name"):
+        run_search(DEMO, runs_dir=tmp_path / "runs", live=False, trial_fn=FAST)
+    with pytest.raises(UserError, match="does not exist"):
+        run_search(DEMO, name="nope", runs_dir=tmp_path / "runs", resume=True, live=False)
+
+
+def test_bad_storage_and_budget_are_refused_before_compute(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="neither a database URL"):
+        run_search(DEMO, runs_dir=tmp_path / "runs", storage="nonsense", live=False)
+    assert not (tmp_path / "runs" / "demo").exists()
+    with pytest.raises(UserError, match="budget-hours must be > 0"):
+        run_search(DEMO, runs_dir=tmp_path / "runs", budget_hours=0, live=False)
+
+
+# --- pieces without Ray -------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tpe", "nsga2", "gp", "random", "grid"])
+def test_every_sampler_builds_and_proposes_inside_the_space(name: str) -> None:
+    space = SearchSpace.load(DEMO, sampler={"name": name, "seed": 1})
+    study = optuna.create_study(directions=["maximize", "maximize"],
+                                sampler=make_sampler(space, trials=8))
+    dists = space.optuna_space()
+    for _ in range(3):
+        trial = study.ask(fixed_distributions=dists)
+        assert set(trial.params) == set(dists)
+        study.tell(trial, [0.5, 0.5])
+
+
+def test_sampler_options_pass_through_and_unknown_ones_are_config_errors() -> None:
+    space = SearchSpace.load(DEMO, sampler={"name": "nsga2", "seed": 0,
+                                            "options": {"population_size": 6}})
+    assert make_sampler(space, 8)._population_size == 6
+    bad = SearchSpace.load(DEMO, sampler={"name": "random", "options": {"colour": 1}})
+    with pytest.raises(UserError, match="sampler.options"):
+        make_sampler(bad, 8)
+
+
+def test_reference_name_matches_with_float_tolerance() -> None:
+    refs = [("sft_only", {"a": 1.0, "b": 8}), ("heuristic", {"a": 0.25, "b": 8})]
+    assert reference_name({"a": 0.25 + 1e-15, "b": 8}, refs) == "heuristic"
+    assert reference_name({"a": 0.25, "b": 32}, refs) is None
+
+
+def test_journal_storage_path_opens(tmp_path: Path) -> None:
+    from optuna.storages import JournalStorage
+
+    assert isinstance(open_storage(str(tmp_path / "study.log")), JournalStorage)
+
+
+class _Inner:
+    """A stand-in searcher: hands out configs, remembers completions."""
+
+    metric, mode = ["id_accuracy"], ["max"]
+
+    def __init__(self) -> None:
+        self.completed: list[str] = []
+
+    def suggest(self, trial_id: str) -> dict:
+        return {"x": 1}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        pass
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        self.completed.append(trial_id)
+
+
+def test_budget_limiter_counts_running_planned_and_finished_measured() -> None:
+    inner = _Inner()
+    lim = BudgetLimiter(inner, budget_hours=0.3, per_trial_hours=0.1,  # type: ignore[arg-type]
+                        planned_hours=lambda c: 0.1, prior_hours=0.05)
+    assert lim.suggest("a") == {"x": 1}
+    assert lim.suggest("b") == {"x": 1}           # 0.05 + 0.2 committed + 0.1 > 0.3
+    assert lim.suggest("c") is None and lim.stopped_by_budget
+    lim.on_trial_result("a", {"device_hours": 0.02})
+    lim.on_trial_complete("a", error=True)        # failed: charged what it measured
+    assert lim.committed_hours == pytest.approx(0.05 + 0.02 + 0.1)
+    assert lim.suggest("d") == {"x": 1}           # 0.17 + 0.1 <= 0.3
+    lim.on_trial_complete("b", {"device_hours": 0.09})
+    lim.on_trial_complete("d", {"device_hours": 0.1})
+    assert lim.suggest("e") == "FINISHED"         # nothing running and no room left
+    assert inner.completed == ["a", "b", "d"]
+
+
+# --- fake searches through real Ray and Optuna ---------------------------------------------
+def test_fake_search_end_to_end(tmp_path: Path) -> None:
+    space = write_space(tmp_path, trials=5, concurrency=2)
+    run_dir = run_search(space, name="e2e", runs_dir=tmp_path / "runs", live=False, trial_fn=FAST)
+    run = RunDir(run_dir)
+    meta = run.read_meta()
+    assert meta["study_name"].startswith("e2e-") and meta["trials_requested"] == 5
+    assert meta["stopped_by_budget"] is False and meta["storage"].startswith("sqlite:///")
+    assert SearchSpace.load(run.space).trials == 5           # the saved space reloads
+    study = study_of(run_dir)
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 5
+    # The references ran first, and the study, Tune and the records join on the Tune trial id.
+    assert [t.user_attrs.get("reference") for t in study.trials[:3]] == [
+        "sft_only", "rl_only", "heuristic"]
+    records = {r.key: r for r in run.records()}
+    for t in study.trials:
+        rec = records[t.user_attrs["tune_trial_id"]]
+        assert rec.status == "COMPLETE" and rec.params == t.params
+        assert [rec.objectives["id_accuracy"], rec.objectives["ood_accuracy"]] == t.values
+        assert rec.versions["optuna"] == optuna.__version__
+        assert len(run.curves(rec.key)) == 2
+    assert (run_dir / "tune").is_dir()
+
+
+def test_search_budget_stops_new_trials_and_is_recorded(tmp_path: Path) -> None:
+    # per-trial budget 0.012 h; 0.03 h leaves room for two trials, not a third.
+    space = write_space(tmp_path, trials=6, concurrency=1, references=False)
+    run_dir = run_search(space, name="budget", runs_dir=tmp_path / "runs", budget_hours=0.03,
+                         live=False, trial_fn=FAST)
+    meta = RunDir(run_dir).read_meta()
+    assert meta["stopped_by_budget"] is True and meta["search_budget_hours"] == 0.03
+    study = study_of(run_dir)
+    assert len(study.trials) == 2
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+
+# --- the real thing ------------------------------------------------------------------------
+def _pipeline_ready() -> bool:
+    try:
+        from stagebudget.pipeline import run_schedule  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _pipeline_ready(), reason="stagebudget.pipeline.run_schedule not there yet")
+def test_real_small_search_end_to_end(tmp_path: Path) -> None:
+    data = yaml.safe_load(DEMO.read_text())
+    data.update(base_model="builtin:test", trials=2, concurrency=2, references=False,
+                tasks={"source": "builtin", "n_train": 200, "n_id_test": 20, "n_ood_test": 20},
+                budget={"per_trial_hours": 0.003})
+    data["stages"]["sft"]["eval_interval"] = 10
+    data["stages"]["rl"]["eval_interval"] = 10
+    space = tmp_path / "real.yaml"
+    space.write_text(yaml.safe_dump(data))
+    run_dir = run_search(space, name="real", runs_dir=tmp_path / "runs", live=False)
+    study = study_of(run_dir)
+    assert len(study.trials) == 2
+    for rec in RunDir(run_dir).records():
+        assert rec.status == "COMPLETE", rec.error
+        assert 0.0 <= rec.objectives["id_accuracy"] <= 1.0
+        assert rec.ledger
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert json.loads((run_dir / "run.json").read_text())["stopped_by_budget"] is False

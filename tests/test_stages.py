@@ -1,0 +1,195 @@
+"""Each stage on a tiny model: it trains, respects its LoRA rank, merges, and the ledger stops it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from stagebudget.ledger import BudgetClock
+from stagebudget.schedule import StageSpec
+from stagebudget.stages import STAGES, StageContext, lora_config, merge, register_stage
+from stagebudget.tasks import Example
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Other processes share the cores; one thread avoids oversubscription (as Ray trials do).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@dataclass
+class ToySuite:
+    """A tiny suite whose RL reward always varies within a group (so GRPO has a gradient)."""
+
+    train: list[Example] = field(default_factory=lambda: [
+        Example(f"rc:{s}=", s[::-1], "toy", "train")
+        for s in ("ACGT", "GGCA", "TTAC", "CAGT", "ATTA", "GCGC", "TAGC", "CCAT")
+    ])
+    id_test: list[Example] = field(default_factory=list)
+    ood_test: list[Example] = field(default_factory=list)
+
+    def score(self, example: Example, prediction: str) -> float:
+        return float(prediction.strip() == example.answer)
+
+    def reward(self, example: Example, completion: str) -> float:
+        return len(completion.strip()) / 12.0
+
+
+class Spy:
+    """A TrainerCallback that records the model TRL trains, as seen at the start of training."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Spy(TrainerCallback):
+            def __init__(self) -> None:
+                self.lora_shapes: dict[str, tuple[int, ...]] = {}
+                self.trainable: tuple[int, int] = (0, 0)
+                self.peft = False
+
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                from peft import PeftModel
+
+                self.peft = isinstance(model, PeftModel)
+                params = list(model.named_parameters())
+                self.trainable = (sum(p.requires_grad for _, p in params), len(params))
+                self.lora_shapes = {n: tuple(p.shape) for n, p in params if "lora_" in n}
+
+        return _Spy()
+
+
+def _context(model, tokenizer, suite, spec, evals=None):
+    clock = BudgetClock(None)
+    clock.begin_stage(spec.kind, 0, planned_steps=spec.steps, planned_seconds=0.0)
+    spy = Spy()
+    ctx = StageContext(
+        model=model, tokenizer=tokenizer, suite=suite, spec=spec, stage_index=0, clock=clock,
+        evaluate=lambda m, step: (evals.append(step) if evals is not None else None) or {},
+        seed=0, extra_callbacks=[spy],
+    )
+    return ctx, spy
+
+
+def _spec(kind: str, rank: int, steps: int = 3) -> StageSpec:
+    if kind == "rl":
+        return StageSpec(kind="rl", steps=steps, lora_rank=rank, batch_size=4, num_generations=4,
+                         max_completion_length=6, learning_rate=1e-2, eval_interval=2)
+    return StageSpec(kind=kind, steps=steps, lora_rank=rank, batch_size=8, learning_rate=1e-2,
+                     eval_interval=2)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def loaded(tiny_base):
+    from stagebudget.basemodel import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(tiny_base)
+
+
+@pytest.mark.parametrize("kind", ["cpt", "sft", "rl"])
+@pytest.mark.parametrize("rank", [0, 4])
+def test_stage_trains_and_merges(loaded, kind, rank):
+    model, tokenizer = loaded
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    evals: list[int] = []
+    ctx, spy = _context(model, tokenizer, ToySuite(), _spec(kind, rank), evals)
+
+    out = STAGES[kind](ctx)
+
+    assert out.steps_done == 3
+    assert evals == [2]  # every eval_interval steps; step 0 and the end are the pipeline's
+    assert type(out.model).__name__ == "LlamaForCausalLM"
+    assert not any("lora_" in n for n, _ in out.model.named_modules())
+    after = dict(out.model.named_parameters())
+    assert set(after) == set(before)
+    changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
+    if rank == 0:
+        assert not spy.peft
+        assert spy.trainable[0] == spy.trainable[1]  # full fine-tuning trains every tensor
+        assert len(changed) == len(before)
+    else:
+        assert spy.peft and spy.lora_shapes
+        for name, shape in spy.lora_shapes.items():
+            assert (shape[0] if "lora_A" in name else shape[1]) == rank, name
+        # every linear projection of every layer carries an adapter; the head does not
+        assert not any("lm_head" in n for n in spy.lora_shapes)
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            assert any(f"{proj}.lora_A" in n for n in spy.lora_shapes), proj
+        assert changed and all("proj" in n for n in changed)  # merged: base projections moved
+    assert len([r for r in ctx.logs if "loss" in r]) == 3
+    if kind == "rl":
+        assert len(out.metrics["reward_per_step"]) == 3
+        assert out.metrics["reward_first"] is not None
+    else:
+        assert out.metrics["train_loss"] is not None
+
+
+def test_lora_config_is_built_in_one_place():
+    assert lora_config(StageSpec(kind="sft", steps=1, lora_rank=0)) is None
+    cfg = lora_config(StageSpec(kind="rl", steps=1, lora_rank=16))
+    assert cfg.r == 16 and cfg.lora_alpha == 32 and cfg.target_modules == "all-linear"
+    cfg = lora_config(StageSpec(kind="sft", steps=1, lora_rank=8, lora_alpha=4))
+    assert cfg.lora_alpha == 4
+
+
+def test_merge_passes_plain_models_through(loaded):
+    model, _ = loaded
+    assert merge(model) is model
+
+
+def test_register_stage_replaces_and_restores():
+    original = STAGES["cpt"]
+    try:
+        @register_stage("cpt")
+        def fake(ctx):
+            return None
+
+        assert STAGES["cpt"] is fake
+    finally:
+        STAGES["cpt"] = original
+
+
+def test_budget_callback_stops_before_an_overrunning_step(loaded):
+    model, tokenizer = loaded
+    spec = _spec("sft", 4, steps=10_000)
+    ctx, _ = _context(model, tokenizer, ToySuite(), spec)
+    ctx.clock.budget_seconds = 1.5
+    out = STAGES["sft"](ctx)
+    entry = ctx.clock.current
+    assert 1 <= out.steps_done < 10_000
+    assert entry.stopped_at_budget
+    assert ctx.clock.train_seconds() <= 1.5 + entry.max_step_seconds
+
+
+def test_clock_charges_training_and_evaluation_apart():
+    now = [0.0]
+    clock = BudgetClock(10.0, timer=lambda: now[0])
+    clock.begin_stage("sft", 0, planned_steps=5, planned_seconds=5.0)
+    with clock.training():
+        now[0] += 3.0
+        with clock.evaluating():
+            now[0] += 100.0
+        now[0] += 4.0
+    assert clock.train_seconds() == 7.0
+    assert clock.current.eval_seconds == 100.0
+    assert clock.fits(3.0) and not clock.fits(3.5)
+    with clock.training():
+        now[0] += 5.0
+    assert clock.overrun_seconds() == 2.0 and clock.exhausted()
+    ledger = clock.ledger()
+    assert ledger["train_seconds"] == 12.0 and ledger["overrun_seconds"] == 2.0
+
+
+def test_gpu_seconds_count_devices_held():
+    now = [0.0]
+    clock = BudgetClock(None, device="cuda", gpus=2, timer=lambda: now[0])
+    clock.begin_stage("rl", 0, planned_steps=1, planned_seconds=1.0)
+    with clock.training():
+        now[0] += 1.5
+    assert clock.train_seconds() == 3.0
+    with pytest.raises(ValueError, match="budget_seconds"):
+        BudgetClock(0.0)

@@ -1,0 +1,114 @@
+"""Reading a run (study joined with records) and the ``status`` tables, mid-run included."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from fake_run import FRONT, FakeTrial, make_fake_run
+from stagebudget.errors import RunError
+from stagebudget.runs import Run, ledger_hours, load_run, params_key
+from stagebudget.status import front_table, render_status
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return load_run(make_fake_run(tmp_path_factory.mktemp("runs") / "fake", orphan=True))
+
+
+def rendered(run: Run, width: int = 200) -> str:
+    console = Console(record=True, width=width, color_system=None)
+    render_status(run, console)
+    return console.export_text()
+
+
+def test_trials_join_records_by_params_in_order(run: Run) -> None:
+    views = run.trials()
+    numbered = [v for v in views if v.number is not None]
+    assert [v.number for v in numbered] == list(range(11))
+    assert [v.record.key for v in numbered] == [f"fake_{i:05d}" for i in range(11)]
+    by = {v.number: v for v in numbered}
+    assert by[6].state == "FAILED" and by[6].error.startswith("RuntimeError")
+    assert by[7].state == "RUNNING" and by[7].values == {}
+    assert by[2].reference == "heuristic" and by[2].sft_share == 0.25
+    assert by[0].sft_share == 1.0 and by[1].sft_share == 0.0
+    assert by[3].stage_shares == {"sft": 0.5, "rl": 0.5}
+    assert by[3].label == "sft 40@r8 -> rl 20@r16"
+    assert by[8].values == {"id_accuracy": 0.92, "ood_accuracy": 0.40}
+    assert len(by[7].curves()) == 3  # a running trial shows what it has measured so far
+    orphan = [v for v in views if v.number is None]
+    assert [v.record.key for v in orphan] == ["orphan"]
+
+
+def test_front_of_a_half_finished_run(run: Run) -> None:
+    front = run.front()
+    assert front.front == FRONT and front.knee == 3
+    assert front.references == {"sft_only": 0, "rl_only": 1, "heuristic": 2}
+    assert front.hypervolume == pytest.approx(0.53)
+    assert front.counts["COMPLETE"] == 9 and front.counts["FAILED"] == 1
+    assert set(front.curves) == set(FRONT)
+    assert front.curves[3].boundaries[0][1] == "sft → rl"
+
+
+def test_params_key_and_ledger() -> None:
+    assert params_key({"a": 32, "b": 0.1 + 0.2}) == params_key({"b": 0.3, "a": 32.0})
+    assert ledger_hours({"device_seconds": 7200}) == 2.0
+    assert ledger_hours({"stages": {"sft": {"device_seconds": 1800}}}) == 0.5
+    assert ledger_hours({}) is None
+
+
+def test_status_table(run: Run) -> None:
+    text = rendered(run)
+    assert "9 complete, 2 running, 1 failed" in text
+    assert "budget 0.012 device-hours per trial" in text
+    assert "sft 40@r8 -> rl 20@r16" in text and "✓ knee" in text
+    assert "RuntimeError: CUDA out of memory" in text and "Traceback" not in text
+    assert "Pareto front (4 of 9 completed)" in text
+    assert "hypervolume 0.5300 (reference point 0, 0); knee: trial 3" in text
+    assert "heuristic" in text
+    assert rendered(run, width=90)  # narrow terminals still render
+
+
+def test_front_table_three_objectives(tmp_path: Path) -> None:
+    run = load_run(make_fake_run(tmp_path / "r3", device_hours=True))
+    console = Console(record=True, width=160, color_system=None)
+    console.print(front_table(run.front(curves=False)))
+    text = console.export_text()
+    assert "device_hours ↓" in text and "id_accuracy ↑" in text
+
+
+def test_status_before_any_trial_completes(tmp_path: Path) -> None:
+    run = load_run(make_fake_run(tmp_path / "r", trials=(FakeTrial(0.5, 8, 4, state="RUNNING"),)))
+    text = rendered(run)
+    assert "0 complete, 1 running" in text and "no completed trial yet" in text
+
+
+def test_moved_run_directory_finds_its_study(tmp_path: Path) -> None:
+    make_fake_run(tmp_path / "a")
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    assert load_run(tmp_path / "b").front(curves=False).front == FRONT
+
+
+def test_load_run_errors(tmp_path: Path) -> None:
+    with pytest.raises(RunError, match="no such run directory"):
+        load_run(tmp_path / "nope")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(RunError, match="not a stagebudget run directory"):
+        load_run(tmp_path / "plain")
+    root = make_fake_run(tmp_path / "r")
+    meta = json.loads((root / "run.json").read_text())
+    (root / "run.json").write_text(json.dumps({**meta, "study_name": "other"}))
+    with pytest.raises(RunError, match=r"study 'other' .* studies there: 'fake-study'"):
+        load_run(root)
+    (root / "run.json").write_text(json.dumps({**meta, "objectives": meta["objectives"][:1]}))
+    with pytest.raises(RunError, match="lists 1 objectives but the study"):
+        load_run(root)
+    (root / "study.db").unlink()
+    (root / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(RunError, match="does not exist"):
+        load_run(root)
+    assert not (root / "study.db").exists()  # never created empty
