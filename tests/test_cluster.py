@@ -37,7 +37,8 @@ def _free_port() -> int:
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "w") as out:
         return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=os.environ.copy())
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -57,7 +58,7 @@ def _wait_for_nodes(address: str, n: int, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         out = subprocess.run([RAY, "status", "--address", address], capture_output=True,
-                             text=True).stdout
+                             text=True, env=os.environ.copy()).stdout
         if out.count("node_") >= n:
             return
         time.sleep(1)
@@ -65,7 +66,11 @@ def _wait_for_nodes(address: str, n: int, timeout: float = 90) -> None:
 
 
 @pytest.mark.slow
-def test_search_on_a_two_node_cluster(tmp_path: Path) -> None:
+def test_search_on_a_two_node_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray 2.60 turns token auth on for a head when ~/.ray/auth_token exists, but `ray start
+    # --address` and `ray status` then stay "disabled" and are refused: one explicit mode for
+    # every process (this driver included; a local ray.init() sets "token" in os.environ too).
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     port = _free_port()
     address = f"127.0.0.1:{port}"
     head = _start(["--head", f"--port={port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",

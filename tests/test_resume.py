@@ -81,6 +81,7 @@ def test_killed_search_resumes_without_losing_or_repeating(tmp_path: Path) -> No
     assert len(states) == TRIALS                       # exactly what was asked, no more
     assert all(s in (State.COMPLETE, State.FAIL) for s in states)
     records = {r.key: r for r in run.records()}
+    assert not study.get_trials(states=(State.RUNNING, State.WAITING))
     for key, rec in before.items():                    # finished trials kept, not re-run
         assert records[key].status == "COMPLETE" and records[key].started == rec.started
         assert records[key].attempt == 1
@@ -90,8 +91,12 @@ def test_killed_search_resumes_without_losing_or_repeating(tmp_path: Path) -> No
     by_tune_id = {t.user_attrs.get("tune_trial_id"): t for t in study.trials}
     for key, rec in records.items():
         assert (by_tune_id[key].state == State.COMPLETE) == (rec.status == "COMPLETE")
-    refs = [t.user_attrs["reference"] for t in study.trials if "reference" in t.user_attrs]
-    assert sorted(refs) == ["heuristic", "rl_only", "sft_only"]   # each run once
+    # References are enqueued once (fixed_params), never again on resume; a sampler may still
+    # propose the same params itself, which is not a re-enqueue.
+    enqueued = [t.system_attrs["fixed_params"] for t in study.trials
+                if "fixed_params" in t.system_attrs]
+    assert len(enqueued) == 3
+    assert len({json.dumps(p, sort_keys=True) for p in enqueued}) == 3
     assert json.loads((run.root / "run.json").read_text())["trials_requested"] == TRIALS
 
 
@@ -106,3 +111,25 @@ def test_resume_of_a_finished_search_runs_nothing(tmp_path: Path) -> None:
     run_search(space, name="done", runs_dir=tmp_path / "runs", resume=True, live=False,
                trial_fn="stagebudget.no_such_module:fn")
     assert len(RunDir(run_dir).records()) == 1
+
+
+def test_mark_interrupted_keeps_finished_work_and_fails_the_rest(tmp_path: Path) -> None:
+    from stagebudget.records import TrialRecord
+    from stagebudget.search import mark_interrupted
+
+    study = optuna.create_study(directions=["maximize", "maximize"],
+                                storage=f"sqlite:///{tmp_path / 's.db'}")
+    run = RunDir(tmp_path / "run")
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    done_unsaid, cut = study.ask(dist), study.ask(dist)   # both RUNNING when the driver died
+    for trial, key in ((done_unsaid, "a"), (cut, "b")):
+        trial.set_user_attr("tune_trial_id", key)
+    run.write_record(TrialRecord(key="a", params={}, schedule={}, status="COMPLETE",
+                                 objectives={"id_accuracy": 0.7, "ood_accuracy": 0.4}))
+    run.write_record(TrialRecord(key="b", params={}, schedule={}, status="RUNNING"))
+    assert mark_interrupted(study, run, ["id_accuracy", "ood_accuracy"]) == 2
+    a, b = study.trials
+    assert a.state == State.COMPLETE and a.values == [0.7, 0.4]
+    assert b.state == State.FAIL and b.user_attrs["error"] == "interrupted"
+    records = {r.key: r for r in run.records()}
+    assert records["b"].status == "FAILED" and records["b"].error == "interrupted"

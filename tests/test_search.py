@@ -39,7 +39,7 @@ def write_space(tmp_path: Path, **changes: object) -> Path:
 
 def study_of(run_dir: Path) -> optuna.Study:
     meta = RunDir(run_dir).read_meta()
-    return optuna.load_study(study_name=meta["study_name"], storage=meta["storage"])
+    return optuna.load_study(study_name=meta["study_name"], storage=open_storage(meta["storage"]))
 
 
 # --- validation before compute ------------------------------------------------------------
@@ -60,7 +60,7 @@ def test_gpu_request_without_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_existing_run_dir_needs_resume_and_missing_one_cannot_resume(tmp_path: Path) -> None:
     (tmp_path / "runs" / "demo").mkdir(parents=True)
-    with pytest.raises(UserError, match="--resume.*--name"):
+    with pytest.raises(UserError, match=r"--resume.*--name"):
         run_search(DEMO, runs_dir=tmp_path / "runs", live=False, trial_fn=FAST)
     with pytest.raises(UserError, match="does not exist"):
         run_search(DEMO, name="nope", runs_dir=tmp_path / "runs", resume=True, live=False)
@@ -92,7 +92,7 @@ def test_sampler_options_pass_through_and_unknown_ones_are_config_errors() -> No
                                             "options": {"population_size": 6}})
     assert make_sampler(space, 8)._population_size == 6
     bad = SearchSpace.load(DEMO, sampler={"name": "random", "options": {"colour": 1}})
-    with pytest.raises(UserError, match="sampler.options"):
+    with pytest.raises(UserError, match=r"sampler\.options"):
         make_sampler(bad, 8)
 
 
@@ -171,11 +171,13 @@ def test_fake_search_end_to_end(tmp_path: Path) -> None:
 
 def test_search_budget_stops_new_trials_and_is_recorded(tmp_path: Path) -> None:
     # per-trial budget 0.012 h; 0.03 h leaves room for two trials, not a third.
+    # (Also the journal-file storage path, end to end.)
     space = write_space(tmp_path, trials=6, concurrency=1, references=False)
     run_dir = run_search(space, name="budget", runs_dir=tmp_path / "runs", budget_hours=0.03,
-                         live=False, trial_fn=FAST)
+                         storage=str(tmp_path / "journal.log"), live=False, trial_fn=FAST)
     meta = RunDir(run_dir).read_meta()
     assert meta["stopped_by_budget"] is True and meta["search_budget_hours"] == 0.03
+    assert meta["storage"] == str(tmp_path / "journal.log")
     study = study_of(run_dir)
     assert len(study.trials) == 2
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
@@ -210,3 +212,25 @@ def test_real_small_search_end_to_end(tmp_path: Path) -> None:
         assert rec.ledger
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert json.loads((run_dir / "run.json").read_text())["stopped_by_budget"] is False
+
+
+def test_live_stats_and_front_table_read_the_study() -> None:
+    from rich.console import Console
+
+    from stagebudget.live import collect_stats, front_table, render_stats
+
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    for values in ([0.9, 0.3], [0.3, 0.8], [0.5, 0.5], [0.4, 0.4]):
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        study.tell(trial, values)
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    stats = collect_stats(study, ["id_accuracy", "ood_accuracy"], requested=8, running=1,
+                          spent_hours=0.02, budget_hours=0.1)
+    assert (stats.done, stats.failed, stats.running, stats.front_size) == (5, 1, 1, 3)
+    assert (stats.best_id, stats.best_ood) == (0.9, 0.8)
+    assert "5/8 done, 1 running, 1 failed" in stats.line()
+    console = Console(width=120, record=True)
+    console.print(render_stats(stats))
+    console.print(front_table(study, ["id_accuracy", "ood_accuracy"]))
+    text = console.export_text()
+    assert "0.02 of 0.1" in text and text.count("0.900") == 2  # best ID row + front row

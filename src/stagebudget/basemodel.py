@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-CODE_VERSION = "base-v1"
+CODE_VERSION = "base-v2"
 COMPLETE_MARKER = "COMPLETE"
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 CHARS = "".join(chr(c) for c in range(32, 127))  # printable ASCII covers every suite char
@@ -28,7 +28,7 @@ MAX_LEN = 128  # position budget: prompt + answer (<= 64 chars) + generation sla
 # per size: model shape and pre-training recipe
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-             "intermediate_size": 384, "steps": 700, "lr": 2e-3, "batch": 64,
+             "intermediate_size": 384, "steps": 1200, "lr": 2e-3, "batch": 64,
              "corpus": 30000},
     "test": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
              "intermediate_size": 64, "steps": 30, "lr": 3e-3, "batch": 32, "corpus": 2000},
@@ -225,7 +225,7 @@ def load_model_and_tokenizer(path: Path, device: str = "cpu",
     """Load a causal LM (safetensors only) and its tokenizer from a local directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         str(path), use_safetensors=True, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:

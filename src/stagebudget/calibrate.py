@@ -32,8 +32,8 @@ def calibration_spec(kind: str, rank: int, steps: int) -> StageSpec:
         return StageSpec(kind="rl", steps=steps, lora_rank=rank, batch_size=RL_PROMPTS,
                          num_generations=RL_GENERATIONS, max_completion_length=RL_COMPLETION,
                          learning_rate=1e-3, eval_interval=steps + 1)
-    return StageSpec(kind=kind, steps=steps, lora_rank=rank, batch_size=SFT_BATCH,
-                     eval_interval=steps + 1)  # type: ignore[arg-type]
+    return StageSpec(kind=kind, steps=steps, lora_rank=rank,  # type: ignore[arg-type]
+                     batch_size=SFT_BATCH, eval_interval=steps + 1)
 
 
 def _step_timer() -> Any:

@@ -23,7 +23,7 @@ from typing import Any
 from stagebudget import __version__
 from stagebudget.errors import UserError
 from stagebudget.fileio import atomic_write_yaml
-from stagebudget.records import DEVICE_HOURS, RunDir, TrialRecord
+from stagebudget.records import DEVICE_HOURS, RunDir
 from stagebudget.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Pat
         _summarise(plan, live)
         return plan.run.root
     if trial_fn is None:
-        _prepare_base_model(plan.space)
+        _prepare_base_model(plan.space, plan.meta["space_file"])
     stopped = _execute(plan, address=address, live=live, trial_fn=trial_fn)
     plan.meta.update(stopped_by_budget=stopped, finished=time.time())
     plan.run.write_meta(_without_tool(plan.meta))
@@ -135,6 +135,9 @@ def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int
         raise UserError(f"run directory {run.root} already exists; continue it with --resume, "
                         "or start a new run with --name NEW_NAME")
     url = storage or default_storage_url(run)
+    if "://" not in url:  # a journal file: absolute, so resume works from any directory
+        prefix = "journal:" if url.startswith("journal:") else ""
+        url = prefix + str(Path(url.removeprefix("journal:")).resolve())
     run.root.mkdir(parents=True)
     try:
         store = open_storage(url)
@@ -172,7 +175,7 @@ def _plan_resume(space_path: Path, *, name: str | None, runs_dir: Path, trials: 
                         budget_hours or meta.get("search_budget_hours"), address)
     store = open_storage(meta["storage"])
     study = _load_study(store, meta["study_name"])
-    finished = mark_interrupted(study, run)
+    finished = mark_interrupted(study, run, [o.name for o in space.objectives])
     meta.update(trials_requested=space.trials, search_budget_hours=space.budget.search_hours,
                 resumed=[*meta.get("resumed", []), time.time()])
     run.write_meta(meta)
@@ -208,18 +211,29 @@ def _same_params(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return reference_name(b, [("x", a)]) is not None
 
 
-def mark_interrupted(study: Any, run: RunDir) -> int:
-    """Mark trials a killed driver left RUNNING as FAIL (study) / FAILED (records).
+def mark_interrupted(study: Any, run: RunDir, objectives: list[str]) -> int:
+    """Settle what a killed driver left RUNNING; return the finished trials (COMPLETE, FAIL,
+    PRUNED) in the study afterwards.
 
-    Returns the number of finished trials (COMPLETE, FAIL or PRUNED) in the study afterwards.
+    A trial whose record is COMPLETE finished before the driver died but was never told to the
+    study: it is told now with the record's objectives (kept, not re-run). Any other RUNNING
+    study trial becomes FAIL, and RUNNING records become FAILED with error "interrupted".
     """
     from optuna.trial import TrialState
 
+    from stagebudget.tune_adapter import TUNE_ID_ATTR
+
     storage = study._storage
+    records = {r.key: r for r in run.records()}
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        rec = records.get(t.user_attrs.get(TUNE_ID_ATTR, ""))
+        if rec and rec.status == "COMPLETE" and all(o in rec.objectives for o in objectives):
+            values = [float(rec.objectives[o]) for o in objectives]
+            storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, values)
+            continue
         storage.set_trial_user_attr(t._trial_id, "error", "interrupted")  # before: FAIL is final
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    for record in run.records():
+    for record in records.values():
         if record.status == "RUNNING":
             record.status, record.error, record.finished = "FAILED", "interrupted", time.time()
             run.write_record(record)
@@ -227,13 +241,13 @@ def mark_interrupted(study: Any, run: RunDir) -> int:
     return len(study.get_trials(deepcopy=False, states=done))
 
 
-def _prepare_base_model(space: SearchSpace) -> None:
+def _prepare_base_model(space: SearchSpace, space_file: str) -> None:
     """Build/resolve the base model once, before trials run concurrently."""
     try:
         from stagebudget.basemodel import resolve_base_model
     except ImportError:
         return
-    base_dir = Path(space._source).parent if space._source else None
+    base_dir = Path(space_file).parent
     try:
         resolve_base_model(space.base_model, base_dir=base_dir)
     except ValueError as exc:
@@ -274,7 +288,7 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
     cost = space.cost_model(device)
     trainable = tune.with_parameters(
         trial_trainable, space=space, run_dir=str(plan.run.root.resolve()), trial_fn=trial_fn,
-        cost=cost, device=device)
+        cost=cost, device=device, base_dir=str(Path(plan.meta["space_file"]).parent))
     display = LiveDisplay() if live else Display()
     holder: dict[str, Any] = {}
     callback = ProgressCallback(display, lambda running: _stats(plan, holder, running))
@@ -321,7 +335,3 @@ def _summarise(plan: SearchPlan, live: bool) -> None:
     study = _load_study(plan.storage, plan.meta["study_name"])
     Console(highlight=False).print(front_table(study, [o.name for o in plan.space.objectives]))
 
-
-def load_records(run_dir: Path) -> list[TrialRecord]:
-    """The trial records of a run (convenience for callers and tests)."""
-    return RunDir(Path(run_dir)).records()

@@ -82,11 +82,12 @@ def _start_record(run: RunDir, key: str, params: dict[str, Any], schedule: dict[
 
 def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
                     trial_fn: TrialFn | str | None, cost: Any, device: str,
-                    cache_dir: str | None = None) -> None:
+                    cache_dir: str | None = None, base_dir: str | None = None) -> None:
     """Train and measure one schedule (a Ray Tune function trainable).
 
     ``config`` is the sampled params (``{"sft.share": 0.25, ...}``); the rest comes from
-    ``tune.with_parameters``.
+    ``tune.with_parameters``. ``base_dir`` resolves a relative ``base_model`` path (the
+    directory of the original space file).
     """
     from ray import tune
 
@@ -102,7 +103,8 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     reporter = _Reporter(tune.report)
     try:
         result = fn(schedule, out_dir=run.trial_dir(key), report=reporter, device=device,
-                    cost=cost, cache_dir=cache_dir)
+                    cost=cost, cache_dir=Path(cache_dir) if cache_dir else None,
+                    base_dir=Path(base_dir) if base_dir else None)
         objectives = {k: float(v) for k, v in result.objectives().items()}
     except Exception as exc:
         record.status, record.finished = "FAILED", time.time()

@@ -172,14 +172,14 @@ class BudgetLimiter(Searcher):
     def committed_hours(self) -> float:
         return self.spent_hours + sum(self.running.values())
 
-    def suggest(self, trial_id: str) -> dict | str | None:
+    def suggest(self, trial_id: str) -> dict | None:  # or Searcher.FINISHED (a str)
         if self.budget_hours is not None and (
                 self.committed_hours + self.per_trial_hours > self.budget_hours + 1e-12):
             if not self.stopped_by_budget:
                 log.info("search budget reached: %.4f of %.4f device-hours committed",
                          self.committed_hours, self.budget_hours)
             self.stopped_by_budget = True
-            return Searcher.FINISHED if not self.running else None
+            return Searcher.FINISHED if not self.running else None  # type: ignore[return-value]
         config = self.searcher.suggest(trial_id)
         if isinstance(config, dict):
             try:
@@ -285,8 +285,11 @@ def build_tuner(trainable: Callable[..., Any], space: SearchSpace, *, run_dir: P
     res = space.resources_per_trial
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": res.cpu, "gpu": res.gpu}),
+        # Concurrency is limited inside (max_concurrent_trials would wrap the budget limiter in a
+        # second ConcurrencyLimiter). reuse_actors works with function trainables: one worker
+        # process runs trial after trial, saving ~6 s of imports per real trial.
         tune_config=tune.TuneConfig(search_alg=budget, num_samples=num_samples,
-                                    reuse_actors=True, max_concurrent_trials=concurrency),
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name=TUNE_DIR_NAME, storage_path=str(Path(run_dir).resolve()),
             failure_config=tune.FailureConfig(max_failures=space.max_retries),

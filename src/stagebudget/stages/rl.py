@@ -35,7 +35,7 @@ def rl_dataset(ctx: StageContext) -> Any:
     return Dataset.from_list(rows)
 
 
-def suite_reward(suite: Any) -> Callable[..., list[float]]:
+def suite_reward(suite: Any) -> Callable[..., list[float | None]]:
     """A TRL reward function wrapping ``suite.reward`` (correctness + small format term).
 
     TRL 1.16 calls it as ``f(prompts=, completions=, completion_ids=, answer=[...], task=[...],
@@ -44,7 +44,7 @@ def suite_reward(suite: Any) -> Callable[..., list[float]]:
     from stagebudget.tasks import Example
 
     def reward(prompts: list[str], completions: list[str], answer: list[str], task: list[str],
-               **_: Any) -> list[float]:
+               **_: Any) -> list[float | None]:
         return [
             float(suite.reward(Example(p, a, t, "train"), c))
             for p, c, a, t in zip(prompts, completions, answer, task, strict=True)

@@ -276,12 +276,12 @@ RAW_SOURCES = ("ecoli_genome", "cdip_genome", "hgc_genome", "ecoli_cds", "myco_c
 def pretrain_corpus(seed: int = 0, n: int = 30000) -> list[str]:
     """Texts for base pre-training (and cpt): raw sequence chunks and task examples.
 
-    About 25% raw 16-60 char chunks of real DNA and protein, 60% default-task examples
-    and 15% other built-in tasks, each task under ALL its variants (ID and OOD rules),
+    About 10% raw 16-60 char chunks of real DNA and protein, 80% default-task examples
+    and 10% other built-in tasks, each task under ALL its variants (ID and OOD rules),
     drawn from the train pool only, as ``prompt + answer`` strings.
     """
     rng = random.Random(f"{seed}:pretrain")
-    n_raw, n_default = n // 4, int(n * 0.6)
+    n_raw, n_default = n // 10, int(n * 0.8)
     texts = [_raw_chunk(rng) for _ in range(n_raw)]
     others = [t for t in BUILTIN_TASKS if t not in DEFAULT_TASKS]
     for count, pool_names in ((n_default, DEFAULT_TASKS), (n - n_raw - n_default, others)):

@@ -1,0 +1,144 @@
+"""run_schedule end to end on the test-sized model: records, curves, repeatability, budget, NaN."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from stagebudget.cost import CostModel, ModelShape
+from stagebudget.pipeline import TrainingDiverged, TrialResult, run_schedule
+from stagebudget.schedule import Schedule, StageSpec, TasksRef
+
+TASKS = TasksRef(n_train=64, n_id_test=8, n_ood_test=8)
+COST = CostModel.analytic(ModelShape.builtin("test"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _schedule(tiny_base, **kw) -> Schedule:
+    stages = kw.pop("stages", (
+        StageSpec(kind="cpt", steps=2, lora_rank=0, batch_size=8, eval_interval=5),
+        StageSpec(kind="sft", steps=4, lora_rank=4, batch_size=8, eval_interval=2,
+                  learning_rate=1e-2),
+        StageSpec(kind="rl", steps=3, lora_rank=4, batch_size=4, num_generations=4,
+                  max_completion_length=8, eval_interval=2, learning_rate=1e-2),
+    ))
+    return Schedule(base_model=str(tiny_base), tasks=TASKS, stages=stages, **kw)
+
+
+def _run(schedule, out_dir, **kw) -> tuple[TrialResult, list[dict]]:
+    reported: list[dict] = []
+    result = run_schedule(schedule, out_dir, report=reported.append, device="cpu", cost=COST,
+                          **kw)
+    return result, reported
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_base, tmp_path_factory):
+    """The same three-stage schedule trained twice with the same seed."""
+    torch.set_num_threads(1)
+    schedule = _schedule(tiny_base, seed=3)
+    first = _run(schedule, tmp_path_factory.mktemp("run_a"), save_model=True)
+    second = _run(schedule, tmp_path_factory.mktemp("run_b"))
+    return schedule, first, second, tmp_path_factory
+
+
+@pytest.mark.slow
+def test_schedule_writes_records_and_curves(two_runs, tmp_path_factory):
+    schedule, (result, reported), _, _ = two_runs
+    out = next(p for p in tmp_path_factory.getbasetemp().glob("run_a*"))
+    for name in ("schedule.yaml", "curves.jsonl", "ledger.json", "metrics.json"):
+        assert (out / name).is_file(), name
+    assert Schedule.load(out / "schedule.yaml") == schedule
+    rows = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
+    assert rows == result.curves == reported
+    points = [(r["stage"], r["step"]) for r in rows]
+    assert points == [("cpt", 0), ("cpt", 2),
+                      ("sft", 0), ("sft", 2), ("sft", 4),
+                      ("rl", 0), ("rl", 2), ("rl", 3)]
+    assert [r["global_step"] for r in rows] == [0, 2, 2, 4, 6, 6, 8, 9]
+    # the first point of a stage is the last one of the previous stage, reused
+    for prev, row in itertools.pairwise(rows):
+        if row["step"] == 0:
+            assert (row["id_accuracy"], row["ood_accuracy"]) == (
+                prev["id_accuracy"], prev["ood_accuracy"])
+        assert row["device_seconds"] >= prev["device_seconds"]
+    assert rows[0]["train_loss"] is None and rows[1]["train_loss"] is not None
+    assert rows[5]["reward"] is None and rows[-1]["reward"] is not None
+
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert [s["steps_done"] for s in ledger["stages"]] == [2, 4, 3]
+    assert ledger["eval_seconds"] > 0 and ledger["train_seconds"] > 0
+    assert not ledger["stopped_at_budget"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["objectives"] == result.objectives()
+    assert set(result.objectives()) == {"id_accuracy", "ood_accuracy", "device_hours"}
+    assert result.device_hours == pytest.approx(ledger["train_seconds"] / 3600)
+    assert result.planned_device_hours == pytest.approx(COST.schedule_seconds(schedule) / 3600)
+    rl = metrics["stages"][2]
+    assert {"reward_first", "reward_last", "measured_over_planned"} <= set(rl)
+    assert (out / "model" / "config.json").is_file()
+    assert not any("lora" in p.name for p in (out / "model").iterdir())
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics(two_runs):
+    _, (a, _), (b, _), _ = two_runs
+    strip = ("device_seconds",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in a.curves] == [
+        {k: v for k, v in r.items() if k not in strip} for r in b.curves]
+    keep = ("train_loss", "train_loss_first", "reward_first", "reward_last", "mean_reward")
+    for sa, sb in zip(a.metrics["stages"], b.metrics["stages"], strict=True):
+        assert {k: sa.get(k) for k in keep} == {k: sb.get(k) for k in keep}
+    assert (a.id_accuracy, a.ood_accuracy) == (b.id_accuracy, b.ood_accuracy)
+
+
+@pytest.mark.slow
+def test_budget_stops_the_trial_within_one_step(tiny_base, tmp_path):
+    budget_s = 2.0
+    schedule = _schedule(tiny_base, budget_hours=budget_s / 3600, stages=(
+        StageSpec(kind="sft", steps=100_000, lora_rank=4, batch_size=8, eval_interval=10_000),
+        StageSpec(kind="rl", steps=50, lora_rank=4, batch_size=4, num_generations=4),
+    ))
+    result, _ = _run(schedule, tmp_path)
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    sft, rl = ledger["stages"]
+    assert ledger["stopped_at_budget"] and sft["stopped_at_budget"]
+    assert 1 <= sft["steps_done"] < 100_000
+    assert ledger["train_seconds"] <= budget_s + sft["max_step_seconds"]
+    assert ledger["overrun_seconds"] <= sft["max_step_seconds"]
+    assert rl["steps_done"] == 0 and rl["stopped_at_budget"]  # nothing left for rl
+    assert result.curves[-1]["stage"] == "rl" and result.curves[-1]["step"] == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["stopped_at_budget"]
+
+
+def test_nan_loss_raises_training_diverged(tiny_base, tmp_path, monkeypatch):
+    import stagebudget.basemodel as basemodel
+
+    real_load = basemodel.load_model_and_tokenizer
+
+    def poisoned(*args, **kwargs):
+        model, tokenizer = real_load(*args, **kwargs)
+        with torch.no_grad():
+            model.model.norm.weight.fill_(math.nan)  # every logit, hence the loss, is NaN
+        return model, tokenizer
+
+    monkeypatch.setattr(basemodel, "load_model_and_tokenizer", poisoned)
+    schedule = _schedule(tiny_base, stages=(
+        StageSpec(kind="sft", steps=5, lora_rank=4, batch_size=4),))
+    with pytest.raises(TrainingDiverged, match=r"stage 0 \(sft\) at step 1") as info:
+        _run(schedule, tmp_path)
+    assert isinstance(info.value, RuntimeError) and info.value.step == 1
+    ledger = json.loads((tmp_path / "ledger.json").read_text())  # written before propagating
+    assert ledger["stages"][0]["kind"] == "sft"
+    assert not (tmp_path / "metrics.json").exists()
