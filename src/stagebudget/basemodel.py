@@ -102,13 +102,18 @@ def build_base(size: str = "tiny", cache_dir: Path | None = None, seed: int = 0,
         raise ModelRefError(f"unknown base size {size!r}; allowed: {', '.join(SIZES)}")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache / _build_key(size, seed)
-    if (final / COMPLETE_MARKER).is_file() and not force:
-        return final
     say = progress or (lambda _msg: None)
+    if (final / COMPLETE_MARKER).is_file() and not force:
+        problem = cache_problem(final)
+        if problem is None:
+            return final
+        say(f"cached base model {final} is damaged ({problem}); rebuilding it")
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache))
     try:
         info = _pretrain(size, seed, tmp, say)
+        # sizes of the weight files, so a truncated cache entry is detected (cache_problem)
+        info["files"] = {f.name: f.stat().st_size for f in sorted(tmp.glob("*.safetensors"))}
         (tmp / "base_info.json").write_text(json.dumps(info, indent=2))
         (tmp / COMPLETE_MARKER).write_text(final.name)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
@@ -120,6 +125,38 @@ def build_base(size: str = "tiny", cache_dir: Path | None = None, seed: int = 0,
         raise
     say(f"base model ready at {final}")
     return final
+
+
+def cache_problem(path: Path) -> str | None:
+    """Why a cached base model cannot be used (None when it is sound). Cheap: no weights loaded.
+
+    Checks that base_info.json is readable, each weight file has the size recorded at build
+    time, and each ``*.safetensors`` header opens with ``safetensors.safe_open``.
+    """
+    from safetensors import safe_open
+
+    try:
+        info = json.loads((path / "base_info.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"base_info.json unreadable: {exc}"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        return "no *.safetensors weights"
+    recorded = info.get("files") if isinstance(info, dict) else None
+    if isinstance(recorded, dict):
+        for name, size in recorded.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != size:
+                return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    for f in weights:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors raises its own error types
+            return f"{f.name} is not a valid safetensors file ({exc})"
+    return None
 
 
 def _batches(tokenizer: Any, texts: list[str], batch: int, rng: random.Random) -> Any:
@@ -151,7 +188,7 @@ def _pretrain(size: str, seed: int, out: Path, say: Callable[[str], None]) -> di
     # STAGEBUDGET_THREADS overrides: on a busy machine one thread is several times faster
     torch.set_num_threads(int(os.environ.get("STAGEBUDGET_THREADS", min(2, os.cpu_count() or 1))))
     build_tokenizer(out)
-    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    tokenizer = AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
     model = LlamaForCausalLM(LlamaConfig(**_config_dict(size)))
     texts = pretrain_corpus(seed=seed, n=spec["corpus"])
     optim = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.01)
@@ -282,6 +319,10 @@ def resolve_base_model(ref: str, cache_dir: Path | None = None, base_dir: Path |
             if not (final / COMPLETE_MARKER).is_file():
                 raise ModelRefError(f"{ref} is not built yet (expected {final}); build it first "
                                     "with build_base or allow building")
+            problem = cache_problem(final)
+            if problem is not None:
+                raise ModelRefError(f"the cached {ref} at {final} is damaged ({problem}); "
+                                    f"rebuild it: stagebudget base build --size {size} --force")
             return final
         return build_base(size, cache_dir=cache_dir)
     path = Path(ref).expanduser()
@@ -322,6 +363,7 @@ def describe(path: Path) -> dict[str, Any]:
     return json.loads(info.read_text()) if info.is_file() else {}
 
 
-__all__ = ["ModelRefError", "build_base", "build_tokenizer", "default_cache_dir",
-           "describe", "greedy_generate", "load_model_and_tokenizer", "resolve_base_model"]
+__all__ = ["ModelRefError", "build_base", "build_tokenizer", "cache_problem",
+           "default_cache_dir", "describe", "greedy_generate", "load_model_and_tokenizer",
+           "resolve_base_model"]
 

@@ -7,6 +7,7 @@ print one paragraph and exit with status 2, without a traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ app = typer.Typer(
 )
 base_app = typer.Typer(help="Build or inspect the embedded base model.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 
@@ -92,7 +93,11 @@ def status(run: Annotated[Path, typer.Argument(help="Run directory, e.g. runs/de
     from stagebudget.runs import load_run
     from stagebudget.status import render_status
 
-    render_status(load_run(run), console)
+    loaded = load_run(run)
+    render_status(loaded, console)
+    for path in loaded.dir.bad_records():
+        console.print(f"[yellow]warning:[/yellow] corrupted trial record {path} (skipped; its "
+                      "trial shows without schedule or curves)", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -213,6 +218,15 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, standalone_mode=True)
     except UserError as exc:
         err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as exc:
+        # The environment refused a file operation (full disk, read-only or forbidden path):
+        # one paragraph naming the path; any other OSError is a bug and keeps its traceback.
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        err_console.print(f"[bold red]error:[/bold red] cannot access{where}: "
+                          f"{exc.strerror or exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted; `stagebudget search ... --resume` continues a search")

@@ -37,6 +37,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except (FileExistsError, NotADirectoryError) as exc:  # a parent path is a file
+        raise UserError(f"cannot write {p}: {exc.filename or p.parent} exists and is not a "
+                        "directory") from None
     except OSError as exc:
         raise UserError(f"cannot write {p}: {exc.strerror or exc}") from None
     try:

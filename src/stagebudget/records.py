@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stagebudget.errors import RunError
+from stagebudget.errors import RunError, UserError
 from stagebudget.fileio import atomic_write_json, read_json
 
 TOOL = "stagebudget"
@@ -111,7 +111,11 @@ class RunDir:
                 f"{self.root} is not a stagebudget run directory (no run.json); give the directory "
                 "that `stagebudget search` created, e.g. runs/demo"
             )
-        meta = read_json(self.meta)
+        try:
+            meta = read_json(self.meta)
+        except UserError as exc:
+            raise RunError(f"{exc}; the run description is damaged (restore run.json from a "
+                           "backup, or start a new run)") from None
         if not isinstance(meta, dict) or meta.get("tool") != TOOL:
             raise RunError(f"{self.meta} was not written by stagebudget (tool={meta.get('tool')!r})"
                            if isinstance(meta, dict) else f"{self.meta} is not a run description")
@@ -124,29 +128,39 @@ class RunDir:
         """All readable trial records; corrupted ones are skipped and reported by ``bad_records``."""
         out = []
         for path in sorted(self.trials.glob("*/record.json")):
-            try:
-                out.append(TrialRecord.from_dict(json.loads(path.read_text())))
-            except (OSError, ValueError, TypeError):
-                continue
+            record = _read_record(path)
+            if record is not None:
+                out.append(record)
         return out
 
     def bad_records(self) -> list[Path]:
-        bad = []
-        for path in sorted(self.trials.glob("*/record.json")):
-            try:
-                TrialRecord.from_dict(json.loads(path.read_text()))
-            except (OSError, ValueError, TypeError):
-                bad.append(path)
-        return bad
+        """Record files that cannot be read as a trial record (truncated, not JSON, wrong shape)."""
+        return [p for p in sorted(self.trials.glob("*/record.json")) if _read_record(p) is None]
 
     def curves(self, key: str) -> list[dict[str, Any]]:
         """Curve rows of one trial; a torn last line (killed mid-write) is ignored."""
         path = self.trial_dir(key) / "curves.jsonl"
         rows = []
         if path.is_file():
-            for line in path.read_text().splitlines():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if isinstance(row, dict):  # a torn line can still parse, e.g. as a number
+                    rows.append(row)
         return rows
+
+
+def _read_record(path: Path) -> TrialRecord | None:
+    """The record in ``path``, or None when it is unreadable or corrupted."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            return None
+        record = TrialRecord.from_dict(data)
+    except (OSError, ValueError, TypeError):
+        return None
+    if not isinstance(record.key, str) or not isinstance(record.params, dict):
+        return None
+    return record

@@ -304,11 +304,30 @@ def _storage_url(storage: Any, run_dir: RunDir) -> str:
         return storage
     db = Path(storage.removeprefix("sqlite:///"))
     if db.is_file():
+        _check_sqlite(db, run_dir)
         return storage
     if run_dir.study_db.is_file():  # the run directory was moved or copied
+        _check_sqlite(run_dir.study_db, run_dir)
         return f"sqlite:///{run_dir.study_db.resolve()}"
     # Never let Optuna create an empty database in place of a missing one.
     raise RunError(f"the study database {db} (from {run_dir.meta}) does not exist")
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _check_sqlite(db: Path, run_dir: RunDir) -> None:
+    """A study file that is empty or not SQLite is a clear error (Optuna would write into it)."""
+    try:
+        with db.open("rb") as fh:
+            head = fh.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise RunError(f"cannot read the study database {db}: {exc.strerror or exc}") from None
+    if head != SQLITE_MAGIC:
+        what = "is empty" if not head else "is not an SQLite database"
+        raise RunError(f"the study database {db} (from {run_dir.meta}) {what}; it is corrupted "
+                       "or was overwritten. The trial records in trials/ are intact, but fronts "
+                       "and exports need the study: restore study.db from a backup")
 
 
 def _objectives(meta: dict[str, Any], source: Path) -> list[tuple[str, str]]:

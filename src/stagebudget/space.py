@@ -415,9 +415,9 @@ class SearchSpace(Strict):
         dims = self.dimensions()
         base: dict[str, Any] = {name: d.middle() for name, d in dims.items()}
         if "sft.lora_rank" in dims and dims["sft.lora_rank"].type == "categorical":
-            base["sft.lora_rank"] = max(dims["sft.lora_rank"].choices or ())
+            base["sft.lora_rank"] = max(dims["sft.lora_rank"].choices or (), key=_capacity)
         if "rl.lora_rank" in dims and dims["rl.lora_rank"].type == "categorical":
-            base["rl.lora_rank"] = min(dims["rl.lora_rank"].choices or ())
+            base["rl.lora_rank"] = min(dims["rl.lora_rank"].choices or (), key=_capacity)
         refs = []
         for name, sft_share in (("sft_only", 1.0), ("rl_only", 0.0), ("heuristic", 0.25)):
             point = dict(base)
@@ -449,6 +449,11 @@ def check_run_name(name: str) -> str:
             f"inside the runs folder), got {name!r}"
         )
     return name
+
+
+def _capacity(rank: Any) -> float:
+    """Adapter capacity of a rank: 0 means full fine-tuning, the most capacity of all."""
+    return math.inf if rank == 0 else float(rank)
 
 
 def _high(share: Any) -> float:

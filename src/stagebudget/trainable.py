@@ -10,6 +10,7 @@ lives in the package (not under tests/) so Ray workers on other nodes can import
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -19,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from stagebudget.errors import UserError
 from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY, RunDir, TrialRecord
 from stagebudget.space import SearchSpace
 
@@ -107,14 +109,38 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
                     base_dir=Path(base_dir) if base_dir else None)
         objectives = {k: float(v) for k, v in result.objectives().items()}
     except Exception as exc:
-        record.status, record.finished = "FAILED", time.time()
-        record.error = f"{type(exc).__name__}: {exc}"
-        run.write_record(record)
+        record_failure(run, record, exc)
         raise
     record.status, record.finished = "COMPLETE", time.time()
     record.objectives, record.ledger = objectives, dict(getattr(result, "ledger", {}) or {})
     run.write_record(record)
     tune.report({**reporter.latest, **objectives, "final": True})
+
+
+OOM_HINT = ("out of memory: give the trial more memory (resources_per_trial), or search smaller "
+            "batch_size / lora_rank / max_length")
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` for a record; out-of-memory errors get a hint on what to change."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    name = type(exc).__name__
+    if isinstance(exc, MemoryError) or name == "OutOfMemoryError" or "out of memory" in text.lower():
+        text = f"{text} [{OOM_HINT}]"
+    return text
+
+
+def record_failure(run: RunDir, record: TrialRecord, exc: BaseException) -> None:
+    """Mark ``record`` FAILED with the error, never a score (objectives cleared), and save it.
+
+    A failure to save (e.g. the disk is full) must not hide the trial's own error, which the
+    caller re-raises so Tune retries the trial and Optuna records it as FAIL.
+    """
+    record.status, record.finished = "FAILED", time.time()
+    record.objectives = {}
+    record.error = describe_error(exc)
+    with contextlib.suppress(UserError):
+        run.write_record(record)
 
 
 # --- for tests only -----------------------------------------------------------------------------
