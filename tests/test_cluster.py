@@ -7,7 +7,6 @@ machine, including other users' clusters).
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import socket
@@ -21,8 +20,6 @@ import pytest
 import yaml
 
 from stagebudget.records import RunDir
-from stagebudget.search import run_search
-from stagebudget.trainable import fake_trial_fn
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -85,9 +82,22 @@ def test_search_on_a_two_node_cluster(tmp_path: Path, monkeypatch: pytest.Monkey
         data.update(trials=3, concurrency=2, references=False)
         space = tmp_path / "space.yaml"
         space.write_text(yaml.safe_dump(data))
-        run_dir = run_search(space, name="cluster", runs_dir=tmp_path / "runs", address=address,
-                             live=False, trial_fn=functools.partial(fake_trial_fn, seconds=0.3))
-        run = RunDir(run_dir)
+        # The driver runs in a fresh process: Ray caches its auth mode per process, and earlier
+        # tests in this pytest process already initialised a local Ray.
+        driver = (
+            "import functools, sys\n"
+            "from pathlib import Path\n"
+            "from stagebudget.search import run_search\n"
+            "from stagebudget.trainable import fake_trial_fn\n"
+            "print(run_search(Path(sys.argv[1]), name='cluster', runs_dir=Path(sys.argv[2]),\n"
+            "      address=sys.argv[3], live=False,\n"
+            "      trial_fn=functools.partial(fake_trial_fn, seconds=0.3)))\n"
+        )
+        res = subprocess.run([sys.executable, "-c", driver, str(space), str(tmp_path / "runs"),
+                              address], capture_output=True, text=True, timeout=300,
+                             env=os.environ.copy())
+        assert res.returncode == 0, res.stderr[-3000:]
+        run = RunDir(tmp_path / "runs" / "cluster")
         meta = run.read_meta()
         assert meta["address"] == address
         study = optuna.load_study(study_name=meta["study_name"], storage=meta["storage"])

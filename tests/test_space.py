@@ -167,9 +167,8 @@ def test_malformed_yaml_names_line(tmp_path):
 
 
 def test_grid_needs_steps(tmp_path):
-    space = SearchSpace.load(write(tmp_path, BASE))
     with pytest.raises(ConfigError, match="needs `step`"):
-        space.grid_space()
+        SearchSpace.load(write(tmp_path, {**BASE, "sampler": {"name": "grid"}}))
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "", "..", "x" * 101])

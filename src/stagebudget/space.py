@@ -273,6 +273,8 @@ class SearchSpace(Strict):
             raise from_pydantic(exc, path) from None
         space = space._with_resolved_paths(Path(path).resolve().parent, path)
         space._source = str(path)
+        if space.sampler.name == "grid":
+            space.grid_space()
         space.check_feasible()
         return space
 

@@ -152,9 +152,14 @@ def training_args(ctx: StageContext, **extra: Any) -> dict[str, Any]:
 
 def quiet_libraries() -> None:
     """Silence progress bars and info logs of datasets/transformers (a trial logs its own)."""
+    import warnings
+
     import datasets
     import transformers
 
+    # TRL 1.16's configs still read a renamed transformers attribute; harmless, but it would
+    # print on every stage of every trial.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
