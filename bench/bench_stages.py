@@ -90,9 +90,9 @@ def main() -> None:
     print(f"\n{'stage':>5} {'rank':>4} {'s/step':>7}  {'vs baseline':>11}  {'analytic/measured':>17}")
     for e in measured.table:
         base = plain if e["kind"] == "sft" else gen
-        spec = StageSpec(kind=e["kind"], steps=1, lora_rank=e["rank"], batch_size=e["batch"],
-                         **({"num_generations": e["num_generations"],
-                             "max_completion_length": e["max_completion_length"]} if e["kind"] == "rl" else {}))
+        rl = ({"num_generations": e["num_generations"],
+               "max_completion_length": e["max_completion_length"]} if e["kind"] == "rl" else {})
+        spec = StageSpec(kind=e["kind"], steps=1, lora_rank=e["rank"], batch_size=e["batch"], **rl)
         est = analytic.step_seconds(spec)
         print(f"{e['kind']:>5} {e['rank']:>4} {e['seconds_per_step']:7.3f}  "
               f"{e['seconds_per_step'] / base:10.2f}x  {est / e['seconds_per_step']:16.2f}x")

@@ -40,7 +40,8 @@ def main() -> None:
         run_dir = run_search(space_file, runs_dir=args.runs_dir, trials=args.trials, live=False)
         wall = time.perf_counter() - start
         front = load_run(run_dir).front(curves=False)
-        distinct = {json.dumps(p.schedule, sort_keys=True) for p in front.points.values()}
+        distinct = {json.dumps((p.schedule or {}).get("stages"), sort_keys=True)
+                    for p in front.points.values()}
         row = {"sampler": name, "wall_s": round(wall, 1), "completed": len(front.points),
                "distinct": len(distinct), "front": len(front.front),
                "hypervolume": round(front.hypervolume, 4)}

@@ -236,3 +236,47 @@ def test_live_stats_and_front_table_read_the_study() -> None:
     console.print(front_table(study, ["id_accuracy", "ood_accuracy"]))
     text = console.export_text()
     assert "0.02 of 0.1" in text and text.count("0.900") == 2  # best ID row + front row
+
+
+def test_a_schedule_already_trained_in_the_run_is_reused_not_retrained(tmp_path, monkeypatch) -> None:
+    """Different params that plan the same schedule (RL rank with no RL budget) train once."""
+    from ray import tune
+
+    from stagebudget.records import RunDir
+    from stagebudget.trainable import trial_trainable
+
+    ids = iter(["t_00001", "t_00002", "t_00003"])
+
+    class Ctx:
+        def __init__(self) -> None:
+            self.key = next(ids)
+
+        def get_trial_id(self) -> str:
+            return self.key
+
+    reports: list[dict] = []
+    trained: list[str] = []
+    monkeypatch.setattr(tune, "report", reports.append)
+
+    def fake(schedule, out_dir=None, *, report=None, **_):
+        trained.append(schedule.describe())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "curves.jsonl").write_text('{"stage": "sft", "step": 0}\n')
+        return fake_trial_fn(schedule, out_dir, report=report, seconds=0.0)
+
+    space = SearchSpace.load(DEMO)
+    sft_only = {"sft.share": 1.0, "sft.lora_rank": 16, "sft.learning_rate": 5e-4}
+    for params in ({**sft_only, "rl.lora_rank": 4}, {**sft_only, "rl.lora_rank": 16},
+                   {**sft_only, "sft.learning_rate": 1e-3, "rl.lora_rank": 4}):
+        ctx = Ctx()
+        monkeypatch.setattr(tune, "get_context", lambda c=ctx: c)
+        trial_trainable(params, space=space, run_dir=str(tmp_path), trial_fn=fake,
+                        cost=space.cost_model(), device="cpu")
+    assert len(trained) == 2  # the second trial planned the first one's schedule
+    records = {r.key: r for r in RunDir(tmp_path).records()}
+    assert records["t_00002"].reused_from == "t_00001"
+    assert records["t_00002"].objectives == records["t_00001"].objectives
+    assert records["t_00003"].reused_from is None
+    assert (tmp_path / "trials" / "t_00002" / "curves.jsonl").read_text().startswith('{"stage"')
+    finals = [r for r in reports if r.get("final")]
+    assert len(finals) == 3

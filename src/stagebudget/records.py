@@ -52,6 +52,7 @@ class TrialRecord:
     started: float | None = None
     finished: float | None = None
     attempt: int = 1
+    reused_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

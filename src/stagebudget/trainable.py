@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from stagebudget.errors import UserError
+from stagebudget.fileio import atomic_write_text
 from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY, RunDir, TrialRecord
 from stagebudget.space import SearchSpace
 
@@ -103,6 +104,11 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     schedule = space.schedule_from_params(params, cost, name=reference or key)
     record = _start_record(run, key, params, schedule.to_dict(), reference)
     reporter = _Reporter(tune.report)
+    twin = finished_twin(run, schedule.to_dict(), exclude=key)
+    if twin is not None:
+        _reuse(run, record, twin)
+        tune.report({**reporter.latest, **record.objectives, "final": True})
+        return
     try:
         result = fn(schedule, out_dir=run.trial_dir(key), report=reporter, device=device,
                     cost=cost, cache_dir=Path(cache_dir) if cache_dir else None,
@@ -115,6 +121,41 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     record.objectives, record.ledger = objectives, dict(getattr(result, "ledger", {}) or {})
     run.write_record(record)
     tune.report({**reporter.latest, **objectives, "final": True})
+
+
+def _content(schedule: dict[str, Any]) -> str:
+    """What determines a trained model: the schedule without its display name."""
+    return json.dumps({k: v for k, v in schedule.items() if k != "name"}, sort_keys=True)
+
+
+def finished_twin(run: RunDir, schedule: dict[str, Any], exclude: str) -> TrialRecord | None:
+    """A COMPLETE trial of this run that trained exactly this schedule, if any.
+
+    Different params can plan the same schedule (an RL rank is irrelevant when RL gets no
+    budget; samplers also re-propose points). Training is deterministic by seed, so the twin's
+    measurements are what a re-run would give: the trial reuses them instead of training.
+    """
+    want = _content(schedule)
+    for rec in run.records():
+        if rec.key != exclude and rec.status == "COMPLETE" and rec.objectives \
+                and rec.reused_from is None and _content(rec.schedule) == want:
+            return rec
+    return None
+
+
+def _reuse(run: RunDir, record: TrialRecord, twin: TrialRecord) -> None:
+    """Complete ``record`` with ``twin``'s measurements; its curves are copied, nothing trains.
+
+    The objectives keep the twin's device-hours: a schedule is charged its full cost, what it
+    would cost to train alone; the ledger says that nothing was spent this time.
+    """
+    src = run.trial_dir(twin.key) / "curves.jsonl"
+    if src.is_file():
+        atomic_write_text(run.trial_dir(record.key) / "curves.jsonl", src.read_text())
+    record.status, record.finished, record.reused_from = "COMPLETE", time.time(), twin.key
+    record.objectives = dict(twin.objectives)
+    record.ledger = {**twin.ledger, "reused_from": twin.key, "spent_device_seconds": 0.0}
+    run.write_record(record)
 
 
 OOM_HINT = ("out of memory: give the trial more memory (resources_per_trial), or search smaller "
