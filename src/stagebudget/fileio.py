@@ -43,6 +43,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except OSError as exc:
         raise UserError(f"cannot write {p}: {exc.strerror or exc}") from None
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -51,6 +52,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise UserError(f"cannot write {p}: {exc.strerror or exc}; nothing was changed") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:

@@ -32,8 +32,9 @@ def train_with_progress(schedule: Schedule, out: Path, *, save_model: bool, devi
 
         def refresh(stage: str | None, done: int | None) -> None:
             stats = "  ".join(f"{k} {_fmt(v)}" for k, v in latest.items())
-            progress.update(bar, stage=stage or "", stats=stats,
-                            **({"completed": done} if done is not None else {}))
+            progress.update(bar, stage=stage or "", stats=stats)
+            if done is not None:
+                progress.update(bar, completed=done)
 
         def on_progress(info: dict[str, Any]) -> None:
             for key in ("loss", "train_loss", "reward"):
