@@ -67,7 +67,7 @@ def test_export_file_reruns_the_schedule(run: Run, tmp_path: Path) -> None:
     assert sft["args"]["max_steps"] == 40 and sft["peft"]["r"] == 8
     assert rl["args"]["max_steps"] == 20 and rl["peft"] == {
         "r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.0,
-        "task_type": "CAUSAL_LM"}
+        "bias": "none", "task_type": "CAUSAL_LM"}
 
 
 def test_export_into_a_directory_and_duplicate_params_join_in_order(run: Run,

@@ -80,6 +80,7 @@ def lora_kwargs(spec: StageSpec) -> dict[str, Any] | None:
         "lora_alpha": spec.alpha,
         "target_modules": "all-linear",
         "lora_dropout": 0.0,
+        "bias": "none",
         "task_type": "CAUSAL_LM",
     }
 

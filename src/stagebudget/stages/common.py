@@ -25,7 +25,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # Target modules for Llama/Qwen-style models; "all-linear" (every linear layer but the output
 # head) covers them and other architectures alike.
-LORA_TARGETS = "all-linear"
 
 
 class TrainingDiverged(RuntimeError):
@@ -88,18 +87,14 @@ def lora_config(spec: StageSpec) -> Any:
     >>> lora_config(StageSpec(kind="sft", steps=1, lora_rank=0)) is None
     True
     """
-    if spec.lora_rank == 0:
+    from stagebudget.export import lora_kwargs  # the one StageSpec -> LoRA mapping (exports too)
+
+    kwargs = lora_kwargs(spec)
+    if kwargs is None:
         return None
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=spec.lora_rank,
-        lora_alpha=spec.alpha,
-        lora_dropout=0.0,
-        target_modules=LORA_TARGETS,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    return LoraConfig(**kwargs)
 
 
 def merge(model: Any) -> Any:
