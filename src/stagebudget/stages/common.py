@@ -122,21 +122,21 @@ def training_args(ctx: StageContext, **extra: Any) -> dict[str, Any]:
     no checkpoints, no reporting, no progress bars, a log row at every step; gradient
     checkpointing off (TRL 1.x turns it on by default, and it is slower at these sizes).
     """
+    from stagebudget.export import trl_config_kwargs  # the one StageSpec -> TRL mapping
+
     spec = ctx.spec
+    # Evaluation is ours (a callback on ID/OOD generation), not the Trainer's eval loop.
+    stage_args = {k: v for k, v in trl_config_kwargs(spec, ctx.seed).items()
+                  if k not in ("eval_strategy", "eval_steps")}
     args: dict[str, Any] = {
+        **stage_args,
         "output_dir": tempfile.mkdtemp(prefix=f"stagebudget-{spec.kind}-"),
-        "max_steps": spec.steps,
-        "per_device_train_batch_size": spec.batch_size,
-        "learning_rate": spec.learning_rate,
-        "lr_scheduler_type": "constant",
-        "warmup_steps": 0,
         "logging_steps": 1,
         "logging_nan_inf_filter": False,  # a NaN loss must reach the divergence check
         "save_strategy": "no",
         "report_to": "none",
         "disable_tqdm": True,
         "gradient_checkpointing": False,
-        "seed": ctx.seed,
         "data_seed": ctx.seed,
         "dataloader_num_workers": 0,
         **precision_args(ctx.device),

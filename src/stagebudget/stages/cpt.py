@@ -35,8 +35,7 @@ def run_cpt(ctx: StageContext) -> StageOutput:
     quiet_libraries()
     spec = ctx.spec
     with ctx.clock.setting_up():
-        args = SFTConfig(**training_args(ctx, max_length=spec.max_length, packing=False,
-                                         dataset_text_field="text", completion_only_loss=False))
+        args = SFTConfig(**training_args(ctx, packing=False))
         trainer = SFTTrainer(
             model=ctx.model,
             args=args,

@@ -60,17 +60,8 @@ def run_rl(ctx: StageContext) -> StageOutput:
 
     quiet_libraries()
     spec = ctx.spec
-    gens = int(spec.num_generations or 8)
     with ctx.clock.setting_up():
-        args = GRPOConfig(**training_args(
-            ctx,
-            per_device_train_batch_size=spec.batch_size * gens,
-            num_generations=gens,
-            max_completion_length=spec.max_completion_length,
-            beta=spec.beta,
-            temperature=spec.temperature,
-            log_completions=False,
-        ))
+        args = GRPOConfig(**training_args(ctx, log_completions=False))
         trainer = GRPOTrainer(
             model=ctx.model,
             reward_funcs=[suite_reward(ctx.suite)],

@@ -38,8 +38,7 @@ def run_sft(ctx: StageContext) -> StageOutput:
     quiet_libraries()
     spec = ctx.spec
     with ctx.clock.setting_up():
-        args = SFTConfig(**training_args(ctx, max_length=spec.max_length, packing=False,
-                                         completion_only_loss=True))
+        args = SFTConfig(**training_args(ctx, packing=False))
         trainer = SFTTrainer(
             model=ctx.model,
             args=args,
