@@ -183,3 +183,19 @@ def test_relative_paths_resolve_inside_the_space_folder(tmp_path):
     assert space.tasks.source == str((tmp_path / "tasks.jsonl").resolve())
     with pytest.raises(ConfigError, match="leaves the space file's folder"):
         SearchSpace.load(write(tmp_path, {**BASE, "tasks": {"source": "../../etc/passwd"}}))
+
+
+def test_bad_task_rows_and_missing_models_are_caught_before_compute(tmp_path):
+    rows = ['{"prompt": "a=", "answer": "b", "split": "train"}',
+            '{"prompt": "c=", "answer": "", "split": "train"}',
+            '{"prompt": "d=", "answer": "e", "split": "id_test"}',
+            '{"prompt": "f=", "answer": "g", "split": "ood_test"}']
+    (tmp_path / "tasks.jsonl").write_text("\n".join(rows) + "\n")
+    space = SearchSpace.load(write(tmp_path, {**BASE, "tasks": {"source": "tasks.jsonl", "scorer": "exact"}}))
+    with pytest.raises(ConfigError, match="line 2"):
+        space.check_inputs()
+    (tmp_path / "tasks.jsonl").write_text("\n".join(rows[:1] + rows[2:]) + "\n")
+    space.check_inputs()  # the fixed file passes
+    missing = SearchSpace.load(write(tmp_path, {**BASE, "base_model": "/nonexistent/model"}))
+    with pytest.raises(ConfigError, match="base_model"):
+        missing.check_inputs()

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stagebudget.errors import UserError
+
 CODE_VERSION = "base-v2"
 COMPLETE_MARKER = "COMPLETE"
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -36,7 +38,7 @@ SIZES: dict[str, dict[str, Any]] = {
 EVAL_SIZES = {"tiny": (200, 200), "test": (30, 30)}
 
 
-class ModelRefError(ValueError):
+class ModelRefError(UserError):
     """A base model reference cannot be used; the message says why and what to pass."""
 
 

@@ -66,6 +66,7 @@ def validate(
     from stagebudget.space import SearchSpace
 
     s = SearchSpace.load(space)
+    s.check_inputs()
     cost = s.cost_model()
     cheap, dear = s.check_feasible(cost)
     console.print(f"[bold]{space}[/bold]: search space {s.name!r} is valid")

@@ -108,6 +108,7 @@ def _load_space(path: Path, trials: int | None, concurrency: int | None,
                 budget_hours: float | None, address: str | None) -> SearchSpace:
     """Load and validate the space with CLI overrides; check local resources."""
     space = SearchSpace.load(path, trials=trials, concurrency=concurrency)
+    space.check_inputs()
     if address is None:
         check_local_resources(space)
     if budget_hours is not None:

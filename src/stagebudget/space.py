@@ -278,6 +278,29 @@ class SearchSpace(Strict):
         space.check_feasible()
         return space
 
+    def check_inputs(self) -> None:
+        """Check the task file and a local model directory before any compute is spent.
+
+        Task rows, splits and the scorer are validated by loading the suite (seconds); a local
+        model directory must hold a config, safetensors weights and a tokenizer. Built-in base
+        models are built later, once, by the search driver.
+        """
+        from stagebudget.tasks import load_suite
+
+        t = self.tasks
+        try:
+            load_suite(t.source, t.names, n_train=t.n_train, n_id_test=t.n_id_test,
+                       n_ood_test=t.n_ood_test, seed=t.seed, scorer=t.scorer)
+        except ValueError as exc:
+            raise ConfigError(str(exc), source=self._source, field="tasks") from None
+        if not self.base_model.startswith("builtin:"):
+            from stagebudget.basemodel import resolve_base_model
+
+            try:
+                resolve_base_model(self.base_model, allow_build=False)
+            except ValueError as exc:
+                raise ConfigError(str(exc), source=self._source, field="base_model") from None
+
     def _with_resolved_paths(self, folder: Path, source: str | Path) -> SearchSpace:
         """Make relative paths absolute against the space file's folder, which they may not leave."""
         def inside(value: str, field: str) -> str:

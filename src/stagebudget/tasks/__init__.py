@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stagebudget.errors import UserError
 from stagebudget.tasks import data
 from stagebudget.tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS, BuiltinTask
 from stagebudget.tasks.scoring import SCORERS
@@ -39,7 +40,7 @@ MAX_CHARS = 64  # prompt + answer must fit the base model's context
 FORMAT_BONUS = 0.1
 
 
-class TaskFileError(ValueError):
+class TaskFileError(UserError):
     """A user task file or task selection is invalid; the message says where and why."""
 
 
