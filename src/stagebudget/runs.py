@@ -248,7 +248,9 @@ class Run:
         on_front = set(front.front)
         return [
             StatusRow(
-                number=v.number, state=v.state, reference=v.reference, schedule=v.label,
+                number=v.number, state=v.state, reference=v.reference,
+                schedule=v.label + (f" (reused {v.record.reused_from})"
+                                    if v.record is not None and v.record.reused_from else ""),
                 sft_share=v.sft_share, id_accuracy=v.values.get("id_accuracy"),
                 ood_accuracy=v.values.get("ood_accuracy"), device_hours=v.device_hours,
                 on_front=v.number in on_front, knee=v.number is not None and v.number == front.knee,
