@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from stagebudget.cost import Budget, CostModel, ModelShape, plan_schedule
+from stagebudget.cost import PLAN_FILL, Budget, CostModel, ModelShape, plan_schedule
 from stagebudget.errors import BudgetError
 from stagebudget.schedule import StageSpec
 
@@ -41,7 +41,7 @@ def test_every_planned_schedule_fits_its_budget(cost, share, hours, rank_sft, ra
     assert kinds == [k for k, a in (("sft", share), ("rl", 1 - share)) if a > 0]
     # and no step was wasted: one more step of any stage would not fit in its share
     for st, amount in zip(s.stages, [a for a in (share, 1 - share) if a > 0], strict=True):
-        assert (st.steps + 1) * cost.step_seconds(st) > amount * budget.seconds
+        assert (st.steps + 1) * cost.step_seconds(st) > amount * budget.seconds * PLAN_FILL
 
 
 def test_too_small_budget_says_what_would_fit(cost):
