@@ -5,20 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from stagebudget.calibrate import calibrate, calibration_spec
 from stagebudget.cost import CostModel, ModelShape
 from stagebudget.errors import UserError
 from stagebudget.schedule import StageSpec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_calibrate_fills_and_saves_the_table(tiny_base, tmp_path):

@@ -17,12 +17,7 @@ TASKS = TasksRef(n_train=64, n_id_test=8, n_ood_test=8)
 COST = CostModel.analytic(ModelShape.builtin("test"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _schedule(tiny_base, **kw) -> Schedule:

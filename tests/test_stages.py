@@ -12,14 +12,7 @@ from stagebudget.schedule import StageSpec
 from stagebudget.stages import STAGES, StageContext, lora_config, merge, register_stage
 from stagebudget.tasks import Example
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Other processes share the cores; one thread avoids oversubscription (as Ray trials do).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass

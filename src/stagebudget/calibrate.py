@@ -2,7 +2,7 @@
 
 Real steps of the real stages (TRL trainers, LoRA or full fine-tuning) are timed at a few ranks
 with the default batch sizes, after warm-up steps that are not counted. The table is saved where
-:func:`stagebudget.pipeline.default_cost_model` and the planner find it.
+:func:`stagebudget.cost.default_cost_model` and the planner find it.
 
     >>> cm = calibrate("builtin:test", kinds=("sft",), ranks=(4,), steps=1)  # doctest: +SKIP
 """

@@ -194,6 +194,17 @@ class CostModel:
         return sum(s.steps * self.step_seconds(s) for s in schedule.stages)
 
 
+def default_cost_model(base_model: str, device: str = "cpu") -> CostModel:
+    """The calibrated table saved for (base model, device) if there is one, else the analytic model."""
+    from stagebudget.costtable import default_table_path
+
+    shape = ModelShape.for_ref(base_model)
+    path = default_table_path(base_model, device)
+    if path.is_file():
+        return CostModel.load(path, shape)
+    return CostModel.analytic(shape, device=device)
+
+
 def plan_schedule(
     allocation: Mapping[str, float | int],
     stage_params: Mapping[str, Mapping[str, Any]],

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stagebudget.cost import CostModel, ModelShape
+from stagebudget.cost import CostModel, default_cost_model
 from stagebudget.fileio import atomic_write_json
 from stagebudget.ledger import BudgetClock
 from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY
 from stagebudget.schedule import Schedule, StageSpec
 from stagebudget.stages.common import TrainingDiverged
 
-__all__ = ["TrainingDiverged", "TrialResult", "default_cost_model", "run_schedule"]
+__all__ = ["TrainingDiverged", "TrialResult", "run_schedule"]
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -49,17 +49,6 @@ class TrialResult:
         """``{"id_accuracy", "ood_accuracy", "device_hours"}``."""
         return {ID_ACCURACY: self.id_accuracy, OOD_ACCURACY: self.ood_accuracy,
                 DEVICE_HOURS: self.device_hours}
-
-
-def default_cost_model(base_model: str, device: str) -> CostModel:
-    """The calibrated table for (base model, device) when one was saved, else the analytic one."""
-    from stagebudget.costtable import default_table_path
-
-    shape = ModelShape.for_ref(base_model)
-    path = default_table_path(base_model, device)
-    if path.is_file():
-        return CostModel.load(path, shape)
-    return CostModel.analytic(shape, device=device)
 
 
 class _Curves:

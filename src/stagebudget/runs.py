@@ -45,13 +45,16 @@ class TrialView:
     run_dir: RunDir
     attrs: dict[str, Any] = field(default_factory=dict)
 
+    def _record_or_attr(self, field_name: str, attr: str) -> str | None:
+        """A record field when the record has it, else the Optuna trial's attribute."""
+        value = getattr(self.record, field_name, None) if self.record is not None else None
+        value = value or self.attrs.get(attr)
+        return str(value) if value else None
+
     @property
     def reference(self) -> str | None:
         """``sft_only``, ``rl_only``, ``heuristic`` or None for a sampled trial."""
-        if self.record is not None and self.record.reference:
-            return self.record.reference
-        ref = self.attrs.get("reference")
-        return str(ref) if ref else None
+        return self._record_or_attr("reference", "reference")
 
     @cached_property
     def schedule(self) -> Schedule | None:
@@ -101,10 +104,7 @@ class TrialView:
     @property
     def error(self) -> str | None:
         """The record's error, else Optuna's fail reason."""
-        if self.record is not None and self.record.error:
-            return self.record.error
-        reason = self.attrs.get("fail_reason")
-        return str(reason) if reason else None
+        return self._record_or_attr("error", "fail_reason")
 
     @property
     def label(self) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from stagebudget.cost import Budget, CostModel, ModelShape, plan_schedule
+from stagebudget.cost import Budget, CostModel, ModelShape, default_cost_model, plan_schedule
 from stagebudget.errors import BudgetError, ConfigError, from_pydantic
 from stagebudget.fileio import read_yaml
 from stagebudget.schedule import STAGE_KINDS, Schedule, StageSpec, Strict, TasksRef
@@ -357,19 +357,13 @@ class SearchSpace(Strict):
 
     def cost_model(self, device: str = "cpu") -> CostModel:
         """The calibrated table if one is named (or saved for this model+device), else analytic."""
-        shape = ModelShape.for_ref(self.base_model)
         if self.cost_table:
             path = Path(self.cost_table)
             if not path.is_file():
                 raise ConfigError(f"cost table {path} not found (run `stagebudget calibrate`)",
                                   source=self._source, field="cost_table")
-            return CostModel.load(path, shape)
-        from stagebudget.costtable import default_table_path
-
-        default = default_table_path(self.base_model, device)
-        if default.is_file():
-            return CostModel.load(default, shape)
-        return CostModel.analytic(shape, device=device)
+            return CostModel.load(path, ModelShape.for_ref(self.base_model))
+        return default_cost_model(self.base_model, device)
 
     # --- params -> schedule (pure) -----------------------------------------------------------
     def schedule_from_params(self, params: dict[str, Any], cost: CostModel, seed: int | None = None,
