@@ -146,16 +146,16 @@ def test_register_stage_replaces_and_restores():
         STAGES["cpt"] = original
 
 
-def test_budget_callback_stops_before_an_overrunning_step(loaded):
+def test_budget_callback_stops_only_past_the_guard(loaded):
     model, tokenizer = loaded
     spec = _spec("sft", 4, steps=10_000)
     ctx, _ = _context(model, tokenizer, ToySuite(), spec)
-    ctx.clock.budget_seconds = 1.5
+    ctx.clock.budget_seconds = 1.0
     out = STAGES["sft"](ctx)
     entry = ctx.clock.current
     assert 1 <= out.steps_done < 10_000
-    assert entry.stopped_at_budget
-    assert ctx.clock.train_seconds() <= 1.5 + entry.max_step_seconds
+    assert entry.stopped_by_guard
+    assert 1.5 <= ctx.clock.train_seconds() <= 1.5 + entry.max_step_seconds + 0.05
 
 
 def test_clock_charges_training_and_evaluation_apart():
@@ -169,12 +169,16 @@ def test_clock_charges_training_and_evaluation_apart():
         now[0] += 4.0
     assert clock.train_seconds() == 7.0
     assert clock.current.eval_seconds == 100.0
-    assert clock.fits(3.0) and not clock.fits(3.5)
+    assert clock.remaining() == 3.0 and not clock.past_guard()
     with clock.training():
         now[0] += 5.0
-    assert clock.overrun_seconds() == 2.0 and clock.exhausted()
+    assert clock.overrun_seconds() == 2.0 and not clock.past_guard()  # guard: 15 s
     ledger = clock.ledger()
     assert ledger["train_seconds"] == 12.0 and ledger["overrun_seconds"] == 2.0
+    assert ledger["over_budget"] and ledger["guard_seconds"] == 15.0
+    with clock.training():
+        now[0] += 3.5
+    assert clock.past_guard()
 
 
 def test_gpu_seconds_count_devices_held():

@@ -87,9 +87,9 @@ def test_translate_labels_match_biopython(full_suite):
             continue
         code = int(_rule(ex)[2:])
         seen_codes.add((ex.split, code))
-        assert ex.answer == str(Seq(_seq(ex)).translate(table=code))
+        assert ex.answer == str(Seq(_seq(ex).upper()).translate(table=code))
         if ex.split == "ood_test":  # the named rule matters in every OOD prompt
-            assert ex.answer != translate(_seq(ex), 1)
+            assert ex.answer != translate(_seq(ex).upper(), 1)
     assert {c for s, c in seen_codes if s != "ood_test"} == {1, 11}
     assert {c for s, c in seen_codes if s == "ood_test"} == {2, 4}
 
@@ -97,9 +97,11 @@ def test_translate_labels_match_biopython(full_suite):
 def test_strand_labels_match_biopython(full_suite):
     for ex in full_suite.train + full_suite.ood_test:
         if ex.task == "strand":
-            seq, op = Seq(_seq(ex)), _rule(ex)
-            expected = {"rc": seq.reverse_complement(), "tx": seq.transcribe(),
-                        "rt": seq.reverse_complement().transcribe()}[op]
+            seq, op = Seq(_seq(ex).upper()), _rule(ex)
+            # base by base: the complement strand, mRNA from the coding strand, mRNA from the
+            # template strand written 3'->5'
+            expected = {"cm": seq.complement(), "tx": seq.transcribe(),
+                        "rt": seq.complement().transcribe()}[op]
             assert ex.answer == str(expected)
             assert (op == "rt") == (ex.split == "ood_test")
 
@@ -202,9 +204,21 @@ def test_reward_has_format_term(full_suite):
     assert full_suite.reward(ex, "hello there") == 0.0
 
 
+def test_pretrain_corpus_balances_variants():
+    """Every rule variant of a default task is drawn as often as its weight says, although OOD
+    draws are rejected more often (a prompt must hold a codon or residue whose meaning differs)."""
+    from collections import Counter
+
+    from stagebudget.tasks import OOD_WEIGHT
+
+    counts = Counter(t.split(":", 1)[0] for t in pretrain_corpus(seed=0, n=6000) if ":" in t)
+    for id_rule, ood_rule in (("tl1", "tl2"), ("tl11", "tl4"), ("ch7", "ch5"), ("ch8", "ch11")):
+        assert counts[ood_rule] / counts[id_rule] == pytest.approx(OOD_WEIGHT, rel=0.3)
+
+
 def test_pretrain_corpus_has_all_variants():
     texts = pretrain_corpus(seed=0, n=3000)
     prefixes = {t.split(":", 1)[0] for t in texts if ":" in t}
-    assert {"tl1", "tl11", "tl2", "tl4", "rc", "tx", "rt", "ch5", "ch7", "ch11"} <= prefixes
+    assert {"tl1", "tl11", "tl2", "tl4", "cm", "tx", "rt", "ch5", "ch7", "ch11"} <= prefixes
     assert any(":" not in t for t in texts)  # raw sequence chunks
     assert max(map(len, texts)) <= 64

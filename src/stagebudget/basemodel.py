@@ -21,21 +21,23 @@ from typing import Any
 
 from stagebudget.errors import UserError
 
-CODE_VERSION = "base-v2"
+CODE_VERSION = "base-v3"
 COMPLETE_MARKER = "COMPLETE"
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 CHARS = "".join(chr(c) for c in range(32, 127))  # printable ASCII covers every suite char
+PROMPT_END = "="  # built-in prompts are "<rule>:<sequence>="
 MAX_LEN = 128  # position budget: prompt + answer (<= 64 chars) + generation slack
 
 # per size: model shape and pre-training recipe
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-             "intermediate_size": 384, "steps": 1200, "lr": 2e-3, "batch": 64,
-             "corpus": 30000},
+    # 0.2M parameters; 900 steps of 64 examples learn every rule variant of the default
+    # tasks part-way (base ID/OOD in base_info.json), in about a minute on 2 cores
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "intermediate_size": 192, "steps": 900, "lr": 4e-3, "batch": 64},
     "test": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-             "intermediate_size": 64, "steps": 30, "lr": 3e-3, "batch": 32, "corpus": 2000},
+             "intermediate_size": 64, "steps": 30, "lr": 3e-3, "batch": 32},
 }
-EVAL_SIZES = {"tiny": (200, 200), "test": (30, 30)}
+EVAL_SIZES = {"tiny": (1000, 1000), "test": (30, 30)}
 
 
 class ModelRefError(UserError):
@@ -86,10 +88,15 @@ def _config_dict(size: str) -> dict[str, Any]:
 
 def _build_key(size: str, seed: int) -> str:
     spec = {"config": _config_dict(size), "recipe": SIZES[size], "seed": seed,
-            "corpus": {"fn": "pretrain_corpus", "n": SIZES[size]["corpus"]},
+            "corpus": {"fn": "pretrain_corpus", "n": _corpus_size(size)},
             "code": CODE_VERSION}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return f"{size}-{digest}"
+
+
+def _corpus_size(size: str) -> int:
+    """One pass: every pre-training example is seen once."""
+    return int(SIZES[size]["steps"] * SIZES[size]["batch"])
 
 
 def build_base(size: str = "tiny", cache_dir: Path | None = None, seed: int = 0,
@@ -161,22 +168,47 @@ def cache_problem(path: Path) -> str | None:
     return None
 
 
+def _learnt_tokens(tokenizer: Any, text: str) -> tuple[list[int], int]:
+    """Token ids of ``<bos> text <eos>`` and how many leading tokens carry no loss.
+
+    A task example (``prompt=answer``) is learnt on its answer and EOS only, as in SFT: its
+    prompt is a random sequence that the model cannot and need not predict. A raw sequence
+    chunk (no ``=``) is learnt on every token but the first.
+    """
+    ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    cut = text.find(PROMPT_END) + 1
+    return ids, len(tokenizer(text[:cut])["input_ids"]) if cut else 1
+
+
 def _batches(tokenizer: Any, texts: list[str], batch: int, rng: random.Random) -> Any:
+    """Endless ``(input_ids, attention_mask, labels)`` batches of ``batch`` random examples.
+
+    Every pass over the corpus is a new shuffle. Two faster-looking layouts learnt the tasks
+    several times slower per example: packing several examples into one row (no per-example
+    attention mask) and batching examples of equal length (each batch then holds mostly one
+    task). Raw chunks are no longer than task examples, so padding wastes little.
+    """
+    encoded = [_learnt_tokens(tokenizer, t) for t in texts]
+    order = list(range(len(encoded)))
+    while True:
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch + 1, batch):
+            yield _padded([encoded[i] for i in order[start:start + batch]])
+
+
+def _padded(rows: list[tuple[list[int], int]]) -> tuple[Any, Any, Any]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 where no loss)."""
     import torch
 
-    eos = tokenizer.eos_token_id
-    while True:
-        chosen = rng.sample(texts, batch)
-        ids = [tokenizer(t)["input_ids"] + [eos] for t in chosen]
-        width = max(map(len, ids))
-        input_ids = torch.zeros((batch, width), dtype=torch.long)
-        labels = torch.full((batch, width), -100, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for row, seq in enumerate(ids):  # right padding while training
-            input_ids[row, :len(seq)] = torch.tensor(seq)
-            labels[row, 1:len(seq)] = torch.tensor(seq[1:])
-            mask[row, :len(seq)] = 1
-        yield input_ids, mask, labels
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (ids, skip) in enumerate(rows):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, skip:len(ids)] = torch.tensor(ids[skip:])
+        mask[row, :len(ids)] = 1
+    return input_ids, mask, labels
 
 
 def _pretrain(size: str, seed: int, out: Path, say: Callable[[str], None]) -> dict[str, Any]:
@@ -192,11 +224,12 @@ def _pretrain(size: str, seed: int, out: Path, say: Callable[[str], None]) -> di
     build_tokenizer(out)
     tokenizer = AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
     model = LlamaForCausalLM(LlamaConfig(**_config_dict(size)))
-    texts = pretrain_corpus(seed=seed, n=spec["corpus"])
+    texts = pretrain_corpus(seed=seed, n=_corpus_size(size))
     optim = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.01)
-    # a fixed warmup then a constant rate: a shorter build is a prefix of a longer one
+    # a short warm-up, then a linear decay to 0: the decay settles the rules learnt so far
     warmup, steps = min(30, spec["steps"]), spec["steps"]
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / steps))
     batches = _batches(tokenizer, texts, spec["batch"], random.Random(f"{seed}:batches"))
     start = time.perf_counter()
     model.train()
@@ -235,26 +268,27 @@ def _heldout_loss(model: Any, tokenizer: Any, seed: int, n: int = 256) -> float:
         rec = recs[rng.randrange(len(recs))]
         start = rng.randrange(len(rec) - 48 + 1)
         texts.append(rec[start:start + 48])
-    batch = next(_batches(tokenizer, texts, len(texts), random.Random(0)))
+    input_ids, mask, labels = _padded([_learnt_tokens(tokenizer, t) for t in texts])
     with torch.no_grad():
-        return float(model(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss)
+        return float(model(input_ids=input_ids, attention_mask=mask, labels=labels).loss)
 
 
 def _base_accuracy(model: Any, tokenizer: Any, size: str) -> dict[str, Any]:
+    """Base ID/OOD accuracy with standard errors, overall and per task (base_info.json)."""
+    from stagebudget.evaluate import max_new_tokens_for, mean_and_se, scores
     from stagebudget.tasks import load_suite
 
     n_id, n_ood = EVAL_SIZES[size]
     suite = load_suite(n_train=0, n_id_test=n_id, n_ood_test=n_ood, seed=0)
     out: dict[str, Any] = {"eval_suite": suite.name}
-    for split in ("id_test", "ood_test"):
+    for split, key in (("id_test", "id"), ("ood_test", "ood")):
         examples = suite.split(split)
-        preds = greedy_generate(model, tokenizer, [e.prompt for e in examples], 12)
-        scores = [suite.score(e, p) for e, p in zip(examples, preds, strict=True)]
-        key = "id" if split == "id_test" else "ood"
-        out[f"base_{key}_accuracy"] = round(sum(scores) / max(1, len(scores)), 4)
+        got = scores(model, tokenizer, suite, examples, max_new_tokens_for(suite))
+        mean, se = mean_and_se(got)
+        out[f"base_{key}_accuracy"], out[f"base_{key}_accuracy_se"] = round(mean, 4), round(se, 4)
         for task in suite.tasks:
-            mine = [s for e, s in zip(examples, scores, strict=True) if e.task == task]
-            out[f"base_{key}_accuracy_{task}"] = round(sum(mine) / max(1, len(mine)), 4)
+            mine = [s for e, s in zip(examples, got, strict=True) if e.task == task]
+            out[f"base_{key}_accuracy_{task}"] = round(mean_and_se(mine)[0], 4)
     return out
 
 

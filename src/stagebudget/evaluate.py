@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from stagebudget.records import ID_ACCURACY, OOD_ACCURACY
+import math
+
+from stagebudget.records import ID_ACCURACY, ID_ACCURACY_SE, OOD_ACCURACY, OOD_ACCURACY_SE
 
 EVAL_BATCH = 256
 
@@ -19,24 +21,52 @@ def max_new_tokens_for(suite: Any, slack: int = 2) -> int:
     return max((len(a) for a in answers), default=8) + slack
 
 
-def accuracy(model: Any, tokenizer: Any, suite: Any, examples: list[Any], max_new_tokens: int,
-             batch_size: int = EVAL_BATCH) -> float:
-    """Mean ``suite.score`` of greedy completions of ``examples`` (0.0 for an empty split)."""
+def mean_and_se(scores: list[float]) -> tuple[float, float]:
+    """Mean of per-example scores and its standard error (sample sd / sqrt(n)).
+
+    For 0/1 scores this is the binomial standard error ``sqrt(p(1-p)/(n-1))``.
+
+    >>> mean_and_se([1.0, 0.0, 1.0, 0.0])
+    (0.5, 0.2886751345948129)
+    """
+    n = len(scores)
+    if n == 0:
+        return 0.0, 0.0
+    mean = sum(scores) / n
+    if n == 1:
+        return mean, 0.0
+    var = sum((s - mean) ** 2 for s in scores) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def scores(model: Any, tokenizer: Any, suite: Any, examples: list[Any], max_new_tokens: int,
+           batch_size: int = EVAL_BATCH) -> list[float]:
+    """``suite.score`` of the greedy completion of each example."""
     from stagebudget.basemodel import greedy_generate
 
     if not examples:
-        return 0.0
+        return []
     preds = greedy_generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens,
                             batch_size=batch_size)
-    scores = [suite.score(e, p) for e, p in zip(examples, preds, strict=True)]
-    return sum(scores) / len(scores)
+    return [suite.score(e, p) for e, p in zip(examples, preds, strict=True)]
+
+
+def accuracy(model: Any, tokenizer: Any, suite: Any, examples: list[Any], max_new_tokens: int,
+             batch_size: int = EVAL_BATCH) -> float:
+    """Mean ``suite.score`` of greedy completions of ``examples`` (0.0 for an empty split)."""
+    return mean_and_se(scores(model, tokenizer, suite, examples, max_new_tokens, batch_size))[0]
 
 
 def evaluate(model: Any, tokenizer: Any, suite: Any, *, max_new_tokens: int | None = None,
              batch_size: int = EVAL_BATCH) -> dict[str, float]:
-    """``{"id_accuracy", "ood_accuracy"}`` of greedy decoding on the suite's test splits."""
+    """Greedy decoding on the suite's test splits: each accuracy and its standard error.
+
+    Keys: ``id_accuracy``, ``id_accuracy_se``, ``ood_accuracy``, ``ood_accuracy_se``.
+    """
     n_new = max_new_tokens or max_new_tokens_for(suite)
-    return {
-        ID_ACCURACY: accuracy(model, tokenizer, suite, suite.id_test, n_new, batch_size),
-        OOD_ACCURACY: accuracy(model, tokenizer, suite, suite.ood_test, n_new, batch_size),
-    }
+    out: dict[str, float] = {}
+    for split, key, se_key in ((suite.id_test, ID_ACCURACY, ID_ACCURACY_SE),
+                               (suite.ood_test, OOD_ACCURACY, OOD_ACCURACY_SE)):
+        out[key], out[se_key] = mean_and_se(
+            scores(model, tokenizer, suite, split, n_new, batch_size))
+    return out

@@ -4,10 +4,14 @@ A :class:`BudgetClock` is a stopwatch over training that pauses while the model 
 the budget is charged for training only (evaluation is recorded beside it). On a CPU a
 device-second is a wall-second; on GPUs it is wall-seconds times the GPUs held.
 
-:class:`BudgetCallback` stops a stage *before* a step that would pass the remaining budget (using
-the last step's duration as the estimate of the next), so the measured training time never exceeds
-the budget by more than one step. A stop is recorded (``stopped_at_budget``) and any overrun is
-recorded too (``overrun_seconds``), never hidden.
+The schedule's planned steps are the contract: the planner fits them into the budget with the
+cost model, and a trial trains exactly those steps whatever the machine's load, so the same
+schedule gives the same result on an idle and on a busy machine. The measured spend is recorded
+beside the planned one, and an overrun is flagged (``over_budget``, ``overrun_seconds``), never
+hidden. Only a runaway trial is stopped: :class:`BudgetCallback` ends a stage once training has
+used ``guard`` times the budget (:data:`OVERRUN_GUARD` by default) and marks it
+``stopped_by_guard``; the pipeline then fails the trial with :class:`BudgetGuardError`, so a
+half-trained schedule is never scored.
 
 >>> clock = BudgetClock(budget_seconds=10.0)
 >>> clock.begin_stage("sft", 0, planned_steps=5, planned_seconds=4.0)
@@ -24,6 +28,15 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
+OVERRUN_GUARD = 1.5  # a trial may use this many times its budget before it is stopped
+
+
+class BudgetGuardError(RuntimeError):
+    """A trial used more than its overrun guard allows; it was stopped and is not scored."""
+
+    def __init__(self, message: str) -> None:  # one argument: survives pickling (Ray)
+        super().__init__(message)
+
 
 @dataclass
 class StageEntry:
@@ -38,20 +51,25 @@ class StageEntry:
     eval_seconds: float = 0.0
     setup_seconds: float = 0.0
     max_step_seconds: float = 0.0
-    stopped_at_budget: bool = False
+    stopped_by_guard: bool = False
 
 
 class BudgetClock:
     """Stopwatch of training device-seconds against an optional budget.
 
-    ``budget_seconds`` is the whole schedule's training budget (None: unlimited). ``gpus`` is the
-    number of devices held (device-seconds = wall-seconds x gpus; 1 on a CPU).
+    ``budget_seconds`` is the whole schedule's training budget (None: unlimited); ``guard`` is the
+    multiple of it after which a runaway trial is stopped. ``gpus`` is the number of devices held
+    (device-seconds = wall-seconds x gpus; 1 on a CPU).
     """
 
     def __init__(self, budget_seconds: float | None = None, *, device: str = "cpu",
-                 gpus: int = 1, timer: Any = time.perf_counter) -> None:
+                 gpus: int = 1, timer: Any = time.perf_counter,
+                 guard: float = OVERRUN_GUARD) -> None:
         if budget_seconds is not None and budget_seconds <= 0:
             raise ValueError(f"budget_seconds must be > 0 or None, but got {budget_seconds}")
+        if guard < 1:
+            raise ValueError(f"the overrun guard must be >= 1 (times the budget), but got {guard}")
+        self.guard = guard
         if gpus < 1:
             raise ValueError(f"gpus must be >= 1, but got {gpus}")
         self.budget_seconds = budget_seconds
@@ -143,15 +161,14 @@ class BudgetClock:
             return None
         return self.budget_seconds - self.train_seconds()
 
-    def exhausted(self) -> bool:
-        """True when no training time is left."""
-        left = self.remaining()
-        return left is not None and left <= 0
+    def guard_seconds(self) -> float | None:
+        """Training device-seconds after which a runaway trial is stopped (None: no budget)."""
+        return None if self.budget_seconds is None else self.budget_seconds * self.guard
 
-    def fits(self, step_seconds: float) -> bool:
-        """Whether one more step of ``step_seconds`` stays within the budget."""
-        left = self.remaining()
-        return left is None or (left > 0 and left >= step_seconds)
+    def past_guard(self) -> bool:
+        """True once training has used more than the overrun guard allows."""
+        limit = self.guard_seconds()
+        return limit is not None and self.train_seconds() > limit
 
     def overrun_seconds(self) -> float:
         """Training device-seconds spent beyond the budget (0 when within it or unlimited)."""
@@ -170,45 +187,39 @@ class BudgetClock:
             "eval_seconds": sum(s.eval_seconds for s in self.stages),
             "setup_seconds": sum(s.setup_seconds for s in self.stages),
             "device_hours": train / 3600.0,
-            "stopped_at_budget": any(s.stopped_at_budget for s in self.stages),
+            "guard_seconds": self.guard_seconds(),
+            "over_budget": self.overrun_seconds() > 0,
+            "stopped_by_guard": any(s.stopped_by_guard for s in self.stages),
             "overrun_seconds": self.overrun_seconds(),
             "stages": [asdict(s) for s in self.stages],
         }
 
 
-def budget_callback(clock: BudgetClock, prior_step_seconds: float | None = None) -> Any:
-    """A ``TrainerCallback`` that stops training before a step that would pass the budget.
+def budget_callback(clock: BudgetClock) -> Any:
+    """A ``TrainerCallback`` that stops a runaway stage once the overrun guard is passed.
 
-    The next step is estimated to take as long as the last one (before the first step,
-    ``prior_step_seconds``, e.g. the cost model's estimate). Built lazily so that importing this
-    module does not import transformers.
+    Within the guard a stage always trains all its planned steps: the budget was enforced
+    when the schedule was planned. Built lazily so that importing this module does not import
+    transformers.
     """
     from transformers import TrainerCallback
 
     class BudgetCallback(TrainerCallback):  # type: ignore[misc]
-        """Stop before a step that would overrun; mark the stage as stopped at the budget."""
+        """Record the slowest step; stop and mark the stage when the guard is passed."""
 
         def __init__(self) -> None:
             self.last_mark = clock.train_seconds()
-            self.estimate = prior_step_seconds or 0.0
-
-        def _check(self, control: Any) -> None:
-            if not clock.fits(self.estimate):
-                control.should_training_stop = True
-                clock.current.stopped_at_budget = True
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            # The Trainer takes its first step whatever the control says: whether a stage may
-            # start at all is decided before it is built (``BudgetClock.fits``).
             self.last_mark = clock.train_seconds()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             now = clock.train_seconds()
-            self.estimate = now - self.last_mark
-            self.last_mark = now
             entry = clock.current
-            entry.max_step_seconds = max(entry.max_step_seconds, self.estimate)
-            if state.global_step < state.max_steps:
-                self._check(control)
+            entry.max_step_seconds = max(entry.max_step_seconds, now - self.last_mark)
+            self.last_mark = now
+            if clock.past_guard() and state.global_step < state.max_steps:
+                control.should_training_stop = True
+                entry.stopped_by_guard = True
 
     return BudgetCallback()

@@ -6,8 +6,10 @@ first point of stage k>0 is the last of stage k-1, reused, not re-measured), eve
 ``eval_interval`` steps and at the end of each stage. Every curve row is appended to
 ``curves.jsonl`` as it is measured and passed to ``report`` (the search forwards it to Ray).
 
-Training time is charged to the schedule's budget (``budget_hours``); a stage that would pass it
-is stopped before the step that would, and the stop is recorded in the ledger. Exceptions
+Training time is charged to the schedule's budget (``budget_hours``). Every stage trains exactly
+its planned steps (the budget was enforced when the schedule was planned), so a result never
+depends on machine load; the measured spend and any overrun are recorded in the ledger. A runaway
+trial, past the overrun guard, is stopped and fails with :class:`BudgetGuardError`. Exceptions
 propagate: a failed trial is a failure, never a zero score.
 """
 
@@ -22,12 +24,12 @@ from typing import Any
 
 from stagebudget.cost import CostModel, default_cost_model
 from stagebudget.fileio import atomic_write_json
-from stagebudget.ledger import BudgetClock
-from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY
+from stagebudget.ledger import OVERRUN_GUARD, BudgetClock, BudgetGuardError
+from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY, STANDARD_ERRORS
 from stagebudget.schedule import Schedule, StageSpec
 from stagebudget.stages.common import TrainingDiverged
 
-__all__ = ["TrainingDiverged", "TrialResult", "run_schedule"]
+__all__ = ["BudgetGuardError", "TrainingDiverged", "TrialResult", "run_schedule"]
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -44,11 +46,13 @@ class TrialResult:
     curves: list[dict[str, Any]] = field(default_factory=list)
     ledger: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    standard_errors: dict[str, float] = field(default_factory=dict)
 
     def objectives(self) -> dict[str, float]:
-        """``{"id_accuracy", "ood_accuracy", "device_hours"}``."""
+        """``{"id_accuracy", "ood_accuracy", "device_hours"}`` and the accuracies' standard
+        errors (``id_accuracy_se``, ``ood_accuracy_se``)."""
         return {ID_ACCURACY: self.id_accuracy, OOD_ACCURACY: self.ood_accuracy,
-                DEVICE_HOURS: self.device_hours}
+                DEVICE_HOURS: self.device_hours, **self.standard_errors}
 
 
 class _Curves:
@@ -119,7 +123,9 @@ class _Run:
             "stage": kind, "stage_index": index, "step": step,
             "global_step": self.curves.global_offset + step,
             "device_seconds": self.clock.train_seconds(),
-            ID_ACCURACY: acc[ID_ACCURACY], OOD_ACCURACY: acc[OOD_ACCURACY], **signal,
+            **{k: acc[k] for k in (ID_ACCURACY, OOD_ACCURACY, *STANDARD_ERRORS.values())
+               if k in acc},
+            **signal,
         })
 
 
@@ -135,7 +141,7 @@ def _seed_everything(seed: int) -> None:
 
 def _start(schedule: Schedule, out_dir: Path | None, device: str, cost: CostModel,
            cache_dir: Path | None, base_dir: Path | None, report: Report | None,
-           progress: Report | None) -> _Run:
+           progress: Report | None, guard: float = OVERRUN_GUARD) -> _Run:
     """Load the base model and the suite; open the run's outputs."""
     from stagebudget.basemodel import load_model_and_tokenizer, resolve_base_model
     from stagebudget.evaluate import max_new_tokens_for
@@ -153,7 +159,7 @@ def _start(schedule: Schedule, out_dir: Path | None, device: str, cost: CostMode
     suite = load_suite(t.source, t.names, n_train=t.n_train, n_id_test=t.n_id_test,
                        n_ood_test=t.n_ood_test, seed=t.seed, scorer=t.scorer, base_dir=base_dir)
     budget = schedule.budget_hours * 3600.0 if schedule.budget_hours is not None else None
-    clock = BudgetClock(budget, device=device)
+    clock = BudgetClock(budget, device=device, guard=guard)
     return _Run(schedule, model, tokenizer, suite, clock, _Curves(out_dir, report, progress),
                 cost, device, max_new_tokens_for(suite))
 
@@ -170,12 +176,6 @@ def _run_stage(run: _Run, index: int, spec: StageSpec, progress: Report | None) 
         run.measure(run.model, spec.kind, index, 0, [])
     else:  # the first point of this stage is the last one of the previous stage
         run.record(run.last_eval, spec.kind, index, 0, [])
-    if not run.clock.fits(per_step):
-        run.clock.current.stopped_at_budget = True
-        run.clock.end_stage(0)
-        run.stage_metrics.append({"skipped": "budget exhausted before the stage began"})
-        _emit(progress, "stage_end", stage=spec.kind, stage_index=index, steps_done=0)
-        return
     ctx = StageContext(
         model=run.model, tokenizer=run.tokenizer, suite=run.suite, spec=spec, stage_index=index,
         clock=run.clock, evaluate=lambda m, s: {}, seed=run.schedule.seed, device=run.device,
@@ -184,6 +184,13 @@ def _run_stage(run: _Run, index: int, spec: StageSpec, progress: Report | None) 
     ctx.evaluate = lambda model, step: run.measure(model, spec.kind, index, step, ctx.logs)
     out = get_stage(spec.kind)(ctx)
     run.clock.end_stage(out.steps_done)
+    if run.clock.current.stopped_by_guard:
+        raise BudgetGuardError(
+            f"stage {index} ({spec.kind}) was stopped after {out.steps_done} of {spec.steps} "
+            f"steps: the trial had used {run.clock.train_seconds():.1f} device-seconds, more than "
+            f"{run.clock.guard:g} x its budget of {run.clock.budget_seconds:.1f} s. The cost model "
+            "under-estimates this machine: run `stagebudget calibrate` (under the search's "
+            "concurrency) or raise the budget")
     run.model = out.model
     last = run.curves.rows[-1]
     if not (last["stage_index"] == index and last["step"] == out.steps_done):
@@ -204,14 +211,17 @@ def run_schedule(
     cache_dir: Path | None = None,
     base_dir: Path | None = None,
     progress: Report | None = None,
+    guard: float = OVERRUN_GUARD,
 ) -> TrialResult:
     """Train ``schedule`` stage by stage and measure it; write its records under ``out_dir``.
 
     Writes ``schedule.yaml``, ``curves.jsonl`` (row by row), ``ledger.json``, ``metrics.json``
     and, with ``save_model``, the final merged model to ``model/``. ``report`` receives every
     curve row; ``progress`` receives events (``load``, ``stage_start``, ``eval``,
-    ``stage_end``, ``done``). Raises :class:`TrainingDiverged` on a NaN/inf loss; any exception
-    propagates after the ledger so far is written.
+    ``stage_end``, ``done``). Every stage trains its planned steps; ``guard`` (times the
+    schedule's budget) stops a runaway trial with :class:`BudgetGuardError`. Raises
+    :class:`TrainingDiverged` on a NaN/inf loss; any exception propagates after the ledger so
+    far is written.
     """
     from stagebudget.stages.common import resolve_device
 
@@ -219,7 +229,7 @@ def run_schedule(
     dev = resolve_device(device)
     _seed_everything(schedule.seed)
     cost_model = cost if cost is not None else default_cost_model(schedule.base_model, dev)
-    run = _start(schedule, out, dev, cost_model, cache_dir, base_dir, report, progress)
+    run = _start(schedule, out, dev, cost_model, cache_dir, base_dir, report, progress, guard)
     try:
         for index, spec in enumerate(schedule.stages):
             _run_stage(run, index, spec, progress)
@@ -251,11 +261,12 @@ def _result(run: _Run) -> TrialResult:
             "planned_seconds": planned, "measured_seconds": measured,
             "measured_over_planned": measured / planned if planned > 0 else None,
             "seconds_per_step": measured / entry["steps_done"] if entry["steps_done"] else None,
-            "stopped_at_budget": entry["stopped_at_budget"],
+            "stopped_by_guard": entry["stopped_by_guard"],
             **{k: v for k, v in metrics.items() if k != "reward_per_step"},
         })
+    errors = {se: final[se] for se in STANDARD_ERRORS.values() if se in final}
     objectives = {ID_ACCURACY: final[ID_ACCURACY], OOD_ACCURACY: final[OOD_ACCURACY],
-                  DEVICE_HOURS: ledger["device_hours"]}
+                  DEVICE_HOURS: ledger["device_hours"], **errors}
     metrics = {
         "objectives": objectives,
         "schedule": run.schedule.describe(),
@@ -267,9 +278,9 @@ def _result(run: _Run) -> TrialResult:
         "measured_over_planned": (ledger["device_hours"] / planned_hours
                                   if planned_hours > 0 else None),
         "eval_seconds": ledger["eval_seconds"],
-        "stopped_at_budget": ledger["stopped_at_budget"],
+        "over_budget": ledger["over_budget"],
         "stages": stages,
     }
     return TrialResult(run.schedule, final[ID_ACCURACY], final[OOD_ACCURACY],
                        ledger["device_hours"], planned_hours, list(run.curves.rows), ledger,
-                       metrics)
+                       metrics, errors)

@@ -30,6 +30,10 @@ STATUSES = ("RUNNING", "COMPLETE", "FAILED", "PRUNED")
 ID_ACCURACY = "id_accuracy"
 OOD_ACCURACY = "ood_accuracy"
 DEVICE_HOURS = "device_hours"
+# Standard error of each accuracy over its test split, stored beside the objective.
+ID_ACCURACY_SE = "id_accuracy_se"
+OOD_ACCURACY_SE = "ood_accuracy_se"
+STANDARD_ERRORS = {ID_ACCURACY: ID_ACCURACY_SE, OOD_ACCURACY: OOD_ACCURACY_SE}
 
 
 @dataclass

@@ -162,7 +162,7 @@ def quiet_libraries() -> None:
 
 def stage_callbacks(ctx: StageContext) -> list[Any]:
     """Callbacks every stage trains with: logging + divergence + evaluation, and the budget."""
-    return [_log_eval_callback(ctx), budget_callback(ctx.clock, ctx.step_seconds_estimate),
+    return [_log_eval_callback(ctx), budget_callback(ctx.clock),
             *ctx.extra_callbacks]
 
 

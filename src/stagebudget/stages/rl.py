@@ -23,6 +23,7 @@ from stagebudget.stages.common import (
 )
 
 REWARD_NAME = "suite_reward"
+ZERO_STD_LOG = "frac_reward_zero_std"  # TRL's share of groups with identical rewards
 
 
 def rl_dataset(ctx: StageContext) -> Any:
@@ -76,14 +77,15 @@ def run_rl(ctx: StageContext) -> StageOutput:
 
 
 def reward_metrics(logs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean reward per logged step, and the first vs the last part of the run.
+    """Mean reward per logged step, the first vs the last quarter of the stage, and the share
+    of GRPO groups whose completions all got the same reward (no signal for GRPO).
 
     ``reward_first``/``reward_last`` average the first/last quarter of the logged steps (at
-    least 1, at most 10 steps each), since one step's mean over a few prompts is noisy.
+    least one step each), since one step's mean over a few prompts is noisy.
     """
     rows = [r for r in logs if r.get("reward") is not None]
     rewards = [float(r["reward"]) for r in rows]
-    k = max(1, min(10, len(rewards) // 4))
+    k = max(1, len(rewards) // 4)
     first = sum(rewards[:k]) / k if rewards else None
     last = sum(rewards[-k:]) / k if rewards else None
     return {
@@ -91,6 +93,7 @@ def reward_metrics(logs: list[dict[str, Any]]) -> dict[str, Any]:
         "reward_first": first,
         "reward_last": last,
         "reward_gain": (last - first) if first is not None and last is not None else None,
+        "zero_std_share": mean_of(logs, ZERO_STD_LOG),
         "reward_per_step": rewards,
         "train_loss": last_of(logs, "loss"),
     }

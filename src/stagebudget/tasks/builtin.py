@@ -18,6 +18,13 @@ from stagebudget.tasks import data
 DNA_COMP = str.maketrans("ACGT", "TGCA")
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 
+# Lengths of the default tasks, drawn uniformly per example: graded difficulty, so that a
+# model's success varies from prompt to prompt (GRPO learns only from groups whose rewards
+# differ) and short prompts are learnt before long ones.
+TRANSLATE_CODONS = (1, 5)
+STRAND_NT = (4, 12)
+CHARGE_AA = (4, 12)
+
 # (prompt, answer) or None when the drawn window is rejected
 Draw = tuple[str, str] | None
 
@@ -81,13 +88,13 @@ def _draw_translate(rng: random.Random, v: Variant, part: str, ood: bool) -> Dra
     code = int(v.rule)
     source = rng.choice(v.sources)
     step = 1 if source.endswith("genome") else 3  # CDS windows stay in frame
-    dna = _window(rng, source, part, 3 * rng.randint(3, 5), step=step)
+    dna = _window(rng, source, part, 3 * rng.randint(*TRANSLATE_CODONS), step=step)
     if set(dna) - set("ACGT"):
         return None
     protein = translate(dna, code)
     if ood and protein == translate(dna, 1):
         return None  # every OOD prompt holds a codon whose meaning differs from code 1
-    return f"tl{code}:{dna}=", protein
+    return f"tl{code}:{dna.lower()}=", protein
 
 
 def _draw_stop(rng: random.Random, v: Variant, part: str, ood: bool) -> Draw:
@@ -111,22 +118,31 @@ def first_stop(dna: str, code: int) -> int:
 
 # ---------------------------------------------------------------- strands
 def strand_op(op: str, dna: str) -> str:
-    """``rc`` reverse complement; ``tx`` mRNA from the coding strand; ``rt`` mRNA from the
-    template strand (reverse complement, U for T)."""
-    if op == "rc":
-        return _revcomp(dna)
+    """A strand operation on ``dna``, every result aligned base by base with its input:
+
+    ``cm`` the complementary DNA strand (written 3'->5'); ``tx`` the mRNA transcribed from a
+    coding strand (U for T); ``rt`` the mRNA transcribed from a template strand written 3'->5'
+    (the complement, U for T). ``rc`` (reverse complement) is kept for other uses.
+
+    >>> [strand_op(op, "ATGC") for op in ("cm", "tx", "rt", "rc")]
+    ['TACG', 'AUGC', 'UACG', 'GCAT']
+    """
+    if op == "cm":
+        return dna.translate(DNA_COMP)
     if op == "tx":
         return dna.replace("T", "U")
     if op == "rt":
-        return _revcomp(dna).replace("T", "U")
-    raise ValueError(f"unknown strand operation {op!r}; allowed: rc, tx, rt")
+        return dna.translate(DNA_COMP).replace("T", "U")
+    if op == "rc":
+        return _revcomp(dna)
+    raise ValueError(f"unknown strand operation {op!r}; allowed: cm, tx, rt, rc")
 
 
 def _draw_strand(rng: random.Random, v: Variant, part: str, ood: bool) -> Draw:
-    dna = _window(rng, rng.choice(v.sources), part, rng.randint(7, 10))
+    dna = _window(rng, rng.choice(v.sources), part, rng.randint(*STRAND_NT))
     if set(dna) - set("ACGT"):
         return None
-    return f"{v.rule}:{dna}=", strand_op(v.rule, dna)
+    return f"{v.rule}:{dna.lower()}=", strand_op(v.rule, dna)
 
 
 def _draw_antisense(rng: random.Random, v: Variant, part: str, ood: bool) -> Draw:
@@ -205,7 +221,7 @@ def charge_string(peptide: str, ph: float) -> str:
 
 
 def _draw_charge(rng: random.Random, v: Variant, part: str, ood: bool) -> Draw:
-    pep = _peptide(rng, v, part, 5, 8)
+    pep = _peptide(rng, v, part, *CHARGE_AA)
     if pep is None:
         return None
     answer = charge_string(pep, float(v.rule))
@@ -261,7 +277,7 @@ GENOMES = ("ecoli_genome", "cdip_genome")
 BUILTIN_TASKS: dict[str, BuiltinTask] = {t.name: t for t in (
     BuiltinTask(
         "translate", "transcriptomics",
-        "Translate 3-5 codons of real CDS or genome under the NCBI genetic code named in the "
+        "Translate 1-5 codons of real CDS or genome under the NCBI genetic code named in the "
         "prompt.",
         "genetic codes 1 and 11 (E. coli and Mycoplasma-like CDS windows, E. coli genome frames)",
         "genetic codes 2 and 4; every prompt holds a codon whose meaning differs from code 1",
@@ -271,17 +287,18 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {t.name: t for t in (
         _draw_translate),
     BuiltinTask(
         "strand", "genomics",
-        "Apply the strand operation named in the prompt to 7-10 nt of real genome: rc = reverse "
-        "complement, tx = mRNA from the coding strand, rt = mRNA from the template strand.",
-        "operations rc and tx",
-        "operation rt (mRNA from the template strand), never trained",
+        "Apply the strand operation named in the prompt to 4-12 nt of real genome, base by base: "
+        "cm = complementary DNA strand (3'->5'), tx = mRNA from the coding strand, rt = mRNA "
+        "from the template strand given 3'->5'.",
+        "operations cm and tx",
+        "operation rt (complement, U for T), never trained; it conflicts with both ID rules",
         "exact",
-        (Variant("rc", GENOMES), Variant("tx", GENOMES)),
+        (Variant("cm", GENOMES), Variant("tx", GENOMES)),
         (Variant("rt", GENOMES),),
         _draw_strand),
     BuiltinTask(
         "charge", "proteins",
-        "Per-residue side-chain charge sign (+, -, 0) of a 5-8 aa real protein window at the pH "
+        "Per-residue side-chain charge sign (+, -, 0) of a 4-12 aa real protein window at the pH "
         "named in the prompt (Bio.SeqUtils.IsoelectricPoint pKa values).",
         "pH 7 and 8",
         "pH 5 and 11; every prompt holds a residue whose charge differs from pH 7",
