@@ -6,9 +6,8 @@ trainers tokenize them, so the model is measured on the inputs it was trained on
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
+from typing import Any
 
 from stagebudget.records import ID_ACCURACY, ID_ACCURACY_SE, OOD_ACCURACY, OOD_ACCURACY_SE
 
