@@ -16,11 +16,11 @@ from stagebudget.errors import UserError
 from stagebudget.records import RunDir
 from stagebudget.search import check_local_resources, run_search
 from stagebudget.space import SearchSpace
+from stagebudget.studystore import open_storage
 from stagebudget.trainable import fake_trial_fn
 from stagebudget.tune_adapter import (
     BudgetLimiter,
     make_sampler,
-    open_storage,
     reference_name,
 )
 
@@ -179,7 +179,7 @@ def test_search_budget_stops_new_trials_and_is_recorded(tmp_path: Path) -> None:
                          storage=str(tmp_path / "journal.log"), live=False, trial_fn=FAST)
     meta = RunDir(run_dir).read_meta()
     assert meta["stopped_by_budget"] is True and meta["search_budget_hours"] == 0.03
-    assert meta["storage"] == str(tmp_path / "journal.log")
+    assert meta["storage"] == "journal:" + str(tmp_path / "journal.log")
     study = study_of(run_dir)
     assert len(study.trials) == 2
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)

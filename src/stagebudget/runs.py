@@ -20,11 +20,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from stagebudget.errors import ConfigError, RunError
+from stagebudget.errors import ConfigError, RunError, UserError
 from stagebudget.fileio import read_yaml
 from stagebudget.pareto import FrontInfo, TrialPoint, compute_front, curve_series
 from stagebudget.records import DEVICE_HOURS, RunDir, TrialRecord
 from stagebudget.schedule import Schedule
+from stagebudget.studystore import JOURNAL_PREFIX, is_journal, journal_path, open_storage, redact
 
 STATES = ("COMPLETE", "RUNNING", "WAITING", "PRUNED", "FAILED")
 
@@ -267,20 +268,24 @@ def load_run(path: str | Path) -> Run:
     study_name = meta.get("study_name")
     if not isinstance(study_name, str) or not study_name:
         raise RunError(f"{run_dir.meta} has no `study_name`; the run description is incomplete")
-    storage = _storage_url(meta.get("storage"), run_dir)
+    url = _storage_url(meta.get("storage"), run_dir)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        storage = open_storage(url, create=False)  # the code that wrote the study reads it
+    except UserError as exc:
+        raise RunError(f"{exc} (the study of {run_dir.meta})") from None
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise RunError(
-            f"study {study_name!r} (from {run_dir.meta}) is not in {storage}; studies there: "
+            f"study {study_name!r} (from {run_dir.meta}) is not in {redact(url)}; studies there: "
             f"{', '.join(map(repr, names)) or 'none'}"
         ) from None
     except Exception as exc:  # storage back-ends raise many types; say which storage failed
-        raise RunError(f"cannot open the study storage {storage}: {exc}") from None
+        raise RunError(f"cannot open the study storage {redact(url)}: {exc}") from None
     return Run(run_dir.root, meta, study)
 
 
@@ -302,6 +307,12 @@ def _storage_url(storage: Any, run_dir: RunDir) -> str:
     """The study storage URL; a SQLite file that moved with the run directory is found there."""
     if not isinstance(storage, str) or not storage:
         raise RunError(f"{run_dir.meta} has no `storage` (an Optuna storage URL)")
+    if is_journal(storage):
+        path = journal_path(storage)
+        moved = run_dir.root / path.name
+        if not path.is_file() and moved.is_file():  # the run directory was moved or copied
+            return JOURNAL_PREFIX + str(moved.resolve())
+        return storage
     if not storage.startswith("sqlite:///"):
         return storage
     db = Path(storage.removeprefix("sqlite:///"))

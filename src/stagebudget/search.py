@@ -25,6 +25,7 @@ from stagebudget.errors import UserError
 from stagebudget.fileio import atomic_write_yaml
 from stagebudget.records import DEVICE_HOURS, RunDir
 from stagebudget.space import SearchSpace
+from stagebudget.studystore import normalize_url, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -127,18 +128,13 @@ def default_storage_url(run: RunDir) -> str:
 def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int | None,
               budget_hours: float | None, concurrency: int | None, address: str | None,
               storage: str | None) -> SearchPlan:
-    from stagebudget.tune_adapter import open_storage
-
     space = _load_space(space_path, trials, concurrency, budget_hours, address)
     name = name or space.name
     run = RunDir(runs_dir / name)
     if run.root.exists():
         raise UserError(f"run directory {run.root} already exists; continue it with --resume, "
                         "or start a new run with --name NEW_NAME")
-    url = storage or default_storage_url(run)
-    if "://" not in url:  # a journal file: absolute, so resume works from any directory
-        prefix = "journal:" if url.startswith("journal:") else ""
-        url = prefix + str(Path(url.removeprefix("journal:")).resolve())
+    url = normalize_url(storage or default_storage_url(run))
     run.root.mkdir(parents=True)
     try:
         store = open_storage(url)
@@ -162,8 +158,6 @@ def _plan_resume(space_path: Path, *, name: str | None, runs_dir: Path, trials: 
                  budget_hours: float | None, concurrency: int | None, address: str | None,
                  storage: str | None) -> SearchPlan:
     """Load the run by name; mark what a killed driver left RUNNING as FAIL; count what is left."""
-    from stagebudget.tune_adapter import open_storage
-
     run = RunDir(runs_dir / (name or _space_name(space_path)))
     if not run.root.exists():
         raise UserError(f"cannot resume: run directory {run.root} does not exist; start it "

@@ -1,4 +1,5 @@
-"""The one module that builds Ray Tune and Optuna objects: sampler, storage, searcher, Tuner.
+"""The one module that builds Ray Tune and Optuna objects: sampler, searcher, Tuner (storage:
+:mod:`stagebudget.studystore`).
 
 Optuna samples (multi-objective), Ray Tune executes. Facts this module relies on (Ray 2.60,
 Optuna 5.0, read from the installed sources):
@@ -27,7 +28,7 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from stagebudget.errors import ConfigError, UserError
+from stagebudget.errors import ConfigError
 from stagebudget.records import DEVICE_HOURS, RunDir, TrialRecord
 from stagebudget.space import SearchSpace
 
@@ -84,26 +85,6 @@ def make_sampler(space: SearchSpace, trials: int) -> Any:
             raise ConfigError(f"bad option for the {spec.name} sampler: {exc}",
                               source=getattr(space, "_source", None),
                               field="sampler.options") from None
-
-
-def open_storage(url: str) -> Any:
-    """An Optuna storage object from a URL (``sqlite:///...``, ``postgresql://...``) or a
-    journal file path (``*.log``, ``*.journal`` or ``journal:PATH``)."""
-    import optuna
-
-    if url.startswith("journal:") or url.endswith((".log", ".journal", ".jsonl")):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = url.removeprefix("journal:")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(path))
-    if "://" not in url:
-        raise UserError(f"--storage {url!r} is neither a database URL (sqlite:///run/study.db, "
-                        "postgresql://user@host/db) nor a journal file (*.log or journal:PATH)")
-    try:
-        return optuna.storages.RDBStorage(url)
-    except Exception as exc:  # a bad URL or an unreachable server, before any compute
-        raise UserError(f"cannot open Optuna storage {url!r}: {exc}") from None
 
 
 class StudySearch(OptunaSearch):
