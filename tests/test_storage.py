@@ -96,6 +96,11 @@ def test_search_kill_resume_and_read_back(kind: str, tmp_path: Path) -> None:
         run = load_run(runs / "st")
         assert len(run.trials()) == TRIALS
         assert run.front(curves=False).front
+        assert run.study.metric_names == ["id_accuracy", "ood_accuracy", "device_hours"][
+            :len(run.study.directions)]
+        for t in run.study.trials:  # described for Optuna's tools, before and after the kill
+            if t.state == optuna.trial.TrialState.COMPLETE:
+                assert {"schedule", "steps_ran", "device_hours"} <= t.user_attrs.keys()
         _read_back_with_cli(runs / "st", tmp_path)
 
 

@@ -30,6 +30,9 @@ STATUSES = ("RUNNING", "COMPLETE", "FAILED", "PRUNED")
 ID_ACCURACY = "id_accuracy"
 OOD_ACCURACY = "ood_accuracy"
 DEVICE_HOURS = "device_hours"
+# Standard errors of the objectives (in a record's objectives and metrics.json when measured).
+ID_ACCURACY_SE = "id_accuracy_se"
+OOD_ACCURACY_SE = "ood_accuracy_se"
 
 
 @dataclass
@@ -124,6 +127,10 @@ class RunDir:
 
     def write_record(self, record: TrialRecord) -> None:
         atomic_write_json(self.trial_dir(record.key) / "record.json", record.to_dict())
+
+    def read_record(self, key: str) -> TrialRecord | None:
+        """The record of trial ``key``, or None when it is missing or unreadable."""
+        return _read_record(self.trial_dir(key) / "record.json")
 
     def records(self) -> list[TrialRecord]:
         """All readable trial records; corrupted ones are skipped and reported by ``bad_records``."""

@@ -11,8 +11,11 @@ runs only the trials still missing, attached to the same study.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import shlex
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -120,6 +123,12 @@ def _load_space(path: Path, trials: int | None, concurrency: int | None,
     return space
 
 
+def command_line() -> str:
+    """The command that started this process, as a shell would take it back."""
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    return shlex.join([prog, *sys.argv[1:]])
+
+
 def default_storage_url(run: RunDir) -> str:
     """SQLite in the run directory (one writer: the driver)."""
     return f"sqlite:///{run.study_db.resolve()}"
@@ -146,7 +155,7 @@ def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int
         "storage": url, "space_file": str(Path(space_path).resolve()), "created": time.time(),
         "objectives": [{"name": o.name, "direction": o.direction} for o in space.objectives],
         "trials_requested": space.trials, "search_budget_hours": space.budget.search_hours,
-        "address": address, "stopped_by_budget": False,
+        "address": address, "stopped_by_budget": False, "command": command_line(),
     }
     run.write_meta(meta)
     atomic_write_yaml(run.space, space.model_dump(mode="json", exclude_none=True))
@@ -216,6 +225,7 @@ def mark_interrupted(study: Any, run: RunDir, objectives: list[str]) -> int:
     """
     from optuna.trial import TrialState
 
+    from stagebudget.studyinfo import annotate_trial
     from stagebudget.tune_adapter import TUNE_ID_ATTR
 
     storage = study._storage
@@ -224,6 +234,7 @@ def mark_interrupted(study: Any, run: RunDir, objectives: list[str]) -> int:
         rec = records.get(t.user_attrs.get(TUNE_ID_ATTR, ""))
         if rec and rec.status == "COMPLETE" and all(o in rec.objectives for o in objectives):
             values = [float(rec.objectives[o]) for o in objectives]
+            annotate_trial(functools.partial(storage.set_trial_user_attr, t._trial_id), rec)
             storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, values)
             continue
         storage.set_trial_user_attr(t._trial_id, "error", "interrupted")  # before: FAIL is final
@@ -281,6 +292,7 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
     from ray import tune
 
     from stagebudget.live import Display, LiveDisplay, ProgressCallback
+    from stagebudget.studyinfo import annotate_study
     from stagebudget.trainable import trial_trainable
     from stagebudget.tune_adapter import build_tuner
 
@@ -303,6 +315,7 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
                 "per_trial_hours": space.budget.per_trial_hours,
                 "planned_hours": _planner(space, cost), "prior_hours": plan.prior_hours})
         holder.update(limiter=limiter, study=search.study)
+        annotate_study(search.study, space, plan.run.root, plan.meta)
         with display:
             tuner.fit()
             display.update(_stats(plan, holder, 0), force=True)

@@ -31,12 +31,12 @@ from ray.tune.search.optuna import OptunaSearch
 from stagebudget.errors import ConfigError
 from stagebudget.records import DEVICE_HOURS, RunDir, TrialRecord
 from stagebudget.space import SearchSpace
+from stagebudget.studyinfo import REFERENCE_ATTR, annotate_trial
 
 log = logging.getLogger(__name__)
 
 TUNE_DIR_NAME = "tune"
 TUNE_ID_ATTR = "tune_trial_id"
-REFERENCE_ATTR = "reference"
 
 
 # --- Optuna -------------------------------------------------------------------------------------
@@ -92,9 +92,10 @@ class StudySearch(OptunaSearch):
     so the study, Tune and the trial records join on one key."""
 
     def __init__(self, *args: Any, references: Sequence[tuple[str, dict[str, Any]]] = (),
-                 **kwargs: Any) -> None:
+                 run_dir: Path | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._references = list(references)
+        self._run = RunDir(Path(run_dir)) if run_dir is not None else None
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
@@ -105,6 +106,17 @@ class StudySearch(OptunaSearch):
             if name:
                 ot_trial.set_user_attr(REFERENCE_ATTR, name)
         return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        """Describe the Optuna trial from its record (schedule, steps, SEs...), then tell it."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and self._run is not None:
+            try:
+                annotate_trial(ot_trial.set_user_attr, self._run.read_record(trial_id))
+            except Exception as exc:  # a description must never lose the trial's result
+                log.warning("could not describe Optuna trial of %s: %s", trial_id, exc)
+        super().on_trial_complete(trial_id, result=result, error=error)
 
     @property
     def study(self) -> Any:
@@ -260,6 +272,7 @@ def build_tuner(trainable: Callable[..., Any], space: SearchSpace, *, run_dir: P
         space=space.optuna_space(), metric=metric_names(space), mode=modes(space),
         points_to_evaluate=list(points) or None, sampler=make_sampler(space, num_samples),
         storage=storage, study_name=study_name, references=space.reference_points(),
+        run_dir=Path(run_dir),
     )
     limited = ConcurrencyLimiter(search, max_concurrent=concurrency)
     budget = BudgetLimiter(limited, **limiter_kwargs)
