@@ -128,12 +128,15 @@ def export(
         help="knee | max-ood | max-id | ood-at-id=0.9 | trial=N")] = "knee",
     out: Annotated[Path, typer.Option("-o", "--out", help="Schedule file to write")] = Path("best.yaml"),
 ) -> None:
-    """Export a front schedule: a file `stagebudget train` re-runs, plus TRL/PEFT configs."""
+    """Export a front schedule: a file `stagebudget train` re-runs, its TRL/PEFT configs, and a
+    stand-alone TRL + PEFT script beside it (same name, .py)."""
     from stagebudget.export import export as do_export
+    from stagebudget.export import script_path
     from stagebudget.runs import load_run
 
     path = do_export(load_run(run), pick, out)
     console.print(f"exported: {path}   re-run with: stagebudget train {path} -o OUTDIR")
+    console.print(f"plain TRL + PEFT: python {script_path(path)} --out OUTDIR")
 
 
 @app.command()
