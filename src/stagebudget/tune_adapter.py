@@ -17,6 +17,7 @@ Optuna 5.0, read from the installed sources):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -32,6 +33,7 @@ from stagebudget.errors import ConfigError
 from stagebudget.records import DEVICE_HOURS, RunDir, TrialRecord
 from stagebudget.space import SearchSpace
 from stagebudget.studyinfo import REFERENCE_ATTR, annotate_trial
+from stagebudget.tbcurves import CurveWriter, run_label, write_trial_events
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +251,60 @@ class RecordKeeper(tune.Callback):
         self.run.write_record(record)
 
 
+class TensorBoardCurves(tune.Callback):
+    """Writes each trial's curve rows as TensorBoard events in ``RUN/tensorboard/`` as they
+    arrive, named by Optuna trial number and schedule (see :mod:`stagebudget.tbcurves`).
+
+    A trial that reused a twin's measurements reports no rows; its curves are written from its
+    ``curves.jsonl`` when it completes.
+    """
+
+    def __init__(self, run_dir: Path, search: StudySearch) -> None:
+        self.run = RunDir(Path(run_dir))
+        self.search = search
+        self.writers: dict[str, Any] = {}
+
+    def _label(self, trial_id: str) -> str:
+        ot_trial = self.search._ot_trials.get(trial_id)
+        record = self.run.read_record(trial_id)
+        schedule = trial_id
+        if record is not None and record.schedule:
+            from stagebudget.schedule import Schedule
+
+            with contextlib.suppress(ValueError):
+                schedule = Schedule.from_dict(record.schedule).describe()
+        return run_label(getattr(ot_trial, "number", None), schedule,
+                         record.reference if record is not None else None)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        if result.get("final"):
+            return
+        try:
+            if trial.trial_id not in self.writers:
+                self.writers[trial.trial_id] = CurveWriter(self.run.root, self._label(trial.trial_id))
+            self.writers[trial.trial_id].add(result)
+        except Exception as exc:  # curves for TensorBoard must never stop a search
+            log.warning("TensorBoard events of %s not written: %s", trial.trial_id, exc)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        writer = self.writers.pop(trial.trial_id, None)
+        if writer is not None:
+            writer.close()
+            return
+        rows = self.run.curves(trial.trial_id)
+        if rows:
+            try:
+                write_trial_events(self.run.root, self._label(trial.trial_id), rows)
+            except Exception as exc:
+                log.warning("TensorBoard events of %s not written: %s", trial.trial_id, exc)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        writer = self.writers.pop(trial.trial_id, None)
+        if writer is not None:
+            writer.close()
+
+
 def _trial_error_text(trial: Any) -> str:
     path = getattr(trial, "error_file", None)
     text = ""
@@ -288,7 +344,8 @@ def build_tuner(trainable: Callable[..., Any], space: SearchSpace, *, run_dir: P
             name=TUNE_DIR_NAME, storage_path=str(Path(run_dir).resolve()),
             failure_config=tune.FailureConfig(max_failures=space.max_retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=0, callbacks=[RecordKeeper(run_dir), *callbacks],
+            verbose=0, callbacks=[RecordKeeper(run_dir), TensorBoardCurves(run_dir, search),
+                                  *callbacks],
         ),
     )
     return tuner, budget, search
