@@ -11,14 +11,16 @@ runs only the trials still missing, attached to the same study.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import shlex
+import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,55 @@ def check_local_resources(space: SearchSpace) -> None:
                 "`resources_per_trial.gpu` (fractions such as 0.5 share a GPU)")
 
 
+def check_cluster(address: str) -> None:
+    """Before anything is written: a ``host:port`` address must answer, and let this driver in.
+
+    Without this, Ray retries an unreachable address for 40 s and an authentication refusal for
+    20 s, then raises with a traceback. ``ray://`` (Ray Client), ``auto`` and ``local`` are left
+    to Ray.
+    """
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as exc:
+        raise UserError(
+            f"cannot reach a Ray cluster at --address {address}: nothing accepts connections on "
+            f"{host}:{port} ({exc.strerror or exc}). Give the address that `ray start --head` "
+            "printed (host:6379 by default), or leave --address out to run on this machine; "
+            "nothing was written") from None
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    try:
+        with _quiet_stderr():  # Ray's C++ client logs the refusal on stderr as well
+            GcsClient(address=address, cluster_id=None)
+    except AuthenticationError:
+        mode = os.environ.get("RAY_AUTH_MODE")
+        now = f"RAY_AUTH_MODE is {mode!r}" if mode else "RAY_AUTH_MODE is not set"
+        raise UserError(
+            f"the Ray cluster at --address {address} refused this driver: it uses token "
+            f"authentication and {now} here, or the token differs. Set RAY_AUTH_MODE=token and "
+            "give the cluster's token: copy the head's ~/.ray/auth_token to this machine (or "
+            "point RAY_AUTH_TOKEN_PATH at a copy, or set RAY_AUTH_TOKEN); every node started "
+            "with `ray start` needs the same two settings. Nothing was written") from None
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (C++ log lines) for the duration of the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _local_gpus() -> int:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
@@ -115,6 +166,8 @@ def _load_space(path: Path, trials: int | None, concurrency: int | None,
     space.check_inputs()
     if address is None:
         check_local_resources(space)
+    else:
+        check_cluster(address)
     if budget_hours is not None:
         budget = space.budget.model_copy(update={"search_hours": budget_hours})
         source = space._source
@@ -281,8 +334,12 @@ def _init_ray(address: str | None, space: SearchSpace) -> None:
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
                  log_to_driver=False, ignore_reinit_error=True, configure_logging=False)
     else:
-        ray.init(address=address, log_to_driver=False, ignore_reinit_error=True,
-                 configure_logging=False)
+        try:
+            ray.init(address=address, log_to_driver=False, ignore_reinit_error=True,
+                     configure_logging=False)
+        except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+            raise UserError(f"cannot connect to the Ray cluster at --address {address}: "
+                            f"{str(exc).splitlines()[0]}") from None
 
 
 def _execute(plan: SearchPlan, *, address: str | None, live: bool,
