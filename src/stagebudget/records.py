@@ -33,6 +33,7 @@ DEVICE_HOURS = "device_hours"
 # Standard errors of the objectives (in a record's objectives and metrics.json when measured).
 ID_ACCURACY_SE = "id_accuracy_se"
 OOD_ACCURACY_SE = "ood_accuracy_se"
+STANDARD_ERROR_OF = {ID_ACCURACY: ID_ACCURACY_SE, OOD_ACCURACY: OOD_ACCURACY_SE}
 
 
 @dataclass

@@ -23,8 +23,9 @@ from typing import Any
 from stagebudget.errors import ConfigError, RunError, UserError
 from stagebudget.fileio import read_yaml
 from stagebudget.pareto import FrontInfo, TrialPoint, compute_front, curve_series
-from stagebudget.records import DEVICE_HOURS, RunDir, TrialRecord
+from stagebudget.records import DEVICE_HOURS, STANDARD_ERROR_OF, RunDir, TrialRecord
 from stagebudget.schedule import Schedule
+from stagebudget.studyinfo import steps_ran
 from stagebudget.studystore import JOURNAL_PREFIX, is_journal, journal_path, open_storage, redact
 
 STATES = ("COMPLETE", "RUNNING", "WAITING", "PRUNED", "FAILED")
@@ -113,6 +114,25 @@ class TrialView:
         if self.schedule is not None:
             return self.schedule.describe()
         return ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+
+    @property
+    def errors(self) -> dict[str, float]:
+        """Standard errors of the objectives that have one (record first, then the study's
+        trial attributes); empty for runs made before they were measured."""
+        out = {}
+        objectives = self.record.objectives if self.record is not None else {}
+        for name, se_name in STANDARD_ERROR_OF.items():
+            value = objectives.get(se_name, self.attrs.get(se_name))
+            if isinstance(value, int | float) and math.isfinite(float(value)):
+                out[name] = float(value)
+        return out
+
+    @property
+    def steps_ran(self) -> tuple[tuple[str, int, int], ...]:
+        """``(kind, steps done, steps planned)`` per stage (empty without a record)."""
+        if self.record is None:
+            return ()
+        return tuple(steps_ran(self.record.schedule, self.record.ledger))
 
     def curves(self) -> list[dict[str, Any]]:
         """Curve rows (read now, so a running trial shows its latest)."""
@@ -237,9 +257,9 @@ class Run:
         counts["total"] = len(views)
         info = compute_front([p for p in points if p is not None], self.objective_names,
                              self.directions, ref_point=ref_point, counts=counts)
-        if curves:
+        if curves:  # the front's and the reference schedules'
             by_number = {v.number: v for v in views if v.number is not None}
-            for number in info.front:
+            for number in dict.fromkeys([*info.front, *info.references.values()]):
                 info.curves[number] = curve_series(number, by_number[number].curves())
         return info
 
@@ -366,5 +386,6 @@ def _point(view: TrialView, names: tuple[str, ...]) -> TrialPoint | None:
     return TrialPoint(
         number=view.number, values=values, reference=view.reference, sft_share=view.sft_share,
         label=view.label, schedule=view.record.schedule if view.record else None,
-        stage_shares=view.stage_shares,
+        stage_shares=view.stage_shares, errors=view.errors, steps=view.steps_ran,
+        device_hours=view.device_hours,
     )
