@@ -56,8 +56,9 @@ def load_base(ref: str, device: str):
         from stagebudget.basemodel import resolve_base_model
 
         ref = str(resolve_base_model(ref))
-    model = AutoModelForCausalLM.from_pretrained(ref, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(ref)
+    model = AutoModelForCausalLM.from_pretrained(ref, use_safetensors=True,
+                                                 trust_remote_code=TRUST_REMOTE_CODE)
+    tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=TRUST_REMOTE_CODE)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -175,6 +176,8 @@ def render_script(document: dict[str, Any], *, base_model: str | None = None,
         f"BASE_MODEL = {base_model or schedule.get('base_model', 'builtin:tiny')!r}",
         f"DEVICE = {device!r}  # the machine kind the run trained on",
         f"SEED = {int(schedule.get('seed', 0))!r}",
+        f"TRUST_REMOTE_CODE = {bool(schedule.get('trust_remote_code', False))!r}"
+        "  # run the model's own code (only if the schedule said so)",
         f"TASKS = {_literal(suite)}",
         f"STAGES = {_literal(document['trl'])}",
     ])
