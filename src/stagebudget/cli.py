@@ -46,6 +46,8 @@ def search(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted search")] = False,
     runs_dir: Annotated[Path, typer.Option(help="Where run directories go")] = Path("runs"),
     live: Annotated[bool, typer.Option(help="Live display (off: plain log lines)")] = True,
+    mlflow: Annotated[str | None, typer.Option(
+        help="Also log every trial to this MLflow tracking URI (needs mlflow)")] = None,
 ) -> None:
     """Run a budgeted multi-objective search (Optuna samples, Ray Tune runs the trials)."""
     from stagebudget.search import run_search
@@ -53,6 +55,7 @@ def search(
     run_dir = run_search(
         space, name=name, runs_dir=runs_dir, trials=trials, budget_hours=budget_hours,
         concurrency=concurrency, address=address, storage=storage, resume=resume, live=live,
+        mlflow=mlflow,
     )
     console.print(f"run directory: {run_dir}")
     console.print(f"next: stagebudget pareto {run_dir}   |   stagebudget export {run_dir} --pick knee")

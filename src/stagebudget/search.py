@@ -54,15 +54,18 @@ def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Pat
                trials: int | None = None, budget_hours: float | None = None,
                concurrency: int | None = None, address: str | None = None,
                storage: str | None = None, resume: bool = False, live: bool = True,
-               trial_fn: TrialFn | None = None) -> Path:
+               trial_fn: TrialFn | None = None, mlflow: str | None = None) -> Path:
     """Run (or resume) a budgeted multi-objective search; return the run directory.
 
     ``trial_fn`` defaults to ``stagebudget.pipeline.run_schedule``; tests pass a fake (a callable
     importable on Ray workers, or ``"module:function"``). ``budget_hours`` is the search-wide
     device-hour budget (overrides ``budget.search_hours``): no trial starts past it.
+    ``mlflow`` is an MLflow tracking URI: trials are also logged there (kept for a resume).
     """
     if budget_hours is not None and budget_hours <= 0:
         raise UserError(f"--budget-hours must be > 0, got {budget_hours}")
+    if mlflow is not None:
+        check_mlflow(mlflow)
     plan = (_plan_resume if resume else _plan_new)(
         Path(space_path), name=name, runs_dir=Path(runs_dir), trials=trials,
         budget_hours=budget_hours, concurrency=concurrency, address=address, storage=storage)
@@ -71,6 +74,9 @@ def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Pat
                  plan.run.root)
         _summarise(plan, live)
         return plan.run.root
+    if mlflow is not None:
+        plan.meta["mlflow"] = mlflow
+        plan.run.write_meta(_without_tool(plan.meta))  # a resume keeps logging there
     if trial_fn is None:
         _prepare_base_model(plan.space, plan.meta["space_file"])
     stopped = _execute(plan, address=address, live=live, trial_fn=trial_fn)
@@ -78,6 +84,21 @@ def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Pat
     plan.run.write_meta(_without_tool(plan.meta))
     _summarise(plan, live)
     return plan.run.root
+
+
+def check_mlflow(uri: str) -> None:
+    """``--mlflow URI`` needs the mlflow package (Ray's MLflowLoggerCallback uses it)."""
+    try:
+        import mlflow
+    except ImportError:
+        raise UserError(f"--mlflow {uri!r} needs MLflow: pip install mlflow (or mlflow-skinny), "
+                        "or leave --mlflow out") from None
+    try:  # reach the tracking store now, not after the run directory exists
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"--mlflow {uri!r}: MLflow cannot use this tracking URI: {first} "
+                        "(e.g. sqlite:///mlflow.db or http://HOST:5000)") from None
 
 
 def check_local_resources(space: SearchSpace) -> None:
@@ -367,7 +388,8 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
         tuner, limiter, search = build_tuner(
             trainable, space, run_dir=plan.run.root, study_name=plan.meta["study_name"],
             storage=plan.storage, num_samples=plan.remaining, concurrency=space.concurrency,
-            points=plan.points, callbacks=[callback], limiter_kwargs={
+            points=plan.points, callbacks=[callback], mlflow_uri=plan.meta.get("mlflow"),
+            limiter_kwargs={
                 "budget_hours": space.budget.search_hours,
                 "per_trial_hours": space.budget.per_trial_hours,
                 "planned_hours": _planner(space, cost), "prior_hours": plan.prior_hours})

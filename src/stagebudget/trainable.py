@@ -36,6 +36,7 @@ from stagebudget.space import SearchSpace
 
 TrialFn = Callable[..., Any]
 DEFAULT_TRIAL_FN = "stagebudget.pipeline:run_schedule"
+STEP_KEY = "timesteps_total"  # ray.tune.result.TIMESTEPS_TOTAL, without importing Ray here
 VERSIONED = ("stagebudget", "torch", "transformers", "trl", "peft", "ray", "optuna")
 
 
@@ -73,6 +74,9 @@ class _Reporter:
                 self.latest[key] = float(row[key])
         if row.get("device_seconds") is not None:
             self.latest[DEVICE_HOURS] = float(row["device_seconds"]) / 3600.0
+        if isinstance(row.get("global_step"), int):
+            # Ray's own loggers (TensorBoard under tune/, MLflow) plot against this key.
+            self.latest[STEP_KEY] = row["global_step"]
         self.report({**row, **self.latest, "final": False})
 
 

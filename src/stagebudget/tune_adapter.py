@@ -32,7 +32,7 @@ from ray.tune.search.optuna import OptunaSearch
 from stagebudget.errors import ConfigError
 from stagebudget.records import DEVICE_HOURS, RunDir, TrialRecord
 from stagebudget.space import SearchSpace
-from stagebudget.studyinfo import REFERENCE_ATTR, annotate_trial
+from stagebudget.studyinfo import REFERENCE_ATTR, annotate_trial, trial_attrs
 from stagebudget.tbcurves import CurveWriter, run_label, write_trial_events
 
 log = logging.getLogger(__name__)
@@ -305,6 +305,36 @@ class TensorBoardCurves(tune.Callback):
             writer.close()
 
 
+def mlflow_callback(tracking_uri: str, run_dir: Path, search: StudySearch) -> tune.Callback:
+    """Ray's own ``MLflowLoggerCallback``: one MLflow run per trial in the experiment named after
+    the run directory, named by Optuna trial number, metrics against the global step (the
+    trainable reports it as ``timesteps_total``), tagged with the schedule when it ends."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    run = RunDir(Path(run_dir))
+
+    class TrialNamedMLflow(MLflowLoggerCallback):  # type: ignore[misc]
+        def log_trial_start(self, trial: Any) -> None:
+            if trial not in self._trial_runs:
+                number = getattr(search._ot_trials.get(trial.trial_id), "number", None)
+                name = f"trial{number:03d}" if number is not None else str(trial)
+                tags = {**self.tags, "trial_name": str(trial), TUNE_ID_ATTR: trial.trial_id}
+                started = self.mlflow_util.start_run(tags=tags, run_name=name)
+                self._trial_runs[trial] = started.info.run_id
+            super().log_trial_start(trial)
+
+        def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+            record = run.read_record(trial.trial_id)
+            if record is not None and trial in self._trial_runs:
+                client = self.mlflow_util._get_client()
+                for key, value in trial_attrs(record).items():
+                    client.set_tag(self._trial_runs[trial], f"stagebudget.{key}", str(value))
+            super().log_trial_end(trial, failed=failed)
+
+    return TrialNamedMLflow(tracking_uri=tracking_uri, experiment_name=run.root.name,
+                            tags={"stagebudget.run_dir": str(run.root.resolve())})
+
+
 def _trial_error_text(trial: Any) -> str:
     path = getattr(trial, "error_file", None)
     text = ""
@@ -318,11 +348,12 @@ def _trial_error_text(trial: Any) -> str:
 def build_tuner(trainable: Callable[..., Any], space: SearchSpace, *, run_dir: Path,
                 study_name: str, storage: Any, num_samples: int, concurrency: int,
                 points: Sequence[dict[str, Any]], limiter_kwargs: dict[str, Any],
-                callbacks: Sequence[tune.Callback] = ()) -> tuple[tune.Tuner, BudgetLimiter,
-                                                                   StudySearch]:
+                callbacks: Sequence[tune.Callback] = (),
+                mlflow_uri: str | None = None) -> tuple[tune.Tuner, BudgetLimiter, StudySearch]:
     """Assemble searcher (StudySearch -> ConcurrencyLimiter -> BudgetLimiter) and the Tuner.
 
     ``trainable`` is already ``tune.with_parameters``-wrapped; resources are added here.
+    ``mlflow_uri`` also logs every trial to that MLflow tracking server (or store).
     """
     search = StudySearch(
         space=space.optuna_space(), metric=metric_names(space), mode=modes(space),
@@ -345,7 +376,8 @@ def build_tuner(trainable: Callable[..., Any], space: SearchSpace, *, run_dir: P
             failure_config=tune.FailureConfig(max_failures=space.max_retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=0, callbacks=[RecordKeeper(run_dir), TensorBoardCurves(run_dir, search),
-                                  *callbacks],
+                                  *([mlflow_callback(mlflow_uri, run_dir, search)]
+                                    if mlflow_uri else []), *callbacks],
         ),
     )
     return tuner, budget, search
