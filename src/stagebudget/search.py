@@ -137,7 +137,7 @@ def check_cluster(address: str) -> None:
             f"{host}:{port} ({exc.strerror or exc}). Give the address that `ray start --head` "
             "printed (host:6379 by default), or leave --address out to run on this machine; "
             "nothing was written") from None
-    from ray._raylet import GcsClient
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]
     from ray.exceptions import AuthenticationError
 
     try:

@@ -318,7 +318,7 @@ def mlflow_callback(tracking_uri: str, run_dir: Path, search: StudySearch) -> tu
             if trial not in self._trial_runs:
                 number = getattr(search._ot_trials.get(trial.trial_id), "number", None)
                 name = f"trial{number:03d}" if number is not None else str(trial)
-                tags = {**self.tags, "trial_name": str(trial), TUNE_ID_ATTR: trial.trial_id}
+                tags = {**(self.tags or {}), "trial_name": str(trial), TUNE_ID_ATTR: trial.trial_id}
                 started = self.mlflow_util.start_run(tags=tags, run_name=name)
                 self._trial_runs[trial] = started.info.run_id
             super().log_trial_start(trial)
