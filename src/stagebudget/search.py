@@ -130,7 +130,7 @@ def check_cluster(address: str) -> None:
     if "://" in address or not sep or not port.isdigit():
         return
     try:
-        socket.create_connection((host, int(port)), timeout=3).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
     except OSError as exc:
         raise UserError(
             f"cannot reach a Ray cluster at --address {address}: nothing accepts connections on "
