@@ -14,6 +14,7 @@ import yaml
 
 from stagebudget.errors import UserError
 from stagebudget.records import RunDir
+from stagebudget.schedule import Schedule
 from stagebudget.search import check_local_resources, run_search
 from stagebudget.space import SearchSpace
 from stagebudget.studystore import open_storage
@@ -214,6 +215,18 @@ def test_real_small_search_end_to_end(tmp_path: Path) -> None:
         assert rec.ledger
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert json.loads((run_dir / "run.json").read_text())["stopped_by_budget"] is False
+    # what Optuna's tools and TensorBoard see of real trials
+    assert study.metric_names == ["id_accuracy", "ood_accuracy"]
+    for t in study.trials:
+        assert t.user_attrs["schedule"] and "/" in t.user_attrs["steps_ran"], t.user_attrs
+    assert len([p for p in (run_dir / "tensorboard").iterdir() if p.is_dir()]) == 2
+    for rec in RunDir(run_dir).records():  # every stage drew a curve: >= 3 points after its start
+        schedule = Schedule.from_dict(rec.schedule)
+        rows = RunDir(run_dir).curves(rec.key)
+        for i, (stage, spent) in enumerate(zip(schedule.stages, rec.ledger["stages"], strict=True)):
+            after = [r for r in rows if r["stage_index"] == i and r["step"] > 0]
+            if spent["steps_done"] == stage.steps:  # (a stage the budget clock cut is shorter)
+                assert len(after) >= min(3, stage.steps), (stage, after)
 
 
 def test_live_stats_and_front_table_read_the_study() -> None:
