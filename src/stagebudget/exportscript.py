@@ -38,6 +38,7 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
@@ -80,14 +81,16 @@ def stage_dataset(stage: dict, suite, tokenizer) -> Dataset:
 def train_stage(model, tokenizer, suite, stage: dict, out: Path):
     """One stage with TRL, its adapter merged into the returned plain model."""
     peft_config = LoraConfig(**stage["peft"]) if stage["peft"] else None
-    output_dir = str(out / f"stage{stage['index']}-{stage['stage']}")
+    args = {**stage["args"], "output_dir": str(out / f"stage{stage['index']}-{stage['stage']}")}
+    if args.get("bf16") and not torch.cuda.is_bf16_supported():
+        args["bf16"] = False  # a GPU without bf16 trains in fp32, as stagebudget does
     if stage["stage"] == "rl":
         trainer = GRPOTrainer(model=model, reward_funcs=[suite_reward(suite)],
-                              args=GRPOConfig(output_dir=output_dir, **stage["args"]),
+                              args=GRPOConfig(**args),
                               train_dataset=stage_dataset(stage, suite, tokenizer),
                               processing_class=tokenizer, peft_config=peft_config)
     else:
-        trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=output_dir, **stage["args"]),
+        trainer = SFTTrainer(model=model, args=SFTConfig(**args),
                              train_dataset=stage_dataset(stage, suite, tokenizer),
                              processing_class=tokenizer, peft_config=peft_config)
     trainer.train()
@@ -99,8 +102,6 @@ def train_stage(model, tokenizer, suite, stage: dict, out: Path):
 
 def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256):
     """Greedy completions, cut at EOS, special tokens removed."""
-    import torch
-
     model.eval()
     out = []
     for i in range(0, len(prompts), batch_size):
