@@ -293,3 +293,22 @@ def test_a_schedule_already_trained_in_the_run_is_reused_not_retrained(tmp_path,
     assert (tmp_path / "trials" / "t_00002" / "curves.jsonl").read_text().startswith('{"stage"')
     finals = [r for r in reports if r.get("final")]
     assert len(finals) == 3
+
+
+def test_a_cluster_that_refuses_at_connect_leaves_no_run_directory(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the up-front probe, a refusal from ray.init still leaves nothing behind."""
+    import ray
+
+    import stagebudget.search as search_mod
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379")
+
+    monkeypatch.setattr(search_mod, "check_cluster", lambda address: None)
+    monkeypatch.setattr(ray, "init", refuse)
+    space = write_space(tmp_path, trials=1, concurrency=1, references=False)
+    with pytest.raises(UserError, match=r"cannot connect to the Ray cluster at --address 10\.0\.0\.1:6379"):
+        run_search(space, name="c", runs_dir=tmp_path / "runs", address="10.0.0.1:6379",
+                   live=False, trial_fn=FAST)
+    assert not (tmp_path / "runs" / "c").exists()

@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import shlex
+import shutil
 import socket
 import sys
 import time
@@ -35,6 +36,10 @@ from stagebudget.studystore import normalize_url, open_storage
 log = logging.getLogger(__name__)
 
 TrialFn = Callable[..., Any] | str
+
+
+class ClusterError(UserError):
+    """The Ray cluster named by ``--address`` cannot be used."""
 
 
 @dataclass
@@ -79,7 +84,12 @@ def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Pat
         plan.run.write_meta(_without_tool(plan.meta))  # a resume keeps logging there
     if trial_fn is None:
         _prepare_base_model(plan.space, plan.meta["space_file"])
-    stopped = _execute(plan, address=address, live=live, trial_fn=trial_fn)
+    try:
+        stopped = _execute(plan, address=address, live=live, trial_fn=trial_fn)
+    except ClusterError:
+        if not resume:  # nothing ran: leave no run directory that can be neither resumed nor reused
+            shutil.rmtree(plan.run.root, ignore_errors=True)
+        raise
     plan.meta.update(stopped_by_budget=stopped, finished=time.time())
     plan.run.write_meta(_without_tool(plan.meta))
     _summarise(plan, live)
@@ -132,7 +142,7 @@ def check_cluster(address: str) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
     except OSError as exc:
-        raise UserError(
+        raise ClusterError(
             f"cannot reach a Ray cluster at --address {address}: nothing accepts connections on "
             f"{host}:{port} ({exc.strerror or exc}). Give the address that `ray start --head` "
             "printed (host:6379 by default), or leave --address out to run on this machine; "
@@ -146,7 +156,7 @@ def check_cluster(address: str) -> None:
     except AuthenticationError:
         mode = os.environ.get("RAY_AUTH_MODE")
         now = f"RAY_AUTH_MODE is {mode!r}" if mode else "RAY_AUTH_MODE is not set"
-        raise UserError(
+        raise ClusterError(
             f"the Ray cluster at --address {address} refused this driver: it uses token "
             f"authentication and {now} here, or the token differs. Set RAY_AUTH_MODE=token and "
             "give the cluster's token: copy the head's ~/.ray/auth_token to this machine (or "
@@ -359,8 +369,8 @@ def _init_ray(address: str | None, space: SearchSpace) -> None:
             ray.init(address=address, log_to_driver=False, ignore_reinit_error=True,
                      configure_logging=False)
         except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
-            raise UserError(f"cannot connect to the Ray cluster at --address {address}: "
-                            f"{str(exc).splitlines()[0]}") from None
+            raise ClusterError(f"cannot connect to the Ray cluster at --address {address}: "
+                               f"{str(exc).splitlines()[0]}") from None
 
 
 def _execute(plan: SearchPlan, *, address: str | None, live: bool,
