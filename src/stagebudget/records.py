@@ -8,6 +8,7 @@ Layout of ``runs/NAME/``::
     tune/                    Ray Tune's experiment state
     trials/<key>/record.json one record per trial (written atomically, updated as it runs)
     trials/<key>/curves.jsonl ID/OOD curve rows, appended as they are measured
+    tensorboard/<trial>/     the same curves as TensorBoard events, one run per trial
     report.html, exports/    what ``pareto`` and ``export`` write
 
 Fronts, plots and exports read these files and the study, never in-memory Ray objects, so they
