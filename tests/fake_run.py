@@ -8,6 +8,7 @@ default run, maximising (ID, OOD), is trials 4, 2, 3, 8 (by ID).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,15 @@ def curve_rows(schedule: Schedule, final: tuple[float, float], upto: int | None 
     return rows[:upto] if upto is not None else rows
 
 
+def standard_error(p: float, n: int = 200) -> float:
+    """Binomial standard error of an accuracy ``p`` measured on ``n`` prompts."""
+    return round(math.sqrt(p * (1 - p) / n), 4)
+
+
 def make_fake_run(root: Path, *, device_hours: bool = False, trials: tuple[FakeTrial, ...] = TRIALS,
-                  orphan: bool = False, name: str = "fake") -> Path:
-    """Create the run directory ``root`` and return it."""
+                  orphan: bool = False, name: str = "fake", standard_errors: bool = False) -> Path:
+    """Create the run directory ``root`` and return it. ``standard_errors`` adds SEs to the
+    records' objectives, package versions and the command to run.json (as new runs have)."""
     run = RunDir(root)
     root.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{(root / 'study.db').resolve()}"
@@ -123,6 +130,10 @@ def make_fake_run(root: Path, *, device_hours: bool = False, trials: tuple[FakeT
             ledger={"stages": [{"kind": s.kind, "device_seconds": hours * 3600 / 2}
                                for s in schedule.stages]} if t.values else {},
         )
+        if standard_errors and t.values:
+            record.objectives.update(id_accuracy_se=standard_error(t.values[0]),
+                                     ood_accuracy_se=standard_error(t.values[1]))
+            record.versions = {"stagebudget": "0.1.0", "torch": "2.13.0"}
         run.write_record(record)
         final = t.values or (0.5, 0.4)
         rows = curve_rows(schedule, final, upto=None if t.state == "COMPLETE" else 3, hours=hours)
@@ -134,7 +145,9 @@ def make_fake_run(root: Path, *, device_hours: bool = False, trials: tuple[FakeT
                                      schedule=sched.to_dict()))
     run.write_meta({"version": "0.1.0", "name": name, "study_name": f"{name}-study",
                     "storage": storage, "objectives": objectives,
-                    "trials_requested": len(trials) + 2})
+                    "trials_requested": len(trials) + 2,
+                    **({"command": "stagebudget search space.yaml --name fake"}
+                       if standard_errors else {})})
     atomic_write_yaml(run.space, {"name": name, "budget": {"per_trial_hours": BUDGET_HOURS},
                                   "stages": {"sft": {"share": 0.5}, "rl": {"share": "rest"}}})
     return root

@@ -82,6 +82,7 @@ def test_search_on_a_two_node_cluster(tmp_path: Path, monkeypatch: pytest.Monkey
         data.update(trials=3, concurrency=2, references=False)
         space = tmp_path / "space.yaml"
         space.write_text(yaml.safe_dump(data))
+        _refused_without_token(space, address, tmp_path / "runs")
         # The driver runs in a fresh process: Ray caches its auth mode per process, and earlier
         # tests in this pytest process already initialised a local Ray.
         driver = (
@@ -106,3 +107,18 @@ def test_search_on_a_two_node_cluster(tmp_path: Path, monkeypatch: pytest.Monkey
     finally:
         for proc in reversed(nodes):
             _stop(proc)
+
+
+def _refused_without_token(space: Path, address: str, runs: Path) -> None:
+    """A driver without the cluster's auth settings, or with a dead address, gets one paragraph
+    naming the address and what to set (exit 2, no traceback), and no run directory."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    for addr, said in ((address, "Set RAY_AUTH_MODE=token"),
+                       (f"127.0.0.1:{_free_port()}", "nothing accepts connections")):
+        res = subprocess.run([sys.executable, "-m", "stagebudget.cli", "search", str(space),
+                              "--address", addr, "--name", "refused", "--runs-dir", str(runs),
+                              "--no-live"], capture_output=True, text=True, timeout=120, env=env)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert f"--address {addr}" in res.stderr and said in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+        assert not (runs / "refused").exists()

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from stagebudget.cost import PLAN_FILL, Budget, CostModel, ModelShape, plan_schedule
+from stagebudget.cost import MIN_EVAL_POINTS, PLAN_FILL, Budget, CostModel, ModelShape, plan_schedule
 from stagebudget.errors import BudgetError
 from stagebudget.schedule import StageSpec
 
@@ -70,3 +70,16 @@ def test_calibrated_table_is_used_and_round_trips(tmp_path, cost):
     # kinds absent from the table fall back to the analytic estimate
     rl = StageSpec(kind="rl", steps=1, lora_rank=4)
     assert loaded.step_seconds(rl) == pytest.approx(cost._analytic(rl))
+
+
+@pytest.mark.parametrize("share", [0.02, 0.1, 0.3, 0.5, 0.9])
+def test_every_planned_stage_is_evaluated_at_least_three_times(cost, share):
+    budget = Budget(hours=0.012)
+    schedule = plan_schedule({"sft": share, "rl": 1 - share}, {"rl": {"batch_size": 16}},
+                             budget, cost)
+    for stage in schedule.stages:
+        # evaluation points after the start: every eval_interval steps, and the end
+        points = {s for s in range(stage.eval_interval, stage.steps, stage.eval_interval)}
+        points.add(stage.steps)
+        assert len(points) >= min(MIN_EVAL_POINTS, stage.steps), stage
+        assert stage.eval_interval <= 25  # never longer than configured

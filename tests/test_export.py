@@ -68,6 +68,12 @@ def test_export_file_reruns_the_schedule(run: Run, tmp_path: Path) -> None:
     assert rl["args"]["max_steps"] == 20 and rl["peft"] == {
         "r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.0,
         "bias": "none", "task_type": "CAUSAL_LM"}
+    # made on (and for) a CPU: fp32, no Trainer eval loop without an eval dataset
+    assert data["device"] == "cpu" and sft["args"]["bf16"] is False and sft["args"]["use_cpu"]
+    assert "eval_strategy" not in sft["args"] and "eval_strategy" not in rl["args"]
+    script = out.with_suffix(".py").read_text()
+    compile(script, str(out.with_suffix(".py")), "exec")
+    assert "SFTTrainer" in script and "merge_and_unload" in script and "'max_steps': 40" in script
 
 
 def test_export_into_a_directory_and_duplicate_params_join_in_order(run: Run,
@@ -85,8 +91,10 @@ def test_trl_kwargs_sft_and_rl() -> None:
                                       max_length=128), seed=1)
     assert sft == {"max_steps": 40, "learning_rate": 3e-4, "per_device_train_batch_size": 8,
                    "gradient_accumulation_steps": 1, "lr_scheduler_type": "constant",
-                   "warmup_steps": 0, "eval_strategy": "steps", "eval_steps": 25, "seed": 1,
-                   "max_length": 128, "completion_only_loss": True}
+                   "warmup_steps": 0, "logging_steps": 1, "save_strategy": "no",
+                   "report_to": "none", "gradient_checkpointing": False,
+                   "dataloader_num_workers": 0, "seed": 1, "data_seed": 1,
+                   "max_length": 128, "packing": False, "completion_only_loss": True}
     rl = trl_config_kwargs(StageSpec(kind="rl", steps=20, batch_size=4, num_generations=6,
                                      beta=0.01))
     assert rl["per_device_train_batch_size"] == 24  # 4 prompts x 6 completions

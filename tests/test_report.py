@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from fake_run import FRONT, FakeTrial, make_fake_run
+from fake_run import FRONT, FakeTrial, make_fake_run, standard_error
 from stagebudget import report
 from stagebudget.report import (
     curves_figure,
     front_figure,
+    front_table,
     hypervolume_figure,
     write_pngs,
     write_report,
@@ -52,7 +53,10 @@ def test_front_figure_draws_the_front_info(run: Run) -> None:
 def test_curves_and_hypervolume_figures(run: Run) -> None:
     front = run.front()
     curves = curves_figure(front)
-    assert len(curves.data) == 2 * len(FRONT)  # ID and OOD per front trial
+    assert len(curves.data) == 2 * (len(FRONT) + 2)  # ID and OOD per front trial + 2 references
+    titles = [a.text for a in curves.layout.annotations]
+    assert "trial 0: sft 80@r32 (sft_only, dominated)" in titles
+    assert "trial 2: sft 20@r32 -> rl 30@r4 (heuristic)" in titles
     assert sum(1 for s in curves.layout.shapes if s.type == "line") == len(FRONT)  # boundaries
     hv = hypervolume_figure(front)
     assert list(hv.data[0].x) == list(range(1, 10))
@@ -115,9 +119,11 @@ def test_report_renders_in_headless_chromium(run: Run, html_path: Path, tmp_path
     n_front = len(points.findall(figure_dom(dom, "front")))
     assert n_front == len(front.points) + len(front.references)  # every trial, plus ref symbols
     assert len(points.findall(figure_dom(dom, "hypervolume"))) == len(front.hv_history)
-    assert figure_dom(dom, "curves").count('class="scatterlayer') == len(FRONT)
+    # a panel per front trial and per reference schedule off the front (sft_only, rl_only)
+    assert figure_dom(dom, "curves").count('class="scatterlayer') == len(FRONT) + 2
+    assert '<table class="front">' in dom
     shot = tmp_path / "report.png"
-    headless(binary, "--window-size=1280,2200", f"--screenshot={shot}",
+    headless(binary, "--window-size=1400,2600", f"--screenshot={shot}",
              html_path.resolve().as_uri())
     assert shot.stat().st_size > 50_000  # a blank page is a few KB
 
@@ -128,3 +134,34 @@ def test_three_objective_front_is_not_joined(tmp_path: Path) -> None:
     front = next(t for t in fig.data if t.name.startswith("Pareto front"))
     assert front.mode == "markers" and front.name == "Pareto front (3 objectives)"
     assert "device_hours" in front.text[0]
+
+
+def test_error_bars_front_table_and_provenance(tmp_path: Path) -> None:
+    run = load_run(make_fake_run(tmp_path / "se", standard_errors=True))
+    front = run.front(curves=False)
+    traces = {t.name: t for t in front_figure(front).data}
+    line = traces["Pareto front"]
+    assert list(line.error_x.array) == [standard_error(v) for v in (0.60, 0.70, 0.85, 0.92)]
+    assert list(line.error_y.array) == [standard_error(v) for v in (0.62, 0.55, 0.50, 0.40)]
+    assert traces["dominated"].error_y.visible
+    header, *rows = front_table(front)
+    assert header[2:] == ["steps ran / planned", "LoRA rank", "learning rate", "budget share",
+                          "id_accuracy ± SE", "ood_accuracy ± SE", "device-hours"]
+    knee = next(r for r in rows if r[0] == "3")
+    assert knee[1] == "knee"
+    assert knee[2:6] == ["sft 40/40\nrl 20/20", "sft r8\nrl r16", "sft 0.0005\nrl 0.001",
+                         "sft 0.5\nrl 0.5"]
+    assert knee[6] == f"0.850 ± {standard_error(0.85):.3f}" and knee[7] == "0.500 ± 0.035"
+    assert next(r for r in rows if r[0] == "2")[1] == "heuristic"
+    text = write_report(run).read_text()
+    assert '<table class="front">' in text and "0.850 ± 0.025" in text and "sft 40/40<br>rl 20/20" in text
+    assert "stagebudget export " in text and "--pick knee" in text and "python knee.py" in text
+    assert "stagebudget search space.yaml --name fake" in text
+    assert "stagebudget 0.1.0, torch 2.13.0" in text
+
+
+def test_runs_without_standard_errors_draw_without_bars(run: Run) -> None:
+    front = run.front(curves=False)
+    traces = {t.name: t for t in front_figure(front).data}
+    assert traces["Pareto front"].error_x.array is None and traces["dominated"].error_y.array is None
+    assert front_table(front)[1][6] == "0.600"  # no ± without a standard error

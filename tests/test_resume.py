@@ -130,6 +130,7 @@ def test_mark_interrupted_keeps_finished_work_and_fails_the_rest(tmp_path: Path)
     assert mark_interrupted(study, run, ["id_accuracy", "ood_accuracy"]) == 2
     a, b = study.trials
     assert a.state == State.COMPLETE and a.values == [0.7, 0.4]
+    assert a.user_attrs["record"] == "a"  # described for Optuna's tools before it was told
     assert b.state == State.FAIL and b.user_attrs["error"] == "interrupted"
     records = {r.key: r for r in run.records()}
     assert records["b"].status == "FAILED" and records["b"].error == "interrupted"

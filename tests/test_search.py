@@ -14,13 +14,14 @@ import yaml
 
 from stagebudget.errors import UserError
 from stagebudget.records import RunDir
+from stagebudget.schedule import Schedule
 from stagebudget.search import check_local_resources, run_search
 from stagebudget.space import SearchSpace
+from stagebudget.studystore import open_storage
 from stagebudget.trainable import fake_trial_fn
 from stagebudget.tune_adapter import (
     BudgetLimiter,
     make_sampler,
-    open_storage,
     reference_name,
 )
 
@@ -179,7 +180,7 @@ def test_search_budget_stops_new_trials_and_is_recorded(tmp_path: Path) -> None:
                          storage=str(tmp_path / "journal.log"), live=False, trial_fn=FAST)
     meta = RunDir(run_dir).read_meta()
     assert meta["stopped_by_budget"] is True and meta["search_budget_hours"] == 0.03
-    assert meta["storage"] == str(tmp_path / "journal.log")
+    assert meta["storage"] == "journal:" + str(tmp_path / "journal.log")
     study = study_of(run_dir)
     assert len(study.trials) == 2
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
@@ -214,6 +215,18 @@ def test_real_small_search_end_to_end(tmp_path: Path) -> None:
         assert rec.ledger
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert json.loads((run_dir / "run.json").read_text())["stopped_by_budget"] is False
+    # what Optuna's tools and TensorBoard see of real trials
+    assert study.metric_names == ["id_accuracy", "ood_accuracy"]
+    for t in study.trials:
+        assert t.user_attrs["schedule"] and "/" in t.user_attrs["steps_ran"], t.user_attrs
+    assert len([p for p in (run_dir / "tensorboard").iterdir() if p.is_dir()]) == 2
+    for rec in RunDir(run_dir).records():  # every stage drew a curve: >= 3 points after its start
+        schedule = Schedule.from_dict(rec.schedule)
+        rows = RunDir(run_dir).curves(rec.key)
+        for i, (stage, spent) in enumerate(zip(schedule.stages, rec.ledger["stages"], strict=True)):
+            after = [r for r in rows if r["stage_index"] == i and r["step"] > 0]
+            if spent["steps_done"] == stage.steps:  # (a stage the budget clock cut is shorter)
+                assert len(after) >= min(3, stage.steps), (stage, after)
 
 
 def test_live_stats_and_front_table_read_the_study() -> None:
@@ -280,3 +293,22 @@ def test_a_schedule_already_trained_in_the_run_is_reused_not_retrained(tmp_path,
     assert (tmp_path / "trials" / "t_00002" / "curves.jsonl").read_text().startswith('{"stage"')
     finals = [r for r in reports if r.get("final")]
     assert len(finals) == 3
+
+
+def test_a_cluster_that_refuses_at_connect_leaves_no_run_directory(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the up-front probe, a refusal from ray.init still leaves nothing behind."""
+    import ray
+
+    import stagebudget.search as search_mod
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379")
+
+    monkeypatch.setattr(search_mod, "check_cluster", lambda address: None)
+    monkeypatch.setattr(ray, "init", refuse)
+    space = write_space(tmp_path, trials=1, concurrency=1, references=False)
+    with pytest.raises(UserError, match=r"cannot connect to the Ray cluster at --address 10\.0\.0\.1:6379"):
+        run_search(space, name="c", runs_dir=tmp_path / "runs", address="10.0.0.1:6379",
+                   live=False, trial_fn=FAST)
+    assert not (tmp_path / "runs" / "c").exists()

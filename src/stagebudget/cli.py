@@ -46,6 +46,8 @@ def search(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted search")] = False,
     runs_dir: Annotated[Path, typer.Option(help="Where run directories go")] = Path("runs"),
     live: Annotated[bool, typer.Option(help="Live display (off: plain log lines)")] = True,
+    mlflow: Annotated[str | None, typer.Option(
+        help="Also log every trial to this MLflow tracking URI (needs mlflow)")] = None,
 ) -> None:
     """Run a budgeted multi-objective search (Optuna samples, Ray Tune runs the trials)."""
     from stagebudget.search import run_search
@@ -53,6 +55,7 @@ def search(
     run_dir = run_search(
         space, name=name, runs_dir=runs_dir, trials=trials, budget_hours=budget_hours,
         concurrency=concurrency, address=address, storage=storage, resume=resume, live=live,
+        mlflow=mlflow,
     )
     console.print(f"run directory: {run_dir}")
     console.print(f"next: stagebudget pareto {run_dir}   |   stagebudget export {run_dir} --pick knee")
@@ -128,12 +131,15 @@ def export(
         help="knee | max-ood | max-id | ood-at-id=0.9 | trial=N")] = "knee",
     out: Annotated[Path, typer.Option("-o", "--out", help="Schedule file to write")] = Path("best.yaml"),
 ) -> None:
-    """Export a front schedule: a file `stagebudget train` re-runs, plus TRL/PEFT configs."""
+    """Export a front schedule: a file `stagebudget train` re-runs, its TRL/PEFT configs, and a
+    stand-alone TRL + PEFT script beside it (same name, .py)."""
     from stagebudget.export import export as do_export
+    from stagebudget.export import script_path
     from stagebudget.runs import load_run
 
     path = do_export(load_run(run), pick, out)
     console.print(f"exported: {path}   re-run with: stagebudget train {path} -o OUTDIR")
+    console.print(f"plain TRL + PEFT: python {script_path(path)} --out OUTDIR")
 
 
 @app.command()

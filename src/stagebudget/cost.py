@@ -205,6 +205,19 @@ def default_cost_model(base_model: str, device: str = "cpu") -> CostModel:
     return CostModel.analytic(shape, device=device)
 
 
+MIN_EVAL_POINTS = 3  # evaluation points in every planned stage after its start (a curve, not a dot)
+
+
+def eval_interval_for(configured: int, steps: int) -> int:
+    """The configured evaluation interval, shortened so a stage of ``steps`` steps is evaluated
+    at least ``MIN_EVAL_POINTS`` times after its start (its end included).
+
+    >>> eval_interval_for(25, 11), eval_interval_for(25, 300), eval_interval_for(25, 2)
+    (3, 25, 1)
+    """
+    return max(1, min(configured, steps // MIN_EVAL_POINTS))
+
+
 def plan_schedule(
     allocation: Mapping[str, float | int],
     stage_params: Mapping[str, Mapping[str, Any]],
@@ -222,7 +235,8 @@ def plan_schedule(
     ``allocation`` maps stage kind to a share of the budget (``mode="share"``, shares sum to at
     most 1; the planner fills ``PLAN_FILL`` of each share, leaving headroom for timing noise)
     or to a step count (``mode="steps"``). Stages with share or steps 0 are left out.
-    Stages run in the canonical order cpt -> sft -> rl. Raises :class:`BudgetError` when a stage
+    Stages run in the canonical order cpt -> sft -> rl; each is evaluated at least
+    ``MIN_EVAL_POINTS`` times (see :func:`eval_interval_for`). Raises :class:`BudgetError` when a stage
     given budget cannot fit one step, saying what budget would.
     """
     stages = []
@@ -244,7 +258,8 @@ def plan_schedule(
                 )
         else:
             steps = int(amount)
-        stages.append(probe.model_copy(update={"steps": steps}))
+        stages.append(probe.model_copy(update={
+            "steps": steps, "eval_interval": eval_interval_for(probe.eval_interval, steps)}))
     if not stages:
         raise BudgetError("the allocation gives no stage any budget: at least one share must be > 0")
     schedule = Schedule(

@@ -1,8 +1,10 @@
 """Export one trial of a run: its schedule (re-runnable) plus the equivalent TRL/PEFT settings.
 
 The file's ``schedule:`` key is what ``stagebudget train FILE`` reads (see ``Schedule.load``);
-``trl:`` lists, per stage, the ``trl.SFTConfig``/``trl.GRPOConfig`` arguments and the
-``peft.LoraConfig`` kwargs a user can take to their own pipeline. Nothing heavy is imported.
+``trl:`` lists, per stage, the ``trl.SFTConfig``/``trl.GRPOConfig`` arguments (for the machine
+kind the trial trained on, ``device:``) and the ``peft.LoraConfig`` kwargs a user can take to
+their own pipeline. Beside it, ``FILE.py`` trains the schedule in plain TRL + PEFT (see
+:mod:`stagebudget.exportscript`). Nothing heavy is imported.
 
 >>> lora_kwargs(StageSpec(kind="sft", steps=10, lora_rank=0)) is None
 True
@@ -15,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stagebudget.errors import RunError, UserError
-from stagebudget.fileio import atomic_write_yaml
+from stagebudget.exportscript import render_script
+from stagebudget.fileio import atomic_write_text, atomic_write_yaml
 from stagebudget.records import ID_ACCURACY, OOD_ACCURACY
 from stagebudget.schedule import StageSpec
 
@@ -29,10 +32,13 @@ CONFIG_CLASS = {"cpt": "trl.SFTConfig", "sft": "trl.SFTConfig", "rl": "trl.GRPOC
 
 def trl_config_kwargs(spec: StageSpec, seed: int | None = None) -> dict[str, Any]:
     """TRL config arguments equivalent to one stage (``SFTConfig`` for cpt/sft, ``GRPOConfig``
-    for rl). The learning rate is constant (no warmup), as stagebudget trains.
+    for rl), exactly as stagebudget trains it. The learning rate is constant (no warmup).
 
     For rl, ``batch_size`` counts prompts, while TRL's ``per_device_train_batch_size`` counts
     completions, so it is ``batch_size * num_generations`` (one device, no accumulation).
+    There is no ``eval_strategy``: stagebudget measures ID/OOD itself by greedy generation every
+    ``eval_interval`` steps (a callback), not with the Trainer's eval loop, which would need an
+    eval dataset. Precision depends on the machine: see :func:`precision_kwargs`.
 
     >>> trl_config_kwargs(StageSpec(kind="sft", steps=40, batch_size=8))["max_steps"]
     40
@@ -44,11 +50,15 @@ def trl_config_kwargs(spec: StageSpec, seed: int | None = None) -> dict[str, Any
         "gradient_accumulation_steps": 1,
         "lr_scheduler_type": "constant",
         "warmup_steps": 0,
-        "eval_strategy": "steps",
-        "eval_steps": spec.eval_interval,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        # TRL 1.x turns it on by default; slower at these sizes, and not how the search trained.
+        "gradient_checkpointing": False,
+        "dataloader_num_workers": 0,
     }
     if seed is not None:
-        args["seed"] = seed
+        args.update(seed=seed, data_seed=seed)
     if spec.kind == "rl":
         generations = spec.num_generations or 8
         args.update(
@@ -60,11 +70,24 @@ def trl_config_kwargs(spec: StageSpec, seed: int | None = None) -> dict[str, Any
         )
     else:
         args["max_length"] = spec.max_length
+        args["packing"] = False
         # sft trains on completions only; cpt is plain language modelling on raw text.
         args["completion_only_loss"] = spec.kind == "sft"
         if spec.kind == "cpt":
             args["dataset_text_field"] = "text"
     return args
+
+
+def precision_kwargs(device: str, bf16: bool = True) -> dict[str, Any]:
+    """Precision settings for a machine kind: fp32 on a CPU (TRL's configs default to bf16 and
+    raise there); bf16 on CUDA when the GPU supports it (``bf16``).
+
+    >>> precision_kwargs("cpu")
+    {'bf16': False, 'fp16': False, 'use_cpu': True}
+    """
+    if device.startswith("cuda"):
+        return {"bf16": bf16, "use_cpu": False}
+    return {"bf16": False, "fp16": False, "use_cpu": True}
 
 
 def lora_kwargs(spec: StageSpec) -> dict[str, Any] | None:
@@ -170,18 +193,34 @@ def export_document(run: Run, number: int, pick: str, front: FrontInfo) -> dict[
     if view.record is not None:
         extra = {k: v for k, v in view.record.objectives.items() if k not in objectives}
         objectives.update(extra)
-    stages = [
-        {"stage": spec.kind, "index": i, "config": CONFIG_CLASS[spec.kind],
-         "args": trl_config_kwargs(spec, seed=schedule.seed), "peft": lora_kwargs(spec)}
-        for i, spec in enumerate(schedule.stages)
-    ]
+    device = _trained_device(view.record)
+    stages = [stage_export(spec, i, schedule.seed, device) for i, spec in enumerate(schedule.stages)]
     source = {"run": run.name, "run_dir": str(run.dir.root), "study": run.study.study_name,
               "trial": number, "pick": pick, "reference": view.reference,
               "params": view.params, "on_front": number in front.front}
     if view.record is not None:
         source["record"] = view.record.key
-    return {"schedule": schedule.to_dict(), "trl": stages, "objectives": objectives,
-            "source": source}
+    return {"schedule": schedule.to_dict(), "trl": stages, "device": device,
+            "objectives": objectives, "source": source}
+
+
+def stage_export(spec: StageSpec, index: int, seed: int, device: str) -> dict[str, Any]:
+    """One stage as TRL/PEFT settings that construct and train on ``device``'s machine kind:
+    ``config(output_dir=..., **args)``, ``LoraConfig(**peft)`` (None: full fine-tuning)."""
+    from stagebudget.stages.cpt import MIN_CORPUS  # light: the stage modules import TRL lazily
+
+    entry = {"stage": spec.kind, "index": index, "config": CONFIG_CLASS[spec.kind],
+             "args": {**trl_config_kwargs(spec, seed=seed), **precision_kwargs(device)},
+             "peft": lora_kwargs(spec)}
+    if spec.kind == "cpt":  # texts in one pass of the stage, as stagebudget trains it
+        entry["corpus_size"] = max(MIN_CORPUS, spec.steps * spec.batch_size)
+    return entry
+
+
+def _trained_device(record: Any) -> str:
+    """``cuda`` or ``cpu``: the machine kind the trial trained on (its ledger says)."""
+    device = str((getattr(record, "ledger", None) or {}).get("device") or "cpu")
+    return "cuda" if device.startswith("cuda") else "cpu"
 
 
 def export(run: Run, pick: str, out: Path) -> Path:
@@ -198,4 +237,21 @@ def export(run: Run, pick: str, out: Path) -> Path:
     if out.is_dir():
         out = out / f"{run.name}-trial{number}.yaml"
     atomic_write_yaml(out, document)
+    atomic_write_text(script_path(out), render_script(document, device=document["device"],
+                                                      base_model=_local_base(run, document)))
     return out
+
+
+def script_path(out: Path) -> Path:
+    """Where the stand-alone TRL script of the export ``out`` goes: ``best.yaml`` -> ``best.py``."""
+    return out.with_suffix(".py")
+
+
+def _local_base(run: Run, document: dict[str, Any]) -> str | None:
+    """A relative local base-model path made absolute (relative to the run's space file)."""
+    base = str(document["schedule"].get("base_model", ""))
+    if not base or base.startswith("builtin:") or Path(base).is_absolute():
+        return None
+    space_file = run.meta.get("space_file")
+    root = Path(space_file).parent if isinstance(space_file, str) and space_file else Path.cwd()
+    return str((root / base).resolve())

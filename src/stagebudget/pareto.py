@@ -22,7 +22,11 @@ PointsLike = Sequence[Sequence[float]] | np.ndarray
 
 @dataclass(frozen=True)
 class TrialPoint:
-    """One completed trial as the front sees it: its objective values plus what labels it."""
+    """One completed trial as the front sees it: its objective values plus what labels it.
+
+    ``errors`` maps objective names to standard errors (only those measured); ``steps`` is
+    ``(kind, steps done, steps planned)`` per stage.
+    """
 
     number: int
     values: tuple[float, ...]
@@ -31,6 +35,9 @@ class TrialPoint:
     label: str = ""
     schedule: Mapping[str, Any] | None = None
     stage_shares: Mapping[str, float] = field(default_factory=dict)
+    errors: Mapping[str, float] = field(default_factory=dict)
+    steps: tuple[tuple[str, int, int], ...] = ()
+    device_hours: float | None = None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import Any
 from stagebudget.cost import CostModel, default_cost_model
 from stagebudget.fileio import atomic_write_json
 from stagebudget.ledger import OVERRUN_GUARD, BudgetClock, BudgetGuardError
-from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY, STANDARD_ERRORS
+from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY, STANDARD_ERROR_OF
 from stagebudget.schedule import Schedule, StageSpec
 from stagebudget.stages.common import TrainingDiverged
 
@@ -123,7 +123,7 @@ class _Run:
             "stage": kind, "stage_index": index, "step": step,
             "global_step": self.curves.global_offset + step,
             "device_seconds": self.clock.train_seconds(),
-            **{k: acc[k] for k in (ID_ACCURACY, OOD_ACCURACY, *STANDARD_ERRORS.values())
+            **{k: acc[k] for k in (ID_ACCURACY, OOD_ACCURACY, *STANDARD_ERROR_OF.values())
                if k in acc},
             **signal,
         })
@@ -264,7 +264,7 @@ def _result(run: _Run) -> TrialResult:
             "stopped_by_guard": entry["stopped_by_guard"],
             **{k: v for k, v in metrics.items() if k != "reward_per_step"},
         })
-    errors = {se: final[se] for se in STANDARD_ERRORS.values() if se in final}
+    errors = {se: final[se] for se in STANDARD_ERROR_OF.values() if se in final}
     objectives = {ID_ACCURACY: final[ID_ACCURACY], OOD_ACCURACY: final[OOD_ACCURACY],
                   DEVICE_HOURS: ledger["device_hours"], **errors}
     metrics = {

@@ -8,6 +8,7 @@ Layout of ``runs/NAME/``::
     tune/                    Ray Tune's experiment state
     trials/<key>/record.json one record per trial (written atomically, updated as it runs)
     trials/<key>/curves.jsonl ID/OOD curve rows, appended as they are measured
+    tensorboard/<trial>/     the same curves as TensorBoard events, one run per trial
     report.html, exports/    what ``pareto`` and ``export`` write
 
 Fronts, plots and exports read these files and the study, never in-memory Ray objects, so they
@@ -30,10 +31,10 @@ STATUSES = ("RUNNING", "COMPLETE", "FAILED", "PRUNED")
 ID_ACCURACY = "id_accuracy"
 OOD_ACCURACY = "ood_accuracy"
 DEVICE_HOURS = "device_hours"
-# Standard error of each accuracy over its test split, stored beside the objective.
+# Standard errors of the objectives (in a record's objectives, curves and metrics.json).
 ID_ACCURACY_SE = "id_accuracy_se"
 OOD_ACCURACY_SE = "ood_accuracy_se"
-STANDARD_ERRORS = {ID_ACCURACY: ID_ACCURACY_SE, OOD_ACCURACY: OOD_ACCURACY_SE}
+STANDARD_ERROR_OF = {ID_ACCURACY: ID_ACCURACY_SE, OOD_ACCURACY: OOD_ACCURACY_SE}
 
 
 @dataclass
@@ -128,6 +129,10 @@ class RunDir:
 
     def write_record(self, record: TrialRecord) -> None:
         atomic_write_json(self.trial_dir(record.key) / "record.json", record.to_dict())
+
+    def read_record(self, key: str) -> TrialRecord | None:
+        """The record of trial ``key``, or None when it is missing or unreadable."""
+        return _read_record(self.trial_dir(key) / "record.json")
 
     def records(self) -> list[TrialRecord]:
         """All readable trial records; corrupted ones are skipped and reported by ``bad_records``."""

@@ -1,8 +1,10 @@
 """The run report: one self-contained HTML file (plotly's JS inlined, no network needed).
 
 Three figures drawn from :class:`~stagebudget.pareto.FrontInfo` (nothing is computed here):
-the ID/OOD front, the front trials' curves across stage boundaries, and hypervolume against the
-number of completed trials; above them a small table about the run. Plotly is imported inside
+the ID/OOD front with ±1 standard-error bars, the curves of the front trials and the reference
+schedules across stage boundaries, and hypervolume against the number of completed trials; a
+table of the front's schedules; above them a small table about the run (with the commands that
+made it and that train the knee again, and the package versions). Plotly is imported inside
 the functions, so importing this module stays light.
 """
 
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from stagebudget.fileio import atomic_write_text
 from stagebudget.pareto import FrontInfo, TrialPoint
-from stagebudget.records import ID_ACCURACY, OOD_ACCURACY
+from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY
 
 if TYPE_CHECKING:
     from stagebudget.runs import Run
@@ -67,7 +69,27 @@ def run_summary(run: Run, front: FrontInfo) -> list[tuple[str, str]]:
         ("hypervolume", f"{front.hypervolume:.4f} (reference point {ref})"),
         ("knee", f"trial {front.knee}: {front.points[front.knee].label}"
          if front.knee is not None else "–"),
+        *([("train the knee", knee_commands(run.dir.root))] if front.knee is not None else []),
+        ("made by", str(run.meta.get("command") or "unknown (run made before commands were kept)")),
+        ("versions", versions_text(run)),
     ]
+
+
+def knee_commands(run_dir: Path) -> str:
+    """The commands that export the knee and train it again (stagebudget, or plain TRL)."""
+    return (f"stagebudget export {run_dir} --pick knee -o knee.yaml && stagebudget train "
+            "knee.yaml -o knee-model   (plain TRL + PEFT: python knee.py --out knee-trl)")
+
+
+def versions_text(run: Run) -> str:
+    """Package versions the trials ran with (from the records), else the run's stagebudget."""
+    seen: dict[str, set[str]] = {}
+    for view in run.trials():
+        for name, version in (view.record.versions if view.record is not None else {}).items():
+            seen.setdefault(name, set()).add(str(version))
+    if not seen:
+        return f"stagebudget {run.meta.get('version', '?')}"
+    return ", ".join(f"{name} {' / '.join(sorted(v))}" for name, v in seen.items())
 
 
 def _axes(front: FrontInfo) -> tuple[str, str]:
@@ -115,6 +137,7 @@ def front_figure(front: FrontInfo) -> Any:
     fig.add_trace(go.Scatter(
         x=[x(n) for n in dom], y=[y(n) for n in dom], mode="markers", name="dominated",
         marker={"color": GREY, "size": 9, "opacity": 0.8},
+        error_x=error_bars(front, dom, xname, GREY), error_y=error_bars(front, dom, yname, GREY),
         text=[hover_text(front.points[n], front) for n in dom], hovertemplate="%{text}<extra></extra>",
     ))
     shares = [front.points[n].sft_share for n in front.front]
@@ -126,6 +149,8 @@ def front_figure(front: FrontInfo) -> Any:
         mode="lines+markers" if planar else "markers",
         name="Pareto front" if planar else f"Pareto front ({len(front.directions)} objectives)",
         line={"color": "#444", "width": 1.5},
+        error_x=error_bars(front, front.front, xname, "#444"),
+        error_y=error_bars(front, front.front, yname, "#444"),
         marker={"size": 13, "color": [s if s is not None else math.nan for s in shares],
                 "colorscale": "Viridis", "cmin": 0, "cmax": 1, "line": {"color": "#222", "width": 1},
                 "colorbar": {"title": {"text": "SFT share"}, "len": 0.8}},
@@ -148,18 +173,65 @@ def front_figure(front: FrontInfo) -> Any:
     return fig
 
 
+def error_bars(front: FrontInfo, numbers: list[int], name: str, colour: str) -> dict[str, Any] | None:
+    """Plotly error bars of ±1 standard error of objective ``name``; None when no trial has one
+    (runs made before standard errors were measured are drawn without)."""
+    errs = [front.points[n].errors.get(name) for n in numbers]
+    if all(e is None for e in errs):
+        return None
+    return {"type": "data", "array": [e if e is not None else math.nan for e in errs],
+            "visible": True, "thickness": 1.2, "width": 3, "color": colour}
+
+
+def _with_se(value: float, se: float | None) -> str:
+    return f"{value:.3f} ± {se:.3f}" if se is not None else f"{value:.3f}"
+
+
+def front_table(front: FrontInfo) -> list[list[str]]:
+    """Rows (header first) of the front's schedules: steps that ran, ranks, learning rates,
+    shares, objectives ± SE, device-hours. A cell holds one line per stage."""
+    names = [n for n in front.objective_names if n != DEVICE_HOURS]
+    rows = [["trial", "", "steps ran / planned", "LoRA rank", "learning rate", "budget share",
+             *[f"{n} ± SE" for n in names], "device-hours"]]
+    for n in front.front:
+        p = front.points[n]
+        tags = ", ".join(t for t in ("knee" if n == front.knee else "", p.reference or "") if t)
+        rows.append([
+            str(n), tags, *_stage_cells(p),
+            *[_with_se(front.value(n, name), p.errors.get(name)) for name in names],
+            f"{p.device_hours:.4f}" if p.device_hours is not None else "–",
+        ])
+    return rows
+
+
+def _stage_cells(p: TrialPoint) -> list[str]:
+    """Per-stage lines of steps (ran/planned), rank, learning rate and budget share."""
+    stages = list((p.schedule or {}).get("stages", []))
+    ran = {i: (done, planned) for i, (_, done, planned) in enumerate(p.steps)}
+    steps, ranks, lrs, shares = [], [], [], []
+    for i, st in enumerate(stages):
+        kind = str(st.get("kind"))
+        done, planned = ran.get(i, (st.get("steps"), st.get("steps")))
+        steps.append(f"{kind} {done}/{planned}")
+        ranks.append(f"{kind} r{st['lora_rank']}" if st.get("lora_rank") else f"{kind} full")
+        lrs.append(f"{kind} {float(st.get('learning_rate', 0)):.2g}")
+        share = p.stage_shares.get(kind)
+        shares.append(f"{kind} {share:.3g}" if share is not None else f"{kind} –")
+    return ["\n".join(col) for col in (steps, ranks, lrs, shares)]
+
+
 def curves_figure(front: FrontInfo) -> Any:
     """ID/OOD curves of each front trial, one panel each, stage boundaries as dotted lines."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    numbers = [n for n in front.front if n in front.curves][:MAX_CURVE_PANELS]
+    numbers = curve_numbers(front)
     if not numbers:
         return _empty(go.Figure(), "no front trial has curves yet", "Curves of the front trials")
     cols = min(2, len(numbers))
     rows = math.ceil(len(numbers) / cols)
     fig = make_subplots(rows=rows, cols=cols, vertical_spacing=0.35 / rows + 0.04,
-                        subplot_titles=[f"trial {n}: {front.points[n].label}" for n in numbers])
+                        subplot_titles=[panel_title(front, n) for n in numbers])
     for i, n in enumerate(numbers):
         c, r, col = front.curves[n], i // cols + 1, i % cols + 1
         for label, ys, colour, dash in (("ID", c.id_accuracy, ID_COLOUR, "solid"),
@@ -178,11 +250,25 @@ def curves_figure(front: FrontInfo) -> Any:
         fig.update_yaxes(title_text="accuracy", row=r, col=col)
     height = 300 * rows + 160
     # Legend above the panel titles: its offset is in pixels over the plot area's height.
-    fig.update_layout(title="ID/OOD accuracy of the front trials across stages", height=height,
+    fig.update_layout(title="ID/OOD accuracy across stages: the front and the reference schedules",
+                      height=height,
                       template="plotly_white", margin={"t": 130, "b": 70},
                       legend={"orientation": "h", "yanchor": "bottom", "xanchor": "right",
                               "x": 1, "y": 1 + 36 / (height - 200)})
     return fig
+
+
+def curve_numbers(front: FrontInfo) -> list[int]:
+    """Trials drawn as curves: the front's, then reference schedules off the front."""
+    wanted = dict.fromkeys([*front.front, *sorted(front.references.values())])
+    return [n for n in wanted if n in front.curves][:MAX_CURVE_PANELS]
+
+
+def panel_title(front: FrontInfo, number: int) -> str:
+    """``trial 3: sft 40@r8 -> rl 20@r16`` plus its reference name, or that it is dominated."""
+    p = front.points[number]
+    tags = [t for t in (p.reference or "", "" if number in front.front else "dominated") if t]
+    return f"trial {number}: {p.label}" + (f" ({', '.join(tags)})" if tags else "")
 
 
 def hypervolume_figure(front: FrontInfo) -> Any:
@@ -219,6 +305,10 @@ table.summary {{ border-collapse: collapse; margin-bottom: 1.5em; }}
 table.summary th {{ text-align: left; padding: 2px 16px 2px 0; color: #555; font-weight: 600; }}
 table.summary td {{ padding: 2px 0; }}
 section {{ margin-bottom: 2em; }} p.note {{ color: #555; margin: 0.2em 0; }}
+table.front {{ border-collapse: collapse; font-size: 0.9em; margin-top: 0.5em; }}
+table.front th, table.front td {{ border-bottom: 1px solid #ddd; padding: 4px 10px;
+  text-align: left; vertical-align: top; white-space: nowrap; }}
+table.front th {{ background: #f4f4f4; }}
 </style></head><body>
 <h1>stagebudget report: {title}</h1>
 <table class="summary">{rows}</table>
@@ -232,6 +322,9 @@ NOTES = {
     "curves": "Accuracy measured during training; dotted lines mark stage boundaries (the "
               "adapter is merged there and the next stage trains a fresh one).",
     "hypervolume": "How much of the objective space the front covers as trials complete.",
+    "table": "The front's schedules. Steps that ran against the steps planned; ± is one "
+             "standard error of the measured accuracy (absent for runs made before it was "
+             "measured). Differences smaller than about two standard errors are noise.",
 }
 
 
@@ -249,7 +342,22 @@ def render_page(title: str, summary: list[tuple[str, str]], figures: Mapping[str
             note += f" Showing the first {MAX_CURVE_PANELS} of {len(front.front)} front trials."
         sections.append(f'<section id="{name}"><p class="note">{html.escape(note)}</p>{div}'
                         "</section>")
+        if name == "front" and len(front.front) > 0:
+            sections.append(table_section(front))
     return PAGE.format(title=html.escape(title), rows=rows, sections="\n".join(sections))
+
+
+def table_section(front: FrontInfo) -> str:
+    """The front's schedules as an HTML table (see :func:`front_table`)."""
+    header, *body = front_table(front)
+
+    def cell(tag: str, text: str) -> str:
+        return f"<{tag}>{'<br>'.join(html.escape(line) for line in text.splitlines())}</{tag}>"
+
+    head = "".join(cell("th", h) for h in header)
+    rows = "".join("<tr>" + "".join(cell("td", c) for c in r) + "</tr>" for r in body)
+    return (f'<section id="table"><p class="note">{html.escape(NOTES["table"])}</p>'
+            f'<table class="front"><tr>{head}</tr>{rows}</table></section>')
 
 
 def find_browser() -> str | None:

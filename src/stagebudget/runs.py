@@ -20,11 +20,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from stagebudget.errors import ConfigError, RunError
+from stagebudget.errors import ConfigError, RunError, UserError
 from stagebudget.fileio import read_yaml
 from stagebudget.pareto import FrontInfo, TrialPoint, compute_front, curve_series
-from stagebudget.records import DEVICE_HOURS, RunDir, TrialRecord
+from stagebudget.records import DEVICE_HOURS, STANDARD_ERROR_OF, RunDir, TrialRecord
 from stagebudget.schedule import Schedule
+from stagebudget.studyinfo import steps_ran
+from stagebudget.studystore import JOURNAL_PREFIX, is_journal, journal_path, open_storage, redact
 
 STATES = ("COMPLETE", "RUNNING", "WAITING", "PRUNED", "FAILED")
 
@@ -112,6 +114,25 @@ class TrialView:
         if self.schedule is not None:
             return self.schedule.describe()
         return ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+
+    @property
+    def errors(self) -> dict[str, float]:
+        """Standard errors of the objectives that have one (record first, then the study's
+        trial attributes); empty for runs made before they were measured."""
+        out = {}
+        objectives = self.record.objectives if self.record is not None else {}
+        for name, se_name in STANDARD_ERROR_OF.items():
+            value = objectives.get(se_name, self.attrs.get(se_name))
+            if isinstance(value, int | float) and math.isfinite(float(value)):
+                out[name] = float(value)
+        return out
+
+    @property
+    def steps_ran(self) -> tuple[tuple[str, int, int], ...]:
+        """``(kind, steps done, steps planned)`` per stage (empty without a record)."""
+        if self.record is None:
+            return ()
+        return tuple(steps_ran(self.record.schedule, self.record.ledger))
 
     def curves(self) -> list[dict[str, Any]]:
         """Curve rows (read now, so a running trial shows its latest)."""
@@ -236,9 +257,9 @@ class Run:
         counts["total"] = len(views)
         info = compute_front([p for p in points if p is not None], self.objective_names,
                              self.directions, ref_point=ref_point, counts=counts)
-        if curves:
+        if curves:  # the front's and the reference schedules'
             by_number = {v.number: v for v in views if v.number is not None}
-            for number in info.front:
+            for number in dict.fromkeys([*info.front, *info.references.values()]):
                 info.curves[number] = curve_series(number, by_number[number].curves())
         return info
 
@@ -267,20 +288,24 @@ def load_run(path: str | Path) -> Run:
     study_name = meta.get("study_name")
     if not isinstance(study_name, str) or not study_name:
         raise RunError(f"{run_dir.meta} has no `study_name`; the run description is incomplete")
-    storage = _storage_url(meta.get("storage"), run_dir)
+    url = _storage_url(meta.get("storage"), run_dir)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        storage = open_storage(url, create=False)  # the code that wrote the study reads it
+    except UserError as exc:
+        raise RunError(f"{exc} (the study of {run_dir.meta})") from None
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise RunError(
-            f"study {study_name!r} (from {run_dir.meta}) is not in {storage}; studies there: "
+            f"study {study_name!r} (from {run_dir.meta}) is not in {redact(url)}; studies there: "
             f"{', '.join(map(repr, names)) or 'none'}"
         ) from None
     except Exception as exc:  # storage back-ends raise many types; say which storage failed
-        raise RunError(f"cannot open the study storage {storage}: {exc}") from None
+        raise RunError(f"cannot open the study storage {redact(url)}: {exc}") from None
     return Run(run_dir.root, meta, study)
 
 
@@ -302,6 +327,12 @@ def _storage_url(storage: Any, run_dir: RunDir) -> str:
     """The study storage URL; a SQLite file that moved with the run directory is found there."""
     if not isinstance(storage, str) or not storage:
         raise RunError(f"{run_dir.meta} has no `storage` (an Optuna storage URL)")
+    if is_journal(storage):
+        path = journal_path(storage)
+        moved = run_dir.root / path.name
+        if not path.is_file() and moved.is_file():  # the run directory was moved or copied
+            return JOURNAL_PREFIX + str(moved.resolve())
+        return storage
     if not storage.startswith("sqlite:///"):
         return storage
     db = Path(storage.removeprefix("sqlite:///"))
@@ -355,5 +386,6 @@ def _point(view: TrialView, names: tuple[str, ...]) -> TrialPoint | None:
     return TrialPoint(
         number=view.number, values=values, reference=view.reference, sft_share=view.sft_share,
         label=view.label, schedule=view.record.schedule if view.record else None,
-        stage_shares=view.stage_shares,
+        stage_shares=view.stage_shares, errors=view.errors, steps=view.steps_ran,
+        device_hours=view.device_hours,
     )

@@ -11,11 +11,17 @@ runs only the trials still missing, attached to the same study.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
+import shlex
+import shutil
+import socket
+import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +31,15 @@ from stagebudget.errors import UserError
 from stagebudget.fileio import atomic_write_yaml
 from stagebudget.records import DEVICE_HOURS, RunDir
 from stagebudget.space import SearchSpace
+from stagebudget.studystore import normalize_url, open_storage
 
 log = logging.getLogger(__name__)
 
 TrialFn = Callable[..., Any] | str
+
+
+class ClusterError(UserError):
+    """The Ray cluster named by ``--address`` cannot be used."""
 
 
 @dataclass
@@ -48,15 +59,18 @@ def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Pat
                trials: int | None = None, budget_hours: float | None = None,
                concurrency: int | None = None, address: str | None = None,
                storage: str | None = None, resume: bool = False, live: bool = True,
-               trial_fn: TrialFn | None = None) -> Path:
+               trial_fn: TrialFn | None = None, mlflow: str | None = None) -> Path:
     """Run (or resume) a budgeted multi-objective search; return the run directory.
 
     ``trial_fn`` defaults to ``stagebudget.pipeline.run_schedule``; tests pass a fake (a callable
     importable on Ray workers, or ``"module:function"``). ``budget_hours`` is the search-wide
     device-hour budget (overrides ``budget.search_hours``): no trial starts past it.
+    ``mlflow`` is an MLflow tracking URI: trials are also logged there (kept for a resume).
     """
     if budget_hours is not None and budget_hours <= 0:
         raise UserError(f"--budget-hours must be > 0, got {budget_hours}")
+    if mlflow is not None:
+        check_mlflow(mlflow)
     plan = (_plan_resume if resume else _plan_new)(
         Path(space_path), name=name, runs_dir=Path(runs_dir), trials=trials,
         budget_hours=budget_hours, concurrency=concurrency, address=address, storage=storage)
@@ -65,13 +79,36 @@ def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Pat
                  plan.run.root)
         _summarise(plan, live)
         return plan.run.root
+    if mlflow is not None:
+        plan.meta["mlflow"] = mlflow
+        plan.run.write_meta(_without_tool(plan.meta))  # a resume keeps logging there
     if trial_fn is None:
         _prepare_base_model(plan.space, plan.meta["space_file"])
-    stopped = _execute(plan, address=address, live=live, trial_fn=trial_fn)
+    try:
+        stopped = _execute(plan, address=address, live=live, trial_fn=trial_fn)
+    except ClusterError:
+        if not resume:  # nothing ran: leave no run directory that can be neither resumed nor reused
+            shutil.rmtree(plan.run.root, ignore_errors=True)
+        raise
     plan.meta.update(stopped_by_budget=stopped, finished=time.time())
     plan.run.write_meta(_without_tool(plan.meta))
     _summarise(plan, live)
     return plan.run.root
+
+
+def check_mlflow(uri: str) -> None:
+    """``--mlflow URI`` needs the mlflow package (Ray's MLflowLoggerCallback uses it)."""
+    try:
+        import mlflow
+    except ImportError:
+        raise UserError(f"--mlflow {uri!r} needs MLflow: pip install mlflow (or mlflow-skinny), "
+                        "or leave --mlflow out") from None
+    try:  # reach the tracking store now, not after the run directory exists
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"--mlflow {uri!r}: MLflow cannot use this tracking URI: {first} "
+                        "(e.g. sqlite:///mlflow.db or http://HOST:5000)") from None
 
 
 def check_local_resources(space: SearchSpace) -> None:
@@ -90,6 +127,55 @@ def check_local_resources(space: SearchSpace) -> None:
                 f"concurrency x resources_per_trial.gpu = {n} x {res.gpu:g} = {n * res.gpu:g} "
                 f"GPUs, but this machine has {gpus}; lower `concurrency` or "
                 "`resources_per_trial.gpu` (fractions such as 0.5 share a GPU)")
+
+
+def check_cluster(address: str) -> None:
+    """Before anything is written: a ``host:port`` address must answer, and let this driver in.
+
+    Without this, Ray retries an unreachable address for 40 s and an authentication refusal for
+    20 s, then raises with a traceback. ``ray://`` (Ray Client), ``auto`` and ``local`` are left
+    to Ray.
+    """
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot reach a Ray cluster at --address {address}: nothing accepts connections on "
+            f"{host}:{port} ({exc.strerror or exc}). Give the address that `ray start --head` "
+            "printed (host:6379 by default), or leave --address out to run on this machine; "
+            "nothing was written") from None
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]
+    from ray.exceptions import AuthenticationError
+
+    try:
+        with _quiet_stderr():  # Ray's C++ client logs the refusal on stderr as well
+            GcsClient(address=address, cluster_id=None)
+    except AuthenticationError:
+        mode = os.environ.get("RAY_AUTH_MODE")
+        now = f"RAY_AUTH_MODE is {mode!r}" if mode else "RAY_AUTH_MODE is not set"
+        raise ClusterError(
+            f"the Ray cluster at --address {address} refused this driver: it uses token "
+            f"authentication and {now} here, or the token differs. Set RAY_AUTH_MODE=token and "
+            "give the cluster's token: copy the head's ~/.ray/auth_token to this machine (or "
+            "point RAY_AUTH_TOKEN_PATH at a copy, or set RAY_AUTH_TOKEN); every node started "
+            "with `ray start` needs the same two settings. Nothing was written") from None
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (C++ log lines) for the duration of the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _local_gpus() -> int:
@@ -111,12 +197,20 @@ def _load_space(path: Path, trials: int | None, concurrency: int | None,
     space.check_inputs()
     if address is None:
         check_local_resources(space)
+    else:
+        check_cluster(address)
     if budget_hours is not None:
         budget = space.budget.model_copy(update={"search_hours": budget_hours})
         source = space._source
         space = space.model_copy(update={"budget": budget})
         space._source = source
     return space
+
+
+def command_line() -> str:
+    """The command that started this process, as a shell would take it back."""
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    return shlex.join([prog, *sys.argv[1:]])
 
 
 def default_storage_url(run: RunDir) -> str:
@@ -127,18 +221,13 @@ def default_storage_url(run: RunDir) -> str:
 def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int | None,
               budget_hours: float | None, concurrency: int | None, address: str | None,
               storage: str | None) -> SearchPlan:
-    from stagebudget.tune_adapter import open_storage
-
     space = _load_space(space_path, trials, concurrency, budget_hours, address)
     name = name or space.name
     run = RunDir(runs_dir / name)
     if run.root.exists():
         raise UserError(f"run directory {run.root} already exists; continue it with --resume, "
                         "or start a new run with --name NEW_NAME")
-    url = storage or default_storage_url(run)
-    if "://" not in url:  # a journal file: absolute, so resume works from any directory
-        prefix = "journal:" if url.startswith("journal:") else ""
-        url = prefix + str(Path(url.removeprefix("journal:")).resolve())
+    url = normalize_url(storage or default_storage_url(run))
     run.root.mkdir(parents=True)
     try:
         store = open_storage(url)
@@ -150,7 +239,7 @@ def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int
         "storage": url, "space_file": str(Path(space_path).resolve()), "created": time.time(),
         "objectives": [{"name": o.name, "direction": o.direction} for o in space.objectives],
         "trials_requested": space.trials, "search_budget_hours": space.budget.search_hours,
-        "address": address, "stopped_by_budget": False,
+        "address": address, "stopped_by_budget": False, "command": command_line(),
     }
     run.write_meta(meta)
     atomic_write_yaml(run.space, space.model_dump(mode="json", exclude_none=True))
@@ -162,8 +251,6 @@ def _plan_resume(space_path: Path, *, name: str | None, runs_dir: Path, trials: 
                  budget_hours: float | None, concurrency: int | None, address: str | None,
                  storage: str | None) -> SearchPlan:
     """Load the run by name; mark what a killed driver left RUNNING as FAIL; count what is left."""
-    from stagebudget.tune_adapter import open_storage
-
     run = RunDir(runs_dir / (name or _space_name(space_path)))
     if not run.root.exists():
         raise UserError(f"cannot resume: run directory {run.root} does not exist; start it "
@@ -222,6 +309,7 @@ def mark_interrupted(study: Any, run: RunDir, objectives: list[str]) -> int:
     """
     from optuna.trial import TrialState
 
+    from stagebudget.studyinfo import annotate_trial
     from stagebudget.tune_adapter import TUNE_ID_ATTR
 
     storage = study._storage
@@ -230,6 +318,7 @@ def mark_interrupted(study: Any, run: RunDir, objectives: list[str]) -> int:
         rec = records.get(t.user_attrs.get(TUNE_ID_ATTR, ""))
         if rec and rec.status == "COMPLETE" and all(o in rec.objectives for o in objectives):
             values = [float(rec.objectives[o]) for o in objectives]
+            annotate_trial(functools.partial(storage.set_trial_user_attr, t._trial_id), rec)
             storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, values)
             continue
         storage.set_trial_user_attr(t._trial_id, "error", "interrupted")  # before: FAIL is final
@@ -276,8 +365,12 @@ def _init_ray(address: str | None, space: SearchSpace) -> None:
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
                  log_to_driver=False, ignore_reinit_error=True, configure_logging=False)
     else:
-        ray.init(address=address, log_to_driver=False, ignore_reinit_error=True,
-                 configure_logging=False)
+        try:
+            ray.init(address=address, log_to_driver=False, ignore_reinit_error=True,
+                     configure_logging=False)
+        except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+            raise ClusterError(f"cannot connect to the Ray cluster at --address {address}: "
+                               f"{str(exc).splitlines()[0]}") from None
 
 
 def _execute(plan: SearchPlan, *, address: str | None, live: bool,
@@ -287,6 +380,7 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
     from ray import tune
 
     from stagebudget.live import Display, LiveDisplay, ProgressCallback
+    from stagebudget.studyinfo import annotate_study
     from stagebudget.trainable import trial_trainable
     from stagebudget.tune_adapter import build_tuner
 
@@ -304,11 +398,13 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
         tuner, limiter, search = build_tuner(
             trainable, space, run_dir=plan.run.root, study_name=plan.meta["study_name"],
             storage=plan.storage, num_samples=plan.remaining, concurrency=space.concurrency,
-            points=plan.points, callbacks=[callback], limiter_kwargs={
+            points=plan.points, callbacks=[callback], mlflow_uri=plan.meta.get("mlflow"),
+            limiter_kwargs={
                 "budget_hours": space.budget.search_hours,
                 "per_trial_hours": space.budget.per_trial_hours,
                 "planned_hours": _planner(space, cost), "prior_hours": plan.prior_hours})
         holder.update(limiter=limiter, study=search.study)
+        annotate_study(search.study, space, plan.run.root, plan.meta)
         with display:
             tuner.fit()
             display.update(_stats(plan, holder, 0), force=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -22,11 +23,20 @@ from typing import Any
 
 from stagebudget.errors import UserError
 from stagebudget.fileio import atomic_write_text
-from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY, RunDir, TrialRecord
+from stagebudget.records import (
+    DEVICE_HOURS,
+    ID_ACCURACY,
+    ID_ACCURACY_SE,
+    OOD_ACCURACY,
+    OOD_ACCURACY_SE,
+    RunDir,
+    TrialRecord,
+)
 from stagebudget.space import SearchSpace
 
 TrialFn = Callable[..., Any]
 DEFAULT_TRIAL_FN = "stagebudget.pipeline:run_schedule"
+STEP_KEY = "timesteps_total"  # ray.tune.result.TIMESTEPS_TOTAL, without importing Ray here
 VERSIONED = ("stagebudget", "torch", "transformers", "trl", "peft", "ray", "optuna")
 
 
@@ -64,6 +74,9 @@ class _Reporter:
                 self.latest[key] = float(row[key])
         if row.get("device_seconds") is not None:
             self.latest[DEVICE_HOURS] = float(row["device_seconds"]) / 3600.0
+        if isinstance(row.get("global_step"), int):
+            # Ray's own loggers (TensorBoard under tune/, MLflow) plot against this key.
+            self.latest[STEP_KEY] = row["global_step"]
         self.report({**row, **self.latest, "final": False})
 
 
@@ -189,8 +202,9 @@ class FakeResult:
     """What ``fake_trial_fn`` returns: the shape of ``pipeline.TrialResult`` (tests only)."""
 
     def __init__(self, id_accuracy: float, ood_accuracy: float, device_hours: float,
-                 curves: list[dict[str, Any]]) -> None:
+                 curves: list[dict[str, Any]], se: dict[str, float] | None = None) -> None:
         self.id_accuracy, self.ood_accuracy = id_accuracy, ood_accuracy
+        self.se = dict(se or {})
         self.device_hours = self.planned_device_hours = device_hours
         self.curves = curves
         self.ledger: dict[str, Any] = {"device_hours": device_hours, "fake": True, "pid": os.getpid()}
@@ -198,13 +212,13 @@ class FakeResult:
 
     def objectives(self) -> dict[str, float]:
         return {ID_ACCURACY: self.id_accuracy, OOD_ACCURACY: self.ood_accuracy,
-                DEVICE_HOURS: self.device_hours}
+                DEVICE_HOURS: self.device_hours, **self.se}
 
 
 def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
                   report: Callable[[dict[str, Any]], None] | None = None,
                   seconds: float = 0.2, fail: str | None = None, kill: str | None = None,
-                  marker_dir: str | None = None, **_: Any) -> FakeResult:
+                  marker_dir: str | None = None, se: bool = False, **_: Any) -> FakeResult:
     """A fast stand-in for ``pipeline.run_schedule``. FOR TESTS ONLY.
 
     Scores are a deterministic function of the schedule: more SFT steps raise ID and lower OOD,
@@ -217,7 +231,8 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
       succeeds); ``kill="first"`` on every attempt of the first trial to reach it.
 
     Which trial is "first" is decided by marker files in ``marker_dir``.
-    Spent device-hours = the schedule's ``budget_hours`` (or 0.001).
+    Spent device-hours = the schedule's ``budget_hours`` (or 0.001). ``se=True`` adds binomial
+    standard errors of the objectives (as if measured on 200 prompts).
     """
     key = Path(out_dir).name if out_dir else "trial"
     if fail == "always" or (fail == "first" and _chosen(marker_dir, "fail", key)):
@@ -243,7 +258,11 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
                 fh.write(json.dumps(row) + "\n")
         if report is not None:
             report(row)
-    return FakeResult(rows[-1][ID_ACCURACY], rows[-1][OOD_ACCURACY], hours, rows)
+    final = rows[-1]
+    errors = {name: round(math.sqrt(final[k] * (1 - final[k]) / 200), 4)
+              for k, name in ((ID_ACCURACY, ID_ACCURACY_SE), (OOD_ACCURACY, OOD_ACCURACY_SE))
+              } if se else None
+    return FakeResult(final[ID_ACCURACY], final[OOD_ACCURACY], hours, rows, errors)
 
 
 def _chosen(marker_dir: str | None, name: str, key: str) -> bool:

@@ -1,4 +1,5 @@
-"""The one module that builds Ray Tune and Optuna objects: sampler, storage, searcher, Tuner.
+"""The one module that builds Ray Tune and Optuna objects: sampler, searcher, Tuner (storage:
+:mod:`stagebudget.studystore`).
 
 Optuna samples (multi-objective), Ray Tune executes. Facts this module relies on (Ray 2.60,
 Optuna 5.0, read from the installed sources):
@@ -16,6 +17,7 @@ Optuna 5.0, read from the installed sources):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -27,15 +29,16 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from stagebudget.errors import ConfigError, UserError
+from stagebudget.errors import ConfigError
 from stagebudget.records import DEVICE_HOURS, RunDir, TrialRecord
 from stagebudget.space import SearchSpace
+from stagebudget.studyinfo import REFERENCE_ATTR, annotate_trial, trial_attrs
+from stagebudget.tbcurves import CurveWriter, run_label, write_trial_events
 
 log = logging.getLogger(__name__)
 
 TUNE_DIR_NAME = "tune"
 TUNE_ID_ATTR = "tune_trial_id"
-REFERENCE_ATTR = "reference"
 
 
 # --- Optuna -------------------------------------------------------------------------------------
@@ -86,34 +89,15 @@ def make_sampler(space: SearchSpace, trials: int) -> Any:
                               field="sampler.options") from None
 
 
-def open_storage(url: str) -> Any:
-    """An Optuna storage object from a URL (``sqlite:///...``, ``postgresql://...``) or a
-    journal file path (``*.log``, ``*.journal`` or ``journal:PATH``)."""
-    import optuna
-
-    if url.startswith("journal:") or url.endswith((".log", ".journal", ".jsonl")):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = url.removeprefix("journal:")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(path))
-    if "://" not in url:
-        raise UserError(f"--storage {url!r} is neither a database URL (sqlite:///run/study.db, "
-                        "postgresql://user@host/db) nor a journal file (*.log or journal:PATH)")
-    try:
-        return optuna.storages.RDBStorage(url)
-    except Exception as exc:  # a bad URL or an unreachable server, before any compute
-        raise UserError(f"cannot open Optuna storage {url!r}: {exc}") from None
-
-
 class StudySearch(OptunaSearch):
     """``OptunaSearch`` that tags each Optuna trial with its Tune trial id (and reference name),
     so the study, Tune and the trial records join on one key."""
 
     def __init__(self, *args: Any, references: Sequence[tuple[str, dict[str, Any]]] = (),
-                 **kwargs: Any) -> None:
+                 run_dir: Path | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._references = list(references)
+        self._run = RunDir(Path(run_dir)) if run_dir is not None else None
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
@@ -124,6 +108,17 @@ class StudySearch(OptunaSearch):
             if name:
                 ot_trial.set_user_attr(REFERENCE_ATTR, name)
         return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        """Describe the Optuna trial from its record (schedule, steps, SEs...), then tell it."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and self._run is not None:
+            try:
+                annotate_trial(ot_trial.set_user_attr, self._run.read_record(trial_id))
+            except Exception as exc:  # a description must never lose the trial's result
+                log.warning("could not describe Optuna trial of %s: %s", trial_id, exc)
+        super().on_trial_complete(trial_id, result=result, error=error)
 
     @property
     def study(self) -> Any:
@@ -256,6 +251,90 @@ class RecordKeeper(tune.Callback):
         self.run.write_record(record)
 
 
+class TensorBoardCurves(tune.Callback):
+    """Writes each trial's curve rows as TensorBoard events in ``RUN/tensorboard/`` as they
+    arrive, named by Optuna trial number and schedule (see :mod:`stagebudget.tbcurves`).
+
+    A trial that reused a twin's measurements reports no rows; its curves are written from its
+    ``curves.jsonl`` when it completes.
+    """
+
+    def __init__(self, run_dir: Path, search: StudySearch) -> None:
+        self.run = RunDir(Path(run_dir))
+        self.search = search
+        self.writers: dict[str, Any] = {}
+
+    def _label(self, trial_id: str) -> str:
+        ot_trial = self.search._ot_trials.get(trial_id)
+        record = self.run.read_record(trial_id)
+        schedule = trial_id
+        if record is not None and record.schedule:
+            from stagebudget.schedule import Schedule
+
+            with contextlib.suppress(ValueError):
+                schedule = Schedule.from_dict(record.schedule).describe()
+        return run_label(getattr(ot_trial, "number", None), schedule,
+                         record.reference if record is not None else None)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        if result.get("final"):
+            return
+        try:
+            if trial.trial_id not in self.writers:
+                self.writers[trial.trial_id] = CurveWriter(self.run.root, self._label(trial.trial_id))
+            self.writers[trial.trial_id].add(result)
+        except Exception as exc:  # curves for TensorBoard must never stop a search
+            log.warning("TensorBoard events of %s not written: %s", trial.trial_id, exc)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        writer = self.writers.pop(trial.trial_id, None)
+        if writer is not None:
+            writer.close()
+            return
+        rows = self.run.curves(trial.trial_id)
+        if rows:
+            try:
+                write_trial_events(self.run.root, self._label(trial.trial_id), rows)
+            except Exception as exc:
+                log.warning("TensorBoard events of %s not written: %s", trial.trial_id, exc)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        writer = self.writers.pop(trial.trial_id, None)
+        if writer is not None:
+            writer.close()
+
+
+def mlflow_callback(tracking_uri: str, run_dir: Path, search: StudySearch) -> tune.Callback:
+    """Ray's own ``MLflowLoggerCallback``: one MLflow run per trial in the experiment named after
+    the run directory, named by Optuna trial number, metrics against the global step (the
+    trainable reports it as ``timesteps_total``), tagged with the schedule when it ends."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    run = RunDir(Path(run_dir))
+
+    class TrialNamedMLflow(MLflowLoggerCallback):  # type: ignore[misc]
+        def log_trial_start(self, trial: Any) -> None:
+            if trial not in self._trial_runs:
+                number = getattr(search._ot_trials.get(trial.trial_id), "number", None)
+                name = f"trial{number:03d}" if number is not None else str(trial)
+                tags = {**(self.tags or {}), "trial_name": str(trial), TUNE_ID_ATTR: trial.trial_id}
+                started = self.mlflow_util.start_run(tags=tags, run_name=name)
+                self._trial_runs[trial] = started.info.run_id
+            super().log_trial_start(trial)
+
+        def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+            record = run.read_record(trial.trial_id)
+            if record is not None and trial in self._trial_runs:
+                client = self.mlflow_util._get_client()
+                for key, value in trial_attrs(record).items():
+                    client.set_tag(self._trial_runs[trial], f"stagebudget.{key}", str(value))
+            super().log_trial_end(trial, failed=failed)
+
+    return TrialNamedMLflow(tracking_uri=tracking_uri, experiment_name=run.root.name,
+                            tags={"stagebudget.run_dir": str(run.root.resolve())})
+
+
 def _trial_error_text(trial: Any) -> str:
     path = getattr(trial, "error_file", None)
     text = ""
@@ -269,16 +348,18 @@ def _trial_error_text(trial: Any) -> str:
 def build_tuner(trainable: Callable[..., Any], space: SearchSpace, *, run_dir: Path,
                 study_name: str, storage: Any, num_samples: int, concurrency: int,
                 points: Sequence[dict[str, Any]], limiter_kwargs: dict[str, Any],
-                callbacks: Sequence[tune.Callback] = ()) -> tuple[tune.Tuner, BudgetLimiter,
-                                                                   StudySearch]:
+                callbacks: Sequence[tune.Callback] = (),
+                mlflow_uri: str | None = None) -> tuple[tune.Tuner, BudgetLimiter, StudySearch]:
     """Assemble searcher (StudySearch -> ConcurrencyLimiter -> BudgetLimiter) and the Tuner.
 
     ``trainable`` is already ``tune.with_parameters``-wrapped; resources are added here.
+    ``mlflow_uri`` also logs every trial to that MLflow tracking server (or store).
     """
     search = StudySearch(
         space=space.optuna_space(), metric=metric_names(space), mode=modes(space),
         points_to_evaluate=list(points) or None, sampler=make_sampler(space, num_samples),
         storage=storage, study_name=study_name, references=space.reference_points(),
+        run_dir=Path(run_dir),
     )
     limited = ConcurrencyLimiter(search, max_concurrent=concurrency)
     budget = BudgetLimiter(limited, **limiter_kwargs)
@@ -294,7 +375,9 @@ def build_tuner(trainable: Callable[..., Any], space: SearchSpace, *, run_dir: P
             name=TUNE_DIR_NAME, storage_path=str(Path(run_dir).resolve()),
             failure_config=tune.FailureConfig(max_failures=space.max_retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=0, callbacks=[RecordKeeper(run_dir), *callbacks],
+            verbose=0, callbacks=[RecordKeeper(run_dir), TensorBoardCurves(run_dir, search),
+                                  *([mlflow_callback(mlflow_uri, run_dir, search)]
+                                    if mlflow_uri else []), *callbacks],
         ),
     )
     return tuner, budget, search

@@ -108,37 +108,31 @@ def merge(model: Any) -> Any:
 
 def precision_args(device: str) -> dict[str, Any]:
     """CPU: fp32 (``bf16=False``, ``use_cpu=True``); CUDA: bf16 when the GPU supports it."""
+    from stagebudget.export import precision_kwargs  # one home, shared with exports
+
     if device.startswith("cuda"):
         import torch
 
-        return {"bf16": bool(torch.cuda.is_bf16_supported()), "use_cpu": False}
-    return {"bf16": False, "fp16": False, "use_cpu": True}
+        return precision_kwargs(device, bf16=bool(torch.cuda.is_bf16_supported()))
+    return precision_kwargs(device)
 
 
 def training_args(ctx: StageContext, **extra: Any) -> dict[str, Any]:
     """Keyword arguments shared by every stage's ``SFTConfig``/``GRPOConfig``.
 
-    Constant learning rate without warm-up, so a shorter run is a true prefix of a longer one;
-    no checkpoints, no reporting, no progress bars, a log row at every step; gradient
-    checkpointing off (TRL 1.x turns it on by default, and it is slower at these sizes).
+    The export's mapping (constant learning rate without warm-up, so a shorter run is a true
+    prefix of a longer one; no checkpoints, no reporting, a log row at every step; gradient
+    checkpointing off) plus a scratch output directory, no progress bars and the precision of
+    this machine.
     """
     from stagebudget.export import trl_config_kwargs  # the one StageSpec -> TRL mapping
 
     spec = ctx.spec
-    # Evaluation is ours (a callback on ID/OOD generation), not the Trainer's eval loop.
-    stage_args = {k: v for k, v in trl_config_kwargs(spec, ctx.seed).items()
-                  if k not in ("eval_strategy", "eval_steps")}
     args: dict[str, Any] = {
-        **stage_args,
+        **trl_config_kwargs(spec, ctx.seed),
         "output_dir": tempfile.mkdtemp(prefix=f"stagebudget-{spec.kind}-"),
-        "logging_steps": 1,
         "logging_nan_inf_filter": False,  # a NaN loss must reach the divergence check
-        "save_strategy": "no",
-        "report_to": "none",
         "disable_tqdm": True,
-        "gradient_checkpointing": False,
-        "data_seed": ctx.seed,
-        "dataloader_num_workers": 0,
         **precision_args(ctx.device),
     }
     args.update(extra)

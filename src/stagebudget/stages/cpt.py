@@ -35,7 +35,7 @@ def run_cpt(ctx: StageContext) -> StageOutput:
     quiet_libraries()
     spec = ctx.spec
     with ctx.clock.setting_up():
-        args = SFTConfig(**training_args(ctx, packing=False))
+        args = SFTConfig(**training_args(ctx))
         trainer = SFTTrainer(
             model=ctx.model,
             args=args,

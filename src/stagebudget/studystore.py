@@ -1,0 +1,94 @@
+"""The one place a study storage URL becomes an Optuna storage object, for writing and reading.
+
+``search`` (which writes the study) and ``load_run`` (which reads it for status, pareto and
+export) both call :func:`open_storage`, so every storage a search can write is one a reader can
+open: an SQLite URL, a server URL (``postgresql+psycopg2://user:pw@host:5432/db``) or a journal
+file (``journal:PATH`` or a path ending in ``.log``/``.journal``/``.jsonl``; Optuna's
+``JournalStorage``, the choice when several drivers write and no server is at hand).
+
+Optuna is imported inside the functions, so importing this module stays light.
+
+>>> normalize_url("runs/x/study.log")  # doctest: +SKIP
+'journal:/abs/runs/x/study.log'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from stagebudget.errors import UserError
+
+JOURNAL_PREFIX = "journal:"
+JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+POSTGRES_HINT = ("install the PostgreSQL driver with `pip install 'stagebudget[postgres]'` "
+                 "(psycopg2-binary)")
+
+
+def is_journal(url: str) -> bool:
+    """Whether ``url`` names a journal file rather than a database URL."""
+    return url.startswith(JOURNAL_PREFIX) or ("://" not in url and url.endswith(JOURNAL_SUFFIXES))
+
+
+def journal_path(url: str) -> Path:
+    """The file of a journal storage URL."""
+    return Path(url.removeprefix(JOURNAL_PREFIX))
+
+
+def normalize_url(url: str) -> str:
+    """A storage URL as run.json keeps it: a journal file becomes ``journal:ABSOLUTE_PATH`` (so a
+    resume or a reader works from any directory); database URLs are kept as given."""
+    if is_journal(url):
+        return JOURNAL_PREFIX + str(journal_path(url).resolve())
+    if "://" not in url:
+        raise UserError(f"--storage {url!r} is neither a database URL (sqlite:///run/study.db, "
+                        "postgresql+psycopg2://user:password@host:5432/db) nor a journal file "
+                        "(journal:PATH, or a path ending in .log, .journal or .jsonl)")
+    return url
+
+
+def open_storage(url: str, *, create: bool = True) -> Any:
+    """An Optuna storage for ``url`` (see the module docstring).
+
+    With ``create=False`` (readers) a journal file that does not exist is an error instead of a
+    new empty study storage. A missing database driver or an unreachable server is a
+    :class:`UserError` that names the URL (without its password) and the fix.
+    """
+    import optuna
+
+    if is_journal(url):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = journal_path(url)
+        if not create and not path.is_file():
+            raise UserError(f"the study journal {path} does not exist")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    url = normalize_url(url)
+    try:
+        return optuna.storages.RDBStorage(url)
+    except ModuleNotFoundError as exc:
+        hint = POSTGRES_HINT if url.split(":", 1)[0].split("+")[0] in POSTGRES_SCHEMES else (
+            f"install the database driver it needs ({exc.name})")
+        raise UserError(f"cannot open Optuna storage {redact(url)}: no module {exc.name!r}; "
+                        f"{hint}") from None
+    except Exception as exc:  # a bad URL or an unreachable server, before any compute
+        raise UserError(f"cannot open Optuna storage {redact(url)}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``.
+
+    >>> redact("postgresql://me:secret@localhost:5432/db")
+    'postgresql://me:***@localhost:5432/db'
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    if ":" not in creds:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
