@@ -48,7 +48,7 @@ def test_rl_defaults_filled_only_for_rl():
     ("data", "needle"),
     [
         ({"stages": [{"kind": "sft", "steps": 0}]}, "stages.0.steps"),
-        ({"stages": [{"kind": "sfx", "steps": 3}]}, "'cpt', 'sft' or 'rl'"),
+        ({"stages": [{"kind": "sfx", "steps": 3}]}, "allowed: cpt, sft, rl"),
         ({"stages": [{"kind": "sft", "steps": 3, "beta": 0.1}]}, "applies only to rl"),
         ({"stages": [{"kind": "sft", "steps": 3, "lora_rank": -1}]}, "lora_rank"),
         ({"stages": [{"kind": "sft", "steps": 3, "bogus": 1}]}, "unknown key `bogus`"),

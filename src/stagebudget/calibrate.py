@@ -18,21 +18,22 @@ from typing import Any
 from stagebudget.cost import CostModel, ModelShape
 from stagebudget.costtable import default_table_path
 from stagebudget.errors import UserError
+from stagebudget.kinds import get_kind, stage_kinds
 from stagebudget.ledger import BudgetClock
-from stagebudget.schedule import STAGE_KINDS, StageSpec
+from stagebudget.schedule import StageSpec
 
 DEFAULT_RANKS = (0, 4, 16, 64)
 SFT_BATCH = 32
-RL_PROMPTS, RL_GENERATIONS, RL_COMPLETION = 16, 8, 12
+RL_PROMPTS = 16
 
 
 def calibration_spec(kind: str, rank: int, steps: int) -> StageSpec:
-    """The stage measured for ``kind`` at ``rank``: default batch sizes, no evaluation."""
-    if kind == "rl":
-        return StageSpec(kind="rl", steps=steps, lora_rank=rank, batch_size=RL_PROMPTS,
-                         num_generations=RL_GENERATIONS, max_completion_length=RL_COMPLETION,
+    """The stage measured for ``kind`` at ``rank``: default batch sizes (generation settings
+    are the kind's defaults), no evaluation."""
+    if get_kind(kind).generates:
+        return StageSpec(kind=kind, steps=steps, lora_rank=rank, batch_size=RL_PROMPTS,
                          learning_rate=1e-3, eval_interval=steps + 1)
-    return StageSpec(kind=kind, steps=steps, lora_rank=rank,  # type: ignore[arg-type]
+    return StageSpec(kind=kind, steps=steps, lora_rank=rank,
                      batch_size=SFT_BATCH, eval_interval=steps + 1)
 
 
@@ -79,7 +80,7 @@ def time_stage(model_path: Path, suite: Any, spec: StageSpec, warmup: int, devic
 def calibrate(
     base_model: str = "builtin:tiny",
     device: str = "auto",
-    kinds: Sequence[str] = STAGE_KINDS,
+    kinds: Sequence[str] | None = None,
     ranks: Sequence[int] = DEFAULT_RANKS,
     steps: int = 3,
     *,
@@ -98,6 +99,7 @@ def calibrate(
     from stagebudget.stages.common import resolve_device
     from stagebudget.tasks import load_suite
 
+    kinds = stage_kinds() if kinds is None else kinds
     _check_args(kinds, ranks, steps, warmup)
     dev = resolve_device(device)
     path = resolve_base_model(base_model, cache_dir=cache_dir)
@@ -124,9 +126,9 @@ def calibrate(
 
 
 def _check_args(kinds: Sequence[str], ranks: Sequence[int], steps: int, warmup: int) -> None:
-    unknown = [k for k in kinds if k not in STAGE_KINDS]
+    unknown = [k for k in kinds if k not in stage_kinds()]
     if unknown:
-        raise UserError(f"unknown stage kind {unknown[0]!r}; allowed: {', '.join(STAGE_KINDS)}")
+        raise UserError(f"unknown stage kind {unknown[0]!r}; allowed: {', '.join(stage_kinds())}")
     if not kinds or not ranks:
         raise UserError("calibrate needs at least one stage kind and one rank")
     if any(r < 0 for r in ranks):

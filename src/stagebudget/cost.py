@@ -23,7 +23,8 @@ from typing import Any
 
 from stagebudget.errors import BudgetError, ConfigError
 from stagebudget.fileio import atomic_write_json
-from stagebudget.schedule import STAGE_KINDS, Schedule, StageSpec, TasksRef
+from stagebudget.kinds import get_kind, stage_kinds
+from stagebudget.schedule import Schedule, StageSpec, TasksRef
 
 # Effective throughput and per-step overheads for the analytic fallback. They are rough on
 # purpose (fitted to measured TRL step times of the tiny model on a 2-core CPU: SFT ~0.107 s,
@@ -142,8 +143,8 @@ class CostModel:
 
     def _work(self, spec: StageSpec) -> float:
         """Relative amount of work per step, used to scale calibrated entries."""
-        if spec.kind == "rl":
-            return float(spec.batch_size * (spec.num_generations or 8) * (spec.max_completion_length or 12))
+        if get_kind(spec.kind).generates:
+            return float(spec.batch_size * _generations(spec) * _completion(spec))
         return float(spec.batch_size)
 
     def _from_table(self, spec: StageSpec, entries: list[dict[str, Any]]) -> float:
@@ -159,7 +160,7 @@ class CostModel:
             **(
                 {"num_generations": best["num_generations"],
                  "max_completion_length": best["max_completion_length"]}
-                if spec.kind == "rl"
+                if get_kind(spec.kind).generates
                 else {}
             ),
         )
@@ -177,9 +178,8 @@ class CostModel:
         p = self.shape.n_params
         lora_params = 2 * spec.lora_rank * self.shape.hidden * 7 * self.shape.layers
         train_factor = 6 if spec.lora_rank == 0 else 4
-        if spec.kind == "rl":
-            gens = spec.num_generations or 8
-            comp = spec.max_completion_length or 12
+        if get_kind(spec.kind).generates:
+            gens, comp = _generations(spec), _completion(spec)
             n_seq = spec.batch_size * gens
             tokens = n_seq * (self.seq_len + comp)
             gen_flops = 2 * p * n_seq * comp
@@ -192,6 +192,16 @@ class CostModel:
     def schedule_seconds(self, schedule: Schedule) -> float:
         """Planned training device-seconds of a whole schedule."""
         return sum(s.steps * self.step_seconds(s) for s in schedule.stages)
+
+
+def _generations(spec: StageSpec) -> int:
+    """Completions per prompt of a generating stage (filled in by its kind's defaults)."""
+    return int(spec.num_generations or 1)
+
+
+def _completion(spec: StageSpec) -> int:
+    """Completion tokens per generation of a generating stage."""
+    return int(spec.max_completion_length or 1)
 
 
 def default_cost_model(base_model: str, device: str = "cpu") -> CostModel:
@@ -226,7 +236,7 @@ def plan_schedule(
     given budget cannot fit one step, saying what budget would.
     """
     stages = []
-    for kind in STAGE_KINDS:
+    for kind in stage_kinds():
         amount = allocation.get(kind, 0) or 0
         if amount <= 0:
             continue

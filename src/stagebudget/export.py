@@ -2,10 +2,8 @@
 
 The file's ``schedule:`` key is what ``stagebudget train FILE`` reads (see ``Schedule.load``);
 ``trl:`` lists, per stage, the ``trl.SFTConfig``/``trl.GRPOConfig`` arguments and the
-``peft.LoraConfig`` kwargs a user can take to their own pipeline. Nothing heavy is imported.
-
->>> lora_kwargs(StageSpec(kind="sft", steps=10, lora_rank=0)) is None
-True
+``peft.LoraConfig`` kwargs a user can take to their own pipeline, read from the one mapping that
+training uses (:mod:`stagebudget.stages.mapping`). Nothing heavy is imported.
 """
 
 from __future__ import annotations
@@ -17,72 +15,15 @@ from typing import TYPE_CHECKING, Any
 from stagebudget.errors import RunError, UserError
 from stagebudget.fileio import atomic_write_yaml
 from stagebudget.records import ID_ACCURACY, OOD_ACCURACY
-from stagebudget.schedule import StageSpec
+from stagebudget.stages.mapping import config_class, lora_kwargs, trl_config_kwargs
 
 if TYPE_CHECKING:
     from stagebudget.pareto import FrontInfo
     from stagebudget.runs import Run
 
 PICK_FORMS = ("knee", "max-ood", "max-id", "ood-at-id=X (e.g. ood-at-id=0.9)", "trial=N")
-CONFIG_CLASS = {"cpt": "trl.SFTConfig", "sft": "trl.SFTConfig", "rl": "trl.GRPOConfig"}
-
-
-def trl_config_kwargs(spec: StageSpec, seed: int | None = None) -> dict[str, Any]:
-    """TRL config arguments equivalent to one stage (``SFTConfig`` for cpt/sft, ``GRPOConfig``
-    for rl). The learning rate is constant (no warmup), as stagebudget trains.
-
-    For rl, ``batch_size`` counts prompts, while TRL's ``per_device_train_batch_size`` counts
-    completions, so it is ``batch_size * num_generations`` (one device, no accumulation).
-
-    >>> trl_config_kwargs(StageSpec(kind="sft", steps=40, batch_size=8))["max_steps"]
-    40
-    """
-    args: dict[str, Any] = {
-        "max_steps": spec.steps,
-        "learning_rate": spec.learning_rate,
-        "per_device_train_batch_size": spec.batch_size,
-        "gradient_accumulation_steps": 1,
-        "lr_scheduler_type": "constant",
-        "warmup_steps": 0,
-        "eval_strategy": "steps",
-        "eval_steps": spec.eval_interval,
-    }
-    if seed is not None:
-        args["seed"] = seed
-    if spec.kind == "rl":
-        generations = spec.num_generations or 8
-        args.update(
-            per_device_train_batch_size=spec.batch_size * generations,
-            num_generations=generations,
-            max_completion_length=spec.max_completion_length,
-            beta=spec.beta,
-            temperature=spec.temperature,
-        )
-    else:
-        args["max_length"] = spec.max_length
-        # sft trains on completions only; cpt is plain language modelling on raw text.
-        args["completion_only_loss"] = spec.kind == "sft"
-        if spec.kind == "cpt":
-            args["dataset_text_field"] = "text"
-    return args
-
-
-def lora_kwargs(spec: StageSpec) -> dict[str, Any] | None:
-    """``peft.LoraConfig`` kwargs for one stage; None for rank 0 (full fine-tuning).
-
-    >>> lora_kwargs(StageSpec(kind="rl", steps=5, lora_rank=4))["lora_alpha"]
-    8
-    """
-    if spec.lora_rank == 0:
-        return None
-    return {
-        "r": spec.lora_rank,
-        "lora_alpha": spec.alpha,
-        "target_modules": "all-linear",
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "task_type": "CAUSAL_LM",
-    }
+__all__ = ["config_class", "export", "export_document", "lora_kwargs", "resolve_pick",
+           "trl_config_kwargs"]
 
 
 def resolve_pick(front: FrontInfo, pick: str, states: dict[int, str] | None = None) -> int:
@@ -171,7 +112,7 @@ def export_document(run: Run, number: int, pick: str, front: FrontInfo) -> dict[
         extra = {k: v for k, v in view.record.objectives.items() if k not in objectives}
         objectives.update(extra)
     stages = [
-        {"stage": spec.kind, "index": i, "config": CONFIG_CLASS[spec.kind],
+        {"stage": spec.kind, "index": i, "config": config_class(spec),
          "args": trl_config_kwargs(spec, seed=schedule.seed), "peft": lora_kwargs(spec)}
         for i, spec in enumerate(schedule.stages)
     ]

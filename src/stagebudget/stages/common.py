@@ -18,13 +18,11 @@ from typing import Any
 
 from stagebudget.ledger import BudgetClock, budget_callback
 from stagebudget.schedule import StageSpec
+from stagebudget.stages.mapping import lora_kwargs, trl_config_kwargs
 
 # Nothing here ever talks to the Hugging Face Hub: models and tokenizers are local objects.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-# Target modules for Llama/Qwen-style models; "all-linear" (every linear layer but the output
-# head) covers them and other architectures alike.
 
 
 class TrainingDiverged(RuntimeError):
@@ -87,7 +85,6 @@ def lora_config(spec: StageSpec) -> Any:
     >>> lora_config(StageSpec(kind="sft", steps=1, lora_rank=0)) is None
     True
     """
-    from stagebudget.export import lora_kwargs  # the one StageSpec -> LoRA mapping (exports too)
 
     kwargs = lora_kwargs(spec)
     if kwargs is None:
@@ -122,8 +119,6 @@ def training_args(ctx: StageContext, **extra: Any) -> dict[str, Any]:
     no checkpoints, no reporting, no progress bars, a log row at every step; gradient
     checkpointing off (TRL 1.x turns it on by default, and it is slower at these sizes).
     """
-    from stagebudget.export import trl_config_kwargs  # the one StageSpec -> TRL mapping
-
     spec = ctx.spec
     # Evaluation is ours (a callback on ID/OOD generation), not the Trainer's eval loop.
     stage_args = {k: v for k, v in trl_config_kwargs(spec, ctx.seed).items()
