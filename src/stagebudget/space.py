@@ -8,20 +8,34 @@ The YAML uses a short distribution schema (``type``, ``low``, ``high``, ``log``,
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from stagebudget.cost import Budget, CostModel, ModelShape, default_cost_model, plan_schedule
 from stagebudget.errors import BudgetError, ConfigError, from_pydantic
 from stagebudget.fileio import read_yaml
-from stagebudget.schedule import STAGE_KINDS, Schedule, StageSpec, Strict, TasksRef
+from stagebudget.kinds import get_kind, kind_only_fields, stage_kinds
+from stagebudget.schedule import Schedule, StageSpec, Strict, TasksRef
 
 OBJECTIVES: dict[str, str] = {
     "id_accuracy": "maximize",
@@ -50,6 +64,11 @@ class Dist(Strict):
                 raise ValueError("`choices` must be a non-empty list for type categorical")
             if len(set(map(repr, self.choices))) != len(self.choices):
                 raise ValueError(f"`choices` must not repeat a value, got {list(self.choices)}")
+            kinds = {"number" if isinstance(c, int | float) and not isinstance(c, bool)
+                     else type(c).__name__ for c in self.choices}
+            if len(kinds) > 1:
+                raise ValueError(f"`choices` must all be of one type, got {sorted(kinds)} in "
+                                 f"{list(self.choices)}")
             if self.low is not None or self.high is not None or self.log or self.step is not None:
                 raise ValueError("type categorical takes only `choices` (no low/high/log/step)")
             return self
@@ -111,38 +130,21 @@ def to_optuna(dist: Dist) -> Any:
     return od.FloatDistribution(dist.low, dist.high, log=dist.log, step=dist.step)  # type: ignore[arg-type]
 
 
-Value = Dist | float | int | str | bool
-
-
-class StageDims(Strict):
-    """One stage in a space: a budget share (or steps) plus fixed or searched stage fields."""
+class _StageDimsBase(Strict):
+    """A stage's budget amount; :data:`StageDims` adds every tunable :class:`StageSpec` field."""
 
     share: Dist | float | Literal["rest"] | None = None
     steps: Dist | int | None = None
-    lora_rank: Dist | int = 8
-    lora_alpha: Dist | int | None = None
-    learning_rate: Dist | float = 5e-4
-    batch_size: Dist | int = 32
-    eval_interval: Dist | int = 25
-    max_length: Dist | int = 64
-    num_generations: Dist | int | None = None
-    max_completion_length: Dist | int | None = None
-    beta: Dist | float | None = None
-    temperature: Dist | float | None = None
 
-    @field_validator("lora_rank")
+    @field_validator("*")
     @classmethod
-    def _rank(cls, v: Any) -> Any:
-        values = v.choices if isinstance(v, Dist) and v.type == "categorical" else (
-            [v.low, v.high] if isinstance(v, Dist) else [v])
-        for r in values or ():
-            if isinstance(r, bool) or not isinstance(r, int | float) or r < 0 or r != int(r):
-                raise ValueError(
-                    f"LoRA ranks must be non-negative integers (0 = full fine-tuning), got {r!r}")
+    def _within_stage_spec(cls, v: Any, info: Any) -> Any:
+        if info.field_name in TUNABLE_FIELDS and v is not None:
+            check_stage_value(info.field_name, v)
         return v
 
     @model_validator(mode="after")
-    def _amount(self) -> StageDims:
+    def _amount(self) -> _StageDimsBase:
         if (self.share is None) == (self.steps is None):
             raise ValueError("give exactly one of `share` (fraction of the budget) or `steps`")
         if isinstance(self.share, float | int) and not 0 <= self.share <= 1:
@@ -151,7 +153,84 @@ class StageDims(Strict):
                 not isinstance(c, int | float) or not 0 <= c <= 1 for c in self.share.choices or ()))
                 or (self.share.type != "categorical" and not 0 <= self.share.low <= self.share.high <= 1)):  # type: ignore[operator]
             raise ValueError("`share` values must lie within [0, 1]")
+        steps = _values(self.steps) if self.steps is not None else []
+        bad = [v for v in steps if isinstance(v, bool) or not isinstance(v, int | float)
+               or v < 0 or v != int(v)]
+        if bad or (isinstance(self.steps, Dist) and self.steps.type == "float"):
+            raise ValueError(f"`steps` must be whole numbers >= 0 (0 leaves the stage out), got "
+                             f"{bad[0] if bad else self.steps.type!r}")
         return self
+
+
+_Scalar = StrictBool | StrictInt | StrictFloat | StrictStr
+# Every tunable stage field, fixed (a value) or searched (a Dist). A field left out is None here
+# and StageSpec's default applies: fields, defaults and bounds are StageSpec's, written once.
+StageDims = create_model(
+    "StageDims", __base__=_StageDimsBase, __module__=__name__,
+    __doc__="One stage in a space: a budget share (or steps) plus fixed or searched stage fields.",
+    **{name: (Dist | _Scalar | None, None) for name in TUNABLE_FIELDS},
+)
+
+
+def _values(value: Any) -> list[Any]:
+    """The values a fixed or searched setting can take at its edges (all choices, or low/high)."""
+    if not isinstance(value, Dist):
+        return [value]
+    if value.type == "categorical":
+        return list(value.choices or ())
+    if value.type == "int":
+        return [int(value.low), int(value.high)]  # type: ignore[arg-type]
+    return [value.low, value.high]
+
+
+@functools.cache
+def _field_adapter(name: str) -> TypeAdapter[Any]:
+    info = StageSpec.model_fields[name]
+    return TypeAdapter(Annotated[info.annotation, info])
+
+
+def _types(name: str) -> set[type]:
+    """The plain types StageSpec's field ``name`` takes (``{int}``), None and Annotated removed."""
+    ann = StageSpec.model_fields[name].annotation
+    out = set()
+    for t in get_args(ann) if get_origin(ann) in (Union, UnionType) else (ann,):
+        t = get_args(t)[0] if get_origin(t) is Annotated else t
+        if t is not type(None):
+            out.add(t)
+    return out
+
+
+def allowed_values(name: str) -> str:
+    """What StageSpec allows for field ``name``, in words: ``an integer >= 1``."""
+    info = StageSpec.model_fields[name]
+    types = _types(name)
+    what = ("an integer" if types == {int} else "a number" if types == {float}
+            else "a string" if types == {str} else " or ".join(t.__name__ for t in types))
+    bounds = []
+    for meta in info.metadata:
+        for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="),
+                         ("min_length", "of length >=")):
+            if getattr(meta, attr, None) is not None:
+                bounds.append(f"{op} {getattr(meta, attr)}")
+    text = f"{what} {' and '.join(bounds)}".strip()
+    return f"{text} ({info.description})" if info.description else text
+
+
+def check_stage_value(name: str, value: Any) -> None:
+    """Raise ValueError unless every edge of ``value`` (fixed or a Dist) is a valid StageSpec
+    ``name``. Bounds are intervals, so a range's two ends decide it."""
+    types = _types(name)
+    if isinstance(value, Dist) and int in types and float not in types and value.type == "float":
+        raise ValueError(f"`{name}` takes {allowed_values(name)}; use type int or categorical, "
+                         "not float")
+    if isinstance(value, Dist) and str in types and value.type != "categorical":
+        raise ValueError(f"`{name}` takes {allowed_values(name)}; search it with type categorical")
+    for v in _values(value):
+        try:
+            _field_adapter(name).validate_python(v)
+        except ValidationError:
+            raise ValueError(f"`{name}` = {v!r} is not allowed; it must be "
+                             f"{allowed_values(name)}") from None
 
 
 class BudgetSpec(Strict):
@@ -200,7 +279,7 @@ class SearchSpace(Strict):
     base_model: str = "builtin:tiny"
     tasks: TasksRef = TasksRef()
     budget: BudgetSpec
-    stages: dict[str, StageDims]
+    stages: dict[str, StageDims]  # type: ignore[valid-type]
     objectives: tuple[ObjectiveSpec, ...] = DEFAULT_OBJECTIVES
     sampler: SamplerSpec = SamplerSpec()
     trials: int = Field(default=8, ge=1)
@@ -223,15 +302,15 @@ class SearchSpace(Strict):
     def _stage_names(cls, v: Any) -> Any:
         if isinstance(v, dict):
             if not v:
-                raise ValueError(f"at least one stage is needed; allowed: {', '.join(STAGE_KINDS)}")
+                raise ValueError(f"at least one stage is needed; allowed: {', '.join(stage_kinds())}")
             for kind in v:
-                if kind not in STAGE_KINDS:
-                    raise ValueError(f"unknown stage {kind!r}; allowed: {', '.join(STAGE_KINDS)}")
+                if kind not in stage_kinds():
+                    raise ValueError(f"unknown stage {kind!r}; allowed: {', '.join(stage_kinds())}")
         return v
 
     @field_validator("stages")
     @classmethod
-    def _stage_kinds(cls, v: dict[str, StageDims]) -> dict[str, StageDims]:
+    def _stage_kinds(cls, v: dict[str, Any]) -> dict[str, Any]:
         modes = {"share" if d.share is not None else "steps" for d in v.values()}
         if len(modes) > 1:
             raise ValueError("all stages must use `share`, or all `steps`, not a mix")
@@ -242,11 +321,12 @@ class SearchSpace(Strict):
         if modes == {"share"} and top > 1 + 1e-9:
             raise ValueError(f"the stages' largest shares add up to {top:g} > 1")
         for kind, dims in v.items():
-            if kind != "rl":
-                extra = [f for f in ("num_generations", "max_completion_length", "beta",
-                                     "temperature") if getattr(dims, f) is not None]
-                if extra:
-                    raise ValueError(f"`{kind}.{extra[0]}` applies only to the rl stage")
+            own = get_kind(kind).defaults
+            extra = [f for f in kind_only_fields() if f not in own and getattr(dims, f) is not None]
+            if extra:
+                owners = [k for k in stage_kinds() if extra[0] in get_kind(k).defaults]
+                raise ValueError(f"`{kind}.{extra[0]}` applies only to the "
+                                 f"{' / '.join(owners)} stage")
         return v
 
     @field_validator("objectives")
