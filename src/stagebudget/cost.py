@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stagebudget.errors import BudgetError, ConfigError
-from stagebudget.fileio import atomic_write_json
+from stagebudget.errors import BudgetError, ConfigError, UserError
+from stagebudget.fileio import atomic_write_json, read_json
 from stagebudget.kinds import get_kind, stage_kinds
 from stagebudget.schedule import Schedule, StageSpec, TasksRef
 
@@ -67,20 +67,27 @@ class ModelShape:
 
     @staticmethod
     def builtin(size: str) -> ModelShape:
-        """Shapes of the built-in base models (see :mod:`stagebudget.basemodel`)."""
-        shapes = {
-            "tiny": dict(hidden=128, layers=4, intermediate=384, vocab=64),
-            "test": dict(hidden=64, layers=2, intermediate=128, vocab=64),
-        }
-        if size not in shapes:
-            raise ConfigError(f"unknown built-in model size {size!r}; allowed: {', '.join(shapes)}")
-        s = shapes[size]
-        return ModelShape._from_dims(s["hidden"], s["layers"], s["intermediate"], s["vocab"])
+        """Shape of a built-in base model, from the config :mod:`stagebudget.basemodel` builds."""
+        from stagebudget.basemodel import SIZES, _config_dict
+
+        if size not in SIZES:
+            raise ConfigError(f"unknown built-in model size {size!r}; allowed: {', '.join(SIZES)}")
+        return ModelShape.from_config(_config_dict(size))
 
     @staticmethod
-    def _from_dims(hidden: int, layers: int, intermediate: int, vocab: int) -> ModelShape:
-        per_layer = 4 * hidden * hidden + 3 * hidden * intermediate
-        return ModelShape(per_layer * layers + vocab * hidden, hidden, layers, intermediate)
+    def from_config(cfg: Mapping[str, Any]) -> ModelShape:
+        """Shape of a Hugging Face ``config.json`` mapping (Llama-style names, GPT-2 fallbacks).
+
+        Counts attention (4 h^2) and MLP (3 h i) weights per layer plus one embedding matrix
+        (tied with the output head); norms are negligible.
+        """
+        cfg = cfg.get("text_config", cfg)
+        hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 768)
+        layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 12)
+        inter = int(cfg.get("intermediate_size") or 4 * hidden)
+        vocab = int(cfg.get("vocab_size") or 32000)
+        per_layer = 4 * hidden * hidden + 3 * hidden * inter
+        return ModelShape(per_layer * layers + vocab * hidden, hidden, layers, inter)
 
     @staticmethod
     def for_ref(ref: str) -> ModelShape:
@@ -91,13 +98,10 @@ class ModelShape:
         if not cfg_path.is_file():
             # The model resolver gives the precise error later; size it as the tiny model here.
             return ModelShape.builtin("tiny")
-        cfg = json.loads(cfg_path.read_text())
-        cfg = cfg.get("text_config", cfg)
-        hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 768)
-        layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 12)
-        inter = int(cfg.get("intermediate_size") or 4 * hidden)
-        vocab = int(cfg.get("vocab_size") or 32000)
-        return ModelShape._from_dims(hidden, layers, inter, vocab)
+        cfg = read_json(cfg_path)
+        if not isinstance(cfg, dict):
+            raise UserError(f"{cfg_path}: a model config must be a JSON object")
+        return ModelShape.from_config(cfg)
 
 
 @dataclass

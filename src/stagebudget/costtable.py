@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
-
-def cache_root() -> Path:
-    """``$STAGEBUDGET_CACHE`` or ``~/.cache/stagebudget``."""
-    return Path(os.environ.get("STAGEBUDGET_CACHE", Path.home() / ".cache" / "stagebudget"))
+from stagebudget.basemodel import default_cache_dir as cache_root
 
 
 def default_table_path(base_model: str, device: str) -> Path:
