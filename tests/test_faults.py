@@ -14,7 +14,7 @@ import yaml
 
 from stagebudget.records import RunDir
 from stagebudget.search import run_search
-from stagebudget.trainable import fake_trial_fn
+from stagebudget.fakes import fake_trial_fn
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 State = optuna.trial.TrialState

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from stagebudget.errors import RunError, UserError
 from stagebudget.fileio import atomic_write_yaml
-from stagebudget.records import ID_ACCURACY, OOD_ACCURACY
+from stagebudget.records import FAILED, ID_ACCURACY, OOD_ACCURACY, RUNNING
 from stagebudget.stages.mapping import config_class, lora_kwargs, trl_config_kwargs
 
 if TYPE_CHECKING:
@@ -39,8 +39,8 @@ def resolve_pick(front: FrontInfo, pick: str, states: dict[int, str] | None = No
     if front.empty:
         n = dict(front.counts)
         raise RunError(
-            f"no completed trial to export yet ({n.get('RUNNING', 0)} running, "
-            f"{n.get('FAILED', 0)} failed); wait for one to complete"
+            f"no completed trial to export yet ({n.get(RUNNING, 0)} running, "
+            f"{n.get(FAILED, 0)} failed); wait for one to complete"
         )
     if match["n"] is not None:
         return _pick_trial(front, match["n"], states or {})

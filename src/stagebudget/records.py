@@ -25,11 +25,14 @@ from stagebudget.errors import RunError, UserError
 from stagebudget.fileio import atomic_write_json, read_json
 
 TOOL = "stagebudget"
-STATUSES = ("RUNNING", "COMPLETE", "FAILED", "PRUNED")
+# Trial statuses as records (and stagebudget's views of Optuna trials) spell them.
+RUNNING, COMPLETE, FAILED, PRUNED, WAITING = "RUNNING", "COMPLETE", "FAILED", "PRUNED", "WAITING"
+STATUSES = (RUNNING, COMPLETE, FAILED, PRUNED)
 # Metric names reported to Ray and stored as objectives (constants, never retyped).
 ID_ACCURACY = "id_accuracy"
 OOD_ACCURACY = "ood_accuracy"
 DEVICE_HOURS = "device_hours"
+RECORD_FILE = "record.json"
 
 
 @dataclass
@@ -43,7 +46,7 @@ class TrialRecord:
     key: str
     params: dict[str, Any]
     schedule: dict[str, Any]
-    status: str = "RUNNING"
+    status: str = RUNNING
     reference: str | None = None
     objectives: dict[str, float] = field(default_factory=dict)
     ledger: dict[str, Any] = field(default_factory=dict)
@@ -123,12 +126,16 @@ class RunDir:
         return meta
 
     def write_record(self, record: TrialRecord) -> None:
-        atomic_write_json(self.trial_dir(record.key) / "record.json", record.to_dict())
+        atomic_write_json(self.trial_dir(record.key) / RECORD_FILE, record.to_dict())
+
+    def read_record(self, key: str) -> TrialRecord | None:
+        """The record of trial ``key``; None when it is missing, unreadable or corrupted."""
+        return _read_record(self.trial_dir(key) / RECORD_FILE)
 
     def records(self) -> list[TrialRecord]:
         """All readable trial records; corrupted ones are skipped and reported by ``bad_records``."""
         out = []
-        for path in sorted(self.trials.glob("*/record.json")):
+        for path in sorted(self.trials.glob(f"*/{RECORD_FILE}")):
             record = _read_record(path)
             if record is not None:
                 out.append(record)
@@ -136,7 +143,7 @@ class RunDir:
 
     def bad_records(self) -> list[Path]:
         """Record files that cannot be read as a trial record (truncated, not JSON, wrong shape)."""
-        return [p for p in sorted(self.trials.glob("*/record.json")) if _read_record(p) is None]
+        return [p for p in sorted(self.trials.glob(f"*/{RECORD_FILE}")) if _read_record(p) is None]
 
     def curves(self, key: str) -> list[dict[str, Any]]:
         """Curve rows of one trial; a torn last line (killed mid-write) is ignored."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from stagebudget.fileio import atomic_write_text
 from stagebudget.pareto import FrontInfo, TrialPoint
-from stagebudget.records import ID_ACCURACY, OOD_ACCURACY
+from stagebudget.records import COMPLETE, FAILED, ID_ACCURACY, OOD_ACCURACY, PRUNED, RUNNING
 
 if TYPE_CHECKING:
     from stagebudget.runs import Run
@@ -58,8 +58,8 @@ def run_summary(run: Run, front: FrontInfo) -> list[tuple[str, str]]:
     ref = ", ".join(f"{v:.4g}" for v in front.ref_point)
     return [
         ("run", f"{run.name} (study {run.study.study_name})"),
-        ("trials", f"{c.get('COMPLETE', 0)} complete, {c.get('FAILED', 0)} failed, "
-                   f"{c.get('RUNNING', 0)} running, {c.get('PRUNED', 0)} pruned "
+        ("trials", f"{c.get(COMPLETE, 0)} complete, {c.get(FAILED, 0)} failed, "
+                   f"{c.get(RUNNING, 0)} running, {c.get(PRUNED, 0)} pruned "
                    f"of {run.meta.get('trials_requested', '?')} requested"),
         ("budget", f"{budget:.4g} device-hours per trial" if budget is not None else "unknown"),
         ("objectives", objectives),

@@ -23,10 +23,22 @@ from typing import Any
 from stagebudget.errors import ConfigError, RunError
 from stagebudget.fileio import read_yaml
 from stagebudget.pareto import FrontInfo, TrialPoint, compute_front, curve_series
-from stagebudget.records import DEVICE_HOURS, RunDir, TrialRecord
+from stagebudget.records import (
+    COMPLETE,
+    DEVICE_HOURS,
+    FAILED,
+    ID_ACCURACY,
+    OOD_ACCURACY,
+    PRUNED,
+    RUNNING,
+    WAITING,
+    RunDir,
+    TrialRecord,
+)
 from stagebudget.schedule import Schedule
+from stagebudget.space import resolve_rest
 
-STATES = ("COMPLETE", "RUNNING", "WAITING", "PRUNED", "FAILED")
+STATES = (COMPLETE, RUNNING, WAITING, PRUNED, FAILED)
 
 
 @dataclass(frozen=True)
@@ -69,16 +81,15 @@ class TrialView:
     @property
     def stage_shares(self) -> dict[str, float]:
         """Budget share per stage kind, from the params; the one stage without a share param
-        (``share: rest``) gets what is left. Empty when the run allocates steps, not shares."""
-        shares = {k.split(".")[0]: float(v) for k, v in self.params.items()
-                  if k.endswith(".share") and isinstance(v, int | float)}
+        (``share: rest``) gets what is left (:func:`~stagebudget.space.resolve_rest`). Empty
+        when the run allocates steps, not shares."""
+        shares: dict[str, Any] = {k.split(".")[0]: float(v) for k, v in self.params.items()
+                                  if k.endswith(".share") and isinstance(v, int | float)}
         if not shares:
             return {}
-        kinds = [s.kind for s in self.schedule.stages] if self.schedule else []
-        rest = [k for k in kinds if k not in shares]
-        if len(rest) == 1:
-            shares[rest[0]] = max(0.0, 1.0 - sum(shares.values()))
-        return shares
+        for kind in (s.kind for s in self.schedule.stages) if self.schedule else ():
+            shares.setdefault(kind, None)
+        return resolve_rest(shares)
 
     @property
     def sft_share(self) -> float | None:
@@ -136,27 +147,13 @@ class StatusRow:
 
 
 def ledger_hours(ledger: dict[str, Any]) -> float | None:
-    """Device-hours from a ledger: ``device_hours``, ``device_seconds``, or summed per stage.
+    """Training device-hours of a ledger (``device_hours``, as ``BudgetClock.ledger`` writes it).
 
-    >>> ledger_hours({"stages": [{"device_seconds": 1800}, {"device_seconds": 1800}]})
-    1.0
+    >>> ledger_hours({"device_hours": 0.5, "stages": []})
+    0.5
     """
-    if not isinstance(ledger, dict):
-        return None
-    for key, scale in (("device_hours", 1.0), ("train_device_hours", 1.0),
-                       ("device_seconds", 3600.0), ("train_device_seconds", 3600.0)):
-        if isinstance(ledger.get(key), int | float):
-            return float(ledger[key]) / scale
-    stages = ledger.get("stages")
-    if isinstance(stages, dict):
-        stages = list(stages.values())
-    if not isinstance(stages, list | tuple):
-        return None
-    secs = [s.get("device_seconds") for s in stages if isinstance(s, dict)]
-    numbers = [float(s) for s in secs if isinstance(s, int | float)]
-    if not secs or len(numbers) != len(secs):
-        return None
-    return sum(numbers) / 3600.0
+    value = ledger.get("device_hours") if isinstance(ledger, dict) else None
+    return float(value) if isinstance(value, int | float) else None
 
 
 class Run:
@@ -188,22 +185,15 @@ class Run:
 
     @property
     def budget_hours(self) -> float | None:
-        """Per-trial budget in device-hours: run.json, else space.yaml, else a schedule."""
-        for value in (self.meta.get("per_trial_hours"), self.meta.get("budget_hours"),
-                      (self.meta.get("budget") or {}).get("per_trial_hours")
-                      if isinstance(self.meta.get("budget"), dict) else None):
-            if isinstance(value, int | float):
-                return float(value)
-        if self.dir.space.is_file():
-            try:
-                space = read_yaml(self.dir.space)
-                value = space["budget"]["per_trial_hours"]
-                if isinstance(value, int | float):
-                    return float(value)
-            except (ConfigError, KeyError, TypeError):
-                pass
-        return next((t.schedule.budget_hours for t in self.trials()
-                     if t.schedule is not None and t.schedule.budget_hours), None)
+        """Per-trial budget in device-hours: run.json, else (older runs) the run's space.yaml."""
+        value = self.meta.get("per_trial_hours")
+        if isinstance(value, int | float):
+            return float(value)
+        try:
+            value = read_yaml(self.dir.space)["budget"]["per_trial_hours"]
+        except (ConfigError, KeyError, TypeError):
+            return None
+        return float(value) if isinstance(value, int | float) else None
 
     def trials(self) -> list[TrialView]:
         """All Optuna trials (by number) joined with their records, then unmatched records."""
@@ -219,7 +209,7 @@ class Run:
             record = queue.popleft() if queue else None
             values = dict(zip(names, t.values, strict=True)) if t.values is not None else {}
             attrs = {**t.system_attrs, **t.user_attrs}
-            state = "FAILED" if t.state.name == "FAIL" else t.state.name  # as records spell it
+            state = FAILED if t.state.name == "FAIL" else t.state.name  # as records spell it
             views.append(TrialView(t.number, state, dict(t.params), values, record,
                                    self.dir, attrs))
         for queue in pool.values():
@@ -251,8 +241,8 @@ class Run:
                 number=v.number, state=v.state, reference=v.reference,
                 schedule=v.label + (f" (reused {v.record.reused_from})"
                                     if v.record is not None and v.record.reused_from else ""),
-                sft_share=v.sft_share, id_accuracy=v.values.get("id_accuracy"),
-                ood_accuracy=v.values.get("ood_accuracy"), device_hours=v.device_hours,
+                sft_share=v.sft_share, id_accuracy=v.values.get(ID_ACCURACY),
+                ood_accuracy=v.values.get(OOD_ACCURACY), device_hours=v.device_hours,
                 on_front=v.number in on_front, knee=v.number is not None and v.number == front.knee,
                 error=v.error.strip().splitlines()[0] if v.error and v.error.strip() else None,
             )
@@ -347,7 +337,7 @@ def _objectives(meta: dict[str, Any], source: Path) -> list[tuple[str, str]]:
 
 def _point(view: TrialView, names: tuple[str, ...]) -> TrialPoint | None:
     """A completed trial with finite values for every objective, as a front point."""
-    if view.state != "COMPLETE" or view.number is None:
+    if view.state != COMPLETE or view.number is None:
         return None
     values = tuple(view.values.get(n, math.nan) for n in names)
     if not all(math.isfinite(v) for v in values):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -138,6 +139,21 @@ class TasksRef(Strict):
     seed: int = 0
 
 
+IDENTITY_EXCLUDES = ("name",)  # a display label; it does not change what trains
+
+
+def identity(schedule: Mapping[str, Any]) -> str:
+    """The one answer to "same trained model?": canonical JSON of a schedule's dict form
+    (``Schedule.to_dict()`` or a record's ``schedule``) without its display name.
+
+    >>> a = Schedule(stages=(StageSpec(kind="sft", steps=5),), name="a").to_dict()
+    >>> identity(a) == identity({**a, "name": "b"})
+    True
+    """
+    return json.dumps({k: v for k, v in schedule.items() if k not in IDENTITY_EXCLUDES},
+                      sort_keys=True)
+
+
 class Schedule(Strict):
     """Base model + ordered stages + task suite + seed. Frozen, hashable, YAML round-trip."""
 
@@ -188,9 +204,8 @@ class Schedule(Strict):
         atomic_write_yaml(path, self.to_dict())
 
     def digest(self) -> str:
-        """Content hash of everything that determines the trained model."""
-        payload = json.dumps(self.to_dict(), sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        """Content hash of everything that determines the trained model (see :func:`identity`)."""
+        return hashlib.sha256(identity(self.to_dict()).encode()).hexdigest()[:16]
 
     def stage(self, kind: str) -> StageSpec | None:
         """The first stage of ``kind``, if any."""

@@ -23,7 +23,7 @@ from typing import Any
 from stagebudget import __version__
 from stagebudget.errors import UserError
 from stagebudget.fileio import atomic_write_yaml
-from stagebudget.records import DEVICE_HOURS, RunDir
+from stagebudget.records import COMPLETE, DEVICE_HOURS, FAILED, RUNNING, RunDir
 from stagebudget.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int
         "storage": url, "space_file": str(Path(space_path).resolve()), "created": time.time(),
         "objectives": [{"name": o.name, "direction": o.direction} for o in space.objectives],
         "trials_requested": space.trials, "search_budget_hours": space.budget.search_hours,
-        "address": address, "stopped_by_budget": False,
+        "per_trial_hours": space.budget.per_trial_hours, "address": address, "stopped_by_budget": False,
     }
     run.write_meta(meta)
     atomic_write_yaml(run.space, space.model_dump(mode="json", exclude_none=True))
@@ -228,15 +228,15 @@ def mark_interrupted(study: Any, run: RunDir, objectives: list[str]) -> int:
     records = {r.key: r for r in run.records()}
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         rec = records.get(t.user_attrs.get(TUNE_ID_ATTR, ""))
-        if rec and rec.status == "COMPLETE" and all(o in rec.objectives for o in objectives):
+        if rec and rec.status == COMPLETE and all(o in rec.objectives for o in objectives):
             values = [float(rec.objectives[o]) for o in objectives]
             storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, values)
             continue
         storage.set_trial_user_attr(t._trial_id, "error", "interrupted")  # before: FAIL is final
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     for record in records.values():
-        if record.status == "RUNNING":
-            record.status, record.error, record.finished = "FAILED", "interrupted", time.time()
+        if record.status == RUNNING:
+            record.status, record.error, record.finished = FAILED, "interrupted", time.time()
             run.write_record(record)
     done = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
     return len(study.get_trials(deepcopy=False, states=done))

@@ -35,12 +35,13 @@ from stagebudget.cost import Budget, CostModel, ModelShape, default_cost_model, 
 from stagebudget.errors import BudgetError, ConfigError, from_pydantic
 from stagebudget.fileio import read_yaml
 from stagebudget.kinds import get_kind, kind_only_fields, stage_kinds
+from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY
 from stagebudget.schedule import Schedule, StageSpec, Strict, TasksRef
 
 OBJECTIVES: dict[str, str] = {
-    "id_accuracy": "maximize",
-    "ood_accuracy": "maximize",
-    "device_hours": "minimize",
+    ID_ACCURACY: "maximize",
+    OOD_ACCURACY: "maximize",
+    DEVICE_HOURS: "minimize",
 }
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
@@ -269,7 +270,7 @@ class Resources(Strict):
     gpu: float = Field(default=0, ge=0)
 
 
-DEFAULT_OBJECTIVES = (ObjectiveSpec(name="id_accuracy"), ObjectiveSpec(name="ood_accuracy"))
+DEFAULT_OBJECTIVES = (ObjectiveSpec(name=ID_ACCURACY), ObjectiveSpec(name=OOD_ACCURACY))
 
 
 class SearchSpace(Strict):
@@ -461,12 +462,8 @@ class SearchSpace(Strict):
             amount_field = "share" if self.mode == "share" else "steps"
             amount = params.get(f"{kind}.{amount_field}", getattr(stage, amount_field))
             allocation[kind] = amount
-        rest = [k for k, v in allocation.items() if v == "rest"]
-        if rest:
-            taken = sum(float(v) for k, v in allocation.items() if k not in rest)
-            allocation[rest[0]] = max(0.0, 1.0 - taken)
-            if allocation[rest[0]] < 1e-9:
-                allocation[rest[0]] = 0.0
+        if self.mode == "share":
+            allocation = resolve_rest(allocation)
         return plan_schedule(
             allocation, stage_params, self.per_trial_budget, cost, mode=self.mode,
             base_model=self.base_model, tasks=self.tasks,
@@ -538,6 +535,21 @@ class SearchSpace(Strict):
             return False
         point["sft.share"] = sft_share
         return True
+
+
+def resolve_rest(shares: dict[str, Any]) -> dict[str, float]:
+    """Shares by stage, the one ``"rest"`` (or missing, ``None``) share given what the others
+    leave, never below 0. The one place ``share: rest`` is resolved.
+
+    >>> resolve_rest({"sft": 0.25, "rl": "rest"})
+    {'sft': 0.25, 'rl': 0.75}
+    """
+    open_ = [k for k, v in shares.items() if v in ("rest", None)]
+    out = {k: float(v) for k, v in shares.items() if k not in open_}
+    if len(open_) == 1:
+        left = 1.0 - sum(out.values())
+        out[open_[0]] = left if left >= 1e-9 else 0.0
+    return {k: out[k] for k in shares if k in out}
 
 
 def check_run_name(name: str) -> str:

@@ -28,7 +28,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from stagebudget.errors import ConfigError, UserError
-from stagebudget.records import DEVICE_HOURS, RunDir, TrialRecord
+from stagebudget.records import DEVICE_HOURS, FAILED, RunDir, TrialRecord
 from stagebudget.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -240,17 +240,13 @@ class RecordKeeper(tune.Callback):
         self.run = RunDir(run_dir)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        import json
         import time
 
-        path = self.run.trial_dir(trial.trial_id) / "record.json"
-        try:
-            record = TrialRecord.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            record = TrialRecord(key=trial.trial_id, params=dict(trial.config), schedule={})
-        if record.status == "FAILED" and record.error:
+        record = self.run.read_record(trial.trial_id) or TrialRecord(
+            key=trial.trial_id, params=dict(trial.config), schedule={})
+        if record.status == FAILED and record.error:
             return
-        record.status = "FAILED"
+        record.status = FAILED
         record.error = _trial_error_text(trial)
         record.finished = time.time()
         self.run.write_record(record)
