@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from stagebudget.errors import UserError
+from stagebudget.fakes import fake_trial_fn
 from stagebudget.records import RunDir
 from stagebudget.search import check_local_resources, run_search
 from stagebudget.space import SearchSpace
-from stagebudget.fakes import fake_trial_fn
 from stagebudget.tune_adapter import (
     BudgetLimiter,
     make_sampler,

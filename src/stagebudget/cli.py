@@ -62,11 +62,11 @@ def search(
 def validate(
     space: Annotated[Path, typer.Argument(help="Search-space YAML file")],
 ) -> None:
-    """Check a search space and print it with its cheapest and most expensive schedules."""
-    from stagebudget.space import SearchSpace
+    """Check a search space (every check `search` runs before it starts) and print it with its
+    cheapest and most expensive schedules."""
+    from stagebudget.search import check_space
 
-    s = SearchSpace.load(space)
-    s.check_inputs()
+    s = check_space(space)
     cost = s.cost_model()
     cheap, dear = s.check_feasible(cost)
     console.print(f"[bold]{space}[/bold]: search space {s.name!r} is valid")
@@ -145,9 +145,15 @@ def train(
 ) -> None:
     """Train one schedule end to end and measure ID/OOD at every evaluation point."""
     from stagebudget.schedule import Schedule
+    from stagebudget.space import check_inputs
     from stagebudget.trainview import train_with_progress
 
     sched = Schedule.load(schedule)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out} is a file; give a directory for the trained model and its "
+                        "curves (it is created if missing)")
+    # Everything is checked before the output directory is made: bad input writes nothing.
+    check_inputs(sched.base_model, sched.tasks, schedule, base_dir=schedule.resolve().parent)
     result = train_with_progress(sched, out, save_model=save, device=device, console=console,
                                  base_dir=schedule.resolve().parent)
     console.print(f"ID {result.id_accuracy:.3f}  OOD {result.ood_accuracy:.3f}  "

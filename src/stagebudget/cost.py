@@ -39,6 +39,9 @@ DEFAULT_SEQ_LEN = 32
 # and a stage the budget clock cuts short makes results depend on machine load. The clock still
 # enforces the whole budget.
 PLAN_FILL = 0.9
+# More steps than this in one stage is a unit mistake (a budget in seconds given as hours), not a
+# plan: refused with the reason instead of planning billions of steps.
+MAX_STAGE_STEPS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,11 @@ def plan_schedule(
                 )
         else:
             steps = int(amount)
+        if steps > MAX_STAGE_STEPS:
+            raise BudgetError(
+                f"stage {kind!r} would plan {steps:,} steps (at {per_step:.3g} s per step), more "
+                f"than the {MAX_STAGE_STEPS:,} allowed: the budget or step count is far too large "
+                "(budgets are in device-hours, e.g. 0.05 for 3 minutes)")
         stages.append(probe.model_copy(update={"steps": steps}))
     if not stages:
         raise BudgetError("the allocation gives no stage any budget: at least one share must be > 0")

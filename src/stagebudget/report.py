@@ -33,7 +33,8 @@ ID_COLOUR, OOD_COLOUR, GREY = "#1f77b4", "#ff7f0e", "#b0b0b0"
 
 def write_report(run: Run, out: Path | None = None, *, png: bool = False,
                  on_message: Callable[[str], None] | None = None) -> Path:
-    """Write the HTML report of ``run`` (default ``RUN/report.html``) and return its path.
+    """Write the HTML report of ``run`` (default ``RUN/report.html``; into a folder ``out`` as
+    ``<run>-report.html``) and return its path.
 
     With ``png=True`` each figure is also saved as ``<stem>-<figure>.png`` through kaleido when a
     Chromium/Chrome binary is present; otherwise that step is skipped with a message.
@@ -41,6 +42,8 @@ def write_report(run: Run, out: Path | None = None, *, png: bool = False,
     say = on_message or (lambda msg: print(msg, file=sys.stderr))
     front = run.front()
     out = Path(out) if out is not None else run.dir.report
+    if out.is_dir():  # like export: a folder gets the file, named after the run
+        out = out / f"{run.name}-report.html"
     figures = {"front": front_figure(front), "curves": curves_figure(front),
                "hypervolume": hypervolume_figure(front)}
     atomic_write_text(out, render_page(run.name, run_summary(run, front), figures, front))

@@ -12,7 +12,9 @@ runs only the trials still missing, attached to the same study.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from stagebudget import __version__
 from stagebudget.errors import UserError
 from stagebudget.fileio import atomic_write_yaml
 from stagebudget.records import COMPLETE, DEVICE_HOURS, FAILED, RUNNING, RunDir
-from stagebudget.space import SearchSpace
+from stagebudget.space import SearchSpace, check_run_name, make_sampler
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,7 @@ def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Pat
     importable on Ray workers, or ``"module:function"``). ``budget_hours`` is the search-wide
     device-hour budget (overrides ``budget.search_hours``): no trial starts past it.
     """
-    if budget_hours is not None and budget_hours <= 0:
-        raise UserError(f"--budget-hours must be > 0, got {budget_hours}")
+    _check_flags(name, Path(runs_dir))
     plan = (_plan_resume if resume else _plan_new)(
         Path(space_path), name=name, runs_dir=Path(runs_dir), trials=trials,
         budget_hours=budget_hours, concurrency=concurrency, address=address, storage=storage)
@@ -65,9 +66,16 @@ def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Pat
                  plan.run.root)
         _summarise(plan, live)
         return plan.run.root
-    if trial_fn is None:
-        _prepare_base_model(plan.space, plan.meta["space_file"])
-    stopped = _execute(plan, address=address, live=live, trial_fn=trial_fn)
+    try:
+        if trial_fn is None:
+            _prepare_base_model(plan.space, plan.meta["space_file"])
+        stopped = _execute(plan, address=address, live=live, trial_fn=trial_fn)
+    except BaseException:
+        if not resume and not plan.run.trials.exists():
+            # Nothing ran (the base model or Ray failed to start): leave no directory behind
+            # that would block the name.
+            shutil.rmtree(plan.run.root, ignore_errors=True)
+        raise
     plan.meta.update(stopped_by_budget=stopped, finished=time.time())
     plan.run.write_meta(_without_tool(plan.meta))
     _summarise(plan, live)
@@ -104,19 +112,45 @@ def _local_gpus() -> int:
         return 0
 
 
-def _load_space(path: Path, trials: int | None, concurrency: int | None,
-                budget_hours: float | None, address: str | None) -> SearchSpace:
-    """Load and validate the space with CLI overrides; check local resources."""
+def check_space(path: str | Path, *, trials: int | None = None, concurrency: int | None = None,
+                budget_hours: float | None = None, address: str | None = None) -> SearchSpace:
+    """Every check on a space, as ``validate`` and ``search`` both run it: the file and its
+    feasibility at every corner, task files and a local model, this machine's resources, the
+    sampler and its options, and the search budget. Nothing is written and Ray is not started.
+    ``trials``, ``concurrency`` and ``budget_hours`` are the CLI overrides.
+    """
+    if budget_hours is not None and not (math.isfinite(budget_hours) and budget_hours > 0):
+        raise UserError(f"--budget-hours must be a positive number of device-hours, got "
+                        f"{budget_hours}")
     space = SearchSpace.load(path, trials=trials, concurrency=concurrency)
     space.check_inputs()
     if address is None:
         check_local_resources(space)
+    make_sampler(space, space.trials)  # a bogus sampler option is an error now, not in Ray
     if budget_hours is not None:
         budget = space.budget.model_copy(update={"search_hours": budget_hours})
         source = space._source
         space = space.model_copy(update={"budget": budget})
         space._source = source
+    search, per_trial = space.budget.search_hours, space.budget.per_trial_hours
+    if search is not None and search < per_trial:
+        raise UserError(
+            f"{path}: the search budget ({search:g} device-hours, --budget-hours or "
+            f"budget.search_hours) is smaller than one trial's budget (budget.per_trial_hours = "
+            f"{per_trial:g}), so no trial could start; give at least {per_trial:g}")
     return space
+
+
+def _check_flags(name: str | None, runs_dir: Path) -> None:
+    """``--name`` must name a directory inside ``--runs-dir``, which must be a directory."""
+    if name is not None:
+        try:
+            check_run_name(name)
+        except ValueError as exc:
+            raise UserError(f"--name: {exc}") from None
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise UserError(f"--runs-dir {runs_dir} is a file, not a directory; give the folder where "
+                        "run directories go (it is created if missing)")
 
 
 def default_storage_url(run: RunDir) -> str:
@@ -129,7 +163,8 @@ def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int
               storage: str | None) -> SearchPlan:
     from stagebudget.tune_adapter import open_storage
 
-    space = _load_space(space_path, trials, concurrency, budget_hours, address)
+    space = check_space(space_path, trials=trials, concurrency=concurrency,
+                        budget_hours=budget_hours, address=address)
     name = name or space.name
     run = RunDir(runs_dir / name)
     if run.root.exists():
@@ -172,8 +207,10 @@ def _plan_resume(space_path: Path, *, name: str | None, runs_dir: Path, trials: 
     if storage and storage != meta["storage"]:
         raise UserError(f"--storage {storage!r} differs from this run's {meta['storage']!r}; "
                         "leave --storage out when resuming")
-    space = _load_space(run.space, trials or meta["trials_requested"], concurrency,
-                        budget_hours or meta.get("search_budget_hours"), address)
+    space = check_space(run.space, trials=trials or meta["trials_requested"],
+                        concurrency=concurrency,
+                        budget_hours=budget_hours or meta.get("search_budget_hours"),
+                        address=address)
     store = open_storage(meta["storage"])
     study = _load_study(store, meta["study_name"])
     finished = mark_interrupted(study, run, [o.name for o in space.objectives])
@@ -261,12 +298,6 @@ def _prepare_base_model(space: SearchSpace, space_file: str) -> None:
         raise UserError(str(exc)) from None
 
 
-def _device(space: SearchSpace) -> str:
-    if space.device != "auto":
-        return space.device
-    return "cuda" if space.resources_per_trial.gpu > 0 else "cpu"
-
-
 def _init_ray(address: str | None, space: SearchSpace) -> None:
     import ray
 
@@ -291,7 +322,9 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
     from stagebudget.tune_adapter import build_tuner
 
     space = plan.space
-    device = _device(space)
+    from stagebudget.stages.common import resolve_device
+
+    device = resolve_device(space.device, gpus=space.resources_per_trial.gpu)
     cost = space.cost_model(device)
     trainable = tune.with_parameters(
         trial_trainable, space=space, run_dir=str(plan.run.root.resolve()), trial_fn=trial_fn,

@@ -13,7 +13,7 @@ import itertools
 import math
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -32,8 +32,8 @@ from pydantic import (
 )
 
 from stagebudget.cost import Budget, CostModel, ModelShape, default_cost_model, plan_schedule
-from stagebudget.errors import BudgetError, ConfigError, from_pydantic
-from stagebudget.fileio import read_yaml
+from stagebudget.errors import BudgetError, ConfigError, UserError, from_pydantic
+from stagebudget.fileio import read_json, read_yaml, safetensors_problem
 from stagebudget.kinds import get_kind, kind_only_fields, stage_kinds
 from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY
 from stagebudget.schedule import Schedule, StageSpec, Strict, TasksRef
@@ -44,6 +44,7 @@ OBJECTIVES: dict[str, str] = {
     DEVICE_HOURS: "minimize",
 }
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
 TUNABLE_FIELDS = tuple(f for f in StageSpec.model_fields if f not in ("kind", "steps"))
 
@@ -85,6 +86,13 @@ class Dist(Strict):
             raise ValueError("`log` and `step` cannot be combined (Optuna forbids it)")
         if self.step is not None and self.step <= 0:
             raise ValueError(f"`step` must be > 0, got {self.step}")
+        if self.step is not None:
+            n = (self.high - self.low) / self.step
+            if abs(n - round(n)) > 1e-9 * max(1.0, abs(n)):
+                raise ValueError(
+                    f"`step` {self.step:g} does not divide the range {self.low:g}..{self.high:g} "
+                    f"(Optuna would silently cut it to {self.low + math.floor(n) * self.step:g}); "
+                    "change `high` or `step`")
         if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
             raise ValueError(f"type int needs integer low/high, got {self.low}..{self.high}")
         return self
@@ -234,9 +242,22 @@ def check_stage_value(name: str, value: Any) -> None:
                              f"{allowed_values(name)}") from None
 
 
+MAX_TRIAL_HOURS = 10_000.0  # more is a unit mistake (seconds for hours), not a plan
+MAX_TRIALS = 100_000
+
+
 class BudgetSpec(Strict):
-    per_trial_hours: float = Field(gt=0)
-    search_hours: float | None = Field(default=None, gt=0)
+    per_trial_hours: float = Field(gt=0, allow_inf_nan=False)
+    search_hours: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+    @field_validator("per_trial_hours")
+    @classmethod
+    def _sane(cls, v: float) -> float:
+        if v > MAX_TRIAL_HOURS:
+            raise ValueError(f"a per-trial budget of {v:g} device-hours is refused (at most "
+                             f"{MAX_TRIAL_HOURS:g}): it would plan billions of steps; the unit is "
+                             "hours, e.g. 0.05 for 3 minutes")
+        return v
 
 
 class ObjectiveSpec(Strict):
@@ -283,7 +304,8 @@ class SearchSpace(Strict):
     stages: dict[str, StageDims]  # type: ignore[valid-type]
     objectives: tuple[ObjectiveSpec, ...] = DEFAULT_OBJECTIVES
     sampler: SamplerSpec = SamplerSpec()
-    trials: int = Field(default=8, ge=1)
+    trials: int = Field(default=8, ge=1, le=MAX_TRIALS,
+                        description="each trial is a training run; at most 100000")
     concurrency: int = Field(default=1, ge=1)
     resources_per_trial: Resources = Resources()
     seed: int = 0
@@ -291,12 +313,35 @@ class SearchSpace(Strict):
     max_retries: int = Field(default=1, ge=0)
     device: str = "auto"
     cost_table: str | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(default=False, strict=True)
 
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
         return check_run_name(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE.fullmatch(v):
+            raise ValueError(f"unknown device {v!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+        return v
+
+    @model_validator(mode="after")
+    def _something_searched(self) -> SearchSpace:
+        if not self.dimensions():
+            raise ValueError(
+                "nothing is searched: give at least one stage setting as a distribution, e.g. "
+                "`share: {type: float, low: 0, high: 1, step: 0.25}` (to train one fixed "
+                "schedule, use `stagebudget train SCHEDULE.yaml`)")
+        return self
+
+    @model_validator(mode="after")
+    def _device_has_gpu(self) -> SearchSpace:
+        if self.device.startswith("cuda") and self.resources_per_trial.gpu <= 0:
+            raise ValueError(f"device {self.device!r} needs `resources_per_trial.gpu` > 0 (Ray "
+                             "hides GPUs from trials that ask for none), got 0")
+        return self
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -360,27 +405,9 @@ class SearchSpace(Strict):
         return space
 
     def check_inputs(self) -> None:
-        """Check the task file and a local model directory before any compute is spent.
-
-        Task rows, splits and the scorer are validated by loading the suite (seconds); a local
-        model directory must hold a config, safetensors weights and a tokenizer. Built-in base
-        models are built later, once, by the search driver.
-        """
-        from stagebudget.tasks import load_suite
-
-        t = self.tasks
-        try:
-            load_suite(t.source, t.names, n_train=t.n_train, n_id_test=t.n_id_test,
-                       n_ood_test=t.n_ood_test, seed=t.seed, scorer=t.scorer)
-        except ValueError as exc:
-            raise ConfigError(str(exc), source=self._source, field="tasks") from None
-        if not self.base_model.startswith("builtin:"):
-            from stagebudget.basemodel import resolve_base_model
-
-            try:
-                resolve_base_model(self.base_model, allow_build=False)
-            except ValueError as exc:
-                raise ConfigError(str(exc), source=self._source, field="base_model") from None
+        """Check the task file and a local model directory before any compute is spent
+        (see :func:`check_inputs`)."""
+        check_inputs(self.base_model, self.tasks, self._source)
 
     def _with_resolved_paths(self, folder: Path, source: str | Path) -> SearchSpace:
         """Make relative paths absolute against the space file's folder, which they may not leave."""
@@ -443,8 +470,15 @@ class SearchSpace(Strict):
             if not path.is_file():
                 raise ConfigError(f"cost table {path} not found (run `stagebudget calibrate`)",
                                   source=self._source, field="cost_table")
-            return CostModel.load(path, ModelShape.for_ref(self.base_model))
+            return CostModel.load(path, self._shape())
+        self._shape()  # a damaged config.json is named here, with the space file
         return default_cost_model(self.base_model, device)
+
+    def _shape(self) -> ModelShape:
+        try:
+            return ModelShape.for_ref(self.base_model)
+        except UserError as exc:
+            raise ConfigError(str(exc), source=self._source, field="base_model") from None
 
     # --- params -> schedule (pure) -----------------------------------------------------------
     def schedule_from_params(self, params: dict[str, Any], cost: CostModel, seed: int | None = None,
@@ -537,6 +571,45 @@ class SearchSpace(Strict):
         return True
 
 
+def make_sampler(space: SearchSpace, trials: int) -> Any:
+    """The Optuna sampler named in ``space.sampler``, seeded, with ``options`` as keyword args.
+
+    >>> make_sampler(SearchSpace.load("search_spaces/demo.yaml"), 8)  # doctest: +SKIP
+    <optuna.samplers._tpe.sampler.TPESampler object ...>
+    """
+    import warnings
+
+    import optuna
+
+    spec = space.sampler
+    seed = spec.seed if spec.seed is not None else space.seed
+    opts = dict(spec.options)
+    samplers: dict[str, Callable[..., Any]] = {
+        "tpe": optuna.samplers.TPESampler,
+        "nsga2": optuna.samplers.NSGAIISampler,
+        "gp": optuna.samplers.GPSampler,
+        "random": optuna.samplers.RandomSampler,
+        "grid": optuna.samplers.GridSampler,
+    }
+    if spec.name == "tpe":
+        # Without these, TPE with <= 10 trials is random search, and parallel trials collide.
+        opts = {"multivariate": True, "constant_liar": True,
+                "n_startup_trials": min(10, max(2, trials // 3)), **opts}
+    elif spec.name == "nsga2":
+        # A population under 4 re-proposed identical params (FINDINGS); Optuna's default (50)
+        # would make any small search a random search.
+        opts = {"population_size": max(4, min(50, trials // 2)), **opts}
+    args: tuple[Any, ...] = (space.grid_space(),) if spec.name == "grid" else ()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return samplers[spec.name](*args, seed=seed, **opts)
+        except TypeError as exc:
+            raise ConfigError(f"bad option for the {spec.name} sampler: {exc}",
+                              source=getattr(space, "_source", None),
+                              field="sampler.options") from None
+
+
 def resolve_rest(shares: dict[str, Any]) -> dict[str, float]:
     """Shares by stage, the one ``"rest"`` (or missing, ``None``) share given what the others
     leave, never below 0. The one place ``share: rest`` is resolved.
@@ -550,6 +623,49 @@ def resolve_rest(shares: dict[str, Any]) -> dict[str, float]:
         left = 1.0 - sum(out.values())
         out[open_[0]] = left if left >= 1e-9 else 0.0
     return {k: out[k] for k in shares if k in out}
+
+
+def check_inputs(base_model: str, tasks: TasksRef, source: str | Path | None,
+                 base_dir: Path | None = None) -> None:
+    """Check a task file and a local model directory before any compute (``search``,
+    ``validate`` and ``train`` alike); errors name ``source`` and the field.
+
+    Task rows, splits and the scorer are validated by loading the suite (seconds); a local
+    model directory must hold a readable config, tokenizer and whole safetensors weights.
+    Built-in base models are built later, once.
+    """
+    from stagebudget.tasks import load_suite
+
+    t = tasks
+    try:
+        load_suite(t.source, t.names, n_train=t.n_train, n_id_test=t.n_id_test,
+                   n_ood_test=t.n_ood_test, seed=t.seed, scorer=t.scorer)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=source, field="tasks") from None
+    if not base_model.startswith("builtin:"):
+        from stagebudget.basemodel import resolve_base_model
+
+        try:
+            path = resolve_base_model(base_model, base_dir=base_dir, allow_build=False)
+        except ValueError as exc:
+            raise ConfigError(str(exc), source=source, field="base_model") from None
+        check_model_files(path, source)
+
+
+def check_model_files(path: Path, source: str | Path | None) -> None:
+    """A local model directory's config.json, tokenizer.json and safetensors framing, read
+    before any compute (a damaged file would otherwise fail inside every trial)."""
+    for name in ("config.json", "tokenizer.json"):
+        if (path / name).is_file():
+            try:
+                read_json(path / name)
+            except UserError as exc:
+                raise ConfigError(str(exc), source=source, field="base_model") from None
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise ConfigError(f"model directory {path}: {problem}; copy the model again",
+                              source=source, field="base_model")
 
 
 def check_run_name(name: str) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,9 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from stagebudget.errors import ConfigError, UserError
+from stagebudget.errors import UserError
 from stagebudget.records import DEVICE_HOURS, FAILED, RunDir, TrialRecord
-from stagebudget.space import SearchSpace
+from stagebudget.space import SearchSpace, make_sampler
 
 log = logging.getLogger(__name__)
 
@@ -47,43 +46,6 @@ def modes(space: SearchSpace) -> list[str]:
 def metric_names(space: SearchSpace) -> list[str]:
     """The objectives' metric names, in the study's order."""
     return [o.name for o in space.objectives]
-
-
-def make_sampler(space: SearchSpace, trials: int) -> Any:
-    """The Optuna sampler named in ``space.sampler``, seeded, with ``options`` as keyword args.
-
-    >>> make_sampler(SearchSpace.load("search_spaces/demo.yaml"), 8)  # doctest: +SKIP
-    <optuna.samplers._tpe.sampler.TPESampler object ...>
-    """
-    import optuna
-
-    spec = space.sampler
-    seed = spec.seed if spec.seed is not None else space.seed
-    opts = dict(spec.options)
-    samplers: dict[str, Callable[..., Any]] = {
-        "tpe": optuna.samplers.TPESampler,
-        "nsga2": optuna.samplers.NSGAIISampler,
-        "gp": optuna.samplers.GPSampler,
-        "random": optuna.samplers.RandomSampler,
-        "grid": optuna.samplers.GridSampler,
-    }
-    if spec.name == "tpe":
-        # Without these, TPE with <= 10 trials is random search, and parallel trials collide.
-        opts = {"multivariate": True, "constant_liar": True,
-                "n_startup_trials": min(10, max(2, trials // 3)), **opts}
-    elif spec.name == "nsga2":
-        # A population under 4 re-proposed identical params (FINDINGS); Optuna's default (50)
-        # would make any small search a random search.
-        opts = {"population_size": max(4, min(50, trials // 2)), **opts}
-    args: tuple[Any, ...] = (space.grid_space(),) if spec.name == "grid" else ()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            return samplers[spec.name](*args, seed=seed, **opts)
-        except TypeError as exc:
-            raise ConfigError(f"bad option for the {spec.name} sampler: {exc}",
-                              source=getattr(space, "_source", None),
-                              field="sampler.options") from None
 
 
 def open_storage(url: str) -> Any:

@@ -70,10 +70,18 @@ class StageOutput:
 StageFn = Callable[[StageContext], StageOutput]
 
 
-def resolve_device(device: str = "auto") -> str:
-    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; other values pass through."""
+def resolve_device(device: str = "auto", gpus: float | None = None) -> str:
+    """The one device rule. An explicit device passes through; ``"auto"`` is ``"cuda"`` when
+    the trial has GPUs (``gpus``, its Ray resources, when known) or else when torch sees one,
+    otherwise ``"cpu"``. Valid names are checked where they are given (``space.DEVICE``).
+
+    >>> resolve_device("auto", gpus=0)
+    'cpu'
+    """
     if device != "auto":
         return device
+    if gpus is not None:
+        return "cuda" if gpus > 0 else "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

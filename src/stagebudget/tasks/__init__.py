@@ -219,10 +219,14 @@ def _user_suite(path: Path, scorer: str) -> TaskSuite:
     if not path.is_file():
         raise TaskFileError(f"task file {path} does not exist; pass 'builtin' or a JSONL path")
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as handle:
-        for line, text in enumerate(handle, start=1):
-            if text.strip():
-                examples.append(_parse_row(path, line, text))
+    for line, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise _row_error(path, line, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at "
+                                         f"column {err.start + 1})") from None
+        if text.strip():
+            examples.append(_parse_row(path, line, text))
     by_split = {s: [ex for ex in examples if ex.split == s] for s in SPLITS}
     for s in SPLITS:
         if not by_split[s]:
