@@ -274,3 +274,25 @@ def test_lora_settings_per_stage_fixed_or_searched(tmp_path):
     assert lora_kwargs(sft)["lora_dropout"] == 0.1
     assert lora_kwargs(rl) == {"r": 4, "lora_alpha": 16, "target_modules": "all-linear",
                                "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM"}
+
+
+def test_validate_plans_every_grid_point_and_names_the_ones_that_cannot_fit(tmp_path):
+    """Issue 12: the corners alone passed, a mid-space point (a small RL share with long
+    completions) failed at run time. Now every grid value is planned and the bad ones named."""
+    data = bad(stages__rl__max_completion_length=256, budget__per_trial_hours=0.005)
+    with pytest.raises(ConfigError) as err:
+        SearchSpace.load(write(tmp_path, data))
+    text = str(err.value)
+    assert "cannot fit the budget" in text and "sft.share=0.5" in text
+    assert "budget.per_trial_hours" in text and str(tmp_path) in text
+    # the old check (both ends of every range) saw nothing wrong with this space
+    space = SearchSpace.model_validate(data)
+    cost = space.cost_model()
+    for params in ({**p, "sft.share": s} for p in space.feasibility_params() for s in (0.0, 1.0)):
+        space.schedule_from_params(params, cost)
+
+
+def test_probe_values_cover_grid_and_edges():
+    assert Dist(type="float", low=0, high=1, step=0.25).probe_values() == [0, 0.25, 0.5, 0.75, 1]
+    assert Dist(type="int", low=1, high=10**9).probe_values() == [1, 2, 10**9 - 1, 10**9]
+    assert Dist(type="float", low=1e-4, high=1e-2, log=True).probe_values() == [1e-4, 1e-2]

@@ -104,6 +104,23 @@ class Dist(Strict):
         lo, hi = self.low, self.high
         return [int(lo), int(hi)] if self.type == "int" else [lo, hi]  # type: ignore[arg-type]
 
+    def probe_values(self, small_grid: int = 16) -> list[Any]:
+        """Values that decide whether a dimension fits a budget: every choice, every value of a
+        grid of at most ``small_grid`` values, else the two ends and their grid neighbours
+        (a share one step above 0 is where a stage can no longer fit one step)."""
+        if self.type == "categorical":
+            return list(self.choices or ())
+        if self.type == "int" or self.step is not None:
+            lo, hi = float(self.low), float(self.high)  # type: ignore[arg-type]
+            step = self.step if self.step is not None else 1
+            n = math.floor((hi - lo) / step + 1e-9) + 1
+            if n <= small_grid:
+                return self.grid()
+            ends = [lo, lo + step, lo + (n - 2) * step, lo + (n - 1) * step]
+            return list(dict.fromkeys(int(v) if self.type == "int" else round(v, 12)
+                                      for v in ends))
+        return self.corners()
+
     def grid(self) -> list[Any]:
         """Every value, for the grid sampler; continuous ranges need a ``step``."""
         if self.type == "categorical":
@@ -504,34 +521,46 @@ class SearchSpace(Strict):
             seed=self.seed if seed is None else seed, name=name,
         )
 
-    def corner_params(self, limit: int = 4096) -> Iterator[dict[str, Any]]:
-        """Every combination of the dimensions' extremes (sampled when there are too many)."""
+    def feasibility_params(self, limit: int = 4096) -> Iterator[dict[str, Any]]:
+        """The points :meth:`check_feasible` plans: every combination of each dimension's
+        :meth:`Dist.probe_values` (all choices, every grid value of a small grid, the ends and
+        their neighbours otherwise). Past ``limit`` combinations, all-low and all-high first,
+        then a seeded sample."""
         dims = self.dimensions()
         names = list(dims)
-        values = [dims[n].corners() for n in names]
+        values = [dims[n].probe_values() for n in names]
         total = math.prod(len(v) for v in values) if values else 1
         if total <= limit:
             for combo in itertools.product(*values):
                 yield dict(zip(names, combo, strict=True))
             return
+        yield {n: v[0] for n, v in zip(names, values, strict=True)}
+        yield {n: v[-1] for n, v in zip(names, values, strict=True)}
         rng = random.Random(0)
-        for _ in range(limit):
+        for _ in range(limit - 2):
             yield {n: rng.choice(v) for n, v in zip(names, values, strict=True)}
 
     def check_feasible(self, cost: CostModel | None = None) -> tuple[Schedule, Schedule]:
-        """Plan every corner of the space; return the cheapest and most expensive schedules.
-
-        A corner that cannot fit one step of a stage is an error naming the file and what would fit.
+        """Plan the whole space (see :meth:`feasibility_params`); return the cheapest and most
+        expensive schedules. Points that cannot fit the budget are one error that names them
+        (the first few), how many there are, and what budget would fit them all.
         """
         cost = cost or self.cost_model()
-        plans = []
-        for params in self.corner_params():
+        plans, bad = [], []
+        for params in self.feasibility_params():
             try:
                 schedule = self.schedule_from_params(params, cost)
             except BudgetError as exc:
-                raise ConfigError(f"{exc} (at {params})", source=self._source,
-                                  field="budget.per_trial_hours") from None
+                bad.append((params, str(exc)))
+                continue
             plans.append((cost.schedule_seconds(schedule), schedule))
+        if bad:
+            shown = "; ".join(f"at {_point(p)}: {why}" for p, why in bad[:3])
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise ConfigError(
+                f"{len(bad)} of {len(bad) + len(plans)} planned points of the space cannot fit "
+                f"the budget{more}: {shown}. Raise the budget, or narrow the ranges that name "
+                "these points", source=self._source, field="budget.per_trial_hours")
         plans.sort(key=lambda p: p[0])
         return plans[0][1], plans[-1][1]
 
@@ -666,6 +695,11 @@ def check_model_files(path: Path, source: str | Path | None) -> None:
         if problem:
             raise ConfigError(f"model directory {path}: {problem}; copy the model again",
                               source=source, field="base_model")
+
+
+def _point(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in params.items())
 
 
 def check_run_name(name: str) -> str:
