@@ -48,12 +48,16 @@ def search(
     live: Annotated[bool, typer.Option(help="Live display (off: plain log lines)")] = True,
 ) -> None:
     """Run a budgeted multi-objective search (Optuna samples, Ray Tune runs the trials)."""
-    from stagebudget.search import run_search
+    from stagebudget.search import SearchInterrupted, run_search
 
-    run_dir = run_search(
-        space, name=name, runs_dir=runs_dir, trials=trials, budget_hours=budget_hours,
-        concurrency=concurrency, address=address, storage=storage, resume=resume, live=live,
-    )
+    try:
+        run_dir = run_search(
+            space, name=name, runs_dir=runs_dir, trials=trials, budget_hours=budget_hours,
+            concurrency=concurrency, address=address, storage=storage, resume=resume, live=live,
+        )
+    except SearchInterrupted as exc:  # typer turns a KeyboardInterrupt into a silent exit 130
+        err_console.print(str(exc), highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     console.print(f"run directory: {run_dir}")
     console.print(f"next: stagebudget pareto {run_dir}   |   stagebudget export {run_dir} --pick knee")
 

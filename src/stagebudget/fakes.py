@@ -7,6 +7,7 @@ nothing in stagebudget imports this module.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -42,7 +43,8 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
     so the front has several points. Faults, for fault-injection tests (bind them with
     ``functools.partial``):
 
-    - ``fail="always"`` raises ``FloatingPointError`` (like a NaN loss) in every trial;
+    - ``fail="diverge"`` raises :class:`TrainingDiverged` (deterministic: never retried);
+      ``fail="always"`` raises ``FloatingPointError`` (like a NaN loss) in every trial;
       ``fail="first"`` in every attempt of the first trial to start.
     - ``kill="once"`` SIGKILLs its own process on each trial's first attempt (a retry then
       succeeds); ``kill="first"`` on every attempt of the first trial to reach it.
@@ -53,6 +55,10 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
     key = Path(out_dir).name if out_dir else "trial"
     if fail == "always" or (fail == "first" and _chosen(marker_dir, "fail", key)):
         raise FloatingPointError(f"loss is NaN at step 3 (fake, trial {key})")
+    if fail == "diverge":
+        from stagebudget.stages.common import TrainingDiverged
+
+        raise TrainingDiverged(schedule.stages[-1].kind, len(schedule.stages) - 1, 3, math.nan)
     if (kill == "once" and _chosen(marker_dir, f"kill-{key}", "")) or (
             kill == "first" and _chosen(marker_dir, "kill", key)):
         os.kill(os.getpid(), 9)

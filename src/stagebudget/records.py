@@ -33,6 +33,9 @@ ID_ACCURACY = "id_accuracy"
 OOD_ACCURACY = "ood_accuracy"
 DEVICE_HOURS = "device_hours"
 RECORD_FILE = "record.json"
+# Reported (with the error text) by a trial that failed deterministically: recorded FAIL, not
+# retried (see trainable.trial_trainable and tune_adapter.StudySearch).
+DETERMINISTIC_FAILURE = "deterministic_failure"
 
 
 @dataclass
@@ -99,6 +102,18 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.root / "report.html"
+
+    def storage_url(self, stored: str) -> str:
+        """The study storage URL to open for this run, given run.json's ``storage``.
+
+        A run's own SQLite study is found relative to its directory: a copied or moved run
+        directory opens its own ``study.db``, never the original's (whose absolute path run.json
+        still names). Other storages (a server URL, a journal, a SQLite file elsewhere) are
+        used as written.
+        """
+        if stored.startswith("sqlite:///") and self.study_db.is_file():
+            return f"sqlite:///{self.study_db.resolve()}"
+        return stored
 
     def trial_dir(self, key: str) -> Path:
         return self.trials / key

@@ -257,7 +257,7 @@ def load_run(path: str | Path) -> Run:
     study_name = meta.get("study_name")
     if not isinstance(study_name, str) or not study_name:
         raise RunError(f"{run_dir.meta} has no `study_name`; the run description is incomplete")
-    storage = _storage_url(meta.get("storage"), run_dir)
+    storage = study_storage_url(meta.get("storage"), run_dir)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -288,19 +288,18 @@ def _ordered_records(records: list[TrialRecord]) -> list[TrialRecord]:
     return sorted(records, key=lambda r: (r.started is None, r.started or 0.0, r.key))
 
 
-def _storage_url(storage: Any, run_dir: RunDir) -> str:
-    """The study storage URL; a SQLite file that moved with the run directory is found there."""
+def study_storage_url(storage: Any, run_dir: RunDir) -> str:
+    """The study storage URL of a run (see :meth:`RunDir.storage_url`), checked: a SQLite file
+    must exist and be SQLite (Optuna would otherwise create or write into it)."""
     if not isinstance(storage, str) or not storage:
         raise RunError(f"{run_dir.meta} has no `storage` (an Optuna storage URL)")
+    storage = run_dir.storage_url(storage)
     if not storage.startswith("sqlite:///"):
         return storage
     db = Path(storage.removeprefix("sqlite:///"))
     if db.is_file():
         _check_sqlite(db, run_dir)
         return storage
-    if run_dir.study_db.is_file():  # the run directory was moved or copied
-        _check_sqlite(run_dir.study_db, run_dir)
-        return f"sqlite:///{run_dir.study_db.resolve()}"
     # Never let Optuna create an empty database in place of a missing one.
     raise RunError(f"the study database {db} (from {run_dir.meta}) does not exist")
 

@@ -11,13 +11,14 @@ runs only the trials still missing, attached to the same study.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from stagebudget import __version__
 from stagebudget.errors import UserError
 from stagebudget.fileio import atomic_write_yaml
 from stagebudget.records import COMPLETE, DEVICE_HOURS, FAILED, RUNNING, RunDir
+from stagebudget.runs import study_storage_url
 from stagebudget.space import SearchSpace, check_run_name, make_sampler
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class SearchPlan:
     remaining: int
     points: list[dict[str, Any]] = field(default_factory=list)
     prior_hours: float = 0.0
+    lock: Any = None
 
 
 def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Path = Path("runs"),
@@ -61,6 +64,15 @@ def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Pat
     plan = (_plan_resume if resume else _plan_new)(
         Path(space_path), name=name, runs_dir=Path(runs_dir), trials=trials,
         budget_hours=budget_hours, concurrency=concurrency, address=address, storage=storage)
+    try:
+        return _drive(plan, resume=resume, address=address, live=live, trial_fn=trial_fn)
+    finally:
+        plan.lock.release()
+
+
+def _drive(plan: SearchPlan, *, resume: bool, address: str | None, live: bool,
+           trial_fn: TrialFn | None) -> Path:
+    """Run the planned trials; settle an interrupted run so that it can be resumed."""
     if plan.remaining <= 0:
         log.info("all %d trials of %s are finished; nothing to run", plan.meta["trials_requested"],
                  plan.run.root)
@@ -70,16 +82,68 @@ def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Pat
         if trial_fn is None:
             _prepare_base_model(plan.space, plan.meta["space_file"])
         stopped = _execute(plan, address=address, live=live, trial_fn=trial_fn)
-    except BaseException:
+    except BaseException as exc:
         if not resume and not plan.run.trials.exists():
             # Nothing ran (the base model or Ray failed to start): leave no directory behind
             # that would block the name.
             shutil.rmtree(plan.run.root, ignore_errors=True)
+        elif isinstance(exc, KeyboardInterrupt):
+            raise _settle_interrupted(plan) from None
         raise
     plan.meta.update(stopped_by_budget=stopped, finished=time.time())
     plan.run.write_meta(_without_tool(plan.meta))
     _summarise(plan, live)
     return plan.run.root
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a search; the message says what finished and how to resume."""
+
+
+def _settle_interrupted(plan: SearchPlan) -> SearchInterrupted:
+    """After Ctrl-C (Ray already shut down): no trial is left RUNNING in the study or the
+    records, run.json says when it was interrupted, and the message says how to resume."""
+    study = _load_study(plan.storage, plan.meta["study_name"])
+    finished = mark_interrupted(study, plan.run, [o.name for o in plan.space.objectives])
+    plan.meta.update(interrupted=[*plan.meta.get("interrupted", []), time.time()])
+    plan.run.write_meta(_without_tool(plan.meta))
+    runs_dir, name = plan.run.root.parent, plan.run.root.name
+    return SearchInterrupted(
+        f"search interrupted: {finished} of {plan.meta['trials_requested']} trials are finished "
+        f"and kept in {plan.run.root}; trials that were running are marked FAILED "
+        f"(\"interrupted\"). Continue with: stagebudget search {plan.meta['space_file']} "
+        f"--name {name} --runs-dir {runs_dir} --resume")
+
+
+class DriverLock:
+    """One driver per run: an exclusive ``flock`` on ``RUN/.driver.lock`` for the whole search
+    or resume. The kernel drops it when the process dies, so a killed driver never blocks a
+    resume; a second driver on a live run is refused, naming the one that holds it."""
+
+    def __init__(self, run: RunDir) -> None:
+        import fcntl
+
+        self.path = run.root / ".driver.lock"
+        self._fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "another process"
+            self._fh.close()
+            raise UserError(
+                f"run {run.root} is being driven right now by {holder}; one driver per run: "
+                "wait for it to finish (or stop it), then resume with --resume") from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"stagebudget pid {os.getpid()} on {os.uname().nodename}, started "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self._fh.flush()
+
+    def release(self) -> None:
+        """Drop the lock (closing the file releases the flock)."""
+        if not self._fh.closed:
+            self._fh.close()
 
 
 def check_local_resources(space: SearchSpace) -> None:
@@ -175,10 +239,12 @@ def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int
         prefix = "journal:" if url.startswith("journal:") else ""
         url = prefix + str(Path(url.removeprefix("journal:")).resolve())
     run.root.mkdir(parents=True)
+    lock = DriverLock(run)
     try:
         store = open_storage(url)
     except UserError:
-        run.root.rmdir()
+        lock.release()
+        shutil.rmtree(run.root, ignore_errors=True)
         raise
     meta = {
         "version": __version__, "name": name, "study_name": f"{name}-{uuid.uuid4().hex[:8]}",
@@ -190,20 +256,34 @@ def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int
     run.write_meta(meta)
     atomic_write_yaml(run.space, space.model_dump(mode="json", exclude_none=True))
     points = [p for _, p in space.reference_points()] if space.references else []
-    return SearchPlan(run, space, meta, store, space.trials, points)
+    return SearchPlan(run, space, meta, store, space.trials, points, lock=lock)
 
 
 def _plan_resume(space_path: Path, *, name: str | None, runs_dir: Path, trials: int | None,
                  budget_hours: float | None, concurrency: int | None, address: str | None,
                  storage: str | None) -> SearchPlan:
     """Load the run by name; mark what a killed driver left RUNNING as FAIL; count what is left."""
-    from stagebudget.tune_adapter import open_storage
 
     run = RunDir(runs_dir / (name or _space_name(space_path)))
     if not run.root.exists():
         raise UserError(f"cannot resume: run directory {run.root} does not exist; start it "
                         "without --resume (or give the --name of an existing run)")
-    meta = _without_tool(run.read_meta())
+    run.read_meta()  # a clear error for a directory that is not a run, before the lock
+    lock = DriverLock(run)  # before anything is settled: a live driver's trials are its own
+    try:
+        return _resume_plan(run, _without_tool(run.read_meta()), lock, trials=trials,
+                            budget_hours=budget_hours, concurrency=concurrency,
+                            address=address, storage=storage)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _resume_plan(run: RunDir, meta: dict[str, Any], lock: DriverLock, *, trials: int | None,
+                 budget_hours: float | None, concurrency: int | None, address: str | None,
+                 storage: str | None) -> SearchPlan:
+    from stagebudget.tune_adapter import open_storage
+
     if storage and storage != meta["storage"]:
         raise UserError(f"--storage {storage!r} differs from this run's {meta['storage']!r}; "
                         "leave --storage out when resuming")
@@ -211,7 +291,7 @@ def _plan_resume(space_path: Path, *, name: str | None, runs_dir: Path, trials: 
                         concurrency=concurrency,
                         budget_hours=budget_hours or meta.get("search_budget_hours"),
                         address=address)
-    store = open_storage(meta["storage"])
+    store = open_storage(study_storage_url(meta.get("storage"), run))  # a copied run: its own
     study = _load_study(store, meta["study_name"])
     finished = mark_interrupted(study, run, [o.name for o in space.objectives])
     meta.update(trials_requested=space.trials, search_budget_hours=space.budget.search_hours,
@@ -222,7 +302,7 @@ def _plan_resume(space_path: Path, *, name: str | None, runs_dir: Path, trials: 
     points = [p for _, p in space.reference_points()
               if space.references and not any(_same_params(p, s) for s in seen)]
     prior = sum(r.objectives.get(DEVICE_HOURS, 0.0) for r in run.records())
-    return SearchPlan(run, space, meta, store, space.trials - finished, points, prior)
+    return SearchPlan(run, space, meta, store, space.trials - finished, points, prior, lock=lock)
 
 
 def _space_name(space_path: Path) -> str:
@@ -342,12 +422,28 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
                 "per_trial_hours": space.budget.per_trial_hours,
                 "planned_hours": _planner(space, cost), "prior_hours": plan.prior_hours})
         holder.update(limiter=limiter, study=search.study)
-        with display:
+        with display, _plain_sigint():
             tuner.fit()
             display.update(_stats(plan, holder, 0), force=True)
     finally:
         ray.shutdown()  # for an external cluster this only disconnects the driver
     return bool(limiter.stopped_by_budget)
+
+
+@contextlib.contextmanager
+def _plain_sigint() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in the driver instead of Ray Tune's own handler (which
+    ends the experiment as if it had finished and prints a ``Tuner.restore`` hint that does not
+    apply): the search then settles the run for ``--resume`` and exits non-zero."""
+    old = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = old
 
 
 def _planner(space: SearchSpace, cost: Any) -> Callable[[dict[str, Any]], float]:

@@ -2,7 +2,9 @@
 
 Every dict given to ``ray.tune.report`` carries all objective metric names (latest values so
 far). Exceptions propagate after the record is marked FAILED, so Tune retries the trial
-(``max_retries``) and then Optuna records it as FAIL, never as a zero score.
+(``max_retries``) and then Optuna records it as FAIL, never as a zero score. A deterministic
+failure (:class:`~stagebudget.errors.DeterministicError`: bad input, a diverged loss) is not
+retried: it is reported with ``DETERMINISTIC_FAILURE`` and the searcher records FAIL.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from stagebudget.errors import UserError
+from stagebudget.errors import DeterministicError, UserError
 from stagebudget.fileio import atomic_write_text
 from stagebudget.records import (
     COMPLETE,
+    DETERMINISTIC_FAILURE,
     DEVICE_HOURS,
     FAILED,
     ID_ACCURACY,
@@ -114,6 +117,13 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
                     cost=cost, cache_dir=Path(cache_dir) if cache_dir else None,
                     base_dir=Path(base_dir) if base_dir else None)
         objectives = {k: float(v) for k, v in result.objectives().items()}
+    except DeterministicError as exc:
+        # A retry would fail the same way: end the trial now. Ray retries every exception, so
+        # this one is reported, not raised; the searcher records the trial as FAIL (never a
+        # score) when it sees the flag.
+        record_failure(run, record, exc)
+        tune.report({**reporter.latest, "final": True, DETERMINISTIC_FAILURE: record.error})
+        return
     except Exception as exc:
         record_failure(run, record, exc)
         raise

@@ -27,7 +27,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from stagebudget.errors import UserError
-from stagebudget.records import DEVICE_HOURS, FAILED, RunDir, TrialRecord
+from stagebudget.records import DETERMINISTIC_FAILURE, DEVICE_HOURS, FAILED, RunDir, TrialRecord
 from stagebudget.space import SearchSpace, make_sampler
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,16 @@ class StudySearch(OptunaSearch):
             if name:
                 ot_trial.set_user_attr(REFERENCE_ATTR, name)
         return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if result and result.get(DETERMINISTIC_FAILURE):  # failed; a retry cannot help
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None:
+                ot_trial.set_user_attr("error", str(result[DETERMINISTIC_FAILURE]))
+            super().on_trial_complete(trial_id, result=None, error=True)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
 
     @property
     def study(self) -> Any:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from stagebudget.errors import DeterministicError
 from stagebudget.ledger import BudgetClock, budget_callback
 from stagebudget.schedule import StageSpec
 from stagebudget.stages.mapping import lora_kwargs, trl_config_kwargs
@@ -25,8 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite; names the stage and the step."""
+class TrainingDiverged(RuntimeError, DeterministicError):
+    """The training loss became NaN or infinite; names the stage and the step. Training is
+    deterministic by seed, so a retry would diverge again: never retried."""
 
     def __init__(self, stage: str, stage_index: int, step: int, value: float) -> None:
         self.stage, self.stage_index, self.step, self.value = stage, stage_index, step, value
@@ -34,6 +36,9 @@ class TrainingDiverged(RuntimeError):
             f"training diverged in stage {stage_index} ({stage}) at step {step}: loss={value}; "
             "lower the learning rate of this stage"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.stage, self.stage_index, self.step, self.value))
 
 
 @dataclass

@@ -1,0 +1,148 @@
+"""Driver faults (issue 14), through real Ray and Optuna with fast fake trials: a copied run
+resumes into its own study; one driver per run; Ctrl-C exits non-zero and leaves a resumable run
+with nothing RUNNING; deterministic failures are not retried; our exceptions survive pickling."""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from stagebudget.errors import BudgetError, ConfigError, RunError, UserError
+from stagebudget.fakes import fake_trial_fn
+from stagebudget.records import RunDir
+from stagebudget.search import DriverLock, run_search
+
+DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+State = optuna.trial.TrialState
+FAST = functools.partial(fake_trial_fn, seconds=0.05)
+
+
+def _space(tmp_path: Path, **changes: object) -> Path:
+    data = yaml.safe_load(DEMO.read_text())
+    data.update(references=False, concurrency=1, **changes)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _study(run: RunDir) -> optuna.Study:
+    meta = run.read_meta()
+    return optuna.load_study(study_name=meta["study_name"], storage=run.storage_url(meta["storage"]))
+
+
+def test_copied_run_resumes_into_its_own_study(tmp_path: Path) -> None:
+    space = _space(tmp_path, trials=1)
+    original = RunDir(run_search(space, name="orig", runs_dir=tmp_path / "runs", live=False,
+                                 trial_fn=FAST))
+    shutil.copytree(original.root, tmp_path / "runs" / "copy")
+    copy = RunDir(tmp_path / "runs" / "copy")
+    # run.json still names the original's absolute study path
+    assert str(original.study_db.resolve()) in (copy.meta.read_text())
+    run_search(space, name="copy", runs_dir=tmp_path / "runs", trials=2, resume=True,
+               live=False, trial_fn=FAST)
+    assert len(_study(original).trials) == 1          # the original is untouched
+    assert len(_study(copy).trials) == 2
+
+
+def test_second_driver_on_a_live_run_is_refused(tmp_path: Path) -> None:
+    space = _space(tmp_path, trials=1)
+    run = RunDir(run_search(space, name="one", runs_dir=tmp_path / "runs", live=False,
+                            trial_fn=FAST))
+    before = run.meta.read_text()
+    lock = DriverLock(run)  # a driver that is running right now
+    try:
+        with pytest.raises(UserError, match=f"being driven right now by stagebudget pid "
+                                            f"{os.getpid()}"):
+            run_search(space, name="one", runs_dir=tmp_path / "runs", trials=2, resume=True,
+                       live=False, trial_fn=FAST)
+        assert run.meta.read_text() == before        # nothing settled, nothing written
+    finally:
+        lock.release()
+    run_search(space, name="one", runs_dir=tmp_path / "runs", trials=2, resume=True,
+               live=False, trial_fn=FAST)            # once it is gone, resume works
+    assert len(_study(run).trials) == 2
+
+
+DRIVER = """
+import functools, sys
+import stagebudget.search as search
+from stagebudget.fakes import fake_trial_fn
+from stagebudget.cli import main
+real = search.run_search
+search.run_search = functools.partial(
+    real, trial_fn=functools.partial(fake_trial_fn, seconds=float(sys.argv[3])))
+main(["search", sys.argv[1], "--name", "ctrlc", "--runs-dir", sys.argv[2], "--no-live"])
+"""
+
+
+def test_ctrl_c_exits_nonzero_says_how_to_resume_and_leaves_nothing_running(tmp_path: Path):
+    space = _space(tmp_path, trials=4)
+    runs = tmp_path / "runs"
+    run = RunDir(runs / "ctrlc")
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(space), str(runs), "3.0"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not any(r.status == "COMPLETE" for r in run.records()) if run.trials.is_dir() \
+                else True:
+            assert proc.poll() is None, f"driver exited early:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no trial completed:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert code == 130, text[-3000:]
+    assert "--resume" in text and "Tuner.restore" not in text and "next: stagebudget" not in text
+    meta = run.read_meta()
+    assert "finished" not in meta and meta["interrupted"]
+    study = _study(run)
+    assert not study.get_trials(states=(State.RUNNING, State.WAITING))
+    assert all(r.status in ("COMPLETE", "FAILED") for r in run.records())
+    done = len(study.trials)
+    run_search(space, name="ctrlc", runs_dir=runs, resume=True, live=False, trial_fn=FAST)
+    assert len(_study(run).trials) == 4 >= done
+
+
+def test_deterministic_failures_are_not_retried(tmp_path: Path) -> None:
+    fn = functools.partial(fake_trial_fn, seconds=0.05, fail="diverge")
+    run = RunDir(run_search(_space(tmp_path, trials=2, max_retries=2), name="nan",
+                            runs_dir=tmp_path / "runs", live=False, trial_fn=fn))
+    study = _study(run)
+    assert [t.state for t in study.trials] == [State.FAIL, State.FAIL]
+    records = run.records()
+    assert len(records) == 2
+    for rec in records:
+        assert rec.status == "FAILED" and rec.attempt == 1          # never retried
+        assert rec.error.startswith("TrainingDiverged: training diverged") and not rec.objectives
+
+
+def test_our_exceptions_survive_pickling() -> None:
+    from stagebudget.basemodel import ModelRefError
+    from stagebudget.stages.common import TrainingDiverged
+    from stagebudget.tasks import TaskFileError
+
+    errors = [TrainingDiverged("sft", 0, 3, float("nan")), UserError("x"), RunError("r"),
+              BudgetError("b"), ConfigError("bad", source="s.yaml", field="f"),
+              ModelRefError("m"), TaskFileError("t")]
+    for exc in errors:
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is type(exc) and str(back) == str(exc)
+    back = pickle.loads(pickle.dumps(ConfigError("bad", source="s.yaml", field="f")))
+    assert (back.source, back.field) == ("s.yaml", "f")
