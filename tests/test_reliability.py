@@ -114,8 +114,13 @@ def test_atomic_write_on_full_or_read_only_disk(tmp_path, monkeypatch, where, co
         monkeypatch.setattr(os, "fsync", refuse)
     else:
         monkeypatch.setattr(tempfile, "mkstemp", refuse)
-    with pytest.raises(UserError, match=rf"cannot write {target}: {os.strerror(code)}"):
-        atomic_write_json(target, {"status": "FAILED"})
+    if code == errno.ENOSPC:  # a full disk stays an OSError (retryable; the CLI words it)
+        with pytest.raises(OSError, match=os.strerror(code)) as err:
+            atomic_write_json(target, {"status": "FAILED"})
+        assert err.value.errno == code and err.value.filename == str(target)
+    else:
+        with pytest.raises(UserError, match=rf"cannot write {target}: {os.strerror(code)}"):
+            atomic_write_json(target, {"status": "FAILED"})
     assert target.read_bytes() == before       # the previous record is untouched
     assert leftovers(tmp_path) == []            # and no temp file is left behind
 

@@ -6,6 +6,7 @@ or a full disk never leaves a half-written record, export or cache entry behind.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -15,6 +16,8 @@ from typing import Any
 import yaml
 
 from stagebudget.errors import ConfigError, UserError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -44,6 +47,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise UserError(f"cannot write {p}: {exc.filename or p.parent} exists and is not a "
                         "directory") from None
     except OSError as exc:
+        if exc.errno in DISK_FULL:
+            raise
         raise UserError(f"cannot write {p}: {exc.strerror or exc}") from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
@@ -57,6 +62,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise UserError(f"cannot write {p}: it is a directory; give a file path") from None
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
+        if exc.errno in DISK_FULL:  # not the user's input: kept an OSError (retryable, and the
+            raise OSError(exc.errno, f"{exc.strerror}; nothing was changed", str(p)) from None
         raise UserError(f"cannot write {p}: {exc.strerror or exc}; nothing was changed") from None
 
 

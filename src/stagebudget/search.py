@@ -25,7 +25,7 @@ from typing import Any
 
 from stagebudget import __version__
 from stagebudget.errors import UserError
-from stagebudget.fileio import atomic_write_yaml
+from stagebudget.fileio import DISK_FULL, atomic_write_yaml
 from stagebudget.records import COMPLETE, DEVICE_HOURS, FAILED, RUNNING, RunDir
 from stagebudget.runs import study_storage_url
 from stagebudget.space import SearchSpace, check_run_name, make_sampler
@@ -89,6 +89,8 @@ def _drive(plan: SearchPlan, *, resume: bool, address: str | None, live: bool,
             shutil.rmtree(plan.run.root, ignore_errors=True)
         elif isinstance(exc, KeyboardInterrupt):
             raise _settle_interrupted(plan) from None
+        elif _is_disk_full(exc):
+            raise _disk_full(plan, exc) from None
         raise
     plan.meta.update(stopped_by_budget=stopped, finished=time.time())
     plan.run.write_meta(_without_tool(plan.meta))
@@ -113,6 +115,32 @@ def _settle_interrupted(plan: SearchPlan) -> SearchInterrupted:
         f"and kept in {plan.run.root}; trials that were running are marked FAILED "
         f"(\"interrupted\"). Continue with: stagebudget search {plan.meta['space_file']} "
         f"--name {name} --runs-dir {runs_dir} --resume")
+
+
+DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "database or disk is full")
+
+
+def _is_disk_full(exc: BaseException | None) -> bool:
+    """A full disk anywhere in the chain (Ray wraps a callback's error into a TuneError whose
+    text is the traceback)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return True
+        if any(t in str(exc) for t in DISK_FULL_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _disk_full(plan: SearchPlan, exc: BaseException) -> UserError:
+    """One paragraph for a disk that filled up mid-run; the run is kept for ``--resume``."""
+    with contextlib.suppress(Exception):  # settling writes too; it may not fit yet
+        _settle_interrupted(plan)
+    return UserError(
+        f"the disk holding {plan.run.root} is full (No space left on device), so the search "
+        f"stopped; finished trials are kept. Free some space, then continue with: stagebudget "
+        f"search {plan.meta['space_file']} --name {plan.run.root.name} --runs-dir "
+        f"{plan.run.root.parent} --resume")
 
 
 class DriverLock:
@@ -242,19 +270,21 @@ def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int
     lock = DriverLock(run)
     try:
         store = open_storage(url)
-    except UserError:
+        meta = {
+            "version": __version__, "name": name, "study_name": f"{name}-{uuid.uuid4().hex[:8]}",
+            "storage": url, "space_file": str(Path(space_path).resolve()),
+            "created": time.time(),
+            "objectives": [{"name": o.name, "direction": o.direction} for o in space.objectives],
+            "trials_requested": space.trials, "search_budget_hours": space.budget.search_hours,
+            "per_trial_hours": space.budget.per_trial_hours, "address": address,
+            "stopped_by_budget": False,
+        }
+        run.write_meta(meta)
+        atomic_write_yaml(run.space, space.model_dump(mode="json", exclude_none=True))
+    except BaseException:  # e.g. a full disk: leave nothing behind that blocks the name
         lock.release()
         shutil.rmtree(run.root, ignore_errors=True)
         raise
-    meta = {
-        "version": __version__, "name": name, "study_name": f"{name}-{uuid.uuid4().hex[:8]}",
-        "storage": url, "space_file": str(Path(space_path).resolve()), "created": time.time(),
-        "objectives": [{"name": o.name, "direction": o.direction} for o in space.objectives],
-        "trials_requested": space.trials, "search_budget_hours": space.budget.search_hours,
-        "per_trial_hours": space.budget.per_trial_hours, "address": address, "stopped_by_budget": False,
-    }
-    run.write_meta(meta)
-    atomic_write_yaml(run.space, space.model_dump(mode="json", exclude_none=True))
     points = [p for _, p in space.reference_points()] if space.references else []
     return SearchPlan(run, space, meta, store, space.trials, points, lock=lock)
 

@@ -185,5 +185,5 @@ def record_failure(run: RunDir, record: TrialRecord, exc: BaseException) -> None
     record.status, record.finished = FAILED, time.time()
     record.objectives = {}
     record.error = describe_error(exc)
-    with contextlib.suppress(UserError):
+    with contextlib.suppress(UserError, OSError):
         run.write_record(record)

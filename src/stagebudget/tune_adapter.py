@@ -64,8 +64,12 @@ def open_storage(url: str) -> Any:
                         "postgresql://user@host/db) nor a journal file (*.log or journal:PATH)")
     try:
         return optuna.storages.RDBStorage(url)
-    except Exception as exc:  # a bad URL or an unreachable server, before any compute
-        raise UserError(f"cannot open Optuna storage {url!r}: {exc}") from None
+    except Exception as exc:  # a bad URL, an unreachable server or a full disk, before compute
+        cause = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's error
+        why = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        if "disk is full" in why or "No space left" in why:
+            why += " (free some space, then run the same command again)"
+        raise UserError(f"cannot open Optuna storage {url!r}: {why}") from None
 
 
 class StudySearch(OptunaSearch):
