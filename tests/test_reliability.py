@@ -240,6 +240,9 @@ def test_corrupted_cached_base_model_is_detected_and_rebuilt(tmp_path):
     assert "not a valid safetensors file" in cache_problem(path)
     weights.write_bytes(good[: size // 2])                   # truncated (header intact)
     assert "bytes" in cache_problem(path)
+    header = 8 + int.from_bytes(good[:8], "little")          # zeroed weights, header and size
+    weights.write_bytes(good[:header] + b"\0" * (size - header))  # intact: only content differs
+    assert "checksum" in cache_problem(path)
     with pytest.raises(ModelRefError, match="is damaged"):  # never handed out silently
         resolve_base_model("builtin:test", cache_dir=tmp_path, allow_build=False)
 

@@ -116,6 +116,7 @@ def build_base(size: str = "tiny", cache_dir: Path | None = None, seed: int = 0,
         info = _pretrain(size, seed, tmp, say)
         # sizes of the weight files, so a truncated cache entry is detected (cache_problem)
         info["files"] = {f.name: f.stat().st_size for f in sorted(tmp.glob("*.safetensors"))}
+        info["sha256"] = weight_digests(tmp)  # content, so zeroed/altered weights are detected
         (tmp / "base_info.json").write_text(json.dumps(info, indent=2))
         (tmp / COMPLETE_MARKER).write_text(final.name)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
@@ -129,11 +130,23 @@ def build_base(size: str = "tiny", cache_dir: Path | None = None, seed: int = 0,
     return final
 
 
+def weight_digests(path: Path) -> dict[str, str]:
+    """SHA-256 of each ``*.safetensors`` file in ``path`` (milliseconds for the built-in sizes)."""
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(block)
+        out[f.name] = h.hexdigest()
+    return out
+
+
 def cache_problem(path: Path) -> str | None:
     """Why a cached base model cannot be used (None when it is sound). Cheap: no weights loaded.
 
-    Checks that base_info.json is readable, each weight file has the size recorded at build
-    time, and each ``*.safetensors`` header opens with ``safetensors.safe_open``.
+    Checks that base_info.json is readable, each weight file has the size and SHA-256 recorded at
+    build time, and each ``*.safetensors`` header opens with ``safetensors.safe_open``.
     """
     from safetensors import safe_open
 
@@ -158,6 +171,12 @@ def cache_problem(path: Path) -> str | None:
                 handle.keys()
         except Exception as exc:  # safetensors raises its own error types
             return f"{f.name} is not a valid safetensors file ({exc})"
+    digests = info.get("sha256") if isinstance(info, dict) else None
+    if isinstance(digests, dict):
+        now = weight_digests(path)
+        changed = [name for name, digest in digests.items() if now.get(name) != digest]
+        if changed:
+            return f"{changed[0]} does not match the checksum recorded when it was built"
     return None
 
 
