@@ -186,16 +186,7 @@ def test_search_budget_stops_new_trials_and_is_recorded(tmp_path: Path) -> None:
 
 
 # --- the real thing ------------------------------------------------------------------------
-def _pipeline_ready() -> bool:
-    try:
-        from stagebudget.pipeline import run_schedule  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _pipeline_ready(), reason="stagebudget.pipeline.run_schedule not there yet")
 def test_real_small_search_end_to_end(tmp_path: Path) -> None:
     data = yaml.safe_load(DEMO.read_text())
     data.update(base_model="builtin:test", trials=2, concurrency=2, references=False,

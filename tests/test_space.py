@@ -111,7 +111,7 @@ def test_reference_points_are_inside_the_space(tmp_path):
     dists = space.optuna_space()
     for params in refs.values():
         for name, value in params.items():
-            dists[name]._contains(dists[name].to_internal_repr(value))
+            assert dists[name]._contains(dists[name].to_internal_repr(value)), (name, value)
     assert refs["heuristic"]["sft.share"] == 0.25
     assert refs["heuristic"]["sft.lora_rank"] == 32
 
