@@ -70,7 +70,7 @@ def test_bad_storage_and_budget_are_refused_before_compute(tmp_path: Path) -> No
     with pytest.raises(UserError, match="neither a database URL"):
         run_search(DEMO, runs_dir=tmp_path / "runs", storage="nonsense", live=False)
     assert not (tmp_path / "runs" / "demo").exists()
-    with pytest.raises(UserError, match="budget-hours must be > 0"):
+    with pytest.raises(UserError, match="budget-hours must be a positive number"):
         run_search(DEMO, runs_dir=tmp_path / "runs", budget_hours=0, live=False)
 
 
