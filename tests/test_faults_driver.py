@@ -4,6 +4,7 @@ with nothing RUNNING; deterministic failures are not retried; our exceptions sur
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pickle
@@ -218,3 +219,36 @@ def test_disk_full_mid_run_is_one_paragraph_and_resumes(tmp_path: Path) -> None:
         assert all(r.status in ("COMPLETE", "FAILED") for r in run.records())
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_resume_ends_the_ray_processes_a_killed_driver_left(tmp_path: Path) -> None:
+    """`kill -9` of the driver alone leaves Ray's DashboardAgent/RuntimeEnvAgent running; the
+    next driver of the run (holding its lock, so the old one is gone) ends them."""
+    from stagebudget.search import _alive, _uses_session
+
+    space = _space(tmp_path, trials=2)
+    runs = tmp_path / "runs"
+    run = RunDir(runs / "ctrlc")
+    with open(tmp_path / "driver.log", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(space), str(runs), "3.0"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not (run.trials.is_dir() and any(run.trials.iterdir())):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only, as `kill -9 PID` does
+        proc.wait()
+        time.sleep(3)
+        session = run.read_meta()["ray_session_dir"]
+
+        def left() -> list[int]:
+            return [int(p.name) for p in Path("/proc").iterdir()
+                    if p.name.isdigit() and _uses_session(p, session) and _alive(int(p.name))]
+
+        before = left()
+        run_search(space, name="ctrlc", runs_dir=runs, resume=True, live=False, trial_fn=FAST)
+        assert not [p for p in before if _alive(p)], f"still running: {before}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

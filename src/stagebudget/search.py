@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -141,6 +142,60 @@ def _disk_full(plan: SearchPlan, exc: BaseException) -> UserError:
         f"stopped; finished trials are kept. Free some space, then continue with: stagebudget "
         f"search {plan.meta['space_file']} --name {plan.run.root.name} --runs-dir "
         f"{plan.run.root.parent} --resume")
+
+
+def reap_ray_session(meta: dict[str, Any]) -> list[int]:
+    """End the processes of the private local Ray a killed driver left behind (its
+    DashboardAgent, RuntimeEnvAgent, raylet...): those whose command line names the session
+    directory recorded in run.json, on this host. Call only while holding the run's
+    :class:`DriverLock` (the driver that started that Ray is then gone). Returns the pids ended.
+    """
+    session, host = meta.get("ray_session_dir"), meta.get("ray_host")
+    proc = Path("/proc")
+    if not session or host != os.uname().nodename or not proc.is_dir():
+        return []
+    mine = {os.getpid(), os.getppid()}
+    pids = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) in mine:
+            continue
+        if _uses_session(entry, session):
+            pids.append(int(entry.name))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 3
+        while sig == signal.SIGTERM and time.monotonic() < deadline and any(map(_alive, pids)):
+            time.sleep(0.1)
+    if pids:
+        log.info("ended %d processes left by the killed driver's Ray (%s)", len(pids), session)
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a parent that never reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _uses_session(proc_entry: Path, session: str) -> bool:
+    """Whether a /proc entry belongs to the Ray session: its command line names the session
+    directory, or (agents retitle themselves, e.g. ``ray::DashboardAgent``) it holds a log file
+    open there."""
+    try:
+        if session.encode() in (proc_entry / "cmdline").read_bytes():
+            return True
+        for fd in (proc_entry / "fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd).startswith(session + os.sep):
+                    return True
+    except OSError:  # gone, or not ours to read
+        return False
+    return False
 
 
 class DriverLock:
@@ -300,6 +355,7 @@ def _plan_resume(space_path: Path, *, name: str | None, runs_dir: Path, trials: 
                         "without --resume (or give the --name of an existing run)")
     run.read_meta()  # a clear error for a directory that is not a run, before the lock
     lock = DriverLock(run)  # before anything is settled: a live driver's trials are its own
+    reap_ray_session(run.read_meta())  # the lock proves the driver that started it is gone
     try:
         return _resume_plan(run, _without_tool(run.read_meta()), lock, trials=trials,
                             budget_hours=budget_hours, concurrency=concurrency,
@@ -408,17 +464,20 @@ def _prepare_base_model(space: SearchSpace, space_file: str) -> None:
         raise UserError(str(exc)) from None
 
 
-def _init_ray(address: str | None, space: SearchSpace) -> None:
+def _init_ray(address: str | None, space: SearchSpace) -> str | None:
+    """Start (or join) Ray; return the session directory of a private local Ray."""
     import ray
 
     if address is None:
         # "local" always starts a private Ray: a bare ray.init() would join any cluster that
         # `ray start` left running on this machine.
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                 log_to_driver=False, ignore_reinit_error=True, configure_logging=False)
+        ctx = ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                       log_to_driver=False, ignore_reinit_error=True, configure_logging=False)
+        return str(ctx.address_info.get("session_dir") or "") or None
     else:
         ray.init(address=address, log_to_driver=False, ignore_reinit_error=True,
                  configure_logging=False)
+    return None
 
 
 def _execute(plan: SearchPlan, *, address: str | None, live: bool,
@@ -442,7 +501,10 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
     display = LiveDisplay() if live else Display()
     holder: dict[str, Any] = {}
     callback = ProgressCallback(display, lambda running: _stats(plan, holder, running))
-    _init_ray(address, space)
+    session = _init_ray(address, space)
+    if session:  # so that a resume after a killed driver can end this Ray's leftover processes
+        plan.meta.update(ray_session_dir=session, ray_host=os.uname().nodename)
+        plan.run.write_meta(_without_tool(plan.meta))
     try:
         tuner, limiter, search = build_tuner(
             trainable, space, run_dir=plan.run.root, study_name=plan.meta["study_name"],
