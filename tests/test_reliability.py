@@ -235,6 +235,11 @@ def test_corrupted_cached_base_model_is_detected_and_rebuilt(tmp_path):
     assert cache_problem(path) is None
     assert json.loads((path / "base_info.json").read_text())["files"] == {weights.name: size}
 
+    tokenizer = path / "tokenizer.json"
+    tok = tokenizer.read_bytes()
+    tokenizer.write_bytes(tok[:-10])                         # a broken tokenizer.json
+    assert "tokenizer.json does not match the checksum" in cache_problem(path)
+    tokenizer.write_bytes(tok)
     good = weights.read_bytes()
     weights.write_bytes(b"\0" * size)                         # same size, garbage header
     assert "not a valid safetensors file" in cache_problem(path)

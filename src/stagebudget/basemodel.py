@@ -116,7 +116,7 @@ def build_base(size: str = "tiny", cache_dir: Path | None = None, seed: int = 0,
         info = _pretrain(size, seed, tmp, say)
         # sizes of the weight files, so a truncated cache entry is detected (cache_problem)
         info["files"] = {f.name: f.stat().st_size for f in sorted(tmp.glob("*.safetensors"))}
-        info["sha256"] = weight_digests(tmp)  # content, so zeroed/altered weights are detected
+        info["sha256"] = weight_digests(tmp)  # content: zeroed weights, a broken tokenizer...
         (tmp / "base_info.json").write_text(json.dumps(info, indent=2))
         (tmp / COMPLETE_MARKER).write_text(final.name)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
@@ -130,10 +130,14 @@ def build_base(size: str = "tiny", cache_dir: Path | None = None, seed: int = 0,
     return final
 
 
+CHECKED_FILES = ("*.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")
+
+
 def weight_digests(path: Path) -> dict[str, str]:
-    """SHA-256 of each ``*.safetensors`` file in ``path`` (milliseconds for the built-in sizes)."""
+    """SHA-256 of the weights, config and tokenizer files in ``path`` (milliseconds for the
+    built-in sizes): what a trained model's content depends on."""
     out = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
+    for f in sorted({f for pattern in CHECKED_FILES for f in Path(path).glob(pattern)}):
         h = hashlib.sha256()
         with f.open("rb") as fh:
             for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
