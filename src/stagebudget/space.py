@@ -321,8 +321,7 @@ class SearchSpace(Strict):
     stages: dict[str, StageDims]  # type: ignore[valid-type]
     objectives: tuple[ObjectiveSpec, ...] = DEFAULT_OBJECTIVES
     sampler: SamplerSpec = SamplerSpec()
-    trials: int = Field(default=8, ge=1, le=MAX_TRIALS,
-                        description="each trial is a training run; at most 100000")
+    trials: int = Field(default=8, ge=1)
     concurrency: int = Field(default=1, ge=1)
     resources_per_trial: Resources = Resources()
     seed: int = 0
@@ -336,6 +335,14 @@ class SearchSpace(Strict):
     @classmethod
     def _safe_name(cls, v: str) -> str:
         return check_run_name(v)
+
+    @field_validator("trials")
+    @classmethod
+    def _trials(cls, v: int) -> int:
+        if v > MAX_TRIALS:
+            raise ValueError(f"{v} trials are refused (at most {MAX_TRIALS}): each trial is a "
+                             "training run; a search of that size is a typo")
+        return v
 
     @field_validator("device")
     @classmethod
