@@ -114,8 +114,10 @@ class TrialView:
 
     @property
     def error(self) -> str | None:
-        """The record's error, else Optuna's fail reason."""
-        return self._record_or_attr("error", "fail_reason")
+        """The record's error, else the study's (``error``, as stagebudget sets it; else
+        Optuna's ``fail_reason``)."""
+        return self._record_or_attr("error", "error") or self._record_or_attr("error",
+                                                                              "fail_reason")
 
     @property
     def label(self) -> str:

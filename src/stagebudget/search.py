@@ -233,17 +233,18 @@ def check_local_resources(space: SearchSpace) -> None:
     """``concurrency`` trials at once must fit this machine's CPUs (and GPUs)."""
     res, n = space.resources_per_trial, space.concurrency
     cpus = os.cpu_count() or 1
+    where = f"{space._source}: " if space._source else ""
     if n * res.cpu > cpus:
         raise UserError(
-            f"concurrency x resources_per_trial.cpu = {n} x {res.cpu:g} = {n * res.cpu:g} CPUs, "
-            f"but this machine has {cpus}; lower `concurrency` (--concurrency) or "
+            f"{where}concurrency x resources_per_trial.cpu = {n} x {res.cpu:g} = "
+            f"{n * res.cpu:g} CPUs, but this machine has {cpus}; lower `concurrency` (--concurrency) or "
             "`resources_per_trial.cpu`, or give --address of a Ray cluster")
     if res.gpu > 0:
         gpus = _local_gpus()
         if n * res.gpu > gpus:
             raise UserError(
-                f"concurrency x resources_per_trial.gpu = {n} x {res.gpu:g} = {n * res.gpu:g} "
-                f"GPUs, but this machine has {gpus}; lower `concurrency` or "
+                f"{where}concurrency x resources_per_trial.gpu = {n} x {res.gpu:g} = "
+                f"{n * res.gpu:g} GPUs, but this machine has {gpus}; lower `concurrency` or "
                 "`resources_per_trial.gpu` (fractions such as 0.5 share a GPU)")
 
 
