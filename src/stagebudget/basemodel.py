@@ -138,11 +138,8 @@ def weight_digests(path: Path) -> dict[str, str]:
     built-in sizes): what a trained model's content depends on."""
     out = {}
     for f in sorted({f for pattern in CHECKED_FILES for f in Path(path).glob(pattern)}):
-        h = hashlib.sha256()
         with f.open("rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(block)
-        out[f.name] = h.hexdigest()
+            out[f.name] = hashlib.file_digest(fh, "sha256").hexdigest()
     return out
 
 

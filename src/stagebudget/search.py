@@ -474,7 +474,8 @@ def _init_ray(address: str | None, space: SearchSpace) -> str | None:
         # `ray start` left running on this machine.
         ctx = ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
                        log_to_driver=False, ignore_reinit_error=True, configure_logging=False)
-        return str(ctx.address_info.get("session_dir") or "") or None
+        info = getattr(ctx, "address_info", None) or {}
+        return str(info.get("session_dir") or "") or None
     else:
         ray.init(address=address, log_to_driver=False, ignore_reinit_error=True,
                  configure_logging=False)

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     Field,
@@ -184,18 +184,21 @@ class _StageDimsBase(Strict):
                or v < 0 or v != int(v)]
         if bad or (isinstance(self.steps, Dist) and self.steps.type == "float"):
             raise ValueError(f"`steps` must be whole numbers >= 0 (0 leaves the stage out), got "
-                             f"{bad[0] if bad else self.steps.type!r}")
+                             f"{bad[0] if bad else getattr(self.steps, 'type', '')!r}")
         return self
 
 
 _Scalar = StrictBool | StrictInt | StrictFloat | StrictStr
 # Every tunable stage field, fixed (a value) or searched (a Dist). A field left out is None here
 # and StageSpec's default applies: fields, defaults and bounds are StageSpec's, written once.
-StageDims = create_model(
-    "StageDims", __base__=_StageDimsBase, __module__=__name__,
-    __doc__="One stage in a space: a budget share (or steps) plus fixed or searched stage fields.",
-    **{name: (Dist | _Scalar | None, None) for name in TUNABLE_FIELDS},
-)
+if TYPE_CHECKING:  # the fields below, as far as a type checker needs them
+    StageDims = _StageDimsBase
+else:
+    StageDims = create_model(  # type: ignore[call-overload]
+        "StageDims", __base__=_StageDimsBase, __module__=__name__,
+        __doc__="One stage in a space: a budget share (or steps) plus fixed or searched stage fields.",
+        **{name: (Dist | _Scalar | None, None) for name in TUNABLE_FIELDS},
+    )
 
 
 def _values(value: Any) -> list[Any]:
@@ -212,7 +215,7 @@ def _values(value: Any) -> list[Any]:
 @functools.cache
 def _field_adapter(name: str) -> TypeAdapter[Any]:
     info = StageSpec.model_fields[name]
-    return TypeAdapter(Annotated[info.annotation, info])
+    return TypeAdapter(Annotated[info.annotation, info])  # type: ignore[arg-type]
 
 
 def _types(name: str) -> set[type]:
@@ -318,7 +321,7 @@ class SearchSpace(Strict):
     base_model: str = "builtin:tiny"
     tasks: TasksRef = TasksRef()
     budget: BudgetSpec
-    stages: dict[str, StageDims]  # type: ignore[valid-type]
+    stages: dict[str, StageDims]
     objectives: tuple[ObjectiveSpec, ...] = DEFAULT_OBJECTIVES
     sampler: SamplerSpec = SamplerSpec()
     trials: int = Field(default=8, ge=1)
