@@ -209,3 +209,12 @@ def test_train_writes_nothing_on_bad_input(tmp_path, problem):
         main(["train", str(path), "-o", str(out)])
     assert exit_.value.code == 2
     assert not out.is_dir()
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b'{"entries": [{"kind": "sft"}]}'])
+def test_damaged_cost_table_is_named(tmp_path, content):
+    table = tmp_path / "cost.json"
+    table.write_bytes(content)
+    with pytest.raises(UserError) as err:
+        check_space(space_file(tmp_path, cost_table=str(table)))
+    assert str(table) in str(err.value)

@@ -14,7 +14,6 @@ True
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -123,8 +122,14 @@ class CostModel:
 
     @classmethod
     def load(cls, path: str | Path, shape: ModelShape) -> CostModel:
-        """Read a table written by ``stagebudget calibrate``."""
-        data = json.loads(Path(path).read_text())
+        """Read a table written by ``stagebudget calibrate``; a damaged one is a UserError naming
+        the file and how to remake it."""
+        data = read_json(path)
+        keys = ("kind", "rank", "batch", "seconds_per_step")
+        if not isinstance(data, dict) or not isinstance(data.get("entries"), list) or not all(
+                isinstance(e, dict) and all(k in e for k in keys) for e in data["entries"]):
+            raise UserError(f"{path}: not a cost table (a JSON object whose `entries` each have "
+                            f"{', '.join(keys)}); run `stagebudget calibrate` to remake it")
         return cls(
             shape=shape,
             device=data.get("device", "cpu"),
