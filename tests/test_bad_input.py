@@ -186,7 +186,8 @@ def test_intact_local_model_passes_the_file_checks(tmp_path):
 
 
 # --- train writes nothing on bad input ---------------------------------------------------------
-@pytest.mark.parametrize("problem", ["missing model", "missing tasks", "bad row", "out is a file"])
+@pytest.mark.parametrize("problem", ["missing model", "missing tasks", "bad row", "out is a file",
+                                     "unknown device"])
 def test_train_writes_nothing_on_bad_input(tmp_path, problem):
     from stagebudget.cli import main
 
@@ -205,8 +206,9 @@ def test_train_writes_nothing_on_bad_input(tmp_path, problem):
     if problem == "out is a file":
         out.write_text("")
         schedule["base_model"] = str(tmp_path / "nowhere")
+    device = ["--device", "tpu"] if problem == "unknown device" else []
     with pytest.raises(SystemExit) as exit_:
-        main(["train", str(path), "-o", str(out)])
+        main(["train", str(path), "-o", str(out), *device])
     assert exit_.value.code == 2
     assert not out.is_dir()
 

@@ -149,9 +149,12 @@ def train(
 ) -> None:
     """Train one schedule end to end and measure ID/OOD at every evaluation point."""
     from stagebudget.schedule import Schedule
-    from stagebudget.space import check_inputs
+    from stagebudget.space import DEVICE, check_inputs
     from stagebudget.trainview import train_with_progress
 
+    if not DEVICE.fullmatch(device):
+        raise UserError(f"--device {device!r} is not a device; allowed: auto, cpu, cuda, "
+                        "cuda:N, mps")
     sched = Schedule.load(schedule)
     if out.exists() and not out.is_dir():
         raise UserError(f"-o {out} is a file; give a directory for the trained model and its "
