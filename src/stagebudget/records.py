@@ -36,6 +36,8 @@ RECORD_FILE = "record.json"
 # Reported (with the error text) by a trial that failed deterministically: recorded FAIL, not
 # retried (see trainable.trial_trainable and tune_adapter.StudySearch).
 DETERMINISTIC_FAILURE = "deterministic_failure"
+# The Optuna user attribute that holds why stagebudget failed a trial (the record's `error`).
+ERROR_ATTR = "error"
 
 
 @dataclass

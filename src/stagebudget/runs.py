@@ -26,6 +26,7 @@ from stagebudget.pareto import FrontInfo, TrialPoint, compute_front, curve_serie
 from stagebudget.records import (
     COMPLETE,
     DEVICE_HOURS,
+    ERROR_ATTR,
     FAILED,
     ID_ACCURACY,
     OOD_ACCURACY,
@@ -116,8 +117,8 @@ class TrialView:
     def error(self) -> str | None:
         """The record's error, else the study's (``error``, as stagebudget sets it; else
         Optuna's ``fail_reason``)."""
-        return self._record_or_attr("error", "error") or self._record_or_attr("error",
-                                                                              "fail_reason")
+        return self._record_or_attr("error", ERROR_ATTR) or self._record_or_attr("error",
+                                                                                 "fail_reason")
 
     @property
     def label(self) -> str:

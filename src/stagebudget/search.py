@@ -27,7 +27,7 @@ from typing import Any
 from stagebudget import __version__
 from stagebudget.errors import UserError
 from stagebudget.fileio import DISK_FULL, atomic_write_yaml
-from stagebudget.records import COMPLETE, DEVICE_HOURS, FAILED, RUNNING, RunDir
+from stagebudget.records import COMPLETE, DEVICE_HOURS, ERROR_ATTR, FAILED, RUNNING, RunDir
 from stagebudget.runs import study_storage_url
 from stagebudget.space import SearchSpace, check_run_name, make_sampler
 
@@ -436,7 +436,7 @@ def mark_interrupted(study: Any, run: RunDir, objectives: list[str]) -> int:
             values = [float(rec.objectives[o]) for o in objectives]
             storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, values)
             continue
-        storage.set_trial_user_attr(t._trial_id, "error", "interrupted")  # before: FAIL is final
+        storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, "interrupted")  # before: FAIL is final
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     for record in records.values():
         if record.status == RUNNING:

@@ -27,7 +27,14 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from stagebudget.errors import UserError
-from stagebudget.records import DETERMINISTIC_FAILURE, DEVICE_HOURS, FAILED, RunDir, TrialRecord
+from stagebudget.records import (
+    DETERMINISTIC_FAILURE,
+    DEVICE_HOURS,
+    ERROR_ATTR,
+    FAILED,
+    RunDir,
+    TrialRecord,
+)
 from stagebudget.space import SearchSpace, make_sampler
 
 log = logging.getLogger(__name__)
@@ -96,7 +103,7 @@ class StudySearch(OptunaSearch):
         if result and result.get(DETERMINISTIC_FAILURE):  # failed; a retry cannot help
             ot_trial = self._ot_trials.get(trial_id)
             if ot_trial is not None:
-                ot_trial.set_user_attr("error", str(result[DETERMINISTIC_FAILURE]))
+                ot_trial.set_user_attr(ERROR_ATTR, str(result[DETERMINISTIC_FAILURE]))
             super().on_trial_complete(trial_id, result=None, error=True)
             return
         super().on_trial_complete(trial_id, result=result, error=error)
