@@ -11,12 +11,15 @@ import errno
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from stagebudget.errors import UserError
+
+if TYPE_CHECKING:
+    from stagebudget.schedule import TasksRef
 
 app = typer.Typer(
     name="stagebudget",
@@ -66,12 +69,12 @@ def validate(
     from stagebudget.space import SearchSpace
 
     s = SearchSpace.load(space)
-    s.check_inputs()
+    warnings = s.check_inputs()
     cost = s.cost_model()
     cheap, dear = s.check_feasible(cost)
     console.print(f"[bold]{space}[/bold]: search space {s.name!r} is valid")
-    console.print(f"  base model: {s.base_model}   tasks: {s.tasks.source} "
-                  f"{list(s.tasks.names) or '(default set)'}")
+    console.print(f"  base model: {s.base_model}", highlight=False)
+    console.print(f"  tasks: {_describe_tasks(s.tasks)}", highlight=False, soft_wrap=True)
     console.print(f"  per-trial budget: {s.budget.per_trial_hours:g} device-hours "
                   f"({s.per_trial_budget.seconds:.0f} s); search budget: "
                   f"{s.budget.search_hours if s.budget.search_hours else 'none'}")
@@ -86,6 +89,19 @@ def validate(
     for label, sched in (("cheapest", cheap), ("most expensive", dear)):
         console.print(f"  {label} schedule: {sched.describe()}  "
                       f"{cost.schedule_seconds(sched):.1f} device-seconds planned")
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
+
+
+def _describe_tasks(tasks: TasksRef) -> str:
+    """One line: the task source (built-in names or the file path), sizes and scoring."""
+    if tasks.source == "builtin":
+        where = f"built-in {', '.join(tasks.names) if tasks.names else '(default set)'}"
+    else:
+        where = f"file {tasks.source}"
+    sizes = f"train {tasks.n_train}, id_test {tasks.n_id_test}, ood_test {tasks.n_ood_test}"
+    scoring = f"scorer {tasks.scorer or 'exact'}, answer {tasks.answer or 'full'}"
+    return f"{where} ({sizes}); {scoring}"
 
 
 @app.command()

@@ -108,7 +108,8 @@ def _load_space(path: Path, trials: int | None, concurrency: int | None,
                 budget_hours: float | None, address: str | None) -> SearchSpace:
     """Load and validate the space with CLI overrides; check local resources."""
     space = SearchSpace.load(path, trials=trials, concurrency=concurrency)
-    space.check_inputs()
+    for warning in space.check_inputs():
+        print(f"warning: {warning}", flush=True)
     if address is None:
         check_local_resources(space)
     if budget_hours is not None:

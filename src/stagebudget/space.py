@@ -21,7 +21,14 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from stagebudget.cost import Budget, CostModel, ModelShape, default_cost_model, plan_schedule
 from stagebudget.errors import BudgetError, ConfigError, from_pydantic
 from stagebudget.fileio import read_yaml
-from stagebudget.schedule import STAGE_KINDS, Schedule, StageSpec, Strict, TasksRef
+from stagebudget.schedule import (
+    BUILTIN_SIZES,
+    STAGE_KINDS,
+    Schedule,
+    StageSpec,
+    Strict,
+    TasksRef,
+)
 
 OBJECTIVES: dict[str, str] = {
     "id_accuracy": "maximize",
@@ -124,7 +131,7 @@ class StageDims(Strict):
     learning_rate: Dist | float = 5e-4
     batch_size: Dist | int = 32
     eval_interval: Dist | int = 25
-    max_length: Dist | int = 64
+    max_length: Dist | int | None = None
     num_generations: Dist | int | None = None
     max_completion_length: Dist | int | None = None
     beta: Dist | float | None = None
@@ -273,33 +280,68 @@ class SearchSpace(Strict):
             raise from_pydantic(exc, path) from None
         space = space._with_resolved_paths(Path(path).resolve().parent, path)
         space._source = str(path)
+        space = space._with_task_sizes()
         if space.sampler.name == "grid":
             space.grid_space()
         space.check_feasible()
         return space
 
-    def check_inputs(self) -> None:
-        """Check the task file and a local model directory before any compute is spent.
+    def check_inputs(self) -> list[str]:
+        """Check the task file and the base model together before any compute is spent.
 
-        Task rows, splits and the scorer are validated by loading the suite (seconds); a local
-        model directory must hold a config, safetensors weights and a tokenizer. Built-in base
-        models are built later, once, by the search driver.
+        Task rows, splits, the scorer and the answer extraction are validated by loading the
+        suite (the scorer is imported and called once); a local model directory must hold a
+        config, safetensors weights and a tokenizer whose chat template and tokenisation fit
+        the prompts (:func:`stagebudget.chat.check_model_tasks`). Built-in base models are
+        built later, once, by the search driver. Returns warnings to show the user.
         """
         from stagebudget.tasks import load_suite
 
-        t = self.tasks
         try:
-            load_suite(t.source, t.names, n_train=t.n_train, n_id_test=t.n_id_test,
-                       n_ood_test=t.n_ood_test, seed=t.seed, scorer=t.scorer)
+            suite = load_suite(**self.tasks.suite_args())
         except ValueError as exc:
             raise ConfigError(str(exc), source=self._source, field="tasks") from None
-        if not self.base_model.startswith("builtin:"):
-            from stagebudget.basemodel import resolve_base_model
+        warnings = list(suite.warnings)
+        if self.base_model.startswith("builtin:"):
+            if suite.conversational:
+                raise ConfigError(
+                    f"the task file {self.tasks.source} gives prompts as chat messages, but the "
+                    f"built-in model {self.base_model} has no chat template; write the prompts "
+                    "as plain text or use a local model directory whose tokenizer has one",
+                    source=self._source, field="tasks")
+            return warnings
+        return warnings + self._check_model(suite)
 
-            try:
-                resolve_base_model(self.base_model, allow_build=False)
-            except ValueError as exc:
-                raise ConfigError(str(exc), source=self._source, field="base_model") from None
+    def _check_model(self, suite: Any) -> list[str]:
+        from stagebudget.basemodel import resolve_base_model
+        from stagebudget.chat import check_model_tasks
+
+        try:
+            path = resolve_base_model(self.base_model, allow_build=False)
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(path), trust_remote_code=self.trust_remote_code)
+            return check_model_tasks(tokenizer, suite, self.base_model)
+        except ValueError as exc:
+            raise ConfigError(str(exc), source=self._source, field="base_model") from None
+
+    def _with_task_sizes(self) -> SearchSpace:
+        """A task file's split sizes filled in from the rows it holds (records show them).
+
+        Planned schedules carry them; loading the file again checks they still hold.
+        """
+        from stagebudget.tasks import TaskFileError, task_file_sizes
+
+        t = self.tasks
+        if t.source == "builtin" or all(getattr(t, k) is not None for k in BUILTIN_SIZES):
+            return self
+        try:
+            held = task_file_sizes(Path(t.source))
+        except TaskFileError:
+            return self  # check_inputs reports the file's problem, naming the line
+        fill = {k: v for k, v in held.items() if getattr(t, k) is None}
+        return self.model_copy(update={"tasks": t.model_copy(update=fill)})
 
     def _with_resolved_paths(self, folder: Path, source: str | Path) -> SearchSpace:
         """Make relative paths absolute against the space file's folder, which they may not leave."""
