@@ -29,6 +29,7 @@ from stagebudget.schedule import (
     Strict,
     TasksRef,
 )
+from stagebudget.tasks.scoring import is_scorer_file
 
 OBJECTIVES: dict[str, str] = {
     "id_accuracy": "maximize",
@@ -363,6 +364,11 @@ class SearchSpace(Strict):
         is_local = self.base_model.startswith((".", "/", "~")) or (folder / self.base_model).exists()
         if not self.base_model.startswith("builtin:") and is_local:
             update["base_model"] = inside(self.base_model, "base_model")
+        if is_scorer_file(self.tasks.scorer):
+            file, _, function = str(self.tasks.scorer).rpartition(":")
+            tasks = update.get("tasks", self.tasks)
+            update["tasks"] = tasks.model_copy(
+                update={"scorer": f"{inside(file, 'tasks.scorer')}:{function}"})
         if self.cost_table:
             update["cost_table"] = inside(self.cost_table, "cost_table")
         return self.model_copy(update=update) if update else self

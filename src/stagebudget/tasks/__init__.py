@@ -115,6 +115,7 @@ class TaskSuite:
     max_new_tokens: int | None = None
     warnings: list[str] = field(default_factory=list)
     path: Path | None = None
+    base_dir: Path | None = None  # where relative scorer files are found
     _alphabets: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
     _scorers: dict[str, Scorer] = field(default_factory=dict, repr=False)
 
@@ -136,7 +137,7 @@ class TaskSuite:
     def scorer(self, task: str) -> Scorer:
         """The scoring function of ``task`` (resolved once)."""
         if task not in self._scorers:
-            self._scorers[task] = resolve_scorer(self.tasks[task].scorer)
+            self._scorers[task] = resolve_scorer(self.tasks[task].scorer, self.base_dir)
         return self._scorers[task]
 
     def split(self, name: str) -> list[Example]:
@@ -417,6 +418,7 @@ def load_suite(source: str = "builtin", names: Sequence[str] = (), n_train: int 
         suite = _user_suite(resolve_task_path(source, base_dir), scorer or "exact")
         _check_file_sizes(suite, {"n_train": n_train, "n_id_test": n_id_test,
                                   "n_ood_test": n_ood_test})
+    suite.base_dir = Path(base_dir) if base_dir is not None else None
     _configure_scoring(suite, source, answer, format_reward)
     suite.max_new_tokens = max_new_tokens
     return suite

@@ -1,7 +1,9 @@
 """Scorers ``(prediction, answer) -> float in [0, 1]`` and answer extraction.
 
 A task's ``scorer`` is a built-in name (:data:`SCORERS`) or an import path
-``package.module:function`` to a user function with the same signature::
+``package.module:function`` (importable: installed or on ``PYTHONPATH``) or a file path
+``path/to/file.py:function`` (relative to the space or schedule file) to a user function with
+the same signature::
 
     def my_scorer(prediction: str, answer: str) -> float:  # 0.0 (wrong) .. 1.0 (right)
         ...
@@ -18,10 +20,15 @@ same function scores evaluation and is the RL reward (plus an optional format te
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import math
 import re
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 NONE_MARK = "-"  # how an empty set is written in set-valued answers
 
@@ -94,8 +101,9 @@ class ScorerError(ValueError):
     """A scorer or an answer setting cannot be used; the message names it and the fix."""
 
 
-def resolve_scorer(ref: str) -> Scorer:
-    """The scorer named ``ref``: a key of :data:`SCORERS` or ``package.module:function``.
+def resolve_scorer(ref: str, base_dir: Path | None = None) -> Scorer:
+    """The scorer named ``ref``: a key of :data:`SCORERS`, ``package.module:function`` or
+    ``file.py:function`` (a relative file path is taken from ``base_dir``).
 
     >>> resolve_scorer("exact") is exact
     True
@@ -104,21 +112,44 @@ def resolve_scorer(ref: str) -> Scorer:
     """
     if ref in SCORERS:
         return SCORERS[ref]
-    module_name, sep, attr = ref.partition(":")
+    module_name, sep, attr = ref.rpartition(":")
     if not sep or not module_name or not attr:
-        raise ScorerError(f"unknown scorer {ref!r}; allowed: {', '.join(SCORERS)}, or an import "
-                          "path 'package.module:function' to a function (prediction, answer) "
-                          "-> float in [0, 1]")
+        raise ScorerError(f"unknown scorer {ref!r}; allowed: {', '.join(SCORERS)}, an import "
+                          "path 'package.module:function' or a file 'file.py:function', naming "
+                          "a function (prediction, answer) -> float in [0, 1]")
     try:
-        module = importlib.import_module(module_name)
+        module = (_load_file(module_name, base_dir) if module_name.endswith(".py")
+                  else importlib.import_module(module_name))
     except Exception as exc:  # the user's module: any import failure is a user error
-        raise ScorerError(f"scorer {ref!r}: cannot import module {module_name!r} "
-                          f"({type(exc).__name__}: {exc}); the module must be importable from "
-                          "the directory you run stagebudget in or from PYTHONPATH") from None
+        raise ScorerError(f"scorer {ref!r}: cannot import {module_name!r} "
+                          f"({type(exc).__name__}: {exc}); a module must be importable "
+                          "(installed or on PYTHONPATH), a .py file must exist (relative paths "
+                          "start at the space or schedule file's folder)") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ScorerError(f"scorer {ref!r}: module {module_name!r} has no function {attr!r}")
+        raise ScorerError(f"scorer {ref!r}: {module_name!r} has no function {attr!r}")
     return fn  # type: ignore[no-any-return]
+
+
+def _load_file(name: str, base_dir: Path | None) -> Any:
+    path = Path(name).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    if not path.is_file():
+        raise FileNotFoundError(f"no file {path}")
+    key = "stagebudget_scorer_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    sys.modules[key] = module
+    return module
+
+
+def is_scorer_file(ref: str | None) -> bool:
+    """True for the ``file.py:function`` form (whose path is resolved like other paths)."""
+    return ref is not None and ref.rpartition(":")[0].endswith(".py")
 
 
 def check_scorer(ref: str, fn: Scorer, prediction: str, answer: str) -> None:
