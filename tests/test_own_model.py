@@ -252,3 +252,17 @@ def _assert_tokens_seen(recorder: _Recorder) -> None:
             ended += new[first] == im_end
             assert all(t == pad for t in new[first + 1:]), tok.convert_ids_to_tokens(new)
     assert ended > 0, "the model never wrote the template's end token <|im_end|>"
+
+
+def test_calibrating_a_relative_model_path_on_own_tasks_is_found_by_the_space(
+        own, tmp_path, monkeypatch, one_thread):
+    from stagebudget.calibrate import calibrate
+    from stagebudget.space import SearchSpace
+
+    monkeypatch.setenv("STAGEBUDGET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(own)
+    cost = calibrate("model", device="cpu", kinds=("sft",), ranks=(0,), steps=1,
+                     tasks="tasks.jsonl")
+    assert cost.table[0]["seconds_per_step"] > 0
+    monkeypatch.chdir(tmp_path)  # validate and search read the space from anywhere
+    assert SearchSpace.load(own / "space.yaml").cost_model("cpu").source == cost.source

@@ -175,11 +175,14 @@ def calibrate(
     base_model: Annotated[str, typer.Option(help="builtin:tiny or a local model directory")] = "builtin:tiny",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Table file (default: cache)")] = None,
+    tasks: Annotated[Path | None, typer.Option(
+        help="A JSONL task file: time steps on its prompts (default: the built-in suite)")] = None,
 ) -> None:
     """Time a few real steps of each stage kind and save the cost table the planner uses."""
     from stagebudget.calibrate import calibrate as do_calibrate
 
-    cost = do_calibrate(base_model=base_model, device=device, out=out)
+    cost = do_calibrate(base_model=base_model, device=device, out=out,
+                        tasks=str(tasks) if tasks is not None else None)
     for e in cost.table:
         console.print(f"  {e['kind']:>4} rank {e['rank']:>3}: {e['seconds_per_step']:.3f} s/step")
     console.print(f"saved: {cost.source}")
