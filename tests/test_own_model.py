@@ -195,6 +195,7 @@ def test_real_user_validate_search_export_train(own, tmp_path, monkeypatch, caps
     data["stages"]["sft"].update(share=None, steps={"type": "categorical", "choices": [30, 40]},
                                  eval_interval=20)
     data["stages"]["rl"].update(share=None, steps=2, eval_interval=20)
+    del data["stages"]["sft"]["max_length"]  # the default: the longest tokenised example
     data["stages"] = {k: {f: v for f, v in d.items() if v is not None}
                       for k, d in data["stages"].items()}
     space = own / "e2e.yaml"

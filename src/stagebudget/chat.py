@@ -136,16 +136,17 @@ def check_model_tasks(tokenizer: Any, suite: Any, model_ref: str = "the model") 
 
 
 def longest_answer_tokens(tokenizer: Any, suite: Any) -> int:
-    """Tokens of the longest test answer (with the chat template's end for chat prompts)."""
+    """Tokens of the longest test target (its ``completion`` if given, else the answer), plus
+    the chat template's end token for chat prompts."""
     longest = 0
     for example in [*suite.id_test, *suite.ood_test][:MAX_CHECKED]:
-        longest = max(longest, len(tokenizer(text=example.answer, add_special_tokens=False)
+        longest = max(longest, len(tokenizer(text=example.target, add_special_tokens=False)
                                    ["input_ids"]))
     return longest + (1 if suite.conversational else 0)
 
 
 def default_max_new_tokens(tokenizer: Any, suite: Any) -> int:
-    """Evaluation's generation cap when the task sets none: longest answer + EVAL_SLACK."""
+    """Evaluation's generation cap when the task sets none: longest target + EVAL_SLACK."""
     return longest_answer_tokens(tokenizer, suite) + EVAL_SLACK
 
 

@@ -16,7 +16,7 @@ EVAL_BATCH = 256
 
 
 def max_new_tokens_for(suite: Any, tokenizer: Any) -> int:
-    """The task's ``max_new_tokens`` if set, else the longest tokenised test answer plus 2."""
+    """The task's ``max_new_tokens`` if set, else the longest tokenised test target plus 2."""
     from stagebudget.chat import default_max_new_tokens
 
     if suite.max_new_tokens is not None:

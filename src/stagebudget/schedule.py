@@ -107,7 +107,7 @@ class TasksRef(Strict):
     :mod:`stagebudget.tasks.scoring`); ``answer`` says which part of a completion is the answer
     (``full``, ``answer_tag``, ``last_line`` or ``regex:PATTERN``); ``format_reward`` is the RL
     reward's format term (default 0.1); ``max_new_tokens`` caps evaluation generation (default:
-    the longest tokenised test answer plus 2).
+    the longest tokenised test completion, or answer, plus 2).
     """
 
     source: str = "builtin"
