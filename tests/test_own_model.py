@@ -267,3 +267,22 @@ def test_calibrating_a_relative_model_path_on_own_tasks_is_found_by_the_space(
     assert cost.table[0]["seconds_per_step"] > 0
     monkeypatch.chdir(tmp_path)  # validate and search read the space from anywhere
     assert SearchSpace.load(own / "space.yaml").cost_model("cpu").source == cost.source
+
+
+@pytest.mark.slow
+def test_hundreds_of_tokens_plan_and_run(own, tmp_path, one_thread):
+    from stagebudget.cost import Budget, default_cost_model, plan_schedule
+    from stagebudget.pipeline import run_schedule
+    from stagebudget.schedule import TasksRef
+
+    tasks = TasksRef(source=str(own / "tasks.jsonl"), scorer=f"{own / SCORER}",
+                     answer="answer_tag", max_new_tokens=300)
+    rl = {"lora_rank": 4, "batch_size": 2, "num_generations": 2, "max_completion_length": 300}
+    cost = default_cost_model(str(own / "model"))
+    schedule = plan_schedule({"sft": 1, "rl": 1}, {"sft": {"max_length": 512}, "rl": rl},
+                             Budget(hours=1.0), cost, mode="steps",
+                             base_model=str(own / "model"), tasks=tasks)
+    short = schedule.stages[1].model_copy(update={"max_completion_length": 12})
+    assert cost.step_seconds(schedule.stages[1]) > 10 * cost.step_seconds(short)
+    result = run_schedule(schedule, tmp_path / "out", device="cpu")
+    assert [s["steps_done"] for s in result.metrics["stages"]] == [1, 1]

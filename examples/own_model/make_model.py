@@ -65,7 +65,7 @@ def build_model(out: Path, task_file: Path, seed: int = 0) -> Path:
     stops = [ids["</s>"], ids["<|im_end|>"]]
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
         tie_word_embeddings=True, bos_token_id=ids["<s>"], eos_token_id=stops,
         pad_token_id=ids["<pad>"])
     model = LlamaForCausalLM(config)
