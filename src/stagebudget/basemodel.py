@@ -262,15 +262,23 @@ def _base_accuracy(model: Any, tokenizer: Any, size: str) -> dict[str, Any]:
 def load_model_and_tokenizer(path: Path, device: str = "cpu",
                              trust_remote_code: bool = False) -> tuple[Any, Any]:
     """Load a causal LM (safetensors only) and its tokenizer from a local directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model: Any = AutoModelForCausalLM.from_pretrained(
         str(path), use_safetensors=True, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return model.to(device), tokenizer
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a local model directory, left-padding, with a pad token."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model.to(device), tokenizer
+    return tokenizer
 
 
 def greedy_generate(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int,
@@ -377,5 +385,5 @@ def describe(path: Path) -> dict[str, Any]:
 
 __all__ = ["ModelRefError", "build_base", "build_tokenizer", "cache_problem",
            "default_cache_dir", "describe", "greedy_generate", "load_model_and_tokenizer",
-           "resolve_base_model"]
+           "load_tokenizer", "resolve_base_model"]
 

@@ -314,15 +314,12 @@ class SearchSpace(Strict):
         return warnings + self._check_model(suite)
 
     def _check_model(self, suite: Any) -> list[str]:
-        from stagebudget.basemodel import resolve_base_model
+        from stagebudget.basemodel import load_tokenizer, resolve_base_model
         from stagebudget.chat import check_model_tasks
 
         try:
             path = resolve_base_model(self.base_model, allow_build=False)
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(
-                str(path), trust_remote_code=self.trust_remote_code)
+            tokenizer = load_tokenizer(path, trust_remote_code=self.trust_remote_code)
             return check_model_tasks(tokenizer, suite, self.base_model)
         except ValueError as exc:
             raise ConfigError(str(exc), source=self._source, field="base_model") from None
