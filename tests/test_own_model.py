@@ -95,7 +95,8 @@ def test_a_prompt_that_merges_with_its_answer_is_reported_once_naming_an_example
             {"prompt": "Reverse complement of C", "answer": "G", "split": "ood_test"}]
     (own / "merge.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     warnings = check_model_tasks(tok, load_suite(str(own / "merge.jsonl")))
-    assert len(warnings) == 1 and "1 of 1 training prompts" in warnings[0]
+    assert len(warnings) == 1 and "1 of 1 training prompts are not a prefix" in warnings[0]
+    assert "merges with the answer" in warnings[0]
     assert repr(merged.prompt) in warnings[0]
 
 

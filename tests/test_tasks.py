@@ -308,3 +308,17 @@ def test_a_scorer_that_raises_fails_at_load_not_mid_training(tmp_path):
     with pytest.raises(TaskFileError, match="raised KeyError: 'oops'"):
         load_suite(str(_write_rows(tmp_path / "t.jsonl", CHAT_ROWS)), scorer="s.py:f",
                    base_dir=tmp_path)
+
+
+def test_the_grpo_reward_scores_chat_completions_with_the_task_scorer(tmp_path):
+    from stagebudget.stages.rl import suite_reward
+
+    suite = load_suite(str(_write_rows(tmp_path / "t.jsonl", CHAT_ROWS)),
+                       scorer="per_position", answer="answer_tag")
+    reward = suite_reward(suite)
+    ex = suite.id_test[0]  # answer TAA
+    got = reward(prompts=[ex.prompt] * 3, answer=[ex.answer] * 3, task=[ex.task] * 3,
+                 completions=[[{"role": "assistant", "content": "<answer>TAA</answer>"}],
+                              [{"role": "assistant", "content": "<answer>TAC</answer>"}],
+                              [{"role": "assistant", "content": "TAA"}]])
+    assert got == pytest.approx([1.1, 2 / 3 + 0.1, 0.0])

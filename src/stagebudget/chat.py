@@ -102,9 +102,10 @@ def check_model_tasks(tokenizer: Any, suite: Any, model_ref: str = "the model") 
     """Check that ``suite``'s prompts tokenise cleanly with ``tokenizer``; return warnings.
 
     Raises :class:`ModelTaskError` for chat prompts without a chat template and for a prompt
-    that starts with BOS twice. Warns (once, naming an example) when a prompt's last token
-    merges with the completion's first, so the model would train on a context it never sees
-    at evaluation.
+    that starts with BOS twice. Warns (once, naming an example) when a tokenised prompt is not
+    a prefix of the tokenised prompt + completion (BPE merges across the boundary, or a chat
+    template that renders the prompt differently), so the model would train on a context it
+    never sees at evaluation.
     """
     examples = [*suite.train, *suite.id_test, *suite.ood_test]
     if suite.conversational and not getattr(tokenizer, "chat_template", None):
@@ -129,10 +130,15 @@ def check_model_tasks(tokenizer: Any, suite: Any, model_ref: str = "the model") 
     if not merged:
         return []
     n_train = min(len(suite.train), MAX_CHECKED)
-    return [f"{len(merged)} of {n_train} training prompts lose their last token to the answer "
-            f"when tokenised together (e.g. {_describe(merged[0])}); the model would train on "
-            "a prompt it never sees at evaluation. End each prompt on a token boundary, e.g. "
-            "with a separator such as '=' or a newline."]
+    why, fix = (("the chat template renders the prompt differently when the answer follows",
+                 "use a chat template that renders the prompt the same way in both cases")
+                if suite.conversational else
+                ("the prompt's last token merges with the answer's first",
+                 "end each prompt on a token boundary, e.g. with a separator such as '=' or a "
+                 "newline"))
+    return [f"{len(merged)} of {n_train} training prompts are not a prefix of prompt + answer "
+            f"once tokenised ({why}; e.g. {_describe(merged[0])}): the model would train on "
+            f"a prompt it never sees at evaluation. Fix: {fix}."]
 
 
 def longest_answer_tokens(tokenizer: Any, suite: Any) -> int:
