@@ -203,9 +203,9 @@ def _check_names(names: Sequence[str]) -> list[str]:
     return chosen
 
 
-def _sequence_of(prompt: str) -> str:
-    """The sequence inside a built-in prompt ``rule:SEQ=``."""
-    return prompt.split(":", 1)[1].rstrip("=")
+def _sequence_of(prompt: Prompt) -> str:
+    """The sequence inside a built-in prompt ``rule:SEQ=`` (built-in prompts are text)."""
+    return str(prompt).split(":", 1)[1].rstrip("=")
 
 
 def _generate(task: BuiltinTask, split: str, n: int, seed: int, exclude: set[str]) -> list[Example]:
