@@ -266,6 +266,12 @@ def test_calibrating_a_relative_model_path_on_own_tasks_is_found_by_the_space(
     cost = calibrate("model", device="cpu", kinds=("sft",), ranks=(0,), steps=1,
                      tasks="tasks.jsonl")
     assert cost.table[0]["seconds_per_step"] > 0
+    assert cost.seq_len == 64  # the longest tokenised example of the task file
+    from stagebudget.schedule import StageSpec
+
+    measured = StageSpec(kind="sft", steps=1, lora_rank=0, batch_size=cost.table[0]["batch"])
+    assert cost.step_seconds(measured.model_copy(update={"max_length": 64})) == \
+        pytest.approx(cost.table[0]["seconds_per_step"])  # not scaled twice
     monkeypatch.chdir(tmp_path)  # validate and search read the space from anywhere
     assert SearchSpace.load(own / "space.yaml").cost_model("cpu").source == cost.source
 

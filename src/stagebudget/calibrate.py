@@ -120,10 +120,21 @@ def calibrate(
             say(f"{kind} r{rank}: {seconds:.3f} s/step")
     target = Path(out) if out is not None else default_table_path(base_model, dev)
     cost = CostModel(shape=ModelShape.for_ref(base_model), device=dev, table=entries,
-                     source=str(target))
+                     source=str(target), seq_len=measured_seq_len(path, suite))
     cost.save(target, base_model=base_model, steps=steps, warmup=warmup,
               measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     return cost
+
+
+def measured_seq_len(model_path: Path, suite: Any) -> int:
+    """Tokens per sft sequence in the calibration (its longest example: nothing is cut).
+
+    The planner scales the table by a stage's ``max_length`` against this length.
+    """
+    from stagebudget.basemodel import load_tokenizer
+    from stagebudget.chat import longest_sft_example
+
+    return longest_sft_example(load_tokenizer(model_path), suite)
 
 
 def _check_args(kinds: Sequence[str], ranks: Sequence[int], steps: int, warmup: int) -> None:
