@@ -193,7 +193,7 @@ def test_real_user_validate_search_export_train(own, tmp_path, monkeypatch, caps
 
     data = yaml.safe_load((own / "space.yaml").read_text())
     data.update(name="own-e2e", budget={"per_trial_hours": 0.05})  # generous: load varies
-    data["stages"]["sft"].update(share=None, steps={"type": "categorical", "choices": [30, 40]},
+    data["stages"]["sft"].update(share=None, steps={"type": "categorical", "choices": [60, 80]},
                                  eval_interval=20)
     data["stages"]["rl"].update(share=None, steps=2, eval_interval=20)
     del data["stages"]["sft"]["max_length"]  # the default: the longest tokenised example
