@@ -83,3 +83,10 @@ def test_calibrated_table_is_used_and_round_trips(tmp_path, cost):
     # kinds absent from the table fall back to the analytic estimate
     rl = StageSpec(kind="rl", steps=1, lora_rank=4)
     assert loaded.step_seconds(rl) == pytest.approx(cost._analytic(rl))
+
+
+def test_a_longer_sft_max_length_plans_longer_steps() -> None:
+    cm = CostModel.analytic(ModelShape.builtin("tiny"))
+    short, long = (StageSpec(kind="sft", steps=1, max_length=n) for n in (32, 512))
+    assert cm.step_seconds(long) > 4 * cm.step_seconds(short)
+    assert cm.step_seconds(StageSpec(kind="sft", steps=1)) == cm.step_seconds(short)

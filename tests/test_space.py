@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -296,3 +297,37 @@ def test_probe_values_cover_grid_and_edges():
     assert Dist(type="float", low=0, high=1, step=0.25).probe_values() == [0, 0.25, 0.5, 0.75, 1]
     assert Dist(type="int", low=1, high=10**9).probe_values() == [1, 2, 10**9 - 1, 10**9]
     assert Dist(type="float", low=1e-4, high=1e-2, log=True).probe_values() == [1e-4, 1e-2]
+
+
+def test_task_file_sizes_and_scorer_file_are_resolved_at_load(tmp_path):
+    rows = [{"prompt": f"{i}=", "answer": "b", "split": s}
+            for i, s in enumerate(("train", "train", "id_test", "ood_test"))]
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "score.py").write_text("def f(prediction, answer):\n    return 1.0\n")
+    space = SearchSpace.load(write(tmp_path, {**BASE, "tasks": {
+        "source": "tasks.jsonl", "scorer": "score.py:f", "answer": "last_line"}}))
+    t = space.tasks
+    assert (t.n_train, t.n_id_test, t.n_ood_test) == (2, 1, 1)
+    assert t.scorer == f"{tmp_path / 'score.py'}:f"
+    assert space.check_inputs() == []
+    schedule = space.schedule_from_params(next(space.feasibility_params()), space.cost_model())
+    assert schedule.tasks.n_train == 2 and schedule.tasks.answer == "last_line"
+
+
+def test_chat_tasks_with_the_builtin_model_are_refused_before_compute(tmp_path):
+    chat = [{"role": "user", "content": "a"}]
+    rows = [{"prompt": chat, "answer": "b", "split": s} for s in ("train", "id_test", "ood_test")]
+    rows[1]["answer"] = "c"
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    space = SearchSpace.load(write(tmp_path, {**BASE, "tasks": {"source": "tasks.jsonl"}}))
+    with pytest.raises(ConfigError, match="no chat template"):
+        space.check_inputs()
+
+
+def test_relative_and_absolute_model_paths_share_one_cost_table(tmp_path, monkeypatch):
+    from stagebudget.costtable import default_table_path
+
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert default_table_path("m", "cpu") == default_table_path("./m", "cpu") == \
+        default_table_path(str(tmp_path / "m"), "cpu")

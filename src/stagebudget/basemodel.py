@@ -282,39 +282,57 @@ def _base_accuracy(model: Any, tokenizer: Any, size: str) -> dict[str, Any]:
 def load_model_and_tokenizer(path: Path, device: str = "cpu",
                              trust_remote_code: bool = False) -> tuple[Any, Any]:
     """Load a causal LM (safetensors only) and its tokenizer from a local directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model: Any = AutoModelForCausalLM.from_pretrained(
         str(path), use_safetensors=True, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return model.to(device), tokenizer
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a local model directory, left-padding, with a pad token."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model.to(device), tokenizer
+    return tokenizer
 
 
-def greedy_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+def greedy_generate(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int,
                     batch_size: int = 256) -> list[str]:
-    """Greedy completions of ``prompts`` (left-padded batches), cut at EOS, specials removed."""
+    """Greedy completions of ``prompts`` (text or chat messages), cut at the first stop token.
+
+    Prompts are tokenised as the trainers tokenise them (:func:`stagebudget.chat.prompt_ids`),
+    left-padded into batches; generation stops at every stop token the model declares
+    (:func:`stagebudget.chat.stop_token_ids`); special tokens are removed from the text.
+    """
     import torch
+
+    from stagebudget.chat import cut_at_stop, prompt_ids, stop_token_ids
 
     tokenizer.padding_side = "left"
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    stops = stop_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True)
-            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            rows = [prompt_ids(tokenizer, p) for p in prompts[i:i + batch_size]]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
+                                device=device)
             with torch.no_grad():
-                gen = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            for row in gen[:, enc["input_ids"].shape[1]:].tolist():
-                if tokenizer.eos_token_id in row:
-                    row = row[:row.index(tokenizer.eos_token_id)]
-                out.append(tokenizer.decode(row, skip_special_tokens=True))
+                gen = model.generate(input_ids=ids, attention_mask=mask,
+                                     max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=pad, eos_token_id=stops)
+            for row in gen[:, width:].tolist():
+                out.append(tokenizer.decode(cut_at_stop(row, stops), skip_special_tokens=True))
     finally:
         model.train(was_training)
     return out
@@ -387,5 +405,5 @@ def describe(path: Path) -> dict[str, Any]:
 
 __all__ = ["ModelRefError", "build_base", "build_tokenizer", "cache_problem",
            "default_cache_dir", "describe", "greedy_generate", "load_model_and_tokenizer",
-           "resolve_base_model"]
+           "load_tokenizer", "resolve_base_model"]
 

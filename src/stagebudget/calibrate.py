@@ -88,12 +88,14 @@ def calibrate(
     out: Path | None = None,
     cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    tasks: str | None = None,
 ) -> CostModel:
     """Time ``steps`` real steps (after ``warmup``) of each kind at each rank; save the table.
 
     Entries are ``{"kind", "rank", "batch", "num_generations", "max_completion_length",
     "seconds_per_step"}``. Saved to ``out`` or to ``costtable.default_table_path(base_model,
-    device)``; returns the calibrated :class:`CostModel`.
+    device)``; returns the calibrated :class:`CostModel`. ``tasks`` (a JSONL task file) times
+    the steps on your own prompts and answers instead of the built-in suite's.
     """
     from stagebudget.basemodel import resolve_base_model
     from stagebudget.stages.common import resolve_device
@@ -103,7 +105,8 @@ def calibrate(
     _check_args(kinds, ranks, steps, warmup)
     dev = resolve_device(device)
     path = resolve_base_model(base_model, cache_dir=cache_dir)
-    suite = load_suite(n_train=512, n_id_test=1, n_ood_test=1, seed=0)
+    suite = (load_suite(n_train=512, n_id_test=1, n_ood_test=1, seed=0) if tasks is None
+             else load_suite(str(Path(tasks).expanduser().resolve())))
     say = progress or (lambda _msg: None)
     entries = []
     for kind in kinds:
@@ -119,10 +122,21 @@ def calibrate(
             say(f"{kind} r{rank}: {seconds:.3f} s/step")
     target = Path(out) if out is not None else default_table_path(base_model, dev)
     cost = CostModel(shape=ModelShape.for_ref(base_model), device=dev, table=entries,
-                     source=str(target))
+                     source=str(target), seq_len=measured_seq_len(path, suite))
     cost.save(target, base_model=base_model, steps=steps, warmup=warmup,
               measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     return cost
+
+
+def measured_seq_len(model_path: Path, suite: Any) -> int:
+    """Tokens per sft sequence in the calibration (its longest example: nothing is cut).
+
+    The planner scales the table by a stage's ``max_length`` against this length.
+    """
+    from stagebudget.basemodel import load_tokenizer
+    from stagebudget.chat import longest_sft_example
+
+    return longest_sft_example(load_tokenizer(model_path), suite)
 
 
 def _check_args(kinds: Sequence[str], ranks: Sequence[int], steps: int, warmup: int) -> None:

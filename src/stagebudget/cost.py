@@ -157,7 +157,11 @@ class CostModel:
         """Relative amount of work per step, used to scale calibrated entries."""
         if get_kind(spec.kind).generates:
             return float(spec.batch_size * _generations(spec) * _completion(spec))
-        return float(spec.batch_size)
+        return float(spec.batch_size * self._seq_len(spec))
+
+    def _seq_len(self, spec: StageSpec) -> int:
+        """Training tokens per sequence of a non-generating stage: its ``max_length`` when set."""
+        return spec.max_length or self.seq_len
 
     def _from_table(self, spec: StageSpec, entries: list[dict[str, Any]]) -> float:
         def rank_distance(e: dict[str, Any]) -> float:
@@ -198,7 +202,7 @@ class CostModel:
             train = (train_factor * p + 6 * lora_params) * tokens
             fixed = dev["step_overhead"] * 2 + comp * dev["gen_token_overhead"]
             return fixed + (gen_flops + train) / dev["flops"]
-        tokens = spec.batch_size * self.seq_len
+        tokens = spec.batch_size * self._seq_len(spec)
         return dev["step_overhead"] + (train_factor * p + 6 * lora_params) * tokens / dev["flops"]
 
     def schedule_seconds(self, schedule: Schedule) -> float:

@@ -62,7 +62,9 @@ class StageSpec(Strict):
     """One post-training stage.
 
     ``lora_rank`` 0 means full fine-tuning. ``batch_size`` is examples per step for cpt/sft and
-    prompts per step for rl (each prompt gets ``num_generations`` completions).
+    prompts per step for rl (each prompt gets ``num_generations`` completions). ``max_length``
+    (tokens, cpt/sft) truncates training sequences; unset, sft takes the longest tokenised
+    training example, so nothing is cut. ``max_completion_length`` (rl) caps generated tokens.
     """
 
     kind: str = Field(description="a registered stage kind")
@@ -80,7 +82,7 @@ class StageSpec(Strict):
     learning_rate: float = Field(default=5e-4, gt=0, le=1.0, strict=True)
     batch_size: int = Field(default=32, ge=1, strict=True)
     eval_interval: int = Field(default=25, ge=1, strict=True)
-    max_length: int = Field(default=64, ge=8, strict=True)
+    max_length: int | None = Field(default=None, ge=8, strict=True)
     num_generations: int | None = Field(default=None, ge=2, strict=True)
     max_completion_length: int | None = Field(default=None, ge=1, strict=True)
     beta: float | None = Field(default=None, ge=0, strict=True)
@@ -122,21 +124,51 @@ class StageSpec(Strict):
         return LORA_TARGETS if v in (None, LORA_TARGETS) else [p.strip() for p in v.split(",")]
 
 
-class TasksRef(Strict):
-    """Which tasks a schedule trains and is measured on.
+BUILTIN_SIZES = {"n_train": 4000, "n_id_test": 200, "n_ood_test": 200}
 
-    ``source`` is ``builtin`` or a path to a JSONL file of user tasks (then ``scorer`` names how
-    answers are scored). ``seed`` is the data seed: it is fixed across trials so every trial is
-    measured on the same held-out sets.
+
+class TasksRef(Strict):
+    """Which tasks a schedule trains and is measured on, and how answers are scored.
+
+    ``source`` is ``builtin`` or a path to a JSONL file of user tasks. ``seed`` is the data
+    seed: it is fixed across trials so every trial is measured on the same held-out sets.
+    The sizes ``n_train``/``n_id_test``/``n_ood_test`` choose how many built-in examples are
+    drawn (default :data:`BUILTIN_SIZES`); for a task file they are the rows the file holds
+    (filled in when a space is loaded, checked when the file is read again).
+
+    ``scorer`` is a built-in scorer name or an import path ``package.module:function`` (see
+    :mod:`stagebudget.tasks.scoring`); ``answer`` says which part of a completion is the answer
+    (``full``, ``answer_tag``, ``last_line`` or ``regex:PATTERN``); ``format_reward`` is the RL
+    reward's format term (default 0.1); ``max_new_tokens`` caps evaluation generation (default:
+    the longest tokenised test completion, or answer, plus 2).
     """
 
     source: str = "builtin"
     names: tuple[str, ...] = ()
-    n_train: int = Field(default=4000, ge=1)
-    n_id_test: int = Field(default=200, ge=1)
-    n_ood_test: int = Field(default=200, ge=1)
+    n_train: int | None = Field(default=None, ge=1)
+    n_id_test: int | None = Field(default=None, ge=1)
+    n_ood_test: int | None = Field(default=None, ge=1)
     scorer: str | None = None
+    answer: str | None = None
+    format_reward: float | None = Field(default=None, ge=0)
+    max_new_tokens: int | None = Field(default=None, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _builtin_sizes(self) -> TasksRef:
+        if self.source == "builtin":
+            for name, value in BUILTIN_SIZES.items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
+        return self
+
+    def suite_args(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`stagebudget.tasks.load_suite` for this reference."""
+        sizes = {k: getattr(self, k) for k in BUILTIN_SIZES if getattr(self, k) is not None}
+        return {"source": self.source, "names": self.names, "seed": self.seed,
+                "scorer": self.scorer, "answer": self.answer,
+                "format_reward": self.format_reward, "max_new_tokens": self.max_new_tokens,
+                **sizes}
 
 
 IDENTITY_EXCLUDES = ("name",)  # a display label; it does not change what trains

@@ -261,17 +261,23 @@ def _local_gpus() -> int:
 
 
 def check_space(path: str | Path, *, trials: int | None = None, concurrency: int | None = None,
-                budget_hours: float | None = None, address: str | None = None) -> SearchSpace:
+                budget_hours: float | None = None, address: str | None = None,
+                warn: Callable[[str], None] | None = None) -> SearchSpace:
     """Every check on a space, as ``validate`` and ``search`` both run it: the file and its
     feasibility at every corner, task files and a local model, this machine's resources, the
     sampler and its options, and the search budget. Nothing is written and Ray is not started.
-    ``trials``, ``concurrency`` and ``budget_hours`` are the CLI overrides.
+    ``trials``, ``concurrency`` and ``budget_hours`` are the CLI overrides; ``warn`` receives
+    the input checks' warnings (default: printed as ``warning: ...``).
     """
     if budget_hours is not None and not (math.isfinite(budget_hours) and budget_hours > 0):
         raise UserError(f"--budget-hours must be a positive number of device-hours, got "
                         f"{budget_hours}")
     space = SearchSpace.load(path, trials=trials, concurrency=concurrency)
-    space.check_inputs()
+    for warning in space.check_inputs():
+        if warn is not None:
+            warn(warning)
+        else:
+            print(f"warning: {warning}", flush=True)
     if address is None:
         check_local_resources(space)
     make_sampler(space, space.trials)  # a bogus sampler option is an error now, not in Ray

@@ -36,7 +36,8 @@ from stagebudget.errors import BudgetError, ConfigError, UserError, from_pydanti
 from stagebudget.fileio import read_json, read_yaml, safetensors_problem
 from stagebudget.kinds import get_kind, kind_only_fields, stage_kinds
 from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY
-from stagebudget.schedule import Schedule, StageSpec, Strict, TasksRef
+from stagebudget.schedule import BUILTIN_SIZES, Schedule, StageSpec, Strict, TasksRef
+from stagebudget.tasks.scoring import is_scorer_file
 
 OBJECTIVES: dict[str, str] = {
     ID_ACCURACY: "maximize",
@@ -426,15 +427,34 @@ class SearchSpace(Strict):
             raise from_pydantic(exc, path) from None
         space = space._with_resolved_paths(Path(path).resolve().parent, path)
         space._source = str(path)
+        space = space._with_task_sizes()
         if space.sampler.name == "grid":
             space.grid_space()
         space.check_feasible()
         return space
 
-    def check_inputs(self) -> None:
-        """Check the task file and a local model directory before any compute is spent
-        (see :func:`check_inputs`)."""
-        check_inputs(self.base_model, self.tasks, self._source)
+    def check_inputs(self) -> list[str]:
+        """Check the task file and the base model before any compute is spent (see
+        :func:`check_inputs`); returns warnings to show the user."""
+        return check_inputs(self.base_model, self.tasks, self._source,
+                            trust_remote_code=self.trust_remote_code)
+
+    def _with_task_sizes(self) -> SearchSpace:
+        """A task file's split sizes filled in from the rows it holds (records show them).
+
+        Planned schedules carry them; loading the file again checks they still hold.
+        """
+        from stagebudget.tasks import TaskFileError, task_file_sizes
+
+        t = self.tasks
+        if t.source == "builtin" or all(getattr(t, k) is not None for k in BUILTIN_SIZES):
+            return self
+        try:
+            held = task_file_sizes(Path(t.source))
+        except TaskFileError:
+            return self  # check_inputs reports the file's problem, naming the line
+        fill = {k: v for k, v in held.items() if getattr(t, k) is None}
+        return self.model_copy(update={"tasks": t.model_copy(update=fill)})
 
     def _with_resolved_paths(self, folder: Path, source: str | Path) -> SearchSpace:
         """Make relative paths absolute against the space file's folder, which they may not leave."""
@@ -456,6 +476,11 @@ class SearchSpace(Strict):
         is_local = self.base_model.startswith((".", "/", "~")) or (folder / self.base_model).exists()
         if not self.base_model.startswith("builtin:") and is_local:
             update["base_model"] = inside(self.base_model, "base_model")
+        if is_scorer_file(self.tasks.scorer):
+            file, _, function = str(self.tasks.scorer).rpartition(":")
+            tasks = update.get("tasks", self.tasks)
+            update["tasks"] = tasks.model_copy(
+                update={"scorer": f"{inside(file, 'tasks.scorer')}:{function}"})
         if self.cost_table:
             update["cost_table"] = inside(self.cost_table, "cost_table")
         return self.model_copy(update=update) if update else self
@@ -665,30 +690,51 @@ def resolve_rest(shares: dict[str, Any]) -> dict[str, float]:
 
 
 def check_inputs(base_model: str, tasks: TasksRef, source: str | Path | None,
-                 base_dir: Path | None = None) -> None:
-    """Check a task file and a local model directory before any compute (``search``,
-    ``validate`` and ``train`` alike); errors name ``source`` and the field.
+                 base_dir: Path | None = None, trust_remote_code: bool = False) -> list[str]:
+    """Check a task file and the base model together before any compute (``search``,
+    ``validate`` and ``train`` alike); errors name ``source`` and the field. Returns warnings
+    to show the user.
 
-    Task rows, splits and the scorer are validated by loading the suite (seconds); a local
-    model directory must hold a readable config, tokenizer and whole safetensors weights.
-    Built-in base models are built later, once.
+    Task rows, splits, the scorer and the answer extraction are validated by loading the
+    suite (the scorer is imported and called once). Chat-message prompts need a local model:
+    built-in models have no chat template (and are built later, once). A local model directory
+    must hold a readable config, tokenizer and whole safetensors weights, and a tokenizer whose
+    chat template and tokenisation fit the prompts (:func:`stagebudget.chat.check_model_tasks`).
     """
     from stagebudget.tasks import load_suite
 
-    t = tasks
     try:
-        load_suite(t.source, t.names, n_train=t.n_train, n_id_test=t.n_id_test,
-                   n_ood_test=t.n_ood_test, seed=t.seed, scorer=t.scorer)
+        suite = load_suite(**tasks.suite_args(), base_dir=base_dir)
     except ValueError as exc:
         raise ConfigError(str(exc), source=source, field="tasks") from None
-    if not base_model.startswith("builtin:"):
-        from stagebudget.basemodel import resolve_base_model
+    warnings = list(suite.warnings)
+    if base_model.startswith("builtin:"):
+        if suite.conversational:
+            raise ConfigError(
+                f"the task file {tasks.source} gives prompts as chat messages, but the "
+                f"built-in model {base_model} has no chat template; write the prompts "
+                "as plain text or use a local model directory whose tokenizer has one",
+                source=source, field="tasks")
+        return warnings
+    return warnings + _check_model(base_model, suite, source, base_dir, trust_remote_code)
 
-        try:
-            path = resolve_base_model(base_model, base_dir=base_dir, allow_build=False)
-        except ValueError as exc:
-            raise ConfigError(str(exc), source=source, field="base_model") from None
-        check_model_files(path, source)
+
+def _check_model(base_model: str, suite: Any, source: str | Path | None, base_dir: Path | None,
+                 trust_remote_code: bool) -> list[str]:
+    """A local model's files, then its tokenizer against the suite's prompts."""
+    from stagebudget.basemodel import load_tokenizer, resolve_base_model
+    from stagebudget.chat import check_model_tasks
+
+    try:
+        path = resolve_base_model(base_model, base_dir=base_dir, allow_build=False)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=source, field="base_model") from None
+    check_model_files(path, source)
+    try:
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        return check_model_tasks(tokenizer, suite, base_model)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=source, field="base_model") from None
 
 
 def check_model_files(path: Path, source: str | Path | None) -> None:
