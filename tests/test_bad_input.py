@@ -187,8 +187,8 @@ def test_intact_local_model_passes_the_file_checks(tmp_path):
 
 # --- train writes nothing on bad input ---------------------------------------------------------
 @pytest.mark.parametrize("problem", ["missing model", "missing tasks", "bad row", "out is a file",
-                                     "unknown device"])
-def test_train_writes_nothing_on_bad_input(tmp_path, problem):
+                                     "unknown device", "chat tasks, built-in model"])
+def test_train_writes_nothing_on_bad_input(tmp_path, capsys, problem):
     from stagebudget.cli import main
 
     schedule = {"stages": [{"kind": "sft", "steps": 2}], "base_model": "builtin:test"}
@@ -200,6 +200,11 @@ def test_train_writes_nothing_on_bad_input(tmp_path, problem):
     elif problem == "bad row":
         tasks.write_text('{"prompt": "a", "answer": "b", "split": "train"}\n{"prompt": 1}\n')
         schedule["tasks"] = {"source": str(tasks), "scorer": "exact"}
+    elif problem == "chat tasks, built-in model":  # the built-in model has no chat template
+        chat = [{"role": "user", "content": "a"}]
+        tasks.write_text("".join(json.dumps({"prompt": chat, "answer": a, "split": s}) + "\n"
+                                 for a, s in (("b", "train"), ("c", "id_test"), ("d", "ood_test"))))
+        schedule["tasks"] = {"source": str(tasks)}
     path = tmp_path / "schedule.yaml"
     path.write_text(yaml.safe_dump(schedule))
     out = tmp_path / "out"
@@ -211,6 +216,9 @@ def test_train_writes_nothing_on_bad_input(tmp_path, problem):
         main(["train", str(path), "-o", str(out), *device])
     assert exit_.value.code == 2
     assert not out.is_dir()
+    if problem.startswith("chat"):  # refused by the input checks, naming the schedule file
+        err = capsys.readouterr().err
+        assert str(path) in err and "field `tasks`" in err and "no chat template" in err
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b'{"entries": [{"kind": "sft"}]}'])
@@ -220,3 +228,20 @@ def test_damaged_cost_table_is_named(tmp_path, content):
     with pytest.raises(UserError) as err:
         check_space(space_file(tmp_path, cost_table=str(table)))
     assert str(table) in str(err.value)
+
+
+def test_validate_prints_task_warnings_after_the_summary(tmp_path, capsys):
+    """search and validate share check_space; validate shows its warnings after the summary."""
+    from stagebudget.cli import main
+
+    rows = [("1+1=", "2", "train"), ("2+2=", "4", "train"), ("1+1=", "2", "id_test"),
+            ("3+3=", "6", "ood_test")]
+    (tmp_path / "tasks.jsonl").write_text("".join(
+        json.dumps({"prompt": p, "answer": a, "split": s}) + "\n" for p, a, s in rows))
+    path = space_file(tmp_path, tasks={"source": "tasks.jsonl"})
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", str(path)])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "is valid" in out and "1 of 1 id_test prompts also appear in train" in out
+    assert out.index("is valid") < out.index("warning:")
