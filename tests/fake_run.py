@@ -127,7 +127,8 @@ def make_fake_run(root: Path, *, device_hours: bool = False, trials: tuple[FakeT
             reference=t.reference, error=t.error, started=1000.0 + i,
             objectives=dict(zip(("id_accuracy", "ood_accuracy"), t.values, strict=True))
             if t.values else {},
-            ledger={"stages": [{"kind": s.kind, "device_seconds": hours * 3600 / 2}
+            ledger={"device_hours": hours, "train_seconds": hours * 3600,
+                    "stages": [{"kind": s.kind, "train_seconds": hours * 3600 / 2}
                                for s in schedule.stages]} if t.values else {},
         )
         if standard_errors and t.values:

@@ -14,9 +14,22 @@ def cost() -> CostModel:
     return CostModel.analytic(ModelShape.builtin("tiny"))
 
 
-def test_tiny_shape_matches_the_measured_model():
-    # 0.86M parameters with tied embeddings (FINDINGS.md)
-    assert 800_000 < ModelShape.builtin("tiny").n_params < 900_000
+@pytest.mark.parametrize("size", ["tiny", "test"])
+def test_builtin_shape_is_the_built_model(size):
+    """The planner's shape of a built-in model is the model basemodel builds (one source)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stagebudget.basemodel import _config_dict
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**_config_dict(size)))
+    real = sum(p.numel() for p in model.parameters())
+    shape = ModelShape.builtin(size)
+    assert shape.hidden == model.config.hidden_size
+    assert shape.intermediate == model.config.intermediate_size
+    assert shape.layers == model.config.num_hidden_layers
+    assert shape.n_params == pytest.approx(real, rel=0.02)  # norms are left out
 
 
 def test_costs_grow_with_work(cost):
@@ -83,3 +96,10 @@ def test_every_planned_stage_is_evaluated_at_least_three_times(cost, share):
         points.add(stage.steps)
         assert len(points) >= min(MIN_EVAL_POINTS, stage.steps), stage
         assert stage.eval_interval <= 25  # never longer than configured
+
+
+def test_a_longer_sft_max_length_plans_longer_steps() -> None:
+    cm = CostModel.analytic(ModelShape.builtin("tiny"))
+    short, long = (StageSpec(kind="sft", steps=1, max_length=n) for n in (32, 512))
+    assert cm.step_seconds(long) > 4 * cm.step_seconds(short)
+    assert cm.step_seconds(StageSpec(kind="sft", steps=1)) == cm.step_seconds(short)

@@ -114,8 +114,9 @@ def test_lora_kwargs() -> None:
 
 @pytest.mark.slow
 def test_kwargs_are_real_trl_and_peft_arguments() -> None:
-    trl = pytest.importorskip("trl")
-    peft = pytest.importorskip("peft")
+    import peft
+    import trl
+
     for kind, cls in (("cpt", trl.SFTConfig), ("sft", trl.SFTConfig), ("rl", trl.GRPOConfig)):
         fields = {f.name for f in dataclasses.fields(cls)}
         assert set(trl_config_kwargs(StageSpec(kind=kind, steps=3), seed=0)) <= fields

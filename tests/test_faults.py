@@ -12,9 +12,9 @@ from pathlib import Path
 import optuna
 import yaml
 
+from stagebudget.fakes import fake_trial_fn
 from stagebudget.records import RunDir
 from stagebudget.search import run_search
-from stagebudget.trainable import fake_trial_fn
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 State = optuna.trial.TrialState

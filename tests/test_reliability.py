@@ -114,8 +114,13 @@ def test_atomic_write_on_full_or_read_only_disk(tmp_path, monkeypatch, where, co
         monkeypatch.setattr(os, "fsync", refuse)
     else:
         monkeypatch.setattr(tempfile, "mkstemp", refuse)
-    with pytest.raises(UserError, match=rf"cannot write {target}: {os.strerror(code)}"):
-        atomic_write_json(target, {"status": "FAILED"})
+    if code == errno.ENOSPC:  # a full disk stays an OSError (retryable; the CLI words it)
+        with pytest.raises(OSError, match=os.strerror(code)) as err:
+            atomic_write_json(target, {"status": "FAILED"})
+        assert err.value.errno == code and err.value.filename == str(target)
+    else:
+        with pytest.raises(UserError, match=rf"cannot write {target}: {os.strerror(code)}"):
+            atomic_write_json(target, {"status": "FAILED"})
     assert target.read_bytes() == before       # the previous record is untouched
     assert leftovers(tmp_path) == []            # and no temp file is left behind
 
@@ -230,11 +235,19 @@ def test_corrupted_cached_base_model_is_detected_and_rebuilt(tmp_path):
     assert cache_problem(path) is None
     assert json.loads((path / "base_info.json").read_text())["files"] == {weights.name: size}
 
+    tokenizer = path / "tokenizer.json"
+    tok = tokenizer.read_bytes()
+    tokenizer.write_bytes(tok[:-10])                         # a broken tokenizer.json
+    assert "tokenizer.json does not match the checksum" in cache_problem(path)
+    tokenizer.write_bytes(tok)
     good = weights.read_bytes()
     weights.write_bytes(b"\0" * size)                         # same size, garbage header
     assert "not a valid safetensors file" in cache_problem(path)
     weights.write_bytes(good[: size // 2])                   # truncated (header intact)
     assert "bytes" in cache_problem(path)
+    header = 8 + int.from_bytes(good[:8], "little")          # zeroed weights, header and size
+    weights.write_bytes(good[:header] + b"\0" * (size - header))  # intact: only content differs
+    assert "checksum" in cache_problem(path)
     with pytest.raises(ModelRefError, match="is damaged"):  # never handed out silently
         resolve_base_model("builtin:test", cache_dir=tmp_path, allow_build=False)
 

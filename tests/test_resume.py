@@ -19,9 +19,9 @@ from pathlib import Path
 import optuna
 import yaml
 
+from stagebudget.fakes import fake_trial_fn
 from stagebudget.records import RunDir
 from stagebudget.search import run_search
-from stagebudget.trainable import fake_trial_fn
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 State = optuna.trial.TrialState
@@ -31,7 +31,7 @@ DRIVER = """
 import functools, sys
 from pathlib import Path
 from stagebudget.search import run_search
-from stagebudget.trainable import fake_trial_fn
+from stagebudget.fakes import fake_trial_fn
 run_search(sys.argv[1], name="res", runs_dir=Path(sys.argv[2]), live=False,
            trial_fn=functools.partial(fake_trial_fn, seconds=2.0))
 """

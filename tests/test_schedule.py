@@ -35,6 +35,21 @@ def test_frozen_and_hashable():
     assert make().model_copy(update={"seed": 4}).digest() != s.digest()
 
 
+def test_one_identity_decides_same_trained_model(tmp_path):
+    """digest and trial reuse (finished_twin) agree: a display name is not identity."""
+    from stagebudget.records import RunDir, TrialRecord
+    from stagebudget.trainable import finished_twin
+
+    a, b = make().model_copy(update={"name": "a"}), make().model_copy(update={"name": "b"})
+    assert a.digest() == b.digest()
+    run = RunDir(tmp_path)
+    run.write_record(TrialRecord(key="t1", params={}, schedule=a.to_dict(), status="COMPLETE",
+                                 objectives={"id_accuracy": 0.5}))
+    assert finished_twin(run, b.to_dict(), exclude="t2").key == "t1"
+    c = make().model_copy(update={"seed": 9})
+    assert c.digest() != a.digest() and finished_twin(run, c.to_dict(), exclude="t2") is None
+
+
 def test_rl_defaults_filled_only_for_rl():
     s = make()
     rl = s.stage("rl")
@@ -48,7 +63,7 @@ def test_rl_defaults_filled_only_for_rl():
     ("data", "needle"),
     [
         ({"stages": [{"kind": "sft", "steps": 0}]}, "stages.0.steps"),
-        ({"stages": [{"kind": "sfx", "steps": 3}]}, "'cpt', 'sft' or 'rl'"),
+        ({"stages": [{"kind": "sfx", "steps": 3}]}, "allowed: cpt, sft, rl"),
         ({"stages": [{"kind": "sft", "steps": 3, "beta": 0.1}]}, "applies only to rl"),
         ({"stages": [{"kind": "sft", "steps": 3, "lora_rank": -1}]}, "lora_rank"),
         ({"stages": [{"kind": "sft", "steps": 3, "bogus": 1}]}, "unknown key `bogus`"),

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -80,7 +81,7 @@ def test_converter_matches_hand_written_space(tmp_path):
         {"type": "int", "low": 1, "high": 9, "step": 2},
         {"type": "int", "low": 1, "high": 1024, "log": True},
         {"type": "categorical", "choices": [4, 16, 64]},
-        {"type": "categorical", "choices": ["a", True, 0.5]},
+        {"type": "categorical", "choices": ["all-linear", "q_proj,v_proj"]},
     ],
 )
 def test_every_domain_round_trips(dist):
@@ -111,7 +112,7 @@ def test_reference_points_are_inside_the_space(tmp_path):
     dists = space.optuna_space()
     for params in refs.values():
         for name, value in params.items():
-            dists[name]._contains(dists[name].to_internal_repr(value))
+            assert dists[name]._contains(dists[name].to_internal_repr(value)), (name, value)
     assert refs["heuristic"]["sft.share"] == 0.25
     assert refs["heuristic"]["sft.lora_rank"] == 32
 
@@ -141,7 +142,7 @@ def bad(**changes):
         (bad(sampler={"name": "cmaes"}), ["unknown sampler", "tpe"]),
         (bad(objectives=[{"name": "bleu"}]), ["unknown objective", "ood_accuracy"]),
         (bad(objectives=[{"name": "id_accuracy"}, {"name": "id_accuracy"}]), ["must not repeat"]),
-        (bad(stages__sft__lora_rank={"type": "categorical", "choices": [8, 2.5]}), ["non-negative integers"]),
+        (bad(stages__sft__lora_rank={"type": "categorical", "choices": [8, 2.5]}), ["an integer >= 0"]),
         (bad(stages__sft__lora_rank=-4), ["lora_rank"]),
         (bad(stages__ppo={"share": 0.1}), ["unknown stage 'ppo'"]),
         (bad(stages__sft__num_generations=4), ["only to the rl stage"]),
@@ -199,3 +200,134 @@ def test_bad_task_rows_and_missing_models_are_caught_before_compute(tmp_path):
     missing = SearchSpace.load(write(tmp_path, {**BASE, "base_model": "/nonexistent/model"}))
     with pytest.raises(ConfigError, match="base_model"):
         missing.check_inputs()
+
+
+# --- stage settings carry StageSpec's own bounds (issue 14: no raw pydantic traceback) ---------
+LOG_LR = {"type": "float", "low": 1e-4, "high": 2.0, "log": True}
+
+
+@pytest.mark.parametrize(
+    ("stage", "field", "value", "allowed"),
+    [
+        ("sft", "learning_rate", 2.0, "> 0 and <= 1.0"),
+        ("sft", "learning_rate", -1e-3, "> 0 and <= 1.0"),
+        ("sft", "learning_rate", LOG_LR, "> 0 and <= 1.0"),
+        ("sft", "batch_size", 0, "an integer >= 1"),
+        ("sft", "eval_interval", 0, "an integer >= 1"),
+        ("sft", "max_length", 2, "an integer >= 8"),
+        ("rl", "num_generations", 1, "an integer >= 2"),
+        ("rl", "num_generations", {"type": "int", "low": 1, "high": 8}, "an integer >= 2"),
+        ("sft", "lora_alpha", 0, "an integer >= 1"),
+        ("rl", "temperature", 0.0, "a number > 0"),
+        ("rl", "beta", -0.1, "a number >= 0"),
+        ("sft", "lora_dropout", 1.5, "a number >= 0 and < 1"),
+        ("sft", "batch_size", {"type": "categorical", "choices": [8, "16"]}, "one type"),
+        ("sft", "batch_size", {"type": "float", "low": 4, "high": 8}, "not float"),
+        ("sft", "lora_target_modules", "q_proj;v_proj", "comma-separated"),
+    ],
+)
+def test_out_of_range_stage_values_name_file_field_value_and_range(
+        tmp_path, stage, field, value, allowed):
+    path = write(tmp_path, bad(**{f"stages__{stage}__{field}": value}))
+    with pytest.raises(ConfigError) as err:
+        SearchSpace.load(path)
+    text = str(err.value)
+    assert str(path) in text and f"stages.{stage}.{field}" in text and allowed in text
+    shown = value["high"] if isinstance(value, dict) and "high" in value else value
+    if not isinstance(value, dict):
+        assert repr(shown) in text
+    assert "\n" not in text
+
+
+def test_out_of_range_values_exit_2_from_the_cli_without_traceback(tmp_path):
+    from stagebudget.cli import main
+
+    path = write(tmp_path, bad(stages__sft__learning_rate=LOG_LR))
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", str(path)])
+    assert exit_.value.code == 2
+
+
+def test_steps_must_be_whole_and_not_negative(tmp_path):
+    data = {"budget": {"per_trial_hours": 0.01}, "stages": {
+        "sft": {"steps": {"type": "int", "low": -5, "high": 20}}}}
+    with pytest.raises(ConfigError, match="whole numbers >= 0"):
+        SearchSpace.load(write(tmp_path, data))
+
+
+def test_lora_settings_per_stage_fixed_or_searched(tmp_path):
+    from stagebudget.cost import CostModel, ModelShape
+    from stagebudget.stages.mapping import lora_kwargs
+
+    data = bad(stages__sft__lora_target_modules={"type": "categorical",
+                                                 "choices": ["all-linear", "q_proj,v_proj"]},
+               stages__sft__lora_dropout={"type": "float", "low": 0.0, "high": 0.2},
+               stages__rl__lora_alpha=16)
+    space = SearchSpace.load(write(tmp_path, data))
+    dims = space.dimensions()
+    assert {"sft.lora_target_modules", "sft.lora_dropout"} <= set(dims)
+    cost = CostModel.analytic(ModelShape.builtin("tiny"))
+    schedule = space.schedule_from_params(
+        {"sft.share": 0.5, "sft.lora_rank": 8, "sft.learning_rate": 1e-3,
+         "sft.lora_target_modules": "q_proj,v_proj", "sft.lora_dropout": 0.1}, cost)
+    sft, rl = schedule.stage("sft"), schedule.stage("rl")
+    assert lora_kwargs(sft)["target_modules"] == ["q_proj", "v_proj"]
+    assert lora_kwargs(sft)["lora_dropout"] == 0.1
+    assert lora_kwargs(rl) == {"r": 4, "lora_alpha": 16, "target_modules": "all-linear",
+                               "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM"}
+
+
+def test_validate_plans_every_grid_point_and_names_the_ones_that_cannot_fit(tmp_path):
+    """Issue 12: the corners alone passed, a mid-space point (a small RL share with long
+    completions) failed at run time. Now every grid value is planned and the bad ones named."""
+    data = bad(stages__rl__max_completion_length=256, budget__per_trial_hours=0.005)
+    with pytest.raises(ConfigError) as err:
+        SearchSpace.load(write(tmp_path, data))
+    text = str(err.value)
+    assert "cannot fit the budget" in text and "sft.share=0.5" in text
+    assert "budget.per_trial_hours" in text and str(tmp_path) in text
+    # the old check (both ends of every range) saw nothing wrong with this space
+    space = SearchSpace.model_validate(data)
+    cost = space.cost_model()
+    for params in ({**p, "sft.share": s} for p in space.feasibility_params() for s in (0.0, 1.0)):
+        space.schedule_from_params(params, cost)
+
+
+def test_probe_values_cover_grid_and_edges():
+    assert Dist(type="float", low=0, high=1, step=0.25).probe_values() == [0, 0.25, 0.5, 0.75, 1]
+    assert Dist(type="int", low=1, high=10**9).probe_values() == [1, 2, 10**9 - 1, 10**9]
+    assert Dist(type="float", low=1e-4, high=1e-2, log=True).probe_values() == [1e-4, 1e-2]
+
+
+def test_task_file_sizes_and_scorer_file_are_resolved_at_load(tmp_path):
+    rows = [{"prompt": f"{i}=", "answer": "b", "split": s}
+            for i, s in enumerate(("train", "train", "id_test", "ood_test"))]
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "score.py").write_text("def f(prediction, answer):\n    return 1.0\n")
+    space = SearchSpace.load(write(tmp_path, {**BASE, "tasks": {
+        "source": "tasks.jsonl", "scorer": "score.py:f", "answer": "last_line"}}))
+    t = space.tasks
+    assert (t.n_train, t.n_id_test, t.n_ood_test) == (2, 1, 1)
+    assert t.scorer == f"{tmp_path / 'score.py'}:f"
+    assert space.check_inputs() == []
+    schedule = space.schedule_from_params(next(space.feasibility_params()), space.cost_model())
+    assert schedule.tasks.n_train == 2 and schedule.tasks.answer == "last_line"
+
+
+def test_chat_tasks_with_the_builtin_model_are_refused_before_compute(tmp_path):
+    chat = [{"role": "user", "content": "a"}]
+    rows = [{"prompt": chat, "answer": "b", "split": s} for s in ("train", "id_test", "ood_test")]
+    rows[1]["answer"] = "c"
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    space = SearchSpace.load(write(tmp_path, {**BASE, "tasks": {"source": "tasks.jsonl"}}))
+    with pytest.raises(ConfigError, match="no chat template"):
+        space.check_inputs()
+
+
+def test_relative_and_absolute_model_paths_share_one_cost_table(tmp_path, monkeypatch):
+    from stagebudget.costtable import default_table_path
+
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert default_table_path("m", "cpu") == default_table_path("./m", "cpu") == \
+        default_table_path(str(tmp_path / "m"), "cpu")

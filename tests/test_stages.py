@@ -9,7 +9,7 @@ import torch
 
 from stagebudget.ledger import BudgetClock
 from stagebudget.schedule import StageSpec
-from stagebudget.stages import STAGES, StageContext, lora_config, merge, register_stage
+from stagebudget.stages import STAGES, StageContext, lora_config, merge
 from stagebudget.tasks import Example
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,18 +132,6 @@ def test_lora_config_is_built_in_one_place():
 def test_merge_passes_plain_models_through(loaded):
     model, _ = loaded
     assert merge(model) is model
-
-
-def test_register_stage_replaces_and_restores():
-    original = STAGES["cpt"]
-    try:
-        @register_stage("cpt")
-        def fake(ctx):
-            return None
-
-        assert STAGES["cpt"] is fake
-    finally:
-        STAGES["cpt"] = original
 
 
 def test_budget_callback_stops_only_past_the_guard(loaded):

@@ -56,8 +56,8 @@ def test_front_of_a_half_finished_run(run: Run) -> None:
 
 def test_params_key_and_ledger() -> None:
     assert params_key({"a": 32, "b": 0.1 + 0.2}) == params_key({"b": 0.3, "a": 32.0})
-    assert ledger_hours({"device_seconds": 7200}) == 2.0
-    assert ledger_hours({"stages": {"sft": {"device_seconds": 1800}}}) == 0.5
+    assert ledger_hours({"device_hours": 2.0, "train_seconds": 7200}) == 2.0
+    assert ledger_hours({"train_seconds": 7200}) is None  # only what BudgetClock.ledger writes
     assert ledger_hours({}) is None
 
 

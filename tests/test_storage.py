@@ -26,11 +26,11 @@ from typer.testing import CliRunner
 import pgserver
 from stagebudget.cli import app
 from stagebudget.errors import RunError, UserError
+from stagebudget.fakes import fake_trial_fn
 from stagebudget.records import RunDir
 from stagebudget.runs import load_run
 from stagebudget.search import run_search
 from stagebudget.studystore import normalize_url, open_storage, redact
-from stagebudget.trainable import fake_trial_fn
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 TRIALS = 5
@@ -38,7 +38,7 @@ DRIVER = """
 import functools, sys
 from pathlib import Path
 from stagebudget.search import run_search
-from stagebudget.trainable import fake_trial_fn
+from stagebudget.fakes import fake_trial_fn
 run_search(sys.argv[1], name="st", runs_dir=Path(sys.argv[2]), storage=sys.argv[3] or None,
            live=False, trial_fn=functools.partial(fake_trial_fn, seconds=2.0))
 """

@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 from stagebudget import __version__
+from stagebudget.fakes import fake_trial_fn
 from stagebudget.records import TrialRecord
 from stagebudget.search import run_search
 from stagebudget.studyinfo import steps_ran, steps_text, trial_attrs
-from stagebudget.trainable import fake_trial_fn
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 NAMES = ["id_accuracy", "ood_accuracy"]

@@ -222,3 +222,117 @@ def test_pretrain_corpus_has_all_variants():
     assert {"tl1", "tl11", "tl2", "tl4", "cm", "tx", "rt", "ch5", "ch7", "ch11"} <= prefixes
     assert any(":" not in t for t in texts)  # raw sequence chunks
     assert max(map(len, texts)) <= 64
+
+
+# ---------------------------------------------------------------- chat prompts, scorers as code
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _chat(text: str) -> list[dict]:
+    return [{"role": "system", "content": "Answer in tags."}, {"role": "user", "content": text}]
+
+
+CHAT_ROWS = [
+    {"prompt": _chat("rc AAC"), "answer": "GTT", "completion": "<answer>GTT</answer>",
+     "split": "train"},
+    {"prompt": _chat("rc AGC"), "answer": "GCT", "split": "train"},
+    {"prompt": _chat("rc TTA"), "answer": "TAA", "split": "id_test"},
+    {"prompt": _chat("rc CCAG"), "answer": "CTGG", "split": "ood_test"},
+]
+
+
+def test_chat_prompts_load_with_completion_and_file_sizes(tmp_path):
+    suite = load_suite(str(_write_rows(tmp_path / "t.jsonl", CHAT_ROWS)))
+    assert suite.conversational and suite.train[0].prompt == CHAT_ROWS[0]["prompt"]
+    assert suite.train[0].target == "<answer>GTT</answer>" and suite.train[1].target == "GCT"
+    assert suite.sizes() == {"n_train": 2, "n_id_test": 1, "n_ood_test": 1}
+    assert suite.warnings == []
+
+
+@pytest.mark.parametrize(("prompt", "why"), [
+    ([], "empty list of messages"),
+    ([{"role": "robot", "content": "x"}], "role 'robot'"),
+    ([{"role": "user"}], "exactly the keys 'role' and 'content'"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+     "last prompt message is the assistant's"),
+])
+def test_bad_chat_prompts_name_the_line(tmp_path, prompt, why):
+    rows = [*CHAT_ROWS[:2], {**CHAT_ROWS[2], "prompt": prompt}, CHAT_ROWS[3]]
+    with pytest.raises(TaskFileError, match="line 3") as err:
+        load_suite(str(_write_rows(tmp_path / "t.jsonl", rows)))
+    assert why in str(err.value)
+
+
+def test_text_and_chat_prompts_cannot_mix(tmp_path):
+    rows = [*CHAT_ROWS[:3], {"prompt": "rc CCAG", "answer": "CTGG", "split": "ood_test"}]
+    with pytest.raises(TaskFileError, match="line 4 has a text prompt and line 1 a list"):
+        load_suite(str(_write_rows(tmp_path / "t.jsonl", rows)))
+
+
+def test_test_prompts_that_sit_in_train_are_flagged_once_per_split(tmp_path):
+    rows = [*CHAT_ROWS, {**CHAT_ROWS[1], "split": "ood_test"}]
+    suite = load_suite(str(_write_rows(tmp_path / "t.jsonl", rows)))
+    assert len(suite.warnings) == 1
+    assert "1 of 2 ood_test prompts also appear in train (e.g. line 5 repeats line 2)" in \
+        suite.warnings[0]
+
+
+def test_file_sizes_in_a_schedule_must_match_the_file(tmp_path):
+    path = _write_rows(tmp_path / "t.jsonl", CHAT_ROWS)
+    load_suite(str(path), n_train=2, n_id_test=1, n_ood_test=1)
+    with pytest.raises(TaskFileError, match=r"n_train=4000, .*holds n_train=2"):
+        load_suite(str(path), n_train=4000)
+
+
+def test_answer_extraction_then_scorer_is_the_score_and_the_reward(tmp_path):
+    path = _write_rows(tmp_path / "t.jsonl", CHAT_ROWS)
+    suite = load_suite(str(path), scorer="stagebudget.tasks.scoring:per_position",
+                       answer="answer_tag", format_reward=0.2)
+    ex = suite.id_test[0]  # answer TAA
+    assert suite.score(ex, "<think>hmm</think><answer>TAA</answer>") == 1.0
+    assert suite.score(ex, "<answer>TAC</answer>") == pytest.approx(2 / 3)
+    assert suite.score(ex, "TAA") == 0.0  # no tags: nothing to score
+    assert suite.reward(ex, "<answer>TAC</answer>") == pytest.approx(2 / 3 + 0.2)
+    assert suite.reward(ex, "TAA") == 0.0
+    last = load_suite(str(path), answer="last_line")
+    assert last.score(ex, "let me think\nTAA") == 1.0
+    rx = load_suite(str(path), answer=r"regex:is (\w+)")
+    assert rx.score(ex, "it is TAC, no, it is TAA.") == 1.0
+
+
+@pytest.mark.parametrize(("scorer", "answer", "needle"), [
+    ("nope", None, "unknown scorer 'nope'"),
+    ("no_such_module_xyz:f", None, "cannot import 'no_such_module_xyz'"),
+    ("stagebudget.tasks.scoring:missing", None, "has no function 'missing'"),
+    ("missing.py:f", None, "no file"),
+    ("exact", "first_word", "unknown answer extraction 'first_word'"),
+    ("exact", "regex:(", "invalid regular expression"),
+])
+def test_bad_scorers_and_extractions_name_the_task_file(tmp_path, scorer, answer, needle):
+    path = _write_rows(tmp_path / "t.jsonl", CHAT_ROWS)
+    with pytest.raises(TaskFileError) as err:
+        load_suite(str(path), scorer=scorer, answer=answer, base_dir=tmp_path)
+    assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_a_scorer_that_raises_fails_at_load_not_mid_training(tmp_path):
+    (tmp_path / "s.py").write_text("def f(prediction, answer):\n    raise KeyError('oops')\n")
+    with pytest.raises(TaskFileError, match="raised KeyError: 'oops'"):
+        load_suite(str(_write_rows(tmp_path / "t.jsonl", CHAT_ROWS)), scorer="s.py:f",
+                   base_dir=tmp_path)
+
+
+def test_the_grpo_reward_scores_chat_completions_with_the_task_scorer(tmp_path):
+    from stagebudget.stages.rl import suite_reward
+
+    suite = load_suite(str(_write_rows(tmp_path / "t.jsonl", CHAT_ROWS)),
+                       scorer="per_position", answer="answer_tag")
+    reward = suite_reward(suite)
+    ex = suite.id_test[0]  # answer TAA
+    got = reward(prompts=[ex.prompt] * 3, answer=[ex.answer] * 3, task=[ex.task] * 3,
+                 completions=[[{"role": "assistant", "content": "<answer>TAA</answer>"}],
+                              [{"role": "assistant", "content": "<answer>TAC</answer>"}],
+                              [{"role": "assistant", "content": "TAA"}]])
+    assert got == pytest.approx([1.1, 2 / 3 + 0.1, 0.0])

@@ -123,6 +123,7 @@ def build_base(size: str = "tiny", cache_dir: Path | None = None, seed: int = 0,
         info = _pretrain(size, seed, tmp, say)
         # sizes of the weight files, so a truncated cache entry is detected (cache_problem)
         info["files"] = {f.name: f.stat().st_size for f in sorted(tmp.glob("*.safetensors"))}
+        info["sha256"] = weight_digests(tmp)  # content: zeroed weights, a broken tokenizer...
         (tmp / "base_info.json").write_text(json.dumps(info, indent=2))
         (tmp / COMPLETE_MARKER).write_text(final.name)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
@@ -136,11 +137,24 @@ def build_base(size: str = "tiny", cache_dir: Path | None = None, seed: int = 0,
     return final
 
 
+CHECKED_FILES = ("*.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def weight_digests(path: Path) -> dict[str, str]:
+    """SHA-256 of the weights, config and tokenizer files in ``path`` (milliseconds for the
+    built-in sizes): what a trained model's content depends on."""
+    out = {}
+    for f in sorted({f for pattern in CHECKED_FILES for f in Path(path).glob(pattern)}):
+        with f.open("rb") as fh:
+            out[f.name] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return out
+
+
 def cache_problem(path: Path) -> str | None:
     """Why a cached base model cannot be used (None when it is sound). Cheap: no weights loaded.
 
-    Checks that base_info.json is readable, each weight file has the size recorded at build
-    time, and each ``*.safetensors`` header opens with ``safetensors.safe_open``.
+    Checks that base_info.json is readable, each weight file has the size and SHA-256 recorded at
+    build time, and each ``*.safetensors`` header opens with ``safetensors.safe_open``.
     """
     from safetensors import safe_open
 
@@ -165,6 +179,12 @@ def cache_problem(path: Path) -> str | None:
                 handle.keys()
         except Exception as exc:  # safetensors raises its own error types
             return f"{f.name} is not a valid safetensors file ({exc})"
+    digests = info.get("sha256") if isinstance(info, dict) else None
+    if isinstance(digests, dict):
+        now = weight_digests(path)
+        changed = [name for name, digest in digests.items() if now.get(name) != digest]
+        if changed:
+            return f"{changed[0]} does not match the checksum recorded when it was built"
     return None
 
 
@@ -283,7 +303,7 @@ def _base_accuracy(model: Any, tokenizer: Any, size: str) -> dict[str, Any]:
     out: dict[str, Any] = {"eval_suite": suite.name}
     for split, key in (("id_test", "id"), ("ood_test", "ood")):
         examples = suite.split(split)
-        got = scores(model, tokenizer, suite, examples, max_new_tokens_for(suite))
+        got = scores(model, tokenizer, suite, examples, max_new_tokens_for(suite, tokenizer))
         mean, se = mean_and_se(got)
         out[f"base_{key}_accuracy"], out[f"base_{key}_accuracy_se"] = round(mean, 4), round(se, 4)
         for task in suite.tasks:
@@ -296,39 +316,57 @@ def _base_accuracy(model: Any, tokenizer: Any, size: str) -> dict[str, Any]:
 def load_model_and_tokenizer(path: Path, device: str = "cpu",
                              trust_remote_code: bool = False) -> tuple[Any, Any]:
     """Load a causal LM (safetensors only) and its tokenizer from a local directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model: Any = AutoModelForCausalLM.from_pretrained(
         str(path), use_safetensors=True, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return model.to(device), tokenizer
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a local model directory, left-padding, with a pad token."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model.to(device), tokenizer
+    return tokenizer
 
 
-def greedy_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+def greedy_generate(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int,
                     batch_size: int = 256) -> list[str]:
-    """Greedy completions of ``prompts`` (left-padded batches), cut at EOS, specials removed."""
+    """Greedy completions of ``prompts`` (text or chat messages), cut at the first stop token.
+
+    Prompts are tokenised as the trainers tokenise them (:func:`stagebudget.chat.prompt_ids`),
+    left-padded into batches; generation stops at every stop token the model declares
+    (:func:`stagebudget.chat.stop_token_ids`); special tokens are removed from the text.
+    """
     import torch
+
+    from stagebudget.chat import cut_at_stop, prompt_ids, stop_token_ids
 
     tokenizer.padding_side = "left"
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    stops = stop_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True)
-            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            rows = [prompt_ids(tokenizer, p) for p in prompts[i:i + batch_size]]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
+                                device=device)
             with torch.no_grad():
-                gen = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            for row in gen[:, enc["input_ids"].shape[1]:].tolist():
-                if tokenizer.eos_token_id in row:
-                    row = row[:row.index(tokenizer.eos_token_id)]
-                out.append(tokenizer.decode(row, skip_special_tokens=True))
+                gen = model.generate(input_ids=ids, attention_mask=mask,
+                                     max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=pad, eos_token_id=stops)
+            for row in gen[:, width:].tolist():
+                out.append(tokenizer.decode(cut_at_stop(row, stops), skip_special_tokens=True))
     finally:
         model.train(was_training)
     return out
@@ -401,5 +439,5 @@ def describe(path: Path) -> dict[str, Any]:
 
 __all__ = ["ModelRefError", "build_base", "build_tokenizer", "cache_problem",
            "default_cache_dir", "describe", "greedy_generate", "load_model_and_tokenizer",
-           "resolve_base_model"]
+           "load_tokenizer", "resolve_base_model"]
 

@@ -18,21 +18,22 @@ from typing import Any
 from stagebudget.cost import CostModel, ModelShape
 from stagebudget.costtable import default_table_path
 from stagebudget.errors import UserError
+from stagebudget.kinds import get_kind, stage_kinds
 from stagebudget.ledger import BudgetClock
-from stagebudget.schedule import STAGE_KINDS, StageSpec
+from stagebudget.schedule import StageSpec
 
 DEFAULT_RANKS = (0, 4, 16, 64)
 SFT_BATCH = 32
-RL_PROMPTS, RL_GENERATIONS, RL_COMPLETION = 16, 8, 12
+RL_PROMPTS = 16
 
 
 def calibration_spec(kind: str, rank: int, steps: int) -> StageSpec:
-    """The stage measured for ``kind`` at ``rank``: default batch sizes, no evaluation."""
-    if kind == "rl":
-        return StageSpec(kind="rl", steps=steps, lora_rank=rank, batch_size=RL_PROMPTS,
-                         num_generations=RL_GENERATIONS, max_completion_length=RL_COMPLETION,
+    """The stage measured for ``kind`` at ``rank``: default batch sizes (generation settings
+    are the kind's defaults), no evaluation."""
+    if get_kind(kind).generates:
+        return StageSpec(kind=kind, steps=steps, lora_rank=rank, batch_size=RL_PROMPTS,
                          learning_rate=1e-3, eval_interval=steps + 1)
-    return StageSpec(kind=kind, steps=steps, lora_rank=rank,  # type: ignore[arg-type]
+    return StageSpec(kind=kind, steps=steps, lora_rank=rank,
                      batch_size=SFT_BATCH, eval_interval=steps + 1)
 
 
@@ -79,7 +80,7 @@ def time_stage(model_path: Path, suite: Any, spec: StageSpec, warmup: int, devic
 def calibrate(
     base_model: str = "builtin:tiny",
     device: str = "auto",
-    kinds: Sequence[str] = STAGE_KINDS,
+    kinds: Sequence[str] | None = None,
     ranks: Sequence[int] = DEFAULT_RANKS,
     steps: int = 3,
     *,
@@ -87,21 +88,25 @@ def calibrate(
     out: Path | None = None,
     cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    tasks: str | None = None,
 ) -> CostModel:
     """Time ``steps`` real steps (after ``warmup``) of each kind at each rank; save the table.
 
     Entries are ``{"kind", "rank", "batch", "num_generations", "max_completion_length",
     "seconds_per_step"}``. Saved to ``out`` or to ``costtable.default_table_path(base_model,
-    device)``; returns the calibrated :class:`CostModel`.
+    device)``; returns the calibrated :class:`CostModel`. ``tasks`` (a JSONL task file) times
+    the steps on your own prompts and answers instead of the built-in suite's.
     """
     from stagebudget.basemodel import resolve_base_model
     from stagebudget.stages.common import resolve_device
     from stagebudget.tasks import load_suite
 
+    kinds = stage_kinds() if kinds is None else kinds
     _check_args(kinds, ranks, steps, warmup)
     dev = resolve_device(device)
     path = resolve_base_model(base_model, cache_dir=cache_dir)
-    suite = load_suite(n_train=512, n_id_test=1, n_ood_test=1, seed=0)
+    suite = (load_suite(n_train=512, n_id_test=1, n_ood_test=1, seed=0) if tasks is None
+             else load_suite(str(Path(tasks).expanduser().resolve())))
     say = progress or (lambda _msg: None)
     entries = []
     for kind in kinds:
@@ -117,16 +122,27 @@ def calibrate(
             say(f"{kind} r{rank}: {seconds:.3f} s/step")
     target = Path(out) if out is not None else default_table_path(base_model, dev)
     cost = CostModel(shape=ModelShape.for_ref(base_model), device=dev, table=entries,
-                     source=str(target))
+                     source=str(target), seq_len=measured_seq_len(path, suite))
     cost.save(target, base_model=base_model, steps=steps, warmup=warmup,
               measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     return cost
 
 
+def measured_seq_len(model_path: Path, suite: Any) -> int:
+    """Tokens per sft sequence in the calibration (its longest example: nothing is cut).
+
+    The planner scales the table by a stage's ``max_length`` against this length.
+    """
+    from stagebudget.basemodel import load_tokenizer
+    from stagebudget.chat import longest_sft_example
+
+    return longest_sft_example(load_tokenizer(model_path), suite)
+
+
 def _check_args(kinds: Sequence[str], ranks: Sequence[int], steps: int, warmup: int) -> None:
-    unknown = [k for k in kinds if k not in STAGE_KINDS]
+    unknown = [k for k in kinds if k not in stage_kinds()]
     if unknown:
-        raise UserError(f"unknown stage kind {unknown[0]!r}; allowed: {', '.join(STAGE_KINDS)}")
+        raise UserError(f"unknown stage kind {unknown[0]!r}; allowed: {', '.join(stage_kinds())}")
     if not kinds or not ranks:
         raise UserError("calibrate needs at least one stage kind and one rank")
     if any(r < 0 for r in ranks):

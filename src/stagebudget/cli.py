@@ -11,12 +11,15 @@ import errno
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from stagebudget.errors import UserError
+
+if TYPE_CHECKING:
+    from stagebudget.schedule import TasksRef
 
 app = typer.Typer(
     name="stagebudget",
@@ -50,13 +53,17 @@ def search(
         help="Also log every trial to this MLflow tracking URI (needs mlflow)")] = None,
 ) -> None:
     """Run a budgeted multi-objective search (Optuna samples, Ray Tune runs the trials)."""
-    from stagebudget.search import run_search
+    from stagebudget.search import SearchInterrupted, run_search
 
-    run_dir = run_search(
-        space, name=name, runs_dir=runs_dir, trials=trials, budget_hours=budget_hours,
-        concurrency=concurrency, address=address, storage=storage, resume=resume, live=live,
-        mlflow=mlflow,
-    )
+    try:
+        run_dir = run_search(
+            space, name=name, runs_dir=runs_dir, trials=trials, budget_hours=budget_hours,
+            concurrency=concurrency, address=address, storage=storage, resume=resume, live=live,
+            mlflow=mlflow,
+        )
+    except SearchInterrupted as exc:  # typer turns a KeyboardInterrupt into a silent exit 130
+        err_console.print(str(exc), highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     console.print(f"run directory: {run_dir}")
     console.print(f"next: stagebudget pareto {run_dir}   |   stagebudget export {run_dir} --pick knee")
 
@@ -65,16 +72,17 @@ def search(
 def validate(
     space: Annotated[Path, typer.Argument(help="Search-space YAML file")],
 ) -> None:
-    """Check a search space and print it with its cheapest and most expensive schedules."""
-    from stagebudget.space import SearchSpace
+    """Check a search space (every check `search` runs before it starts) and print it with its
+    cheapest and most expensive schedules."""
+    from stagebudget.search import check_space
 
-    s = SearchSpace.load(space)
-    s.check_inputs()
+    warnings: list[str] = []
+    s = check_space(space, warn=warnings.append)
     cost = s.cost_model()
     cheap, dear = s.check_feasible(cost)
     console.print(f"[bold]{space}[/bold]: search space {s.name!r} is valid")
-    console.print(f"  base model: {s.base_model}   tasks: {s.tasks.source} "
-                  f"{list(s.tasks.names) or '(default set)'}")
+    console.print(f"  base model: {s.base_model}", highlight=False)
+    console.print(f"  tasks: {_describe_tasks(s.tasks)}", highlight=False, soft_wrap=True)
     console.print(f"  per-trial budget: {s.budget.per_trial_hours:g} device-hours "
                   f"({s.per_trial_budget.seconds:.0f} s); search budget: "
                   f"{s.budget.search_hours if s.budget.search_hours else 'none'}")
@@ -89,6 +97,19 @@ def validate(
     for label, sched in (("cheapest", cheap), ("most expensive", dear)):
         console.print(f"  {label} schedule: {sched.describe()}  "
                       f"{cost.schedule_seconds(sched):.1f} device-seconds planned")
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
+
+
+def _describe_tasks(tasks: TasksRef) -> str:
+    """One line: the task source (built-in names or the file path), sizes and scoring."""
+    if tasks.source == "builtin":
+        where = f"built-in {', '.join(tasks.names) if tasks.names else '(default set)'}"
+    else:
+        where = f"file {tasks.source}"
+    sizes = f"train {tasks.n_train}, id_test {tasks.n_id_test}, ood_test {tasks.n_ood_test}"
+    scoring = f"scorer {tasks.scorer or 'exact'}, answer {tasks.answer or 'full'}"
+    return f"{where} ({sizes}); {scoring}"
 
 
 @app.command()
@@ -151,9 +172,20 @@ def train(
 ) -> None:
     """Train one schedule end to end and measure ID/OOD at every evaluation point."""
     from stagebudget.schedule import Schedule
+    from stagebudget.space import DEVICE, check_inputs
     from stagebudget.trainview import train_with_progress
 
+    if not DEVICE.fullmatch(device):
+        raise UserError(f"--device {device!r} is not a device; allowed: auto, cpu, cuda, "
+                        "cuda:N, mps")
     sched = Schedule.load(schedule)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out} is a file; give a directory for the trained model and its "
+                        "curves (it is created if missing)")
+    # Everything is checked before the output directory is made: bad input writes nothing.
+    # (its warnings are logged again when training loads the model: not printed twice here)
+    check_inputs(sched.base_model, sched.tasks, schedule, base_dir=schedule.resolve().parent,
+                 trust_remote_code=sched.trust_remote_code)
     result = train_with_progress(sched, out, save_model=save, device=device, console=console,
                                  base_dir=schedule.resolve().parent)
     console.print(f"ID {result.id_accuracy:.3f}  OOD {result.ood_accuracy:.3f}  "
@@ -165,11 +197,14 @@ def calibrate(
     base_model: Annotated[str, typer.Option(help="builtin:tiny or a local model directory")] = "builtin:tiny",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Table file (default: cache)")] = None,
+    tasks: Annotated[Path | None, typer.Option(
+        help="A JSONL task file: time steps on its prompts (default: the built-in suite)")] = None,
 ) -> None:
     """Time a few real steps of each stage kind and save the cost table the planner uses."""
     from stagebudget.calibrate import calibrate as do_calibrate
 
-    cost = do_calibrate(base_model=base_model, device=device, out=out)
+    cost = do_calibrate(base_model=base_model, device=device, out=out,
+                        tasks=str(tasks) if tasks is not None else None)
     for e in cost.table:
         console.print(f"  {e['kind']:>4} rank {e['rank']:>3}: {e['seconds_per_step']:.3f} s/step")
     console.print(f"saved: {cost.source}")

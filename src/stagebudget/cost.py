@@ -14,16 +14,16 @@ True
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stagebudget.errors import BudgetError, ConfigError
-from stagebudget.fileio import atomic_write_json
-from stagebudget.schedule import STAGE_KINDS, Schedule, StageSpec, TasksRef
+from stagebudget.errors import BudgetError, ConfigError, UserError
+from stagebudget.fileio import atomic_write_json, read_json
+from stagebudget.kinds import get_kind, stage_kinds
+from stagebudget.schedule import Schedule, StageSpec, TasksRef
 
 # Effective throughput and per-step overheads for the analytic fallback. They are rough on
 # purpose (fitted to measured TRL step times of the tiny model on a 2-core CPU: SFT ~0.107 s,
@@ -38,6 +38,9 @@ DEFAULT_SEQ_LEN = 32
 # and a stage the budget clock cuts short makes results depend on machine load. The clock still
 # enforces the whole budget.
 PLAN_FILL = 0.9
+# More steps than this in one stage is a unit mistake (a budget in seconds given as hours), not a
+# plan: refused with the reason instead of planning billions of steps.
+MAX_STAGE_STEPS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -66,20 +69,27 @@ class ModelShape:
 
     @staticmethod
     def builtin(size: str) -> ModelShape:
-        """Shapes of the built-in base models (see :mod:`stagebudget.basemodel`)."""
-        shapes = {
-            "tiny": dict(hidden=128, layers=4, intermediate=384, vocab=64),
-            "test": dict(hidden=64, layers=2, intermediate=128, vocab=64),
-        }
-        if size not in shapes:
-            raise ConfigError(f"unknown built-in model size {size!r}; allowed: {', '.join(shapes)}")
-        s = shapes[size]
-        return ModelShape._from_dims(s["hidden"], s["layers"], s["intermediate"], s["vocab"])
+        """Shape of a built-in base model, from the config :mod:`stagebudget.basemodel` builds."""
+        from stagebudget.basemodel import SIZES, _config_dict
+
+        if size not in SIZES:
+            raise ConfigError(f"unknown built-in model size {size!r}; allowed: {', '.join(SIZES)}")
+        return ModelShape.from_config(_config_dict(size))
 
     @staticmethod
-    def _from_dims(hidden: int, layers: int, intermediate: int, vocab: int) -> ModelShape:
-        per_layer = 4 * hidden * hidden + 3 * hidden * intermediate
-        return ModelShape(per_layer * layers + vocab * hidden, hidden, layers, intermediate)
+    def from_config(cfg: Mapping[str, Any]) -> ModelShape:
+        """Shape of a Hugging Face ``config.json`` mapping (Llama-style names, GPT-2 fallbacks).
+
+        Counts attention (4 h^2) and MLP (3 h i) weights per layer plus one embedding matrix
+        (tied with the output head); norms are negligible.
+        """
+        cfg = cfg.get("text_config", cfg)
+        hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 768)
+        layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 12)
+        inter = int(cfg.get("intermediate_size") or 4 * hidden)
+        vocab = int(cfg.get("vocab_size") or 32000)
+        per_layer = 4 * hidden * hidden + 3 * hidden * inter
+        return ModelShape(per_layer * layers + vocab * hidden, hidden, layers, inter)
 
     @staticmethod
     def for_ref(ref: str) -> ModelShape:
@@ -90,13 +100,10 @@ class ModelShape:
         if not cfg_path.is_file():
             # The model resolver gives the precise error later; size it as the tiny model here.
             return ModelShape.builtin("tiny")
-        cfg = json.loads(cfg_path.read_text())
-        cfg = cfg.get("text_config", cfg)
-        hidden = int(cfg.get("hidden_size") or cfg.get("n_embd") or 768)
-        layers = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 12)
-        inter = int(cfg.get("intermediate_size") or 4 * hidden)
-        vocab = int(cfg.get("vocab_size") or 32000)
-        return ModelShape._from_dims(hidden, layers, inter, vocab)
+        cfg = read_json(cfg_path)
+        if not isinstance(cfg, dict):
+            raise UserError(f"{cfg_path}: a model config must be a JSON object")
+        return ModelShape.from_config(cfg)
 
 
 @dataclass
@@ -115,8 +122,14 @@ class CostModel:
 
     @classmethod
     def load(cls, path: str | Path, shape: ModelShape) -> CostModel:
-        """Read a table written by ``stagebudget calibrate``."""
-        data = json.loads(Path(path).read_text())
+        """Read a table written by ``stagebudget calibrate``; a damaged one is a UserError naming
+        the file and how to remake it."""
+        data = read_json(path)
+        keys = ("kind", "rank", "batch", "seconds_per_step")
+        if not isinstance(data, dict) or not isinstance(data.get("entries"), list) or not all(
+                isinstance(e, dict) and all(k in e for k in keys) for e in data["entries"]):
+            raise UserError(f"{path}: not a cost table (a JSON object whose `entries` each have "
+                            f"{', '.join(keys)}); run `stagebudget calibrate` to remake it")
         return cls(
             shape=shape,
             device=data.get("device", "cpu"),
@@ -142,9 +155,13 @@ class CostModel:
 
     def _work(self, spec: StageSpec) -> float:
         """Relative amount of work per step, used to scale calibrated entries."""
-        if spec.kind == "rl":
-            return float(spec.batch_size * (spec.num_generations or 8) * (spec.max_completion_length or 12))
-        return float(spec.batch_size)
+        if get_kind(spec.kind).generates:
+            return float(spec.batch_size * _generations(spec) * _completion(spec))
+        return float(spec.batch_size * self._seq_len(spec))
+
+    def _seq_len(self, spec: StageSpec) -> int:
+        """Training tokens per sequence of a non-generating stage: its ``max_length`` when set."""
+        return spec.max_length or self.seq_len
 
     def _from_table(self, spec: StageSpec, entries: list[dict[str, Any]]) -> float:
         def rank_distance(e: dict[str, Any]) -> float:
@@ -159,7 +176,7 @@ class CostModel:
             **(
                 {"num_generations": best["num_generations"],
                  "max_completion_length": best["max_completion_length"]}
-                if spec.kind == "rl"
+                if get_kind(spec.kind).generates
                 else {}
             ),
         )
@@ -177,21 +194,30 @@ class CostModel:
         p = self.shape.n_params
         lora_params = 2 * spec.lora_rank * self.shape.hidden * 7 * self.shape.layers
         train_factor = 6 if spec.lora_rank == 0 else 4
-        if spec.kind == "rl":
-            gens = spec.num_generations or 8
-            comp = spec.max_completion_length or 12
+        if get_kind(spec.kind).generates:
+            gens, comp = _generations(spec), _completion(spec)
             n_seq = spec.batch_size * gens
             tokens = n_seq * (self.seq_len + comp)
             gen_flops = 2 * p * n_seq * comp
             train = (train_factor * p + 6 * lora_params) * tokens
             fixed = dev["step_overhead"] * 2 + comp * dev["gen_token_overhead"]
             return fixed + (gen_flops + train) / dev["flops"]
-        tokens = spec.batch_size * self.seq_len
+        tokens = spec.batch_size * self._seq_len(spec)
         return dev["step_overhead"] + (train_factor * p + 6 * lora_params) * tokens / dev["flops"]
 
     def schedule_seconds(self, schedule: Schedule) -> float:
         """Planned training device-seconds of a whole schedule."""
         return sum(s.steps * self.step_seconds(s) for s in schedule.stages)
+
+
+def _generations(spec: StageSpec) -> int:
+    """Completions per prompt of a generating stage (filled in by its kind's defaults)."""
+    return int(spec.num_generations or 1)
+
+
+def _completion(spec: StageSpec) -> int:
+    """Completion tokens per generation of a generating stage."""
+    return int(spec.max_completion_length or 1)
 
 
 def default_cost_model(base_model: str, device: str = "cpu") -> CostModel:
@@ -240,7 +266,7 @@ def plan_schedule(
     given budget cannot fit one step, saying what budget would.
     """
     stages = []
-    for kind in STAGE_KINDS:
+    for kind in stage_kinds():
         amount = allocation.get(kind, 0) or 0
         if amount <= 0:
             continue
@@ -258,6 +284,11 @@ def plan_schedule(
                 )
         else:
             steps = int(amount)
+        if steps > MAX_STAGE_STEPS:
+            raise BudgetError(
+                f"stage {kind!r} would plan {steps:,} steps (at {per_step:.3g} s per step), more "
+                f"than the {MAX_STAGE_STEPS:,} allowed: the budget or step count is far too large "
+                "(budgets are in device-hours, e.g. 0.05 for 3 minutes)")
         stages.append(probe.model_copy(update={
             "steps": steps, "eval_interval": eval_interval_for(probe.eval_interval, steps)}))
     if not stages:

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 
-class UserError(ValueError):
+class DeterministicError(Exception):
+    """A failure that a retry cannot change (same input, same result): a trial that raises one
+    is recorded FAILED at once, never retried. Our exceptions also survive pickling (Ray sends
+    them between processes), so each class with extra constructor arguments defines
+    ``__reduce__``."""
+
+
+class UserError(ValueError, DeterministicError):
     """Bad input from the user: a file, a field or a flag. Printed without a traceback."""
 
 
@@ -28,7 +35,15 @@ class ConfigError(UserError):
         if field:
             where.append(f"field `{field}`")
         prefix = ": ".join(where)
+        self.message = message
         super().__init__(f"{prefix}: {message}" if prefix else message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_config_error, (self.message, self.source, self.field))
+
+
+def _rebuild_config_error(message: str, source: str | None, field: str | None) -> ConfigError:
+    return ConfigError(message, source=source, field=field)
 
 
 class BudgetError(UserError):

@@ -1,7 +1,9 @@
 """Batched greedy evaluation of a model on a suite's ID-test and OOD-test splits.
 
-Prompts are passed as plain text: the tokenizer adds BOS itself, exactly as TRL's SFT and GRPO
-trainers tokenize them, so the model is measured on the inputs it was trained on.
+Prompts (text or chat messages) are tokenised exactly as TRL's SFT and GRPO trainers tokenise
+them (:mod:`stagebudget.chat`), so the model is measured on the inputs it was trained on;
+generation stops at every stop token the model declares, and the task's ``answer`` extraction
+and scorer turn each completion into a score.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from stagebudget.records import ID_ACCURACY, ID_ACCURACY_SE, OOD_ACCURACY, OOD_A
 EVAL_BATCH = 256
 
 
-def max_new_tokens_for(suite: Any, slack: int = 2) -> int:
-    """Longest test answer (in characters, the tokenizer is char-level) plus ``slack``."""
-    answers = [e.answer for e in (*suite.id_test, *suite.ood_test)]
-    return max((len(a) for a in answers), default=8) + slack
+def max_new_tokens_for(suite: Any, tokenizer: Any) -> int:
+    """The task's ``max_new_tokens`` if set, else the longest tokenised test target plus 2."""
+    from stagebudget.chat import default_max_new_tokens
+
+    if suite.max_new_tokens is not None:
+        return int(suite.max_new_tokens)
+    return default_max_new_tokens(tokenizer, suite)
 
 
 def mean_and_se(scores: list[float]) -> tuple[float, float]:
@@ -62,7 +67,7 @@ def evaluate(model: Any, tokenizer: Any, suite: Any, *, max_new_tokens: int | No
 
     Keys: ``id_accuracy``, ``id_accuracy_se``, ``ood_accuracy``, ``ood_accuracy_se``.
     """
-    n_new = max_new_tokens or max_new_tokens_for(suite)
+    n_new = max_new_tokens or max_new_tokens_for(suite, tokenizer)
     out: dict[str, float] = {}
     for split, key, se_key in ((suite.id_test, ID_ACCURACY, ID_ACCURACY_SE),
                                (suite.ood_test, OOD_ACCURACY, OOD_ACCURACY_SE)):

@@ -3,11 +3,9 @@
 The file's ``schedule:`` key is what ``stagebudget train FILE`` reads (see ``Schedule.load``);
 ``trl:`` lists, per stage, the ``trl.SFTConfig``/``trl.GRPOConfig`` arguments (for the machine
 kind the trial trained on, ``device:``) and the ``peft.LoraConfig`` kwargs a user can take to
-their own pipeline. Beside it, ``FILE.py`` trains the schedule in plain TRL + PEFT (see
-:mod:`stagebudget.exportscript`). Nothing heavy is imported.
-
->>> lora_kwargs(StageSpec(kind="sft", steps=10, lora_rank=0)) is None
-True
+their own pipeline, read from the one mapping that training uses
+(:mod:`stagebudget.stages.mapping`). Beside it, ``FILE.py`` trains the schedule in plain TRL +
+PEFT (see :mod:`stagebudget.exportscript`). Nothing heavy is imported.
 """
 
 from __future__ import annotations
@@ -19,93 +17,17 @@ from typing import TYPE_CHECKING, Any
 from stagebudget.errors import RunError, UserError
 from stagebudget.exportscript import render_script
 from stagebudget.fileio import atomic_write_text, atomic_write_yaml
-from stagebudget.records import ID_ACCURACY, OOD_ACCURACY
+from stagebudget.records import FAILED, ID_ACCURACY, OOD_ACCURACY, RUNNING
 from stagebudget.schedule import StageSpec
+from stagebudget.stages.mapping import config_class, lora_kwargs, precision_kwargs, trl_config_kwargs
 
 if TYPE_CHECKING:
     from stagebudget.pareto import FrontInfo
     from stagebudget.runs import Run
 
 PICK_FORMS = ("knee", "max-ood", "max-id", "ood-at-id=X (e.g. ood-at-id=0.9)", "trial=N")
-CONFIG_CLASS = {"cpt": "trl.SFTConfig", "sft": "trl.SFTConfig", "rl": "trl.GRPOConfig"}
-
-
-def trl_config_kwargs(spec: StageSpec, seed: int | None = None) -> dict[str, Any]:
-    """TRL config arguments equivalent to one stage (``SFTConfig`` for cpt/sft, ``GRPOConfig``
-    for rl), exactly as stagebudget trains it. The learning rate is constant (no warmup).
-
-    For rl, ``batch_size`` counts prompts, while TRL's ``per_device_train_batch_size`` counts
-    completions, so it is ``batch_size * num_generations`` (one device, no accumulation).
-    There is no ``eval_strategy``: stagebudget measures ID/OOD itself by greedy generation every
-    ``eval_interval`` steps (a callback), not with the Trainer's eval loop, which would need an
-    eval dataset. Precision depends on the machine: see :func:`precision_kwargs`.
-
-    >>> trl_config_kwargs(StageSpec(kind="sft", steps=40, batch_size=8))["max_steps"]
-    40
-    """
-    args: dict[str, Any] = {
-        "max_steps": spec.steps,
-        "learning_rate": spec.learning_rate,
-        "per_device_train_batch_size": spec.batch_size,
-        "gradient_accumulation_steps": 1,
-        "lr_scheduler_type": "constant",
-        "warmup_steps": 0,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        # TRL 1.x turns it on by default; slower at these sizes, and not how the search trained.
-        "gradient_checkpointing": False,
-        "dataloader_num_workers": 0,
-    }
-    if seed is not None:
-        args.update(seed=seed, data_seed=seed)
-    if spec.kind == "rl":
-        generations = spec.num_generations or 8
-        args.update(
-            per_device_train_batch_size=spec.batch_size * generations,
-            num_generations=generations,
-            max_completion_length=spec.max_completion_length,
-            beta=spec.beta,
-            temperature=spec.temperature,
-        )
-    else:
-        args["max_length"] = spec.max_length
-        args["packing"] = False
-        # sft trains on completions only; cpt is plain language modelling on raw text.
-        args["completion_only_loss"] = spec.kind == "sft"
-        if spec.kind == "cpt":
-            args["dataset_text_field"] = "text"
-    return args
-
-
-def precision_kwargs(device: str, bf16: bool = True) -> dict[str, Any]:
-    """Precision settings for a machine kind: fp32 on a CPU (TRL's configs default to bf16 and
-    raise there); bf16 on CUDA when the GPU supports it (``bf16``).
-
-    >>> precision_kwargs("cpu")
-    {'bf16': False, 'fp16': False, 'use_cpu': True}
-    """
-    if device.startswith("cuda"):
-        return {"bf16": bf16, "use_cpu": False}
-    return {"bf16": False, "fp16": False, "use_cpu": True}
-
-
-def lora_kwargs(spec: StageSpec) -> dict[str, Any] | None:
-    """``peft.LoraConfig`` kwargs for one stage; None for rank 0 (full fine-tuning).
-
-    >>> lora_kwargs(StageSpec(kind="rl", steps=5, lora_rank=4))["lora_alpha"]
-    8
-    """
-    if spec.lora_rank == 0:
-        return None
-    return {
-        "r": spec.lora_rank,
-        "lora_alpha": spec.alpha,
-        "target_modules": "all-linear",
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "task_type": "CAUSAL_LM",
-    }
+__all__ = ["config_class", "export", "export_document", "lora_kwargs", "precision_kwargs",
+           "resolve_pick", "stage_export", "trl_config_kwargs"]
 
 
 def resolve_pick(front: FrontInfo, pick: str, states: dict[int, str] | None = None) -> int:
@@ -121,8 +43,8 @@ def resolve_pick(front: FrontInfo, pick: str, states: dict[int, str] | None = No
     if front.empty:
         n = dict(front.counts)
         raise RunError(
-            f"no completed trial to export yet ({n.get('RUNNING', 0)} running, "
-            f"{n.get('FAILED', 0)} failed); wait for one to complete"
+            f"no completed trial to export yet ({n.get(RUNNING, 0)} running, "
+            f"{n.get(FAILED, 0)} failed); wait for one to complete"
         )
     if match["n"] is not None:
         return _pick_trial(front, match["n"], states or {})
@@ -209,7 +131,7 @@ def stage_export(spec: StageSpec, index: int, seed: int, device: str) -> dict[st
     ``config(output_dir=..., **args)``, ``LoraConfig(**peft)`` (None: full fine-tuning)."""
     from stagebudget.stages.cpt import MIN_CORPUS  # light: the stage modules import TRL lazily
 
-    entry = {"stage": spec.kind, "index": index, "config": CONFIG_CLASS[spec.kind],
+    entry = {"stage": spec.kind, "index": index, "config": config_class(spec),
              "args": {**trl_config_kwargs(spec, seed=seed), **precision_kwargs(device)},
              "peft": lora_kwargs(spec)}
     if spec.kind == "cpt":  # texts in one pass of the stage, as stagebudget trains it

@@ -6,15 +6,18 @@ front size) and the budget limiter into a plain :class:`SearchStats`; the displa
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
+from ray.tune.experiment import Trial
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from stagebudget.pareto import FrontInfo, TrialPoint, compute_front
 from stagebudget.records import ID_ACCURACY, OOD_ACCURACY
 
 
@@ -60,9 +63,19 @@ def collect_stats(study: Any, objective_names: list[str], *, requested: int, run
         if name in objective_names and complete:
             i = objective_names.index(name)
             setattr(stats, attr, max(t.values[i] for t in complete))
-    if complete:
-        stats.front_size = len(study.best_trials)
+    stats.front_size = len(study_front(study, objective_names).front)
     return stats
+
+
+def study_front(study: Any, objective_names: list[str]) -> FrontInfo:
+    """The front of the study's completed trials, by :func:`~stagebudget.pareto.compute_front`
+    (the one front every view uses: status, report, export, the live panel and the summary)."""
+    directions = [d.name.lower() for d in study.directions]
+    points = [TrialPoint(number=t.number, values=tuple(t.values))
+              for t in study.get_trials(deepcopy=False)
+              if t.state.name == "COMPLETE" and t.values is not None
+              and all(math.isfinite(v) for v in t.values)]
+    return compute_front(points, objective_names, directions)
 
 
 class ProgressCallback(tune.Callback):
@@ -80,7 +93,7 @@ class ProgressCallback(tune.Callback):
             return
         self._last = now
         # A trial that just ended may still say RUNNING while its callbacks run.
-        running = sum(t.status == "RUNNING" and t is not ended for t in trials)
+        running = sum(t.status == Trial.RUNNING and t is not ended for t in trials)
         self.display.update(self.snapshot(running), force=force)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -165,9 +178,9 @@ def front_table(study: Any, objective_names: list[str]) -> Table:
     for name in objective_names:
         table.add_column(name, justify="right")
     table.add_column("params")
-    trials = sorted(study.best_trials, key=lambda t: tuple(-v for v in t.values)) if any(
-        t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)) else []
-    for t in trials:
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for number in study_front(study, objective_names).front:
+        t = by_number[number]
         ref = t.user_attrs.get("reference")
         params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in t.params.items())

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from stagebudget.records import ID_ACCURACY, OOD_ACCURACY
+
 DIRECTIONS = ("maximize", "minimize")
 PointsLike = Sequence[Sequence[float]] | np.ndarray
 
@@ -278,8 +280,8 @@ def curve_series(number: int, rows: Sequence[Mapping[str, Any]]) -> CurveSeries:
         number=number,
         x=xs,
         x_label="cumulative device-seconds" if use_time else "global step",
-        id_accuracy=[_num(r.get("id_accuracy")) for r in rows],
-        ood_accuracy=[_num(r.get("ood_accuracy")) for r in rows],
+        id_accuracy=[_num(r.get(ID_ACCURACY)) for r in rows],
+        ood_accuracy=[_num(r.get(OOD_ACCURACY)) for r in rows],
         stages=[str(r.get("stage", "")) for r in rows],
         boundaries=boundaries,
     )

@@ -16,6 +16,7 @@ propagate: a failed trial is a failure, never a zero score.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -144,24 +145,26 @@ def _start(schedule: Schedule, out_dir: Path | None, device: str, cost: CostMode
            progress: Report | None, guard: float = OVERRUN_GUARD) -> _Run:
     """Load the base model and the suite; open the run's outputs."""
     from stagebudget.basemodel import load_model_and_tokenizer, resolve_base_model
+    from stagebudget.chat import check_model_tasks
     from stagebudget.evaluate import max_new_tokens_for
     from stagebudget.tasks import load_suite
 
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        schedule.save(out_dir / "schedule.yaml")
-        (out_dir / "curves.jsonl").write_text("")  # a fresh run starts a fresh curve file
+    # Every input is checked before anything is written: bad input leaves no files behind.
+    suite = load_suite(**schedule.tasks.suite_args(), base_dir=base_dir)
     _emit(progress, "load", base_model=schedule.base_model)
     path = resolve_base_model(schedule.base_model, cache_dir=cache_dir, base_dir=base_dir)
     model, tokenizer = load_model_and_tokenizer(path, device=device,
                                                 trust_remote_code=schedule.trust_remote_code)
-    t = schedule.tasks
-    suite = load_suite(t.source, t.names, n_train=t.n_train, n_id_test=t.n_id_test,
-                       n_ood_test=t.n_ood_test, seed=t.seed, scorer=t.scorer, base_dir=base_dir)
+    for warning in check_model_tasks(tokenizer, suite, schedule.base_model):
+        logging.getLogger("stagebudget").warning(warning)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        schedule.save(out_dir / "schedule.yaml")
+        (out_dir / "curves.jsonl").write_text("")  # a fresh run starts a fresh curve file
     budget = schedule.budget_hours * 3600.0 if schedule.budget_hours is not None else None
     clock = BudgetClock(budget, device=device, guard=guard)
     return _Run(schedule, model, tokenizer, suite, clock, _Curves(out_dir, report, progress),
-                cost, device, max_new_tokens_for(suite))
+                cost, device, max_new_tokens_for(suite, tokenizer))
 
 
 def _run_stage(run: _Run, index: int, spec: StageSpec, progress: Report | None) -> None:

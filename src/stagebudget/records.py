@@ -26,7 +26,9 @@ from stagebudget.errors import RunError, UserError
 from stagebudget.fileio import atomic_write_json, read_json
 
 TOOL = "stagebudget"
-STATUSES = ("RUNNING", "COMPLETE", "FAILED", "PRUNED")
+# Trial statuses as records (and stagebudget's views of Optuna trials) spell them.
+RUNNING, COMPLETE, FAILED, PRUNED, WAITING = "RUNNING", "COMPLETE", "FAILED", "PRUNED", "WAITING"
+STATUSES = (RUNNING, COMPLETE, FAILED, PRUNED)
 # Metric names reported to Ray and stored as objectives (constants, never retyped).
 ID_ACCURACY = "id_accuracy"
 OOD_ACCURACY = "ood_accuracy"
@@ -35,6 +37,12 @@ DEVICE_HOURS = "device_hours"
 ID_ACCURACY_SE = "id_accuracy_se"
 OOD_ACCURACY_SE = "ood_accuracy_se"
 STANDARD_ERROR_OF = {ID_ACCURACY: ID_ACCURACY_SE, OOD_ACCURACY: OOD_ACCURACY_SE}
+RECORD_FILE = "record.json"
+# Reported (with the error text) by a trial that failed deterministically: recorded FAIL, not
+# retried (see trainable.trial_trainable and tune_adapter.StudySearch).
+DETERMINISTIC_FAILURE = "deterministic_failure"
+# The Optuna user attribute that holds why stagebudget failed a trial (the record's `error`).
+ERROR_ATTR = "error"
 
 
 @dataclass
@@ -48,7 +56,7 @@ class TrialRecord:
     key: str
     params: dict[str, Any]
     schedule: dict[str, Any]
-    status: str = "RUNNING"
+    status: str = RUNNING
     reference: str | None = None
     objectives: dict[str, float] = field(default_factory=dict)
     ledger: dict[str, Any] = field(default_factory=dict)
@@ -102,6 +110,18 @@ class RunDir:
     def report(self) -> Path:
         return self.root / "report.html"
 
+    def storage_url(self, stored: str) -> str:
+        """The study storage URL to open for this run, given run.json's ``storage``.
+
+        A run's own SQLite study is found relative to its directory: a copied or moved run
+        directory opens its own ``study.db``, never the original's (whose absolute path run.json
+        still names). Other storages (a server URL, a journal, a SQLite file elsewhere) are
+        used as written.
+        """
+        if stored.startswith("sqlite:///") and self.study_db.is_file():
+            return f"sqlite:///{self.study_db.resolve()}"
+        return stored
+
     def trial_dir(self, key: str) -> Path:
         return self.trials / key
 
@@ -128,16 +148,16 @@ class RunDir:
         return meta
 
     def write_record(self, record: TrialRecord) -> None:
-        atomic_write_json(self.trial_dir(record.key) / "record.json", record.to_dict())
+        atomic_write_json(self.trial_dir(record.key) / RECORD_FILE, record.to_dict())
 
     def read_record(self, key: str) -> TrialRecord | None:
-        """The record of trial ``key``, or None when it is missing or unreadable."""
-        return _read_record(self.trial_dir(key) / "record.json")
+        """The record of trial ``key``; None when it is missing, unreadable or corrupted."""
+        return _read_record(self.trial_dir(key) / RECORD_FILE)
 
     def records(self) -> list[TrialRecord]:
         """All readable trial records; corrupted ones are skipped and reported by ``bad_records``."""
         out = []
-        for path in sorted(self.trials.glob("*/record.json")):
+        for path in sorted(self.trials.glob(f"*/{RECORD_FILE}")):
             record = _read_record(path)
             if record is not None:
                 out.append(record)
@@ -145,7 +165,7 @@ class RunDir:
 
     def bad_records(self) -> list[Path]:
         """Record files that cannot be read as a trial record (truncated, not JSON, wrong shape)."""
-        return [p for p in sorted(self.trials.glob("*/record.json")) if _read_record(p) is None]
+        return [p for p in sorted(self.trials.glob(f"*/{RECORD_FILE}")) if _read_record(p) is None]
 
     def curves(self, key: str) -> list[dict[str, Any]]:
         """Curve rows of one trial; a torn last line (killed mid-write) is ignored."""

@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 from stagebudget.fileio import atomic_write_text
 from stagebudget.pareto import FrontInfo, TrialPoint
-from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY
+from stagebudget.records import (
+    COMPLETE,
+    DEVICE_HOURS,
+    FAILED,
+    ID_ACCURACY,
+    OOD_ACCURACY,
+    PRUNED,
+    RUNNING,
+)
 
 if TYPE_CHECKING:
     from stagebudget.runs import Run
@@ -35,7 +43,8 @@ ID_COLOUR, OOD_COLOUR, GREY = "#1f77b4", "#ff7f0e", "#b0b0b0"
 
 def write_report(run: Run, out: Path | None = None, *, png: bool = False,
                  on_message: Callable[[str], None] | None = None) -> Path:
-    """Write the HTML report of ``run`` (default ``RUN/report.html``) and return its path.
+    """Write the HTML report of ``run`` (default ``RUN/report.html``; into a folder ``out`` as
+    ``<run>-report.html``) and return its path.
 
     With ``png=True`` each figure is also saved as ``<stem>-<figure>.png`` through kaleido when a
     Chromium/Chrome binary is present; otherwise that step is skipped with a message.
@@ -43,6 +52,8 @@ def write_report(run: Run, out: Path | None = None, *, png: bool = False,
     say = on_message or (lambda msg: print(msg, file=sys.stderr))
     front = run.front()
     out = Path(out) if out is not None else run.dir.report
+    if out.is_dir():  # like export: a folder gets the file, named after the run
+        out = out / f"{run.name}-report.html"
     figures = {"front": front_figure(front), "curves": curves_figure(front),
                "hypervolume": hypervolume_figure(front)}
     atomic_write_text(out, render_page(run.name, run_summary(run, front), figures, front))
@@ -60,8 +71,8 @@ def run_summary(run: Run, front: FrontInfo) -> list[tuple[str, str]]:
     ref = ", ".join(f"{v:.4g}" for v in front.ref_point)
     return [
         ("run", f"{run.name} (study {run.study.study_name})"),
-        ("trials", f"{c.get('COMPLETE', 0)} complete, {c.get('FAILED', 0)} failed, "
-                   f"{c.get('RUNNING', 0)} running, {c.get('PRUNED', 0)} pruned "
+        ("trials", f"{c.get(COMPLETE, 0)} complete, {c.get(FAILED, 0)} failed, "
+                   f"{c.get(RUNNING, 0)} running, {c.get(PRUNED, 0)} pruned "
                    f"of {run.meta.get('trials_requested', '?')} requested"),
         ("budget", f"{budget:.4g} device-hours per trial" if budget is not None else "unknown"),
         ("objectives", objectives),

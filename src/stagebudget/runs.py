@@ -23,12 +23,26 @@ from typing import Any
 from stagebudget.errors import ConfigError, RunError, UserError
 from stagebudget.fileio import read_yaml
 from stagebudget.pareto import FrontInfo, TrialPoint, compute_front, curve_series
-from stagebudget.records import DEVICE_HOURS, STANDARD_ERROR_OF, RunDir, TrialRecord
+from stagebudget.records import (
+    COMPLETE,
+    DEVICE_HOURS,
+    ERROR_ATTR,
+    FAILED,
+    ID_ACCURACY,
+    OOD_ACCURACY,
+    PRUNED,
+    RUNNING,
+    STANDARD_ERROR_OF,
+    WAITING,
+    RunDir,
+    TrialRecord,
+)
 from stagebudget.schedule import Schedule
+from stagebudget.space import resolve_rest
 from stagebudget.studyinfo import steps_ran
 from stagebudget.studystore import JOURNAL_PREFIX, is_journal, journal_path, open_storage, redact
 
-STATES = ("COMPLETE", "RUNNING", "WAITING", "PRUNED", "FAILED")
+STATES = (COMPLETE, RUNNING, WAITING, PRUNED, FAILED)
 
 
 @dataclass(frozen=True)
@@ -71,16 +85,15 @@ class TrialView:
     @property
     def stage_shares(self) -> dict[str, float]:
         """Budget share per stage kind, from the params; the one stage without a share param
-        (``share: rest``) gets what is left. Empty when the run allocates steps, not shares."""
-        shares = {k.split(".")[0]: float(v) for k, v in self.params.items()
-                  if k.endswith(".share") and isinstance(v, int | float)}
+        (``share: rest``) gets what is left (:func:`~stagebudget.space.resolve_rest`). Empty
+        when the run allocates steps, not shares."""
+        shares: dict[str, Any] = {k.split(".")[0]: float(v) for k, v in self.params.items()
+                                  if k.endswith(".share") and isinstance(v, int | float)}
         if not shares:
             return {}
-        kinds = [s.kind for s in self.schedule.stages] if self.schedule else []
-        rest = [k for k in kinds if k not in shares]
-        if len(rest) == 1:
-            shares[rest[0]] = max(0.0, 1.0 - sum(shares.values()))
-        return shares
+        for kind in (s.kind for s in self.schedule.stages) if self.schedule else ():
+            shares.setdefault(kind, None)
+        return resolve_rest(shares)
 
     @property
     def sft_share(self) -> float | None:
@@ -105,8 +118,10 @@ class TrialView:
 
     @property
     def error(self) -> str | None:
-        """The record's error, else Optuna's fail reason."""
-        return self._record_or_attr("error", "fail_reason")
+        """The record's error, else the study's (``error``, as stagebudget sets it; else
+        Optuna's ``fail_reason``)."""
+        return self._record_or_attr("error", ERROR_ATTR) or self._record_or_attr("error",
+                                                                                 "fail_reason")
 
     @property
     def label(self) -> str:
@@ -157,27 +172,13 @@ class StatusRow:
 
 
 def ledger_hours(ledger: dict[str, Any]) -> float | None:
-    """Device-hours from a ledger: ``device_hours``, ``device_seconds``, or summed per stage.
+    """Training device-hours of a ledger (``device_hours``, as ``BudgetClock.ledger`` writes it).
 
-    >>> ledger_hours({"stages": [{"device_seconds": 1800}, {"device_seconds": 1800}]})
-    1.0
+    >>> ledger_hours({"device_hours": 0.5, "stages": []})
+    0.5
     """
-    if not isinstance(ledger, dict):
-        return None
-    for key, scale in (("device_hours", 1.0), ("train_device_hours", 1.0),
-                       ("device_seconds", 3600.0), ("train_device_seconds", 3600.0)):
-        if isinstance(ledger.get(key), int | float):
-            return float(ledger[key]) / scale
-    stages = ledger.get("stages")
-    if isinstance(stages, dict):
-        stages = list(stages.values())
-    if not isinstance(stages, list | tuple):
-        return None
-    secs = [s.get("device_seconds") for s in stages if isinstance(s, dict)]
-    numbers = [float(s) for s in secs if isinstance(s, int | float)]
-    if not secs or len(numbers) != len(secs):
-        return None
-    return sum(numbers) / 3600.0
+    value = ledger.get("device_hours") if isinstance(ledger, dict) else None
+    return float(value) if isinstance(value, int | float) else None
 
 
 class Run:
@@ -209,22 +210,15 @@ class Run:
 
     @property
     def budget_hours(self) -> float | None:
-        """Per-trial budget in device-hours: run.json, else space.yaml, else a schedule."""
-        for value in (self.meta.get("per_trial_hours"), self.meta.get("budget_hours"),
-                      (self.meta.get("budget") or {}).get("per_trial_hours")
-                      if isinstance(self.meta.get("budget"), dict) else None):
-            if isinstance(value, int | float):
-                return float(value)
-        if self.dir.space.is_file():
-            try:
-                space = read_yaml(self.dir.space)
-                value = space["budget"]["per_trial_hours"]
-                if isinstance(value, int | float):
-                    return float(value)
-            except (ConfigError, KeyError, TypeError):
-                pass
-        return next((t.schedule.budget_hours for t in self.trials()
-                     if t.schedule is not None and t.schedule.budget_hours), None)
+        """Per-trial budget in device-hours: run.json, else (older runs) the run's space.yaml."""
+        value = self.meta.get("per_trial_hours")
+        if isinstance(value, int | float):
+            return float(value)
+        try:
+            value = read_yaml(self.dir.space)["budget"]["per_trial_hours"]
+        except (ConfigError, KeyError, TypeError):
+            return None
+        return float(value) if isinstance(value, int | float) else None
 
     def trials(self) -> list[TrialView]:
         """All Optuna trials (by number) joined with their records, then unmatched records."""
@@ -240,7 +234,7 @@ class Run:
             record = queue.popleft() if queue else None
             values = dict(zip(names, t.values, strict=True)) if t.values is not None else {}
             attrs = {**t.system_attrs, **t.user_attrs}
-            state = "FAILED" if t.state.name == "FAIL" else t.state.name  # as records spell it
+            state = FAILED if t.state.name == "FAIL" else t.state.name  # as records spell it
             views.append(TrialView(t.number, state, dict(t.params), values, record,
                                    self.dir, attrs))
         for queue in pool.values():
@@ -272,8 +266,8 @@ class Run:
                 number=v.number, state=v.state, reference=v.reference,
                 schedule=v.label + (f" (reused {v.record.reused_from})"
                                     if v.record is not None and v.record.reused_from else ""),
-                sft_share=v.sft_share, id_accuracy=v.values.get("id_accuracy"),
-                ood_accuracy=v.values.get("ood_accuracy"), device_hours=v.device_hours,
+                sft_share=v.sft_share, id_accuracy=v.values.get(ID_ACCURACY),
+                ood_accuracy=v.values.get(OOD_ACCURACY), device_hours=v.device_hours,
                 on_front=v.number in on_front, knee=v.number is not None and v.number == front.knee,
                 error=v.error.strip().splitlines()[0] if v.error and v.error.strip() else None,
             )
@@ -288,7 +282,7 @@ def load_run(path: str | Path) -> Run:
     study_name = meta.get("study_name")
     if not isinstance(study_name, str) or not study_name:
         raise RunError(f"{run_dir.meta} has no `study_name`; the run description is incomplete")
-    url = _storage_url(meta.get("storage"), run_dir)
+    url = study_storage_url(meta.get("storage"), run_dir)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -323,8 +317,9 @@ def _ordered_records(records: list[TrialRecord]) -> list[TrialRecord]:
     return sorted(records, key=lambda r: (r.started is None, r.started or 0.0, r.key))
 
 
-def _storage_url(storage: Any, run_dir: RunDir) -> str:
-    """The study storage URL; a SQLite file that moved with the run directory is found there."""
+def study_storage_url(storage: Any, run_dir: RunDir) -> str:
+    """The study storage URL of a run (see :meth:`RunDir.storage_url`), checked: a SQLite file
+    must exist and be SQLite (Optuna would otherwise create or write into it)."""
     if not isinstance(storage, str) or not storage:
         raise RunError(f"{run_dir.meta} has no `storage` (an Optuna storage URL)")
     if is_journal(storage):
@@ -333,15 +328,13 @@ def _storage_url(storage: Any, run_dir: RunDir) -> str:
         if not path.is_file() and moved.is_file():  # the run directory was moved or copied
             return JOURNAL_PREFIX + str(moved.resolve())
         return storage
+    storage = run_dir.storage_url(storage)
     if not storage.startswith("sqlite:///"):
         return storage
     db = Path(storage.removeprefix("sqlite:///"))
     if db.is_file():
         _check_sqlite(db, run_dir)
         return storage
-    if run_dir.study_db.is_file():  # the run directory was moved or copied
-        _check_sqlite(run_dir.study_db, run_dir)
-        return f"sqlite:///{run_dir.study_db.resolve()}"
     # Never let Optuna create an empty database in place of a missing one.
     raise RunError(f"the study database {db} (from {run_dir.meta}) does not exist")
 
@@ -378,7 +371,7 @@ def _objectives(meta: dict[str, Any], source: Path) -> list[tuple[str, str]]:
 
 def _point(view: TrialView, names: tuple[str, ...]) -> TrialPoint | None:
     """A completed trial with finite values for every objective, as a front point."""
-    if view.state != "COMPLETE" or view.number is None:
+    if view.state != COMPLETE or view.number is None:
         return None
     values = tuple(view.values.get(n, math.nan) for n in names)
     if not all(math.isfinite(v) for v in values):

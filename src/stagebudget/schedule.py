@@ -12,17 +12,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stagebudget.errors import ConfigError, from_pydantic
 from stagebudget.fileio import atomic_write_yaml, read_yaml
+from stagebudget.kinds import get_kind, kind_only_fields, stage_kinds
 
-StageKind = Literal["cpt", "sft", "rl"]
-STAGE_KINDS: tuple[str, ...] = ("cpt", "sft", "rl")
-RL_ONLY_FIELDS = ("num_generations", "max_completion_length", "beta", "temperature")
+LORA_TARGETS = "all-linear"  # every linear layer but the output head (Llama, Qwen and others)
 
 
 class Strict(BaseModel):
@@ -42,43 +50,59 @@ class Strict(BaseModel):
         return data
 
 
+def _check_targets(v: str) -> str:
+    if v != LORA_TARGETS and not all(
+            p.strip().replace(".", "_").isidentifier() for p in v.split(",")):
+        raise ValueError(f"LoRA target modules must be '{LORA_TARGETS}' or comma-separated "
+                         f"module names such as 'q_proj,v_proj', got {v!r}")
+    return v
+
+
 class StageSpec(Strict):
     """One post-training stage.
 
     ``lora_rank`` 0 means full fine-tuning. ``batch_size`` is examples per step for cpt/sft and
-    prompts per step for rl (each prompt gets ``num_generations`` completions).
+    prompts per step for rl (each prompt gets ``num_generations`` completions). ``max_length``
+    (tokens, cpt/sft) truncates training sequences; unset, sft takes the longest tokenised
+    training example, so nothing is cut. ``max_completion_length`` (rl) caps generated tokens.
     """
 
-    kind: StageKind
-    steps: int = Field(ge=1)
-    lora_rank: int = Field(default=8, ge=0)
-    lora_alpha: int | None = Field(default=None, ge=1)
-    learning_rate: float = Field(default=5e-4, gt=0, le=1.0)
-    batch_size: int = Field(default=32, ge=1)
-    eval_interval: int = Field(default=25, ge=1)
-    max_length: int = Field(default=64, ge=8)
-    num_generations: int | None = Field(default=None, ge=2)
-    max_completion_length: int | None = Field(default=None, ge=1)
-    beta: float | None = Field(default=None, ge=0)
-    temperature: float | None = Field(default=None, gt=0)
+    kind: str = Field(description="a registered stage kind")
+    steps: int = Field(ge=1, strict=True)
+    lora_rank: int = Field(default=8, ge=0, strict=True,
+                           description="0 means full fine-tuning")
+    lora_alpha: int | None = Field(default=None, ge=1, strict=True,
+                                   description="default: twice the rank")
+    lora_dropout: float | None = Field(default=None, ge=0, lt=1, strict=True,
+                                       description="default: 0")
+    lora_target_modules: Annotated[str, AfterValidator(_check_targets)] | None = Field(
+        default=None, min_length=1, strict=True,
+        description=f"'{LORA_TARGETS}' (the default) or comma-separated module names, "
+                    "e.g. 'q_proj,v_proj'")
+    learning_rate: float = Field(default=5e-4, gt=0, le=1.0, strict=True)
+    batch_size: int = Field(default=32, ge=1, strict=True)
+    eval_interval: int = Field(default=25, ge=1, strict=True)
+    max_length: int | None = Field(default=None, ge=8, strict=True)
+    num_generations: int | None = Field(default=None, ge=2, strict=True)
+    max_completion_length: int | None = Field(default=None, ge=1, strict=True)
+    beta: float | None = Field(default=None, ge=0, strict=True)
+    temperature: float | None = Field(default=None, gt=0, strict=True)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        get_kind(v)  # raises, naming the registered kinds
+        return v
 
     @model_validator(mode="after")
-    def _rl_fields(self) -> StageSpec:
-        if self.kind != "rl":
-            given = [f for f in RL_ONLY_FIELDS if getattr(self, f) is not None]
-            if given:
-                raise ValueError(
-                    f"`{given[0]}` applies only to rl stages, but this stage is kind={self.kind!r}"
-                )
-            return self
-        # Fill RL defaults (measured workable on the embedded default, see FINDINGS).
-        defaults = {
-            "num_generations": 8,
-            "max_completion_length": 12,
-            "beta": 0.0,
-            "temperature": 1.0,
-        }
-        for name, value in defaults.items():
+    def _kind_fields(self) -> StageSpec:
+        own = get_kind(self.kind).defaults
+        given = [f for f in kind_only_fields() if f not in own and getattr(self, f) is not None]
+        if given:
+            owners = [k for k in stage_kinds() if given[0] in get_kind(k).defaults]
+            raise ValueError(f"`{given[0]}` applies only to {' / '.join(owners)} stages, but this "
+                             f"stage is kind={self.kind!r}")
+        for name, value in own.items():  # the kind's defaults, written once in its registration
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         return self
@@ -88,22 +112,78 @@ class StageSpec(Strict):
         """LoRA alpha; defaults to twice the rank."""
         return self.lora_alpha if self.lora_alpha is not None else max(1, 2 * self.lora_rank)
 
+    @property
+    def dropout(self) -> float:
+        """LoRA dropout; defaults to 0."""
+        return self.lora_dropout if self.lora_dropout is not None else 0.0
+
+    @property
+    def target_modules(self) -> str | list[str]:
+        """LoRA target modules as peft takes them: ``"all-linear"`` or a list of names."""
+        v = self.lora_target_modules
+        return LORA_TARGETS if v in (None, LORA_TARGETS) else [p.strip() for p in v.split(",")]
+
+
+BUILTIN_SIZES = {"n_train": 4000, "n_id_test": 200, "n_ood_test": 200}
+
 
 class TasksRef(Strict):
-    """Which tasks a schedule trains and is measured on.
+    """Which tasks a schedule trains and is measured on, and how answers are scored.
 
-    ``source`` is ``builtin`` or a path to a JSONL file of user tasks (then ``scorer`` names how
-    answers are scored). ``seed`` is the data seed: it is fixed across trials so every trial is
-    measured on the same held-out sets.
+    ``source`` is ``builtin`` or a path to a JSONL file of user tasks. ``seed`` is the data
+    seed: it is fixed across trials so every trial is measured on the same held-out sets.
+    The sizes ``n_train``/``n_id_test``/``n_ood_test`` choose how many built-in examples are
+    drawn (default :data:`BUILTIN_SIZES`); for a task file they are the rows the file holds
+    (filled in when a space is loaded, checked when the file is read again).
+
+    ``scorer`` is a built-in scorer name or an import path ``package.module:function`` (see
+    :mod:`stagebudget.tasks.scoring`); ``answer`` says which part of a completion is the answer
+    (``full``, ``answer_tag``, ``last_line`` or ``regex:PATTERN``); ``format_reward`` is the RL
+    reward's format term (default 0.1); ``max_new_tokens`` caps evaluation generation (default:
+    the longest tokenised test completion, or answer, plus 2).
     """
 
     source: str = "builtin"
     names: tuple[str, ...] = ()
-    n_train: int = Field(default=4000, ge=1)
-    n_id_test: int = Field(default=200, ge=1)
-    n_ood_test: int = Field(default=200, ge=1)
+    n_train: int | None = Field(default=None, ge=1)
+    n_id_test: int | None = Field(default=None, ge=1)
+    n_ood_test: int | None = Field(default=None, ge=1)
     scorer: str | None = None
+    answer: str | None = None
+    format_reward: float | None = Field(default=None, ge=0)
+    max_new_tokens: int | None = Field(default=None, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _builtin_sizes(self) -> TasksRef:
+        if self.source == "builtin":
+            for name, value in BUILTIN_SIZES.items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
+        return self
+
+    def suite_args(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`stagebudget.tasks.load_suite` for this reference."""
+        sizes = {k: getattr(self, k) for k in BUILTIN_SIZES if getattr(self, k) is not None}
+        return {"source": self.source, "names": self.names, "seed": self.seed,
+                "scorer": self.scorer, "answer": self.answer,
+                "format_reward": self.format_reward, "max_new_tokens": self.max_new_tokens,
+                **sizes}
+
+
+IDENTITY_EXCLUDES = ("name",)  # a display label; it does not change what trains
+
+
+def identity(schedule: Mapping[str, Any]) -> str:
+    """The one answer to "same trained model?": canonical JSON of a schedule's dict form
+    (``Schedule.to_dict()`` or a record's ``schedule``) without its display name.
+
+    >>> a = Schedule(stages=(StageSpec(kind="sft", steps=5),), name="a").to_dict()
+    >>> identity(a) == identity({**a, "name": "b"})
+    True
+    """
+    return json.dumps({k: v for k, v in schedule.items() if k not in IDENTITY_EXCLUDES},
+                      sort_keys=True)
 
 
 class Schedule(Strict):
@@ -114,15 +194,17 @@ class Schedule(Strict):
     stages: tuple[StageSpec, ...]
     seed: int = 0
     budget_hours: float | None = Field(default=None, gt=0)
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(default=False, strict=True)
     name: str | None = None
 
     @model_validator(mode="after")
     def _order(self) -> Schedule:
         if not self.stages:
-            raise ValueError("a schedule needs at least one stage (cpt, sft or rl)")
-        if any(s.kind == "cpt" for s in self.stages[1:]) and self.stages[0].kind != "cpt":
-            raise ValueError("a cpt stage may only come first (continued pre-training precedes SFT/RL)")
+            raise ValueError(f"a schedule needs at least one stage ({', '.join(stage_kinds())})")
+        late = [s.kind for s in self.stages[1:] if get_kind(s.kind).first_only]
+        if late:
+            raise ValueError(f"a {late[0]} stage may only come first (e.g. continued pre-training "
+                             "precedes SFT/RL)")
         return self
 
     # --- serialisation -------------------------------------------------------------------
@@ -154,9 +236,8 @@ class Schedule(Strict):
         atomic_write_yaml(path, self.to_dict())
 
     def digest(self) -> str:
-        """Content hash of everything that determines the trained model."""
-        payload = json.dumps(self.to_dict(), sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        """Content hash of everything that determines the trained model (see :func:`identity`)."""
+        return hashlib.sha256(identity(self.to_dict()).encode()).hexdigest()[:16]
 
     def stage(self, kind: str) -> StageSpec | None:
         """The first stage of ``kind``, if any."""

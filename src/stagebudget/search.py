@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -28,9 +30,10 @@ from typing import Any
 
 from stagebudget import __version__
 from stagebudget.errors import UserError
-from stagebudget.fileio import atomic_write_yaml
-from stagebudget.records import DEVICE_HOURS, RunDir
-from stagebudget.space import SearchSpace
+from stagebudget.fileio import DISK_FULL, atomic_write_yaml
+from stagebudget.records import COMPLETE, DEVICE_HOURS, ERROR_ATTR, FAILED, RUNNING, RunDir
+from stagebudget.runs import study_storage_url
+from stagebudget.space import SearchSpace, check_run_name, make_sampler
 from stagebudget.studystore import normalize_url, open_storage
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class SearchPlan:
     remaining: int
     points: list[dict[str, Any]] = field(default_factory=list)
     prior_hours: float = 0.0
+    lock: Any = None
 
 
 def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Path = Path("runs"),
@@ -67,28 +71,42 @@ def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Pat
     device-hour budget (overrides ``budget.search_hours``): no trial starts past it.
     ``mlflow`` is an MLflow tracking URI: trials are also logged there (kept for a resume).
     """
-    if budget_hours is not None and budget_hours <= 0:
-        raise UserError(f"--budget-hours must be > 0, got {budget_hours}")
+    _check_flags(name, Path(runs_dir))
     if mlflow is not None:
         check_mlflow(mlflow)
     plan = (_plan_resume if resume else _plan_new)(
         Path(space_path), name=name, runs_dir=Path(runs_dir), trials=trials,
         budget_hours=budget_hours, concurrency=concurrency, address=address, storage=storage)
+    try:
+        if mlflow is not None:
+            plan.meta["mlflow"] = mlflow
+            plan.run.write_meta(_without_tool(plan.meta))  # a resume keeps logging there
+        return _drive(plan, resume=resume, address=address, live=live, trial_fn=trial_fn)
+    finally:
+        plan.lock.release()
+
+
+def _drive(plan: SearchPlan, *, resume: bool, address: str | None, live: bool,
+           trial_fn: TrialFn | None) -> Path:
+    """Run the planned trials; settle an interrupted run so that it can be resumed."""
     if plan.remaining <= 0:
         log.info("all %d trials of %s are finished; nothing to run", plan.meta["trials_requested"],
                  plan.run.root)
         _summarise(plan, live)
         return plan.run.root
-    if mlflow is not None:
-        plan.meta["mlflow"] = mlflow
-        plan.run.write_meta(_without_tool(plan.meta))  # a resume keeps logging there
-    if trial_fn is None:
-        _prepare_base_model(plan.space, plan.meta["space_file"])
     try:
+        if trial_fn is None:
+            _prepare_base_model(plan.space, plan.meta["space_file"])
         stopped = _execute(plan, address=address, live=live, trial_fn=trial_fn)
-    except ClusterError:
-        if not resume:  # nothing ran: leave no run directory that can be neither resumed nor reused
+    except BaseException as exc:
+        if not resume and not plan.run.trials.exists():
+            # Nothing ran (the base model or Ray failed to start): leave no directory behind
+            # that would block the name.
             shutil.rmtree(plan.run.root, ignore_errors=True)
+        elif isinstance(exc, KeyboardInterrupt):
+            raise _settle_interrupted(plan) from None
+        elif _is_disk_full(exc):
+            raise _disk_full(plan, exc) from None
         raise
     plan.meta.update(stopped_by_budget=stopped, finished=time.time())
     plan.run.write_meta(_without_tool(plan.meta))
@@ -111,21 +129,152 @@ def check_mlflow(uri: str) -> None:
                         "(e.g. sqlite:///mlflow.db or http://HOST:5000)") from None
 
 
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a search; the message says what finished and how to resume."""
+
+
+def _settle_interrupted(plan: SearchPlan) -> SearchInterrupted:
+    """After Ctrl-C (Ray already shut down): no trial is left RUNNING in the study or the
+    records, run.json says when it was interrupted, and the message says how to resume."""
+    study = _load_study(plan.storage, plan.meta["study_name"])
+    finished = mark_interrupted(study, plan.run, [o.name for o in plan.space.objectives])
+    plan.meta.update(interrupted=[*plan.meta.get("interrupted", []), time.time()])
+    plan.run.write_meta(_without_tool(plan.meta))
+    runs_dir, name = plan.run.root.parent, plan.run.root.name
+    return SearchInterrupted(
+        f"search interrupted: {finished} of {plan.meta['trials_requested']} trials are finished "
+        f"and kept in {plan.run.root}; trials that were running are marked FAILED "
+        f"(\"interrupted\"). Continue with: stagebudget search {plan.meta['space_file']} "
+        f"--name {name} --runs-dir {runs_dir} --resume")
+
+
+DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "database or disk is full")
+
+
+def _is_disk_full(exc: BaseException | None) -> bool:
+    """A full disk anywhere in the chain (Ray wraps a callback's error into a TuneError whose
+    text is the traceback)."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return True
+        if any(t in str(exc) for t in DISK_FULL_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _disk_full(plan: SearchPlan, exc: BaseException) -> UserError:
+    """One paragraph for a disk that filled up mid-run; the run is kept for ``--resume``."""
+    with contextlib.suppress(Exception):  # settling writes too; it may not fit yet
+        _settle_interrupted(plan)
+    return UserError(
+        f"the disk holding {plan.run.root} is full (No space left on device), so the search "
+        f"stopped; finished trials are kept. Free some space, then continue with: stagebudget "
+        f"search {plan.meta['space_file']} --name {plan.run.root.name} --runs-dir "
+        f"{plan.run.root.parent} --resume")
+
+
+def reap_ray_session(meta: dict[str, Any]) -> list[int]:
+    """End the processes of the private local Ray a killed driver left behind (its
+    DashboardAgent, RuntimeEnvAgent, raylet...): those whose command line names the session
+    directory recorded in run.json, on this host. Call only while holding the run's
+    :class:`DriverLock` (the driver that started that Ray is then gone). Returns the pids ended.
+    """
+    session, host = meta.get("ray_session_dir"), meta.get("ray_host")
+    proc = Path("/proc")
+    if not session or host != os.uname().nodename or not proc.is_dir():
+        return []
+    mine = {os.getpid(), os.getppid()}
+    pids = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) in mine:
+            continue
+        if _uses_session(entry, session):
+            pids.append(int(entry.name))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 3
+        while sig == signal.SIGTERM and time.monotonic() < deadline and any(map(_alive, pids)):
+            time.sleep(0.1)
+    if pids:
+        log.info("ended %d processes left by the killed driver's Ray (%s)", len(pids), session)
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a parent that never reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _uses_session(proc_entry: Path, session: str) -> bool:
+    """Whether a /proc entry belongs to the Ray session: its command line names the session
+    directory, or (agents retitle themselves, e.g. ``ray::DashboardAgent``) it holds a log file
+    open there."""
+    try:
+        if session.encode() in (proc_entry / "cmdline").read_bytes():
+            return True
+        for fd in (proc_entry / "fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd).startswith(session + os.sep):
+                    return True
+    except OSError:  # gone, or not ours to read
+        return False
+    return False
+
+
+class DriverLock:
+    """One driver per run: an exclusive ``flock`` on ``RUN/.driver.lock`` for the whole search
+    or resume. The kernel drops it when the process dies, so a killed driver never blocks a
+    resume; a second driver on a live run is refused, naming the one that holds it."""
+
+    def __init__(self, run: RunDir) -> None:
+        import fcntl
+
+        self.path = run.root / ".driver.lock"
+        self._fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "another process"
+            self._fh.close()
+            raise UserError(
+                f"run {run.root} is being driven right now by {holder}; one driver per run: "
+                "wait for it to finish (or stop it), then resume with --resume") from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"stagebudget pid {os.getpid()} on {os.uname().nodename}, started "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self._fh.flush()
+
+    def release(self) -> None:
+        """Drop the lock (closing the file releases the flock)."""
+        if not self._fh.closed:
+            self._fh.close()
+
+
 def check_local_resources(space: SearchSpace) -> None:
     """``concurrency`` trials at once must fit this machine's CPUs (and GPUs)."""
     res, n = space.resources_per_trial, space.concurrency
     cpus = os.cpu_count() or 1
+    where = f"{space._source}: " if space._source else ""
     if n * res.cpu > cpus:
         raise UserError(
-            f"concurrency x resources_per_trial.cpu = {n} x {res.cpu:g} = {n * res.cpu:g} CPUs, "
-            f"but this machine has {cpus}; lower `concurrency` (--concurrency) or "
+            f"{where}concurrency x resources_per_trial.cpu = {n} x {res.cpu:g} = "
+            f"{n * res.cpu:g} CPUs, but this machine has {cpus}; lower `concurrency` (--concurrency) or "
             "`resources_per_trial.cpu`, or give --address of a Ray cluster")
     if res.gpu > 0:
         gpus = _local_gpus()
         if n * res.gpu > gpus:
             raise UserError(
-                f"concurrency x resources_per_trial.gpu = {n} x {res.gpu:g} = {n * res.gpu:g} "
-                f"GPUs, but this machine has {gpus}; lower `concurrency` or "
+                f"{where}concurrency x resources_per_trial.gpu = {n} x {res.gpu:g} = "
+                f"{n * res.gpu:g} GPUs, but this machine has {gpus}; lower `concurrency` or "
                 "`resources_per_trial.gpu` (fractions such as 0.5 share a GPU)")
 
 
@@ -190,20 +339,40 @@ def _local_gpus() -> int:
         return 0
 
 
-def _load_space(path: Path, trials: int | None, concurrency: int | None,
-                budget_hours: float | None, address: str | None) -> SearchSpace:
-    """Load and validate the space with CLI overrides; check local resources."""
+def check_space(path: str | Path, *, trials: int | None = None, concurrency: int | None = None,
+                budget_hours: float | None = None, address: str | None = None,
+                warn: Callable[[str], None] | None = None) -> SearchSpace:
+    """Every check on a space, as ``validate`` and ``search`` both run it: the file and its
+    feasibility at every corner, task files and a local model, this machine's resources, the
+    sampler and its options, and the search budget. Nothing is written and Ray is not started.
+    ``trials``, ``concurrency`` and ``budget_hours`` are the CLI overrides; ``warn`` receives
+    the input checks' warnings (default: printed as ``warning: ...``).
+    """
+    if budget_hours is not None and not (math.isfinite(budget_hours) and budget_hours > 0):
+        raise UserError(f"--budget-hours must be a positive number of device-hours, got "
+                        f"{budget_hours}")
     space = SearchSpace.load(path, trials=trials, concurrency=concurrency)
-    space.check_inputs()
+    for warning in space.check_inputs():
+        if warn is not None:
+            warn(warning)
+        else:
+            print(f"warning: {warning}", flush=True)
     if address is None:
         check_local_resources(space)
     else:
         check_cluster(address)
+    make_sampler(space, space.trials)  # a bogus sampler option is an error now, not in Ray
     if budget_hours is not None:
         budget = space.budget.model_copy(update={"search_hours": budget_hours})
         source = space._source
         space = space.model_copy(update={"budget": budget})
         space._source = source
+    search, per_trial = space.budget.search_hours, space.budget.per_trial_hours
+    if search is not None and search < per_trial:
+        raise UserError(
+            f"{path}: the search budget ({search:g} device-hours, --budget-hours or "
+            f"budget.search_hours) is smaller than one trial's budget (budget.per_trial_hours = "
+            f"{per_trial:g}), so no trial could start; give at least {per_trial:g}")
     return space
 
 
@@ -211,6 +380,18 @@ def command_line() -> str:
     """The command that started this process, as a shell would take it back."""
     prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
     return shlex.join([prog, *sys.argv[1:]])
+
+
+def _check_flags(name: str | None, runs_dir: Path) -> None:
+    """``--name`` must name a directory inside ``--runs-dir``, which must be a directory."""
+    if name is not None:
+        try:
+            check_run_name(name)
+        except ValueError as exc:
+            raise UserError(f"--name: {exc}") from None
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise UserError(f"--runs-dir {runs_dir} is a file, not a directory; give the folder where "
+                        "run directories go (it is created if missing)")
 
 
 def default_storage_url(run: RunDir) -> str:
@@ -221,7 +402,8 @@ def default_storage_url(run: RunDir) -> str:
 def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int | None,
               budget_hours: float | None, concurrency: int | None, address: str | None,
               storage: str | None) -> SearchPlan:
-    space = _load_space(space_path, trials, concurrency, budget_hours, address)
+    space = check_space(space_path, trials=trials, concurrency=concurrency,
+                        budget_hours=budget_hours, address=address)
     name = name or space.name
     run = RunDir(runs_dir / name)
     if run.root.exists():
@@ -229,39 +411,60 @@ def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int
                         "or start a new run with --name NEW_NAME")
     url = normalize_url(storage or default_storage_url(run))
     run.root.mkdir(parents=True)
+    lock = DriverLock(run)
     try:
         store = open_storage(url)
-    except UserError:
-        run.root.rmdir()
+        meta = {
+            "version": __version__, "name": name, "study_name": f"{name}-{uuid.uuid4().hex[:8]}",
+            "storage": url, "space_file": str(Path(space_path).resolve()),
+            "created": time.time(),
+            "objectives": [{"name": o.name, "direction": o.direction} for o in space.objectives],
+            "trials_requested": space.trials, "search_budget_hours": space.budget.search_hours,
+            "per_trial_hours": space.budget.per_trial_hours, "address": address,
+            "stopped_by_budget": False, "command": command_line(),
+        }
+        run.write_meta(meta)
+        atomic_write_yaml(run.space, space.model_dump(mode="json", exclude_none=True))
+    except BaseException:  # e.g. a full disk: leave nothing behind that blocks the name
+        lock.release()
+        shutil.rmtree(run.root, ignore_errors=True)
         raise
-    meta = {
-        "version": __version__, "name": name, "study_name": f"{name}-{uuid.uuid4().hex[:8]}",
-        "storage": url, "space_file": str(Path(space_path).resolve()), "created": time.time(),
-        "objectives": [{"name": o.name, "direction": o.direction} for o in space.objectives],
-        "trials_requested": space.trials, "search_budget_hours": space.budget.search_hours,
-        "address": address, "stopped_by_budget": False, "command": command_line(),
-    }
-    run.write_meta(meta)
-    atomic_write_yaml(run.space, space.model_dump(mode="json", exclude_none=True))
     points = [p for _, p in space.reference_points()] if space.references else []
-    return SearchPlan(run, space, meta, store, space.trials, points)
+    return SearchPlan(run, space, meta, store, space.trials, points, lock=lock)
 
 
 def _plan_resume(space_path: Path, *, name: str | None, runs_dir: Path, trials: int | None,
                  budget_hours: float | None, concurrency: int | None, address: str | None,
                  storage: str | None) -> SearchPlan:
     """Load the run by name; mark what a killed driver left RUNNING as FAIL; count what is left."""
+
     run = RunDir(runs_dir / (name or _space_name(space_path)))
     if not run.root.exists():
         raise UserError(f"cannot resume: run directory {run.root} does not exist; start it "
                         "without --resume (or give the --name of an existing run)")
-    meta = _without_tool(run.read_meta())
+    run.read_meta()  # a clear error for a directory that is not a run, before the lock
+    lock = DriverLock(run)  # before anything is settled: a live driver's trials are its own
+    reap_ray_session(run.read_meta())  # the lock proves the driver that started it is gone
+    try:
+        return _resume_plan(run, _without_tool(run.read_meta()), lock, trials=trials,
+                            budget_hours=budget_hours, concurrency=concurrency,
+                            address=address, storage=storage)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _resume_plan(run: RunDir, meta: dict[str, Any], lock: DriverLock, *, trials: int | None,
+                 budget_hours: float | None, concurrency: int | None, address: str | None,
+                 storage: str | None) -> SearchPlan:
     if storage and storage != meta["storage"]:
         raise UserError(f"--storage {storage!r} differs from this run's {meta['storage']!r}; "
                         "leave --storage out when resuming")
-    space = _load_space(run.space, trials or meta["trials_requested"], concurrency,
-                        budget_hours or meta.get("search_budget_hours"), address)
-    store = open_storage(meta["storage"])
+    space = check_space(run.space, trials=trials or meta["trials_requested"],
+                        concurrency=concurrency,
+                        budget_hours=budget_hours or meta.get("search_budget_hours"),
+                        address=address)
+    store = open_storage(study_storage_url(meta.get("storage"), run))  # a copied run: its own
     study = _load_study(store, meta["study_name"])
     finished = mark_interrupted(study, run, [o.name for o in space.objectives])
     meta.update(trials_requested=space.trials, search_budget_hours=space.budget.search_hours,
@@ -272,7 +475,7 @@ def _plan_resume(space_path: Path, *, name: str | None, runs_dir: Path, trials: 
     points = [p for _, p in space.reference_points()
               if space.references and not any(_same_params(p, s) for s in seen)]
     prior = sum(r.objectives.get(DEVICE_HOURS, 0.0) for r in run.records())
-    return SearchPlan(run, space, meta, store, space.trials - finished, points, prior)
+    return SearchPlan(run, space, meta, store, space.trials - finished, points, prior, lock=lock)
 
 
 def _space_name(space_path: Path) -> str:
@@ -316,16 +519,16 @@ def mark_interrupted(study: Any, run: RunDir, objectives: list[str]) -> int:
     records = {r.key: r for r in run.records()}
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         rec = records.get(t.user_attrs.get(TUNE_ID_ATTR, ""))
-        if rec and rec.status == "COMPLETE" and all(o in rec.objectives for o in objectives):
+        if rec and rec.status == COMPLETE and all(o in rec.objectives for o in objectives):
             values = [float(rec.objectives[o]) for o in objectives]
             annotate_trial(functools.partial(storage.set_trial_user_attr, t._trial_id), rec)
             storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, values)
             continue
-        storage.set_trial_user_attr(t._trial_id, "error", "interrupted")  # before: FAIL is final
+        storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, "interrupted")  # before: FAIL is final
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     for record in records.values():
-        if record.status == "RUNNING":
-            record.status, record.error, record.finished = "FAILED", "interrupted", time.time()
+        if record.status == RUNNING:
+            record.status, record.error, record.finished = FAILED, "interrupted", time.time()
             run.write_record(record)
     done = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
     return len(study.get_trials(deepcopy=False, states=done))
@@ -350,20 +553,17 @@ def _prepare_base_model(space: SearchSpace, space_file: str) -> None:
         raise UserError(str(exc)) from None
 
 
-def _device(space: SearchSpace) -> str:
-    if space.device != "auto":
-        return space.device
-    return "cuda" if space.resources_per_trial.gpu > 0 else "cpu"
-
-
-def _init_ray(address: str | None, space: SearchSpace) -> None:
+def _init_ray(address: str | None, space: SearchSpace) -> str | None:
+    """Start (or join) Ray; return the session directory of a private local Ray."""
     import ray
 
     if address is None:
         # "local" always starts a private Ray: a bare ray.init() would join any cluster that
         # `ray start` left running on this machine.
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                 log_to_driver=False, ignore_reinit_error=True, configure_logging=False)
+        ctx = ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                       log_to_driver=False, ignore_reinit_error=True, configure_logging=False)
+        info = getattr(ctx, "address_info", None) or {}
+        return str(info.get("session_dir") or "") or None
     else:
         try:
             ray.init(address=address, log_to_driver=False, ignore_reinit_error=True,
@@ -371,6 +571,7 @@ def _init_ray(address: str | None, space: SearchSpace) -> None:
         except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
             raise ClusterError(f"cannot connect to the Ray cluster at --address {address}: "
                                f"{str(exc).splitlines()[0]}") from None
+    return None
 
 
 def _execute(plan: SearchPlan, *, address: str | None, live: bool,
@@ -385,7 +586,9 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
     from stagebudget.tune_adapter import build_tuner
 
     space = plan.space
-    device = _device(space)
+    from stagebudget.stages.common import resolve_device
+
+    device = resolve_device(space.device, gpus=space.resources_per_trial.gpu)
     cost = space.cost_model(device)
     trainable = tune.with_parameters(
         trial_trainable, space=space, run_dir=str(plan.run.root.resolve()), trial_fn=trial_fn,
@@ -393,7 +596,10 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
     display = LiveDisplay() if live else Display()
     holder: dict[str, Any] = {}
     callback = ProgressCallback(display, lambda running: _stats(plan, holder, running))
-    _init_ray(address, space)
+    session = _init_ray(address, space)
+    if session:  # so that a resume after a killed driver can end this Ray's leftover processes
+        plan.meta.update(ray_session_dir=session, ray_host=os.uname().nodename)
+        plan.run.write_meta(_without_tool(plan.meta))
     try:
         tuner, limiter, search = build_tuner(
             trainable, space, run_dir=plan.run.root, study_name=plan.meta["study_name"],
@@ -405,12 +611,28 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
                 "planned_hours": _planner(space, cost), "prior_hours": plan.prior_hours})
         holder.update(limiter=limiter, study=search.study)
         annotate_study(search.study, space, plan.run.root, plan.meta)
-        with display:
+        with display, _plain_sigint():
             tuner.fit()
             display.update(_stats(plan, holder, 0), force=True)
     finally:
         ray.shutdown()  # for an external cluster this only disconnects the driver
     return bool(limiter.stopped_by_budget)
+
+
+@contextlib.contextmanager
+def _plain_sigint() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in the driver instead of Ray Tune's own handler (which
+    ends the experiment as if it had finished and prints a ``Tuner.restore`` hint that does not
+    apply): the search then settles the run for ``--resume`` and exits non-zero."""
+    old = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = old
 
 
 def _planner(space: SearchSpace, cost: Any) -> Callable[[dict[str, Any]], float]:

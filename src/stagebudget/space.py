@@ -8,27 +8,44 @@ The YAML uses a short distribution schema (``type``, ``low``, ``high``, ``log``,
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from stagebudget.cost import Budget, CostModel, ModelShape, default_cost_model, plan_schedule
-from stagebudget.errors import BudgetError, ConfigError, from_pydantic
-from stagebudget.fileio import read_yaml
-from stagebudget.schedule import STAGE_KINDS, Schedule, StageSpec, Strict, TasksRef
+from stagebudget.errors import BudgetError, ConfigError, UserError, from_pydantic
+from stagebudget.fileio import read_json, read_yaml, safetensors_problem
+from stagebudget.kinds import get_kind, kind_only_fields, stage_kinds
+from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY
+from stagebudget.schedule import BUILTIN_SIZES, Schedule, StageSpec, Strict, TasksRef
+from stagebudget.tasks.scoring import is_scorer_file
 
 OBJECTIVES: dict[str, str] = {
-    "id_accuracy": "maximize",
-    "ood_accuracy": "maximize",
-    "device_hours": "minimize",
+    ID_ACCURACY: "maximize",
+    OOD_ACCURACY: "maximize",
+    DEVICE_HOURS: "minimize",
 }
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
 TUNABLE_FIELDS = tuple(f for f in StageSpec.model_fields if f not in ("kind", "steps"))
 
@@ -50,6 +67,11 @@ class Dist(Strict):
                 raise ValueError("`choices` must be a non-empty list for type categorical")
             if len(set(map(repr, self.choices))) != len(self.choices):
                 raise ValueError(f"`choices` must not repeat a value, got {list(self.choices)}")
+            kinds = {"number" if isinstance(c, int | float) and not isinstance(c, bool)
+                     else type(c).__name__ for c in self.choices}
+            if len(kinds) > 1:
+                raise ValueError(f"`choices` must all be of one type, got {sorted(kinds)} in "
+                                 f"{list(self.choices)}")
             if self.low is not None or self.high is not None or self.log or self.step is not None:
                 raise ValueError("type categorical takes only `choices` (no low/high/log/step)")
             return self
@@ -65,6 +87,13 @@ class Dist(Strict):
             raise ValueError("`log` and `step` cannot be combined (Optuna forbids it)")
         if self.step is not None and self.step <= 0:
             raise ValueError(f"`step` must be > 0, got {self.step}")
+        if self.step is not None:
+            n = (self.high - self.low) / self.step
+            if abs(n - round(n)) > 1e-9 * max(1.0, abs(n)):
+                raise ValueError(
+                    f"`step` {self.step:g} does not divide the range {self.low:g}..{self.high:g} "
+                    f"(Optuna would silently cut it to {self.low + math.floor(n) * self.step:g}); "
+                    "change `high` or `step`")
         if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
             raise ValueError(f"type int needs integer low/high, got {self.low}..{self.high}")
         return self
@@ -75,6 +104,23 @@ class Dist(Strict):
             return list(self.choices or ())
         lo, hi = self.low, self.high
         return [int(lo), int(hi)] if self.type == "int" else [lo, hi]  # type: ignore[arg-type]
+
+    def probe_values(self, small_grid: int = 16) -> list[Any]:
+        """Values that decide whether a dimension fits a budget: every choice, every value of a
+        grid of at most ``small_grid`` values, else the two ends and their grid neighbours
+        (a share one step above 0 is where a stage can no longer fit one step)."""
+        if self.type == "categorical":
+            return list(self.choices or ())
+        if self.type == "int" or self.step is not None:
+            lo, hi = float(self.low), float(self.high)  # type: ignore[arg-type]
+            step = self.step if self.step is not None else 1
+            n = math.floor((hi - lo) / step + 1e-9) + 1
+            if n <= small_grid:
+                return self.grid()
+            ends = [lo, lo + step, lo + (n - 2) * step, lo + (n - 1) * step]
+            return list(dict.fromkeys(int(v) if self.type == "int" else round(v, 12)
+                                      for v in ends))
+        return self.corners()
 
     def grid(self) -> list[Any]:
         """Every value, for the grid sampler; continuous ranges need a ``step``."""
@@ -111,38 +157,21 @@ def to_optuna(dist: Dist) -> Any:
     return od.FloatDistribution(dist.low, dist.high, log=dist.log, step=dist.step)  # type: ignore[arg-type]
 
 
-Value = Dist | float | int | str | bool
-
-
-class StageDims(Strict):
-    """One stage in a space: a budget share (or steps) plus fixed or searched stage fields."""
+class _StageDimsBase(Strict):
+    """A stage's budget amount; :data:`StageDims` adds every tunable :class:`StageSpec` field."""
 
     share: Dist | float | Literal["rest"] | None = None
     steps: Dist | int | None = None
-    lora_rank: Dist | int = 8
-    lora_alpha: Dist | int | None = None
-    learning_rate: Dist | float = 5e-4
-    batch_size: Dist | int = 32
-    eval_interval: Dist | int = 25
-    max_length: Dist | int = 64
-    num_generations: Dist | int | None = None
-    max_completion_length: Dist | int | None = None
-    beta: Dist | float | None = None
-    temperature: Dist | float | None = None
 
-    @field_validator("lora_rank")
+    @field_validator("*")
     @classmethod
-    def _rank(cls, v: Any) -> Any:
-        values = v.choices if isinstance(v, Dist) and v.type == "categorical" else (
-            [v.low, v.high] if isinstance(v, Dist) else [v])
-        for r in values or ():
-            if isinstance(r, bool) or not isinstance(r, int | float) or r < 0 or r != int(r):
-                raise ValueError(
-                    f"LoRA ranks must be non-negative integers (0 = full fine-tuning), got {r!r}")
+    def _within_stage_spec(cls, v: Any, info: Any) -> Any:
+        if info.field_name in TUNABLE_FIELDS and v is not None:
+            check_stage_value(info.field_name, v)
         return v
 
     @model_validator(mode="after")
-    def _amount(self) -> StageDims:
+    def _amount(self) -> _StageDimsBase:
         if (self.share is None) == (self.steps is None):
             raise ValueError("give exactly one of `share` (fraction of the budget) or `steps`")
         if isinstance(self.share, float | int) and not 0 <= self.share <= 1:
@@ -151,12 +180,105 @@ class StageDims(Strict):
                 not isinstance(c, int | float) or not 0 <= c <= 1 for c in self.share.choices or ()))
                 or (self.share.type != "categorical" and not 0 <= self.share.low <= self.share.high <= 1)):  # type: ignore[operator]
             raise ValueError("`share` values must lie within [0, 1]")
+        steps = _values(self.steps) if self.steps is not None else []
+        bad = [v for v in steps if isinstance(v, bool) or not isinstance(v, int | float)
+               or v < 0 or v != int(v)]
+        if bad or (isinstance(self.steps, Dist) and self.steps.type == "float"):
+            raise ValueError(f"`steps` must be whole numbers >= 0 (0 leaves the stage out), got "
+                             f"{bad[0] if bad else getattr(self.steps, 'type', '')!r}")
         return self
 
 
+_Scalar = StrictBool | StrictInt | StrictFloat | StrictStr
+# Every tunable stage field, fixed (a value) or searched (a Dist). A field left out is None here
+# and StageSpec's default applies: fields, defaults and bounds are StageSpec's, written once.
+if TYPE_CHECKING:  # the fields below, as far as a type checker needs them
+    StageDims = _StageDimsBase
+else:
+    StageDims = create_model(  # type: ignore[call-overload]
+        "StageDims", __base__=_StageDimsBase, __module__=__name__,
+        __doc__="One stage in a space: a budget share (or steps) plus fixed or searched stage fields.",
+        **{name: (Dist | _Scalar | None, None) for name in TUNABLE_FIELDS},
+    )
+
+
+def _values(value: Any) -> list[Any]:
+    """The values a fixed or searched setting can take at its edges (all choices, or low/high)."""
+    if not isinstance(value, Dist):
+        return [value]
+    if value.type == "categorical":
+        return list(value.choices or ())
+    if value.type == "int":
+        return [int(value.low), int(value.high)]  # type: ignore[arg-type]
+    return [value.low, value.high]
+
+
+@functools.cache
+def _field_adapter(name: str) -> TypeAdapter[Any]:
+    info = StageSpec.model_fields[name]
+    return TypeAdapter(Annotated[info.annotation, info])  # type: ignore[arg-type]
+
+
+def _types(name: str) -> set[type]:
+    """The plain types StageSpec's field ``name`` takes (``{int}``), None and Annotated removed."""
+    ann = StageSpec.model_fields[name].annotation
+    out = set()
+    for t in get_args(ann) if get_origin(ann) in (Union, UnionType) else (ann,):
+        t = get_args(t)[0] if get_origin(t) is Annotated else t
+        if t is not type(None):
+            out.add(t)
+    return out
+
+
+def allowed_values(name: str) -> str:
+    """What StageSpec allows for field ``name``, in words: ``an integer >= 1``."""
+    info = StageSpec.model_fields[name]
+    types = _types(name)
+    what = ("an integer" if types == {int} else "a number" if types == {float}
+            else "a string" if types == {str} else " or ".join(t.__name__ for t in types))
+    bounds = []
+    for meta in info.metadata:
+        for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="),
+                         ("min_length", "of length >=")):
+            if getattr(meta, attr, None) is not None:
+                bounds.append(f"{op} {getattr(meta, attr)}")
+    text = f"{what} {' and '.join(bounds)}".strip()
+    return f"{text} ({info.description})" if info.description else text
+
+
+def check_stage_value(name: str, value: Any) -> None:
+    """Raise ValueError unless every edge of ``value`` (fixed or a Dist) is a valid StageSpec
+    ``name``. Bounds are intervals, so a range's two ends decide it."""
+    types = _types(name)
+    if isinstance(value, Dist) and int in types and float not in types and value.type == "float":
+        raise ValueError(f"`{name}` takes {allowed_values(name)}; use type int or categorical, "
+                         "not float")
+    if isinstance(value, Dist) and str in types and value.type != "categorical":
+        raise ValueError(f"`{name}` takes {allowed_values(name)}; search it with type categorical")
+    for v in _values(value):
+        try:
+            _field_adapter(name).validate_python(v)
+        except ValidationError:
+            raise ValueError(f"`{name}` = {v!r} is not allowed; it must be "
+                             f"{allowed_values(name)}") from None
+
+
+MAX_TRIAL_HOURS = 10_000.0  # more is a unit mistake (seconds for hours), not a plan
+MAX_TRIALS = 100_000
+
+
 class BudgetSpec(Strict):
-    per_trial_hours: float = Field(gt=0)
-    search_hours: float | None = Field(default=None, gt=0)
+    per_trial_hours: float = Field(gt=0, allow_inf_nan=False)
+    search_hours: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+    @field_validator("per_trial_hours")
+    @classmethod
+    def _sane(cls, v: float) -> float:
+        if v > MAX_TRIAL_HOURS:
+            raise ValueError(f"a per-trial budget of {v:g} device-hours is refused (at most "
+                             f"{MAX_TRIAL_HOURS:g}): it would plan billions of steps; the unit is "
+                             "hours, e.g. 0.05 for 3 minutes")
+        return v
 
 
 class ObjectiveSpec(Strict):
@@ -190,7 +312,7 @@ class Resources(Strict):
     gpu: float = Field(default=0, ge=0)
 
 
-DEFAULT_OBJECTIVES = (ObjectiveSpec(name="id_accuracy"), ObjectiveSpec(name="ood_accuracy"))
+DEFAULT_OBJECTIVES = (ObjectiveSpec(name=ID_ACCURACY), ObjectiveSpec(name=OOD_ACCURACY))
 
 
 class SearchSpace(Strict):
@@ -211,27 +333,58 @@ class SearchSpace(Strict):
     max_retries: int = Field(default=1, ge=0)
     device: str = "auto"
     cost_table: str | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(default=False, strict=True)
 
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
         return check_run_name(v)
 
+    @field_validator("trials")
+    @classmethod
+    def _trials(cls, v: int) -> int:
+        if v > MAX_TRIALS:
+            raise ValueError(f"{v} trials are refused (at most {MAX_TRIALS}): each trial is a "
+                             "training run; a search of that size is a typo")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE.fullmatch(v):
+            raise ValueError(f"unknown device {v!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+        return v
+
+    @model_validator(mode="after")
+    def _something_searched(self) -> SearchSpace:
+        if not self.dimensions():
+            raise ValueError(
+                "nothing is searched: give at least one stage setting as a distribution, e.g. "
+                "`share: {type: float, low: 0, high: 1, step: 0.25}` (to train one fixed "
+                "schedule, use `stagebudget train SCHEDULE.yaml`)")
+        return self
+
+    @model_validator(mode="after")
+    def _device_has_gpu(self) -> SearchSpace:
+        if self.device.startswith("cuda") and self.resources_per_trial.gpu <= 0:
+            raise ValueError(f"device {self.device!r} needs `resources_per_trial.gpu` > 0 (Ray "
+                             "hides GPUs from trials that ask for none), got 0")
+        return self
+
     @field_validator("stages", mode="before")
     @classmethod
     def _stage_names(cls, v: Any) -> Any:
         if isinstance(v, dict):
             if not v:
-                raise ValueError(f"at least one stage is needed; allowed: {', '.join(STAGE_KINDS)}")
+                raise ValueError(f"at least one stage is needed; allowed: {', '.join(stage_kinds())}")
             for kind in v:
-                if kind not in STAGE_KINDS:
-                    raise ValueError(f"unknown stage {kind!r}; allowed: {', '.join(STAGE_KINDS)}")
+                if kind not in stage_kinds():
+                    raise ValueError(f"unknown stage {kind!r}; allowed: {', '.join(stage_kinds())}")
         return v
 
     @field_validator("stages")
     @classmethod
-    def _stage_kinds(cls, v: dict[str, StageDims]) -> dict[str, StageDims]:
+    def _stage_kinds(cls, v: dict[str, Any]) -> dict[str, Any]:
         modes = {"share" if d.share is not None else "steps" for d in v.values()}
         if len(modes) > 1:
             raise ValueError("all stages must use `share`, or all `steps`, not a mix")
@@ -242,11 +395,12 @@ class SearchSpace(Strict):
         if modes == {"share"} and top > 1 + 1e-9:
             raise ValueError(f"the stages' largest shares add up to {top:g} > 1")
         for kind, dims in v.items():
-            if kind != "rl":
-                extra = [f for f in ("num_generations", "max_completion_length", "beta",
-                                     "temperature") if getattr(dims, f) is not None]
-                if extra:
-                    raise ValueError(f"`{kind}.{extra[0]}` applies only to the rl stage")
+            own = get_kind(kind).defaults
+            extra = [f for f in kind_only_fields() if f not in own and getattr(dims, f) is not None]
+            if extra:
+                owners = [k for k in stage_kinds() if extra[0] in get_kind(k).defaults]
+                raise ValueError(f"`{kind}.{extra[0]}` applies only to the "
+                                 f"{' / '.join(owners)} stage")
         return v
 
     @field_validator("objectives")
@@ -273,33 +427,34 @@ class SearchSpace(Strict):
             raise from_pydantic(exc, path) from None
         space = space._with_resolved_paths(Path(path).resolve().parent, path)
         space._source = str(path)
+        space = space._with_task_sizes()
         if space.sampler.name == "grid":
             space.grid_space()
         space.check_feasible()
         return space
 
-    def check_inputs(self) -> None:
-        """Check the task file and a local model directory before any compute is spent.
+    def check_inputs(self) -> list[str]:
+        """Check the task file and the base model before any compute is spent (see
+        :func:`check_inputs`); returns warnings to show the user."""
+        return check_inputs(self.base_model, self.tasks, self._source,
+                            trust_remote_code=self.trust_remote_code)
 
-        Task rows, splits and the scorer are validated by loading the suite (seconds); a local
-        model directory must hold a config, safetensors weights and a tokenizer. Built-in base
-        models are built later, once, by the search driver.
+    def _with_task_sizes(self) -> SearchSpace:
+        """A task file's split sizes filled in from the rows it holds (records show them).
+
+        Planned schedules carry them; loading the file again checks they still hold.
         """
-        from stagebudget.tasks import load_suite
+        from stagebudget.tasks import TaskFileError, task_file_sizes
 
         t = self.tasks
+        if t.source == "builtin" or all(getattr(t, k) is not None for k in BUILTIN_SIZES):
+            return self
         try:
-            load_suite(t.source, t.names, n_train=t.n_train, n_id_test=t.n_id_test,
-                       n_ood_test=t.n_ood_test, seed=t.seed, scorer=t.scorer)
-        except ValueError as exc:
-            raise ConfigError(str(exc), source=self._source, field="tasks") from None
-        if not self.base_model.startswith("builtin:"):
-            from stagebudget.basemodel import resolve_base_model
-
-            try:
-                resolve_base_model(self.base_model, allow_build=False)
-            except ValueError as exc:
-                raise ConfigError(str(exc), source=self._source, field="base_model") from None
+            held = task_file_sizes(Path(t.source))
+        except TaskFileError:
+            return self  # check_inputs reports the file's problem, naming the line
+        fill = {k: v for k, v in held.items() if getattr(t, k) is None}
+        return self.model_copy(update={"tasks": t.model_copy(update=fill)})
 
     def _with_resolved_paths(self, folder: Path, source: str | Path) -> SearchSpace:
         """Make relative paths absolute against the space file's folder, which they may not leave."""
@@ -321,6 +476,11 @@ class SearchSpace(Strict):
         is_local = self.base_model.startswith((".", "/", "~")) or (folder / self.base_model).exists()
         if not self.base_model.startswith("builtin:") and is_local:
             update["base_model"] = inside(self.base_model, "base_model")
+        if is_scorer_file(self.tasks.scorer):
+            file, _, function = str(self.tasks.scorer).rpartition(":")
+            tasks = update.get("tasks", self.tasks)
+            update["tasks"] = tasks.model_copy(
+                update={"scorer": f"{inside(file, 'tasks.scorer')}:{function}"})
         if self.cost_table:
             update["cost_table"] = inside(self.cost_table, "cost_table")
         return self.model_copy(update=update) if update else self
@@ -362,8 +522,15 @@ class SearchSpace(Strict):
             if not path.is_file():
                 raise ConfigError(f"cost table {path} not found (run `stagebudget calibrate`)",
                                   source=self._source, field="cost_table")
-            return CostModel.load(path, ModelShape.for_ref(self.base_model))
+            return CostModel.load(path, self._shape())
+        self._shape()  # a damaged config.json is named here, with the space file
         return default_cost_model(self.base_model, device)
+
+    def _shape(self) -> ModelShape:
+        try:
+            return ModelShape.for_ref(self.base_model)
+        except UserError as exc:
+            raise ConfigError(str(exc), source=self._source, field="base_model") from None
 
     # --- params -> schedule (pure) -----------------------------------------------------------
     def schedule_from_params(self, params: dict[str, Any], cost: CostModel, seed: int | None = None,
@@ -381,46 +548,54 @@ class SearchSpace(Strict):
             amount_field = "share" if self.mode == "share" else "steps"
             amount = params.get(f"{kind}.{amount_field}", getattr(stage, amount_field))
             allocation[kind] = amount
-        rest = [k for k, v in allocation.items() if v == "rest"]
-        if rest:
-            taken = sum(float(v) for k, v in allocation.items() if k not in rest)
-            allocation[rest[0]] = max(0.0, 1.0 - taken)
-            if allocation[rest[0]] < 1e-9:
-                allocation[rest[0]] = 0.0
+        if self.mode == "share":
+            allocation = resolve_rest(allocation)
         return plan_schedule(
             allocation, stage_params, self.per_trial_budget, cost, mode=self.mode,
             base_model=self.base_model, tasks=self.tasks,
             seed=self.seed if seed is None else seed, name=name,
         )
 
-    def corner_params(self, limit: int = 4096) -> Iterator[dict[str, Any]]:
-        """Every combination of the dimensions' extremes (sampled when there are too many)."""
+    def feasibility_params(self, limit: int = 4096) -> Iterator[dict[str, Any]]:
+        """The points :meth:`check_feasible` plans: every combination of each dimension's
+        :meth:`Dist.probe_values` (all choices, every grid value of a small grid, the ends and
+        their neighbours otherwise). Past ``limit`` combinations, all-low and all-high first,
+        then a seeded sample."""
         dims = self.dimensions()
         names = list(dims)
-        values = [dims[n].corners() for n in names]
+        values = [dims[n].probe_values() for n in names]
         total = math.prod(len(v) for v in values) if values else 1
         if total <= limit:
             for combo in itertools.product(*values):
                 yield dict(zip(names, combo, strict=True))
             return
+        yield {n: v[0] for n, v in zip(names, values, strict=True)}
+        yield {n: v[-1] for n, v in zip(names, values, strict=True)}
         rng = random.Random(0)
-        for _ in range(limit):
+        for _ in range(limit - 2):
             yield {n: rng.choice(v) for n, v in zip(names, values, strict=True)}
 
     def check_feasible(self, cost: CostModel | None = None) -> tuple[Schedule, Schedule]:
-        """Plan every corner of the space; return the cheapest and most expensive schedules.
-
-        A corner that cannot fit one step of a stage is an error naming the file and what would fit.
+        """Plan the whole space (see :meth:`feasibility_params`); return the cheapest and most
+        expensive schedules. Points that cannot fit the budget are one error that names them
+        (the first few), how many there are, and what budget would fit them all.
         """
         cost = cost or self.cost_model()
-        plans = []
-        for params in self.corner_params():
+        plans, bad = [], []
+        for params in self.feasibility_params():
             try:
                 schedule = self.schedule_from_params(params, cost)
             except BudgetError as exc:
-                raise ConfigError(f"{exc} (at {params})", source=self._source,
-                                  field="budget.per_trial_hours") from None
+                bad.append((params, str(exc)))
+                continue
             plans.append((cost.schedule_seconds(schedule), schedule))
+        if bad:
+            shown = "; ".join(f"at {_point(p)}: {why}" for p, why in bad[:3])
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise ConfigError(
+                f"{len(bad)} of {len(bad) + len(plans)} planned points of the space cannot fit "
+                f"the budget{more}: {shown}. Raise the budget, or narrow the ranges that name "
+                "these points", source=self._source, field="budget.per_trial_hours")
         plans.sort(key=lambda p: p[0])
         return plans[0][1], plans[-1][1]
 
@@ -458,6 +633,129 @@ class SearchSpace(Strict):
             return False
         point["sft.share"] = sft_share
         return True
+
+
+def make_sampler(space: SearchSpace, trials: int) -> Any:
+    """The Optuna sampler named in ``space.sampler``, seeded, with ``options`` as keyword args.
+
+    >>> make_sampler(SearchSpace.load("search_spaces/demo.yaml"), 8)  # doctest: +SKIP
+    <optuna.samplers._tpe.sampler.TPESampler object ...>
+    """
+    import warnings
+
+    import optuna
+
+    spec = space.sampler
+    seed = spec.seed if spec.seed is not None else space.seed
+    opts = dict(spec.options)
+    samplers: dict[str, Callable[..., Any]] = {
+        "tpe": optuna.samplers.TPESampler,
+        "nsga2": optuna.samplers.NSGAIISampler,
+        "gp": optuna.samplers.GPSampler,
+        "random": optuna.samplers.RandomSampler,
+        "grid": optuna.samplers.GridSampler,
+    }
+    if spec.name == "tpe":
+        # Without these, TPE with <= 10 trials is random search, and parallel trials collide.
+        opts = {"multivariate": True, "constant_liar": True,
+                "n_startup_trials": min(10, max(2, trials // 3)), **opts}
+    elif spec.name == "nsga2":
+        # A population under 4 re-proposed identical params (FINDINGS); Optuna's default (50)
+        # would make any small search a random search.
+        opts = {"population_size": max(4, min(50, trials // 2)), **opts}
+    args: tuple[Any, ...] = (space.grid_space(),) if spec.name == "grid" else ()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return samplers[spec.name](*args, seed=seed, **opts)
+        except TypeError as exc:
+            raise ConfigError(f"bad option for the {spec.name} sampler: {exc}",
+                              source=getattr(space, "_source", None),
+                              field="sampler.options") from None
+
+
+def resolve_rest(shares: dict[str, Any]) -> dict[str, float]:
+    """Shares by stage, the one ``"rest"`` (or missing, ``None``) share given what the others
+    leave, never below 0. The one place ``share: rest`` is resolved.
+
+    >>> resolve_rest({"sft": 0.25, "rl": "rest"})
+    {'sft': 0.25, 'rl': 0.75}
+    """
+    open_ = [k for k, v in shares.items() if v in ("rest", None)]
+    out = {k: float(v) for k, v in shares.items() if k not in open_}
+    if len(open_) == 1:
+        left = 1.0 - sum(out.values())
+        out[open_[0]] = left if left >= 1e-9 else 0.0
+    return {k: out[k] for k in shares if k in out}
+
+
+def check_inputs(base_model: str, tasks: TasksRef, source: str | Path | None,
+                 base_dir: Path | None = None, trust_remote_code: bool = False) -> list[str]:
+    """Check a task file and the base model together before any compute (``search``,
+    ``validate`` and ``train`` alike); errors name ``source`` and the field. Returns warnings
+    to show the user.
+
+    Task rows, splits, the scorer and the answer extraction are validated by loading the
+    suite (the scorer is imported and called once). Chat-message prompts need a local model:
+    built-in models have no chat template (and are built later, once). A local model directory
+    must hold a readable config, tokenizer and whole safetensors weights, and a tokenizer whose
+    chat template and tokenisation fit the prompts (:func:`stagebudget.chat.check_model_tasks`).
+    """
+    from stagebudget.tasks import load_suite
+
+    try:
+        suite = load_suite(**tasks.suite_args(), base_dir=base_dir)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=source, field="tasks") from None
+    warnings = list(suite.warnings)
+    if base_model.startswith("builtin:"):
+        if suite.conversational:
+            raise ConfigError(
+                f"the task file {tasks.source} gives prompts as chat messages, but the "
+                f"built-in model {base_model} has no chat template; write the prompts "
+                "as plain text or use a local model directory whose tokenizer has one",
+                source=source, field="tasks")
+        return warnings
+    return warnings + _check_model(base_model, suite, source, base_dir, trust_remote_code)
+
+
+def _check_model(base_model: str, suite: Any, source: str | Path | None, base_dir: Path | None,
+                 trust_remote_code: bool) -> list[str]:
+    """A local model's files, then its tokenizer against the suite's prompts."""
+    from stagebudget.basemodel import load_tokenizer, resolve_base_model
+    from stagebudget.chat import check_model_tasks
+
+    try:
+        path = resolve_base_model(base_model, base_dir=base_dir, allow_build=False)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=source, field="base_model") from None
+    check_model_files(path, source)
+    try:
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        return check_model_tasks(tokenizer, suite, base_model)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=source, field="base_model") from None
+
+
+def check_model_files(path: Path, source: str | Path | None) -> None:
+    """A local model directory's config.json, tokenizer.json and safetensors framing, read
+    before any compute (a damaged file would otherwise fail inside every trial)."""
+    for name in ("config.json", "tokenizer.json"):
+        if (path / name).is_file():
+            try:
+                read_json(path / name)
+            except UserError as exc:
+                raise ConfigError(str(exc), source=source, field="base_model") from None
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise ConfigError(f"model directory {path}: {problem}; copy the model again",
+                              source=source, field="base_model")
+
+
+def _point(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in params.items())
 
 
 def check_run_name(name: str) -> str:

@@ -8,14 +8,15 @@ from rich.table import Table
 from rich.text import Text
 
 from stagebudget.pareto import FrontInfo
+from stagebudget.records import COMPLETE, FAILED, PRUNED, RUNNING, WAITING
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from stagebudget.runs import Run, StatusRow
 
-STATE_STYLE = {"COMPLETE": "green", "RUNNING": "yellow", "WAITING": "dim", "PRUNED": "magenta",
-               "FAILED": "red"}
+STATE_STYLE = {COMPLETE: "green", RUNNING: "yellow", WAITING: "dim", PRUNED: "magenta",
+               FAILED: "red"}
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -45,7 +46,7 @@ def trials_table(rows: list[StatusRow], title: str = "trials") -> Table:
             _fmt(r.device_hours, ".4f"),
             Text(mark, style="bold green") if mark else "",
             Text(r.error or "", style="red"),
-            style="dim" if r.state not in ("COMPLETE", "RUNNING") else None,
+            style="dim" if r.state not in (COMPLETE, RUNNING) else None,
         )
     return table
 
@@ -78,7 +79,7 @@ def render_status(run: Run, console: Console) -> None:
     c = front.counts
     budget = run.budget_hours
     console.print(
-        f"[bold]{run.name}[/bold]  {c.get('COMPLETE', 0)} complete, {c.get('RUNNING', 0)} "
+        f"[bold]{run.name}[/bold]  {c.get(COMPLETE, 0)} complete, {c.get(RUNNING, 0)} "
         f"running, {c.get('FAILED', 0)} failed, {c.get('PRUNED', 0)} pruned"
         f" of {run.meta.get('trials_requested', '?')} requested"
         + (f"; budget {budget:.4g} device-hours per trial" if budget is not None else "")

@@ -73,9 +73,12 @@ def open_storage(url: str, *, create: bool = True) -> Any:
             f"install the database driver it needs ({exc.name})")
         raise UserError(f"cannot open Optuna storage {redact(url)}: no module {exc.name!r}; "
                         f"{hint}") from None
-    except Exception as exc:  # a bad URL or an unreachable server, before any compute
-        raise UserError(f"cannot open Optuna storage {redact(url)}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    except Exception as exc:  # a bad URL, an unreachable server or a full disk, before compute
+        cause = getattr(exc, "orig", None) or exc  # SQLAlchemy wraps the driver's error
+        why = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        if "disk is full" in why or "No space left" in why:
+            why += " (free some space, then run the same command again)"
+        raise UserError(f"cannot open Optuna storage {redact(url)}: {why}") from None
 
 
 def redact(url: str) -> str:

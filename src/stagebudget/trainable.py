@@ -2,36 +2,35 @@
 
 Every dict given to ``ray.tune.report`` carries all objective metric names (latest values so
 far). Exceptions propagate after the record is marked FAILED, so Tune retries the trial
-(``max_retries``) and then Optuna records it as FAIL, never as a zero score.
-
-``fake_trial_fn`` at the bottom is for tests only: it stands in for ``pipeline.run_schedule`` and
-lives in the package (not under tests/) so Ray workers on other nodes can import it.
+(``max_retries``) and then Optuna records it as FAIL, never as a zero score. A deterministic
+failure (:class:`~stagebudget.errors.DeterministicError`: bad input, a diverged loss) is not
+retried: it is reported with ``DETERMINISTIC_FAILURE`` and the searcher records FAIL.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import json
-import math
-import os
 import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from stagebudget.errors import UserError
+from stagebudget.errors import DeterministicError, UserError
 from stagebudget.fileio import atomic_write_text
 from stagebudget.records import (
+    COMPLETE,
+    DETERMINISTIC_FAILURE,
     DEVICE_HOURS,
+    FAILED,
     ID_ACCURACY,
-    ID_ACCURACY_SE,
     OOD_ACCURACY,
-    OOD_ACCURACY_SE,
+    RUNNING,
     RunDir,
     TrialRecord,
 )
+from stagebudget.schedule import identity
 from stagebudget.space import SearchSpace
 
 TrialFn = Callable[..., Any]
@@ -82,14 +81,9 @@ class _Reporter:
 
 def _start_record(run: RunDir, key: str, params: dict[str, Any], schedule: dict[str, Any],
                   reference: str | None) -> TrialRecord:
-    attempt = 1
-    path = run.trial_dir(key) / "record.json"
-    if path.is_file():  # Tune is retrying this trial after a failure
-        try:
-            attempt = int(json.loads(path.read_text()).get("attempt", 1)) + 1
-        except (OSError, ValueError):
-            attempt = 2
-    record = TrialRecord(key=key, params=params, schedule=schedule, status="RUNNING",
+    previous = run.read_record(key)  # Tune is retrying this trial after a failure
+    attempt = previous.attempt + 1 if previous is not None else 1
+    record = TrialRecord(key=key, params=params, schedule=schedule, status=RUNNING,
                          reference=reference, versions=package_versions(), started=time.time(),
                          attempt=attempt)
     run.write_record(record)
@@ -127,18 +121,20 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
                     cost=cost, cache_dir=Path(cache_dir) if cache_dir else None,
                     base_dir=Path(base_dir) if base_dir else None)
         objectives = {k: float(v) for k, v in result.objectives().items()}
+    except DeterministicError as exc:
+        # A retry would fail the same way: end the trial now. Ray retries every exception, so
+        # this one is reported, not raised; the searcher records the trial as FAIL (never a
+        # score) when it sees the flag.
+        record_failure(run, record, exc)
+        tune.report({**reporter.latest, "final": True, DETERMINISTIC_FAILURE: record.error})
+        return
     except Exception as exc:
         record_failure(run, record, exc)
         raise
-    record.status, record.finished = "COMPLETE", time.time()
+    record.status, record.finished = COMPLETE, time.time()
     record.objectives, record.ledger = objectives, dict(getattr(result, "ledger", {}) or {})
     run.write_record(record)
     tune.report({**reporter.latest, **objectives, "final": True})
-
-
-def _content(schedule: dict[str, Any]) -> str:
-    """What determines a trained model: the schedule without its display name."""
-    return json.dumps({k: v for k, v in schedule.items() if k != "name"}, sort_keys=True)
 
 
 def finished_twin(run: RunDir, schedule: dict[str, Any], exclude: str) -> TrialRecord | None:
@@ -148,10 +144,10 @@ def finished_twin(run: RunDir, schedule: dict[str, Any], exclude: str) -> TrialR
     budget; samplers also re-propose points). Training is deterministic by seed, so the twin's
     measurements are what a re-run would give: the trial reuses them instead of training.
     """
-    want = _content(schedule)
+    want = identity(schedule)
     for rec in run.records():
-        if rec.key != exclude and rec.status == "COMPLETE" and rec.objectives \
-                and rec.reused_from is None and _content(rec.schedule) == want:
+        if rec.key != exclude and rec.status == COMPLETE and rec.objectives \
+                and rec.reused_from is None and identity(rec.schedule) == want:
             return rec
     return None
 
@@ -165,7 +161,7 @@ def _reuse(run: RunDir, record: TrialRecord, twin: TrialRecord) -> None:
     src = run.trial_dir(twin.key) / "curves.jsonl"
     if src.is_file():
         atomic_write_text(run.trial_dir(record.key) / "curves.jsonl", src.read_text())
-    record.status, record.finished, record.reused_from = "COMPLETE", time.time(), twin.key
+    record.status, record.finished, record.reused_from = COMPLETE, time.time(), twin.key
     record.objectives = dict(twin.objectives)
     record.ledger = {**twin.ledger, "reused_from": twin.key, "spent_device_seconds": 0.0}
     run.write_record(record)
@@ -190,94 +186,8 @@ def record_failure(run: RunDir, record: TrialRecord, exc: BaseException) -> None
     A failure to save (e.g. the disk is full) must not hide the trial's own error, which the
     caller re-raises so Tune retries the trial and Optuna records it as FAIL.
     """
-    record.status, record.finished = "FAILED", time.time()
+    record.status, record.finished = FAILED, time.time()
     record.objectives = {}
     record.error = describe_error(exc)
-    with contextlib.suppress(UserError):
+    with contextlib.suppress(UserError, OSError):
         run.write_record(record)
-
-
-# --- for tests only -----------------------------------------------------------------------------
-class FakeResult:
-    """What ``fake_trial_fn`` returns: the shape of ``pipeline.TrialResult`` (tests only)."""
-
-    def __init__(self, id_accuracy: float, ood_accuracy: float, device_hours: float,
-                 curves: list[dict[str, Any]], se: dict[str, float] | None = None) -> None:
-        self.id_accuracy, self.ood_accuracy = id_accuracy, ood_accuracy
-        self.se = dict(se or {})
-        self.device_hours = self.planned_device_hours = device_hours
-        self.curves = curves
-        self.ledger: dict[str, Any] = {"device_hours": device_hours, "fake": True, "pid": os.getpid()}
-        self.metrics: dict[str, Any] = {}
-
-    def objectives(self) -> dict[str, float]:
-        return {ID_ACCURACY: self.id_accuracy, OOD_ACCURACY: self.ood_accuracy,
-                DEVICE_HOURS: self.device_hours, **self.se}
-
-
-def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
-                  report: Callable[[dict[str, Any]], None] | None = None,
-                  seconds: float = 0.2, fail: str | None = None, kill: str | None = None,
-                  marker_dir: str | None = None, se: bool = False, **_: Any) -> FakeResult:
-    """A fast stand-in for ``pipeline.run_schedule``. FOR TESTS ONLY.
-
-    Scores are a deterministic function of the schedule: more SFT steps raise ID and lower OOD,
-    so the front has several points. Faults, for fault-injection tests (bind them with
-    ``functools.partial``):
-
-    - ``fail="always"`` raises ``FloatingPointError`` (like a NaN loss) in every trial;
-      ``fail="first"`` in every attempt of the first trial to start.
-    - ``kill="once"`` SIGKILLs its own process on each trial's first attempt (a retry then
-      succeeds); ``kill="first"`` on every attempt of the first trial to reach it.
-
-    Which trial is "first" is decided by marker files in ``marker_dir``.
-    Spent device-hours = the schedule's ``budget_hours`` (or 0.001). ``se=True`` adds binomial
-    standard errors of the objectives (as if measured on 200 prompts).
-    """
-    key = Path(out_dir).name if out_dir else "trial"
-    if fail == "always" or (fail == "first" and _chosen(marker_dir, "fail", key)):
-        raise FloatingPointError(f"loss is NaN at step 3 (fake, trial {key})")
-    if (kill == "once" and _chosen(marker_dir, f"kill-{key}", "")) or (
-            kill == "first" and _chosen(marker_dir, "kill", key)):
-        os.kill(os.getpid(), 9)
-    sft = sum(s.steps for s in schedule.stages if s.kind == "sft")
-    total = max(1, sum(s.steps for s in schedule.stages))
-    frac = sft / total
-    hours = schedule.budget_hours or 0.001
-    rows = []
-    for i in range(1, 3):
-        time.sleep(seconds / 2)
-        row = {"stage": schedule.stages[-1].kind, "stage_index": len(schedule.stages) - 1,
-               "step": i, "global_step": i, "device_seconds": hours * 3600 * i / 2,
-               ID_ACCURACY: round(0.3 + 0.6 * frac * i / 2, 4),
-               OOD_ACCURACY: round(0.8 - 0.5 * frac * i / 2, 4), "train_loss": 1.0 / i}
-        rows.append(row)
-        if out_dir is not None:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(out_dir) / "curves.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-        if report is not None:
-            report(row)
-    final = rows[-1]
-    errors = {name: round(math.sqrt(final[k] * (1 - final[k]) / 200), 4)
-              for k, name in ((ID_ACCURACY, ID_ACCURACY_SE), (OOD_ACCURACY, OOD_ACCURACY_SE))
-              } if se else None
-    return FakeResult(final[ID_ACCURACY], final[OOD_ACCURACY], hours, rows, errors)
-
-
-def _chosen(marker_dir: str | None, name: str, key: str) -> bool:
-    """True for the caller that creates marker ``name`` first, and later for the same ``key``.
-
-    With ``key=""`` it is true exactly once. False without a marker dir.
-    """
-    if marker_dir is None:
-        return False
-    path = Path(marker_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return bool(key) and path.read_text() == key
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key)
-    return True

@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from stagebudget.records import ID_ACCURACY, OOD_ACCURACY
 from stagebudget.schedule import Schedule
 
 
@@ -46,11 +47,11 @@ def train_with_progress(schedule: Schedule, out: Path, *, save_model: bool, devi
             refresh(info.get("stage"), done)
 
         def on_report(row: dict[str, Any]) -> None:
-            latest["ID"] = row.get("id_accuracy")
-            latest["OOD"] = row.get("ood_accuracy")
+            latest["ID"] = row.get(ID_ACCURACY)
+            latest["OOD"] = row.get(OOD_ACCURACY)
             progress.console.log(
-                f"{row.get('stage')} step {row.get('step')}: ID {_fmt(row.get('id_accuracy'))} "
-                f"OOD {_fmt(row.get('ood_accuracy'))}")
+                f"{row.get('stage')} step {row.get('step')}: ID {_fmt(row.get(ID_ACCURACY))} "
+                f"OOD {_fmt(row.get(OOD_ACCURACY))}")
             on_progress(row)
 
         return run_schedule(schedule, out, report=on_report, progress=on_progress,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,15 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from stagebudget.errors import ConfigError
-from stagebudget.records import DEVICE_HOURS, RunDir, TrialRecord
-from stagebudget.space import SearchSpace
+from stagebudget.records import (
+    DETERMINISTIC_FAILURE,
+    DEVICE_HOURS,
+    ERROR_ATTR,
+    FAILED,
+    RunDir,
+    TrialRecord,
+)
+from stagebudget.space import SearchSpace, make_sampler
 from stagebudget.studyinfo import REFERENCE_ATTR, annotate_trial, trial_attrs
 from stagebudget.tbcurves import CurveWriter, run_label, write_trial_events
 
@@ -52,41 +57,6 @@ def metric_names(space: SearchSpace) -> list[str]:
     return [o.name for o in space.objectives]
 
 
-def make_sampler(space: SearchSpace, trials: int) -> Any:
-    """The Optuna sampler named in ``space.sampler``, seeded, with ``options`` as keyword args.
-
-    >>> make_sampler(SearchSpace.load("search_spaces/demo.yaml"), 8)  # doctest: +SKIP
-    <optuna.samplers._tpe.sampler.TPESampler object ...>
-    """
-    import optuna
-
-    spec = space.sampler
-    seed = spec.seed if spec.seed is not None else space.seed
-    opts = dict(spec.options)
-    samplers: dict[str, Callable[..., Any]] = {
-        "tpe": optuna.samplers.TPESampler,
-        "nsga2": optuna.samplers.NSGAIISampler,
-        "gp": optuna.samplers.GPSampler,
-        "random": optuna.samplers.RandomSampler,
-        "grid": optuna.samplers.GridSampler,
-    }
-    if spec.name == "tpe":
-        # Without these, TPE with <= 10 trials is random search, and parallel trials collide.
-        opts = {"multivariate": True, "constant_liar": True,
-                "n_startup_trials": min(10, max(2, trials // 3)), **opts}
-    elif spec.name == "nsga2":
-        # A population under 4 re-proposed identical params (FINDINGS); Optuna's default (50)
-        # would make any small search a random search.
-        opts = {"population_size": max(4, min(50, trials // 2)), **opts}
-    args: tuple[Any, ...] = (space.grid_space(),) if spec.name == "grid" else ()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            return samplers[spec.name](*args, seed=seed, **opts)
-        except TypeError as exc:
-            raise ConfigError(f"bad option for the {spec.name} sampler: {exc}",
-                              source=getattr(space, "_source", None),
-                              field="sampler.options") from None
 
 
 class StudySearch(OptunaSearch):
@@ -111,8 +81,14 @@ class StudySearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        """Describe the Optuna trial from its record (schedule, steps, SEs...), then tell it."""
+        """Describe the Optuna trial from its record (schedule, steps, SEs...), then tell it; a
+        deterministic failure is told as an error (Ray does not retry it)."""
         ot_trial = self._ot_trials.get(trial_id)
+        if result and result.get(DETERMINISTIC_FAILURE):  # failed; a retry cannot help
+            if ot_trial is not None:
+                ot_trial.set_user_attr(ERROR_ATTR, str(result[DETERMINISTIC_FAILURE]))
+            super().on_trial_complete(trial_id, result=None, error=True)
+            return
         if ot_trial is not None and self._run is not None:
             try:
                 annotate_trial(ot_trial.set_user_attr, self._run.read_record(trial_id))
@@ -235,17 +211,13 @@ class RecordKeeper(tune.Callback):
         self.run = RunDir(run_dir)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        import json
         import time
 
-        path = self.run.trial_dir(trial.trial_id) / "record.json"
-        try:
-            record = TrialRecord.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            record = TrialRecord(key=trial.trial_id, params=dict(trial.config), schedule={})
-        if record.status == "FAILED" and record.error:
+        record = self.run.read_record(trial.trial_id) or TrialRecord(
+            key=trial.trial_id, params=dict(trial.config), schedule={})
+        if record.status == FAILED and record.error:
             return
-        record.status = "FAILED"
+        record.status = FAILED
         record.error = _trial_error_text(trial)
         record.finished = time.time()
         self.run.write_record(record)

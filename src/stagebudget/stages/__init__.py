@@ -1,4 +1,8 @@
-"""Stage registry: each stage kind is a function ``StageContext -> StageOutput``.
+"""Stage functions: each stage kind is a function ``StageContext -> StageOutput``.
+
+Which function trains a kind is part of the kind's one registration
+(:func:`stagebudget.kinds.register_stage_kind`, its ``runner``: a ``"module:function"`` path
+imported when first used, or a callable). :data:`STAGES` is a read-only view of that.
 
 >>> sorted(STAGES)
 ['cpt', 'rl', 'sft']
@@ -6,8 +10,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Iterator, Mapping
 
+from stagebudget.kinds import get_kind, stage_kinds
 from stagebudget.stages.common import (
     StageContext,
     StageFn,
@@ -21,32 +27,33 @@ from stagebudget.stages.cpt import run_cpt
 from stagebudget.stages.rl import run_rl
 from stagebudget.stages.sft import run_sft
 
-STAGES: dict[str, StageFn] = {"cpt": run_cpt, "sft": run_sft, "rl": run_rl}
-
-
-def register_stage(kind: str) -> Callable[[StageFn], StageFn]:
-    """Register ``fn`` as the stage function of ``kind`` (replacing any earlier one).
-
-    >>> @register_stage("sft")
-    ... def my_sft(ctx): ...
-    >>> STAGES["sft"] is my_sft
-    True
-    >>> _ = register_stage("sft")(run_sft)
-    """
-
-    def decorator(fn: StageFn) -> StageFn:
-        STAGES[kind] = fn
-        return fn
-
-    return decorator
-
 
 def get_stage(kind: str) -> StageFn:
-    """The stage function of ``kind``; unknown kinds name the registered ones."""
-    if kind not in STAGES:
-        raise KeyError(f"no stage registered for kind {kind!r}; registered: {', '.join(STAGES)}")
-    return STAGES[kind]
+    """The stage function of ``kind`` (its registered runner); unknown kinds name the known."""
+    try:
+        runner = get_kind(kind).runner
+    except ValueError as exc:
+        raise KeyError(str(exc)) from None
+    if callable(runner):
+        return runner  # type: ignore[no-any-return]
+    module, _, attr = runner.partition(":")
+    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
 
+
+class _Stages(Mapping[str, StageFn]):
+    """Kind -> stage function, read from the kind registry (so it never disagrees with it)."""
+
+    def __getitem__(self, kind: str) -> StageFn:
+        return get_stage(kind)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(stage_kinds())
+
+    def __len__(self) -> int:
+        return len(stage_kinds())
+
+
+STAGES: Mapping[str, StageFn] = _Stages()
 
 __all__ = [
     "STAGES",
@@ -57,7 +64,6 @@ __all__ = [
     "get_stage",
     "lora_config",
     "merge",
-    "register_stage",
     "resolve_device",
     "run_cpt",
     "run_rl",

@@ -16,19 +16,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from stagebudget.errors import DeterministicError
 from stagebudget.ledger import BudgetClock, budget_callback
 from stagebudget.schedule import StageSpec
+from stagebudget.stages.mapping import lora_kwargs, precision_kwargs, trl_config_kwargs
 
 # Nothing here ever talks to the Hugging Face Hub: models and tokenizers are local objects.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-# Target modules for Llama/Qwen-style models; "all-linear" (every linear layer but the output
-# head) covers them and other architectures alike.
 
-
-class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite; names the stage and the step."""
+class TrainingDiverged(RuntimeError, DeterministicError):
+    """The training loss became NaN or infinite; names the stage and the step. Training is
+    deterministic by seed, so a retry would diverge again: never retried."""
 
     def __init__(self, stage: str, stage_index: int, step: int, value: float) -> None:
         self.stage, self.stage_index, self.step, self.value = stage, stage_index, step, value
@@ -36,6 +36,9 @@ class TrainingDiverged(RuntimeError):
             f"training diverged in stage {stage_index} ({stage}) at step {step}: loss={value}; "
             "lower the learning rate of this stage"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.stage, self.stage_index, self.step, self.value))
 
 
 @dataclass
@@ -72,10 +75,18 @@ class StageOutput:
 StageFn = Callable[[StageContext], StageOutput]
 
 
-def resolve_device(device: str = "auto") -> str:
-    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; other values pass through."""
+def resolve_device(device: str = "auto", gpus: float | None = None) -> str:
+    """The one device rule. An explicit device passes through; ``"auto"`` is ``"cuda"`` when
+    the trial has GPUs (``gpus``, its Ray resources, when known) or else when torch sees one,
+    otherwise ``"cpu"``. Valid names are checked where they are given (``space.DEVICE``).
+
+    >>> resolve_device("auto", gpus=0)
+    'cpu'
+    """
     if device != "auto":
         return device
+    if gpus is not None:
+        return "cuda" if gpus > 0 else "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,7 +98,6 @@ def lora_config(spec: StageSpec) -> Any:
     >>> lora_config(StageSpec(kind="sft", steps=1, lora_rank=0)) is None
     True
     """
-    from stagebudget.export import lora_kwargs  # the one StageSpec -> LoRA mapping (exports too)
 
     kwargs = lora_kwargs(spec)
     if kwargs is None:
@@ -108,7 +118,6 @@ def merge(model: Any) -> Any:
 
 def precision_args(device: str) -> dict[str, Any]:
     """CPU: fp32 (``bf16=False``, ``use_cpu=True``); CUDA: bf16 when the GPU supports it."""
-    from stagebudget.export import precision_kwargs  # one home, shared with exports
 
     if device.startswith("cuda"):
         import torch
@@ -125,8 +134,6 @@ def training_args(ctx: StageContext, **extra: Any) -> dict[str, Any]:
     checkpointing off) plus a scratch output directory, no progress bars and the precision of
     this machine.
     """
-    from stagebudget.export import trl_config_kwargs  # the one StageSpec -> TRL mapping
-
     spec = ctx.spec
     args: dict[str, Any] = {
         **trl_config_kwargs(spec, ctx.seed),

@@ -27,7 +27,11 @@ ZERO_STD_LOG = "frac_reward_zero_std"  # TRL's share of groups with identical re
 
 
 def rl_dataset(ctx: StageContext) -> Any:
-    """``{"prompt", "answer", "task"}`` rows; answer and task reach the reward as keyword columns."""
+    """``{"prompt", "answer", "task"}`` rows; answer and task reach the reward as keyword columns.
+
+    A prompt is text or chat messages; TRL renders messages with the chat template, as SFT
+    and evaluation do (:mod:`stagebudget.chat`).
+    """
     from datasets import Dataset
 
     rows = [{"prompt": e.prompt, "answer": e.answer, "task": e.task} for e in ctx.suite.train]
@@ -36,18 +40,30 @@ def rl_dataset(ctx: StageContext) -> Any:
     return Dataset.from_list(rows)
 
 
+def completion_text(completion: Any) -> str:
+    """The generated text: a string, or the content of a chat completion's messages.
+
+    >>> completion_text([{"role": "assistant", "content": "MW"}])
+    'MW'
+    """
+    if isinstance(completion, str):
+        return completion
+    return "".join(str(m.get("content", "")) for m in completion)
+
+
 def suite_reward(suite: Any) -> Callable[..., list[float | None]]:
-    """A TRL reward function wrapping ``suite.reward`` (correctness + small format term).
+    """A TRL reward function wrapping ``suite.reward`` (the task's scorer + a format term).
 
     TRL 1.16 calls it as ``f(prompts=, completions=, completion_ids=, answer=[...], task=[...],
-    trainer_state=, ...)``, one list entry per completion.
+    trainer_state=, ...)``, one list entry per completion; chat completions are lists of
+    messages.
     """
     from stagebudget.tasks import Example
 
-    def reward(prompts: list[str], completions: list[str], answer: list[str], task: list[str],
+    def reward(prompts: list[Any], completions: list[Any], answer: list[str], task: list[str],
                **_: Any) -> list[float | None]:
         return [
-            float(suite.reward(Example(p, a, t, "train"), c))
+            float(suite.reward(Example(p, a, t, "train"), completion_text(c)))
             for p, c, a, t in zip(prompts, completions, answer, task, strict=True)
         ]
 

@@ -18,14 +18,17 @@ from stagebudget.stages.common import (
 
 
 def sft_dataset(ctx: StageContext) -> Any:
-    """``{"prompt", "completion"}`` rows; the completion is the answer followed by EOS.
+    """``{"prompt", "completion"}`` rows in TRL's format (:func:`stagebudget.chat.sft_row`).
 
-    Prompts are plain text: the tokenizer adds BOS itself, exactly as in GRPO and evaluation.
+    Text prompts: the completion is the target followed by EOS, and the tokenizer adds BOS
+    itself. Chat prompts: the chat template renders prompt and assistant turn. Either way
+    exactly as in GRPO and evaluation.
     """
     from datasets import Dataset
 
-    eos = ctx.tokenizer.eos_token
-    rows = [{"prompt": e.prompt, "completion": e.answer + eos} for e in ctx.suite.train]
+    from stagebudget.chat import sft_row
+
+    rows = [sft_row(ctx.tokenizer, e) for e in ctx.suite.train]
     if not rows:
         raise ValueError("the task suite has no training examples: an sft stage needs n_train >= 1")
     return Dataset.from_list(rows)
@@ -38,7 +41,7 @@ def run_sft(ctx: StageContext) -> StageOutput:
     quiet_libraries()
     spec = ctx.spec
     with ctx.clock.setting_up():
-        args = SFTConfig(**training_args(ctx))
+        args = SFTConfig(**training_args(ctx, max_length=sft_max_length(ctx)))
         trainer = SFTTrainer(
             model=ctx.model,
             args=args,
@@ -49,6 +52,15 @@ def run_sft(ctx: StageContext) -> StageOutput:
         )
     model, steps = train_and_merge(ctx, trainer)
     return StageOutput(model=model, metrics=loss_metrics(ctx), steps_done=steps)
+
+
+def sft_max_length(ctx: StageContext) -> int:
+    """The stage's ``max_length``, or the longest tokenised training example when unset."""
+    from stagebudget.chat import longest_sft_example
+
+    if ctx.spec.max_length is not None:
+        return ctx.spec.max_length
+    return longest_sft_example(ctx.tokenizer, ctx.suite)
 
 
 def loss_metrics(ctx: StageContext) -> dict[str, Any]:

@@ -1,0 +1,254 @@
+"""Driver faults (issue 14), through real Ray and Optuna with fast fake trials: a copied run
+resumes into its own study; one driver per run; Ctrl-C exits non-zero and leaves a resumable run
+with nothing RUNNING; deterministic failures are not retried; our exceptions survive pickling."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from stagebudget.errors import BudgetError, ConfigError, RunError, UserError
+from stagebudget.fakes import fake_trial_fn
+from stagebudget.records import RunDir
+from stagebudget.search import DriverLock, run_search
+
+DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+State = optuna.trial.TrialState
+FAST = functools.partial(fake_trial_fn, seconds=0.05)
+
+
+def _space(tmp_path: Path, **changes: object) -> Path:
+    data = yaml.safe_load(DEMO.read_text())
+    data.update(references=False, concurrency=1, **changes)
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _study(run: RunDir) -> optuna.Study:
+    meta = run.read_meta()
+    return optuna.load_study(study_name=meta["study_name"], storage=run.storage_url(meta["storage"]))
+
+
+def test_copied_run_resumes_into_its_own_study(tmp_path: Path) -> None:
+    space = _space(tmp_path, trials=1)
+    original = RunDir(run_search(space, name="orig", runs_dir=tmp_path / "runs", live=False,
+                                 trial_fn=FAST))
+    shutil.copytree(original.root, tmp_path / "runs" / "copy")
+    copy = RunDir(tmp_path / "runs" / "copy")
+    # run.json still names the original's absolute study path
+    assert str(original.study_db.resolve()) in (copy.meta.read_text())
+    run_search(space, name="copy", runs_dir=tmp_path / "runs", trials=2, resume=True,
+               live=False, trial_fn=FAST)
+    assert len(_study(original).trials) == 1          # the original is untouched
+    assert len(_study(copy).trials) == 2
+
+
+def test_second_driver_on_a_live_run_is_refused(tmp_path: Path) -> None:
+    space = _space(tmp_path, trials=1)
+    run = RunDir(run_search(space, name="one", runs_dir=tmp_path / "runs", live=False,
+                            trial_fn=FAST))
+    before = run.meta.read_text()
+    lock = DriverLock(run)  # a driver that is running right now
+    try:
+        with pytest.raises(UserError, match=f"being driven right now by stagebudget pid "
+                                            f"{os.getpid()}"):
+            run_search(space, name="one", runs_dir=tmp_path / "runs", trials=2, resume=True,
+                       live=False, trial_fn=FAST)
+        assert run.meta.read_text() == before        # nothing settled, nothing written
+    finally:
+        lock.release()
+    run_search(space, name="one", runs_dir=tmp_path / "runs", trials=2, resume=True,
+               live=False, trial_fn=FAST)            # once it is gone, resume works
+    assert len(_study(run).trials) == 2
+
+
+DRIVER = """
+import functools, sys
+import stagebudget.search as search
+from stagebudget.fakes import fake_trial_fn
+from stagebudget.cli import main
+real = search.run_search
+search.run_search = functools.partial(
+    real, trial_fn=functools.partial(fake_trial_fn, seconds=float(sys.argv[3])))
+main(["search", sys.argv[1], "--name", "ctrlc", "--runs-dir", sys.argv[2], "--no-live"])
+"""
+
+
+def test_ctrl_c_exits_nonzero_says_how_to_resume_and_leaves_nothing_running(tmp_path: Path):
+    space = _space(tmp_path, trials=4)
+    runs = tmp_path / "runs"
+    run = RunDir(runs / "ctrlc")
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(space), str(runs), "3.0"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not any(r.status == "COMPLETE" for r in run.records()) if run.trials.is_dir() \
+                else True:
+            assert proc.poll() is None, f"driver exited early:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no trial completed:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert code == 130, text[-3000:]
+    assert "--resume" in text and "Tuner.restore" not in text and "next: stagebudget" not in text
+    meta = run.read_meta()
+    assert "finished" not in meta and meta["interrupted"]
+    study = _study(run)
+    assert not study.get_trials(states=(State.RUNNING, State.WAITING))
+    assert all(r.status in ("COMPLETE", "FAILED") for r in run.records())
+    done = len(study.trials)
+    run_search(space, name="ctrlc", runs_dir=runs, resume=True, live=False, trial_fn=FAST)
+    assert len(_study(run).trials) == 4 >= done
+
+
+def test_deterministic_failures_are_not_retried(tmp_path: Path) -> None:
+    fn = functools.partial(fake_trial_fn, seconds=0.05, fail="diverge")
+    run = RunDir(run_search(_space(tmp_path, trials=2, max_retries=2), name="nan",
+                            runs_dir=tmp_path / "runs", live=False, trial_fn=fn))
+    study = _study(run)
+    assert [t.state for t in study.trials] == [State.FAIL, State.FAIL]
+    records = run.records()
+    assert len(records) == 2
+    for rec in records:
+        assert rec.status == "FAILED" and rec.attempt == 1          # never retried
+        assert rec.error.startswith("TrainingDiverged: training diverged") and not rec.objectives
+
+
+def test_our_exceptions_survive_pickling() -> None:
+    from stagebudget.basemodel import ModelRefError
+    from stagebudget.stages.common import TrainingDiverged
+    from stagebudget.tasks import TaskFileError
+
+    errors = [TrainingDiverged("sft", 0, 3, float("nan")), UserError("x"), RunError("r"),
+              BudgetError("b"), ConfigError("bad", source="s.yaml", field="f"),
+              ModelRefError("m"), TaskFileError("t")]
+    for exc in errors:
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is type(exc) and str(back) == str(exc)
+    back = pickle.loads(pickle.dumps(ConfigError("bad", source="s.yaml", field="f")))
+    assert (back.source, back.field) == ("s.yaml", "f")
+
+
+def test_disk_full_before_start_leaves_nothing_and_says_so(tmp_path: Path, monkeypatch,
+                                                           capsys) -> None:
+    """A full disk when run.json is written: one paragraph naming the path, no run directory
+    (and no 0-byte study) left to block the name. fsync is where a full disk shows."""
+    import errno
+
+    import stagebudget.fileio as fileio
+    from stagebudget.cli import main
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "fsync", full)
+    space = _space(tmp_path, trials=1)
+    with pytest.raises(OSError) as err:
+        run_search(space, name="full", runs_dir=tmp_path / "runs", live=False, trial_fn=FAST)
+    assert err.value.errno == errno.ENOSPC and err.value.filename.endswith("run.json")
+    assert not (tmp_path / "runs" / "full").exists()
+    monkeypatch.setattr("stagebudget.search.run_search", functools.partial(
+        run_search, trial_fn=FAST))
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", str(space), "--runs-dir", str(tmp_path / "runs"), "--no-live"])
+    assert exit_.value.code == 2
+    text = capsys.readouterr().err
+    assert "No space left on device" in text and "run.json" in text and "Traceback" not in text
+
+
+FILL_DRIVER = """
+import functools, subprocess, sys, threading, time
+from pathlib import Path
+from stagebudget.fakes import fake_trial_fn
+import stagebudget.search as search
+from stagebudget.cli import main
+runs = Path(sys.argv[2])
+def fill():  # the disk fills up while the first trial runs
+    while not any(runs.glob("*/trials/*/record.json")):
+        time.sleep(0.1)
+    subprocess.run(["dd", "if=/dev/zero", f"of={runs.parent}/fill", "bs=64k"],
+                   stderr=subprocess.DEVNULL)
+threading.Thread(target=fill, daemon=True).start()
+search.run_search = functools.partial(
+    search.run_search, trial_fn=functools.partial(fake_trial_fn, seconds=2.0))
+main(["search", sys.argv[1], "--name", "full", "--runs-dir", str(runs), "--no-live"])
+"""
+
+
+def test_disk_full_mid_run_is_one_paragraph_and_resumes(tmp_path: Path) -> None:
+    """A real full disk (a 4 MB tmpfs) mid-run. Needs permission to mount; where there is none
+    (unprivileged CI) the test says so and skips: it cannot be faked in a Ray worker."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("mounting a small tmpfs is not permitted here (needs root)")
+    try:
+        space = _space(tmp_path, trials=4)
+        runs = mnt / "runs"
+        done = subprocess.run([sys.executable, "-c", FILL_DRIVER, str(space), str(runs)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr[-3000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: the disk holding") and "--resume" in last
+        (mnt / "fill").unlink()
+        run_search(space, name="full", runs_dir=runs, resume=True, live=False, trial_fn=FAST)
+        run = RunDir(runs / "full")
+        assert len(_study(run).trials) == 4
+        assert all(r.status in ("COMPLETE", "FAILED") for r in run.records())
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_resume_ends_the_ray_processes_a_killed_driver_left(tmp_path: Path) -> None:
+    """`kill -9` of the driver alone leaves Ray's DashboardAgent/RuntimeEnvAgent running; the
+    next driver of the run (holding its lock, so the old one is gone) ends them."""
+    from stagebudget.search import _alive, _uses_session
+
+    space = _space(tmp_path, trials=2)
+    runs = tmp_path / "runs"
+    run = RunDir(runs / "ctrlc")
+    with open(tmp_path / "driver.log", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(space), str(runs), "3.0"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while not (run.trials.is_dir() and any(run.trials.iterdir())):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only, as `kill -9 PID` does
+        proc.wait()
+        time.sleep(3)
+        session = run.read_meta()["ray_session_dir"]
+
+        def left() -> list[int]:
+            return [int(p.name) for p in Path("/proc").iterdir()
+                    if p.name.isdigit() and _uses_session(p, session) and _alive(int(p.name))]
+
+        before = left()
+        run_search(space, name="ctrlc", runs_dir=runs, resume=True, live=False, trial_fn=FAST)
+        assert not [p for p in before if _alive(p)], f"still running: {before}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
