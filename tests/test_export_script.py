@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stagebudget.export import CONFIG_CLASS, stage_export
+from stagebudget.export import stage_export
 from stagebudget.exportscript import render_script
 from stagebudget.schedule import Schedule, StageSpec, TasksRef
 
@@ -39,7 +39,7 @@ def test_exported_configs_construct_on_cpu(tmp_path: Path) -> None:
     import trl
 
     for stage in _document(SCHEDULE)["trl"]:
-        cls = getattr(trl, CONFIG_CLASS[stage["stage"]].removeprefix("trl."))
+        cls = getattr(trl, stage["config"].removeprefix("trl."))
         config = cls(output_dir=str(tmp_path), **stage["args"])
         assert config.bf16 is False and config.eval_strategy.value == "no"
         assert config.max_steps == SCHEDULE.stages[stage["index"]].steps

@@ -173,13 +173,13 @@ def test_fake_search_end_to_end(tmp_path: Path) -> None:
 
 
 def test_search_budget_stops_new_trials_and_is_recorded(tmp_path: Path) -> None:
-    # per-trial budget 0.012 h; 0.03 h leaves room for two trials, not a third.
+    # per-trial budget 0.008 h (the demo space); 0.02 h leaves room for two trials, not a third.
     # (Also the journal-file storage path, end to end.)
     space = write_space(tmp_path, trials=6, concurrency=1, references=False)
-    run_dir = run_search(space, name="budget", runs_dir=tmp_path / "runs", budget_hours=0.03,
+    run_dir = run_search(space, name="budget", runs_dir=tmp_path / "runs", budget_hours=0.02,
                          storage=str(tmp_path / "journal.log"), live=False, trial_fn=FAST)
     meta = RunDir(run_dir).read_meta()
-    assert meta["stopped_by_budget"] is True and meta["search_budget_hours"] == 0.03
+    assert meta["stopped_by_budget"] is True and meta["search_budget_hours"] == 0.02
     assert meta["storage"] == "journal:" + str(tmp_path / "journal.log")
     study = study_of(run_dir)
     assert len(study.trials) == 2

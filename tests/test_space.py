@@ -280,7 +280,7 @@ def test_lora_settings_per_stage_fixed_or_searched(tmp_path):
 def test_validate_plans_every_grid_point_and_names_the_ones_that_cannot_fit(tmp_path):
     """Issue 12: the corners alone passed, a mid-space point (a small RL share with long
     completions) failed at run time. Now every grid value is planned and the bad ones named."""
-    data = bad(stages__rl__max_completion_length=256, budget__per_trial_hours=0.005)
+    data = bad(stages__rl__max_completion_length=256, budget__per_trial_hours=0.003)
     with pytest.raises(ConfigError) as err:
         SearchSpace.load(write(tmp_path, data))
     text = str(err.value)
