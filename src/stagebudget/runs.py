@@ -169,6 +169,9 @@ class StatusRow:
     on_front: bool
     knee: bool
     error: str | None
+    id_se: float | None = None
+    ood_se: float | None = None
+
 
 
 def ledger_hours(ledger: dict[str, Any]) -> float | None:
@@ -270,9 +273,17 @@ class Run:
                 ood_accuracy=v.values.get(OOD_ACCURACY), device_hours=v.device_hours,
                 on_front=v.number in on_front, knee=v.number is not None and v.number == front.knee,
                 error=v.error.strip().splitlines()[0] if v.error and v.error.strip() else None,
+                id_se=_se(v, ID_ACCURACY), ood_se=_se(v, OOD_ACCURACY),
             )
             for v in self.trials()
         ]
+
+
+def _se(view: Any, objective: str) -> float | None:
+    """The standard error a trial's record holds for ``objective`` (None for older runs)."""
+    objectives = view.record.objectives if view.record is not None else {}
+    value = objectives.get(STANDARD_ERROR_OF[objective])
+    return float(value) if isinstance(value, int | float) else None
 
 
 def load_run(path: str | Path) -> Run:

@@ -23,13 +23,18 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _with_se(value: float | None, se: float | None) -> str:
+    """``0.712 ±.014``: an accuracy with its standard error, when the record has one."""
+    return _fmt(value) if se is None or value is None else f"{value:.3f} ±{se:.3f}".replace("±0.", "±.")
+
+
 def trials_table(rows: list[StatusRow], title: str = "trials") -> Table:
     """The per-trial table: state, reference, schedule, SFT share, objectives, cost, front, error."""
     table = Table(title=title, title_justify="left", header_style="bold")
     for name, kw in (("#", {"justify": "right"}), ("state", {"min_width": 8}), ("ref", {}),
                      ("schedule", {"overflow": "fold", "min_width": 16}),
                      ("sft share", {"justify": "right"}),
-                     ("ID", {"justify": "right"}), ("OOD", {"justify": "right"}),
+                     ("ID ± SE", {"justify": "right"}), ("OOD ± SE", {"justify": "right"}),
                      ("dev-h", {"justify": "right"}), ("front", {"justify": "center"}),
                      ("error", {"overflow": "ellipsis", "max_width": 36, "no_wrap": True})):
         table.add_column(name, **kw)  # type: ignore[arg-type]
@@ -41,8 +46,8 @@ def trials_table(rows: list[StatusRow], title: str = "trials") -> Table:
             r.reference or "",
             r.schedule,
             _fmt(r.sft_share, ".3g"),
-            _fmt(r.id_accuracy),
-            _fmt(r.ood_accuracy),
+            _with_se(r.id_accuracy, r.id_se),
+            _with_se(r.ood_accuracy, r.ood_se),
             _fmt(r.device_hours, ".4f"),
             Text(mark, style="bold green") if mark else "",
             Text(r.error or "", style="red"),
