@@ -47,6 +47,9 @@ def test_search_logs_each_trial_to_mlflow(tmp_path: Path) -> None:
         curves = RunDir(run_dir).curves(record.key)
         # the curve points, against the global step (the final report adds the last value again)
         logged = {(m.step, round(m.value, 6)) for m in history}
+        if record.reused_from:  # a schedule trained earlier in the run reports its result once
+            assert {v for _, v in logged} == {round(curves[-1]["id_accuracy"], 6)}
+            continue
         assert logged >= {(r["global_step"], round(r["id_accuracy"], 6)) for r in curves}
 
 
