@@ -546,7 +546,7 @@ def _prepare_base_model(space: SearchSpace, space_file: str) -> None:
             resolve_base_model(space.base_model, base_dir=base_dir, allow_build=False)
         except ValueError:
             print(f"building the base model {space.base_model} (first run only, cached after; "
-                  "about 5 min on 2 CPU cores)...", flush=True)
+                  "about 1 min on 2 CPU cores)...", flush=True)
     try:
         resolve_base_model(space.base_model, base_dir=base_dir)
     except ValueError as exc:
