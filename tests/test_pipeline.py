@@ -118,13 +118,13 @@ def test_planned_steps_are_the_contract_and_the_guard_stops_a_runaway(tiny_base,
 
     runaway = _schedule(tiny_base, budget_hours=0.5 / 3600, stages=(
         StageSpec(kind="sft", steps=100_000, lora_rank=4, batch_size=8, eval_interval=10_000),))
-    with pytest.raises(BudgetGuardError, match=r"1\.5 x its budget"):
+    with pytest.raises(BudgetGuardError, match=r"4 x its budget"):
         _run(runaway, tmp_path / "runaway")
     ledger = json.loads((tmp_path / "runaway" / "ledger.json").read_text())
     sft = ledger["stages"][0]
     assert ledger["stopped_by_guard"] and sft["stopped_by_guard"]
     assert 1 <= sft["steps_done"] < 100_000
-    assert 0.75 <= ledger["train_seconds"] <= 0.75 + sft["max_step_seconds"] + 0.05
+    assert 2.0 <= ledger["train_seconds"] <= 2.0 + sft["max_step_seconds"] + 0.05
     assert not (tmp_path / "runaway" / "metrics.json").exists()
 
 
