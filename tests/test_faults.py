@@ -10,8 +10,8 @@ import functools
 from pathlib import Path
 
 import optuna
-import yaml
 
+from runhelpers import demo_space
 from stagebudget.fakes import fake_trial_fn
 from stagebudget.records import RunDir
 from stagebudget.search import run_search
@@ -21,11 +21,7 @@ State = optuna.trial.TrialState
 
 
 def _space(tmp_path: Path, **changes: object) -> Path:
-    data = yaml.safe_load(DEMO.read_text())
-    data.update(references=False, concurrency=2, **changes)
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return demo_space(tmp_path, **{"references": False, "concurrency": 2, **changes})
 
 
 def _study_and_records(run_dir: Path) -> tuple[optuna.Study, dict]:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 
+from runhelpers import demo_space
 from stagebudget.errors import BudgetError, ConfigError, RunError, UserError
 from stagebudget.fakes import fake_trial_fn
 from stagebudget.records import RunDir
@@ -30,11 +30,7 @@ FAST = functools.partial(fake_trial_fn, seconds=0.05)
 
 
 def _space(tmp_path: Path, **changes: object) -> Path:
-    data = yaml.safe_load(DEMO.read_text())
-    data.update(references=False, concurrency=1, **changes)
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return demo_space(tmp_path, **{"references": False, "concurrency": 1, **changes})
 
 
 def _study(run: RunDir) -> optuna.Study:

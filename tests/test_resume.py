@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import optuna
-import yaml
 
+from runhelpers import demo_space, kill_driver_when
 from stagebudget.fakes import fake_trial_fn
 from stagebudget.records import RunDir
 from stagebudget.search import run_search
@@ -44,25 +39,12 @@ def _completed(run: RunDir) -> list:
 def _start_and_kill(space: Path, runs: Path, log: Path) -> None:
     """Run the driver in its own process group; SIGKILL the group once a trial completed."""
     run = RunDir(runs / "res")
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(space), str(runs)],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 150
-        while not (run.trials.is_dir() and _completed(run)):
-            assert proc.poll() is None, f"driver exited early:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no trial completed:\n{log.read_text()[-3000:]}"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_driver_when(DRIVER, [str(space), str(runs)], log,
+                     lambda: run.trials.is_dir() and bool(_completed(run)))
 
 
 def test_killed_search_resumes_without_losing_or_repeating(tmp_path: Path) -> None:
-    data = yaml.safe_load(DEMO.read_text())
-    data.update(trials=TRIALS, concurrency=2)
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump(data))
+    space = demo_space(tmp_path, trials=TRIALS, concurrency=2)
     runs = tmp_path / "runs"
     _start_and_kill(space, runs, tmp_path / "driver.log")
 
@@ -101,10 +83,7 @@ def test_killed_search_resumes_without_losing_or_repeating(tmp_path: Path) -> No
 
 
 def test_resume_of_a_finished_search_runs_nothing(tmp_path: Path) -> None:
-    data = yaml.safe_load(DEMO.read_text())
-    data.update(trials=1, concurrency=1, references=False)
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump(data))
+    space = demo_space(tmp_path, trials=1, concurrency=1, references=False)
     fn = functools.partial(fake_trial_fn, seconds=0.05)
     run_dir = run_search(space, name="done", runs_dir=tmp_path / "runs", live=False, trial_fn=fn)
     # A resume with nothing left starts no Ray and no trial.

@@ -12,6 +12,7 @@ import optuna
 import pytest
 import yaml
 
+from runhelpers import demo_space
 from stagebudget.errors import UserError
 from stagebudget.fakes import fake_trial_fn
 from stagebudget.records import RunDir
@@ -31,11 +32,7 @@ FAST = functools.partial(fake_trial_fn, seconds=0.1)
 
 def write_space(tmp_path: Path, **changes: object) -> Path:
     """The demo space with top-level ``changes``, written to tmp_path/space.yaml."""
-    data = yaml.safe_load(DEMO.read_text())
-    data.update(changes)
-    path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return demo_space(tmp_path, **changes)
 
 
 def study_of(run_dir: Path) -> optuna.Study:

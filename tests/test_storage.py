@@ -11,10 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 import pgserver
+from runhelpers import demo_space, kill_driver_when
 from stagebudget.cli import app
 from stagebudget.errors import RunError, UserError
 from stagebudget.fakes import fake_trial_fn
@@ -62,27 +59,14 @@ def _storage(kind: str, tmp_path: Path) -> Iterator[str]:
 
 def _kill_after_first_completion(space: Path, runs: Path, storage: str, log: Path) -> None:
     run = RunDir(runs / "st")
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(space), str(runs), storage],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 150
-        while not (run.trials.is_dir() and any(r.status == "COMPLETE" for r in run.records())):
-            assert proc.poll() is None, f"driver exited early:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no trial completed:\n{log.read_text()[-3000:]}"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_driver_when(DRIVER, [str(space), str(runs), storage], log, lambda: run.trials.is_dir()
+                     and any(r.status == "COMPLETE" for r in run.records()))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql"])
 def test_search_kill_resume_and_read_back(kind: str, tmp_path: Path) -> None:
-    data = yaml.safe_load(DEMO.read_text())
-    data.update(trials=TRIALS, concurrency=2)
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump(data))
+    space = demo_space(tmp_path, trials=TRIALS, concurrency=2)
     runs = tmp_path / "runs"
     with _storage(kind, tmp_path) as storage:
         _kill_after_first_completion(space, runs, storage, tmp_path / "driver.log")
@@ -155,10 +139,7 @@ def test_bad_storage_urls_are_user_errors_that_hide_passwords(tmp_path: Path) ->
 
 
 def test_a_search_with_an_unreachable_server_leaves_nothing(tmp_path: Path) -> None:
-    data = yaml.safe_load(DEMO.read_text())
-    data.update(trials=1, concurrency=1, references=False)
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump(data))
+    space = demo_space(tmp_path, trials=1, concurrency=1, references=False)
     with pytest.raises(UserError, match="cannot open Optuna storage"):
         run_search(space, name="x", runs_dir=tmp_path / "runs", live=False,
                    storage="postgresql+psycopg2://postgres@127.0.0.1:1/postgres",

@@ -55,12 +55,6 @@ def scores(model: Any, tokenizer: Any, suite: Any, examples: list[Any], max_new_
     return [suite.score(e, p) for e, p in zip(examples, preds, strict=True)]
 
 
-def accuracy(model: Any, tokenizer: Any, suite: Any, examples: list[Any], max_new_tokens: int,
-             batch_size: int = EVAL_BATCH) -> float:
-    """Mean ``suite.score`` of greedy completions of ``examples`` (0.0 for an empty split)."""
-    return mean_and_se(scores(model, tokenizer, suite, examples, max_new_tokens, batch_size))[0]
-
-
 def evaluate(model: Any, tokenizer: Any, suite: Any, *, max_new_tokens: int | None = None,
              batch_size: int = EVAL_BATCH) -> dict[str, float]:
     """Greedy decoding on the suite's test splits: each accuracy and its standard error.

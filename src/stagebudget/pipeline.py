@@ -181,9 +181,7 @@ def _run_stage(run: _Run, index: int, spec: StageSpec, progress: Report | None) 
         run.record(run.last_eval, spec.kind, index, 0, [])
     ctx = StageContext(
         model=run.model, tokenizer=run.tokenizer, suite=run.suite, spec=spec, stage_index=index,
-        clock=run.clock, evaluate=lambda m, s: {}, seed=run.schedule.seed, device=run.device,
-        step_seconds_estimate=per_step,
-    )
+        clock=run.clock, evaluate=lambda m, s: {}, seed=run.schedule.seed, device=run.device)
     ctx.evaluate = lambda model, step: run.measure(model, spec.kind, index, step, ctx.logs)
     out = get_stage(spec.kind)(ctx)
     run.clock.end_stage(out.steps_done)

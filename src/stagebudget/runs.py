@@ -173,7 +173,6 @@ class StatusRow:
     ood_se: float | None = None
 
 
-
 def ledger_hours(ledger: dict[str, Any]) -> float | None:
     """Training device-hours of a ledger (``device_hours``, as ``BudgetClock.ledger`` writes it).
 

@@ -25,7 +25,9 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 def _with_se(value: float | None, se: float | None) -> str:
     """``0.712 ±.014``: an accuracy with its standard error, when the record has one."""
-    return _fmt(value) if se is None or value is None else f"{value:.3f} ±{se:.3f}".replace("±0.", "±.")
+    if se is None or value is None:
+        return _fmt(value)
+    return f"{value:.3f} ±{format(se, '.3f').lstrip('0')}"
 
 
 def trials_table(rows: list[StatusRow], title: str = "trials") -> Table:

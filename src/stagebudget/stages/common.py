@@ -45,8 +45,7 @@ class TrainingDiverged(RuntimeError, DeterministicError):
 class StageContext:
     """Everything a stage needs. ``evaluate(model, step)`` is the pipeline's evaluation hook.
 
-    ``logs`` receives every training log row (TRL's ``loss``/``reward``...) with its ``step``;
-    ``step_seconds_estimate`` is the planned seconds per step, the budget check's first estimate.
+    ``logs`` receives every training log row (TRL's ``loss``/``reward``...) with its ``step``.
     """
 
     model: Any
@@ -59,7 +58,6 @@ class StageContext:
     seed: int = 0
     device: str = "cpu"
     logs: list[dict[str, Any]] = field(default_factory=list)
-    step_seconds_estimate: float | None = None
     extra_callbacks: list[Any] = field(default_factory=list)
 
 
