@@ -33,6 +33,7 @@ from stagebudget.stages.common import TrainingDiverged
 __all__ = ["BudgetGuardError", "TrainingDiverged", "TrialResult", "run_schedule"]
 
 Report = Callable[[dict[str, Any]], None]
+StageEnd = Callable[[int, dict[str, Any]], None]
 
 
 @dataclass
@@ -213,13 +214,16 @@ def run_schedule(
     base_dir: Path | None = None,
     progress: Report | None = None,
     guard: float = OVERRUN_GUARD,
+    stage_end: StageEnd | None = None,
 ) -> TrialResult:
     """Train ``schedule`` stage by stage and measure it; write its records under ``out_dir``.
 
     Writes ``schedule.yaml``, ``curves.jsonl`` (row by row), ``ledger.json``, ``metrics.json``
     and, with ``save_model``, the final merged model to ``model/``. ``report`` receives every
     curve row; ``progress`` receives events (``load``, ``stage_start``, ``eval``,
-    ``stage_end``, ``done``). Every stage trains its planned steps; ``guard`` (times the
+    ``stage_end``, ``done``). ``stage_end(index, row)`` is called after every stage but the last
+    with the curve row measured at its end; it may raise to stop the trial there (early
+    stopping). Every stage trains its planned steps; ``guard`` (times the
     schedule's budget) stops a runaway trial with :class:`BudgetGuardError`. Raises
     :class:`TrainingDiverged` on a NaN/inf loss; any exception propagates after the ledger so
     far is written.
@@ -234,6 +238,8 @@ def run_schedule(
     try:
         for index, spec in enumerate(schedule.stages):
             _run_stage(run, index, spec, progress)
+            if stage_end is not None and index < len(schedule.stages) - 1:
+                stage_end(index, dict(run.curves.rows[-1]))
     finally:
         if out is not None:
             atomic_write_json(out / "ledger.json", run.clock.ledger())
