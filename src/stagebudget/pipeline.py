@@ -4,7 +4,9 @@ Each stage is looked up in the registry (:data:`stagebudget.stages.STAGES`) and 
 previous stage's merged model. ID and OOD accuracy are measured at step 0 of every stage (the
 first point of stage k>0 is the last of stage k-1, reused, not re-measured), every
 ``eval_interval`` steps and at the end of each stage. Every curve row is appended to
-``curves.jsonl`` as it is measured and passed to ``report`` (the search forwards it to Ray).
+``curves.jsonl`` as it is measured and passed to ``report`` (the search forwards it to Ray). A
+row's ``planned_seconds`` is its budget point by the cost model (load-independent),
+``device_seconds`` the training time measured so far.
 
 Training time is charged to the schedule's budget (``budget_hours``). Every stage trains exactly
 its planned steps (the budget was enforced when the schedule was planned), so a result never
@@ -116,6 +118,13 @@ class _Run:
         self.record(acc, kind, index, step, logs)
         return acc
 
+    def planned_seconds(self, step: int) -> float:
+        """Planned training device-seconds up to ``step`` of the current stage: the budget point
+        of a curve row by the cost model, the same on any load (measured seconds are not)."""
+        *done, current = self.clock.stages
+        per_step = current.planned_seconds / current.planned_steps if current.planned_steps else 0.0
+        return sum(s.planned_seconds for s in done) + per_step * step
+
     def record(self, acc: dict[str, float], kind: str, index: int, step: int,
                logs: list[dict[str, Any]]) -> None:
         """Add the curve row of ``acc`` measured at ``step`` of stage ``index``."""
@@ -125,6 +134,7 @@ class _Run:
             "stage": kind, "stage_index": index, "step": step,
             "global_step": self.curves.global_offset + step,
             "device_seconds": self.clock.train_seconds(),
+            "planned_seconds": self.planned_seconds(step),
             **{k: acc[k] for k in (ID_ACCURACY, OOD_ACCURACY, *STANDARD_ERROR_OF.values())
                if k in acc},
             **signal,
