@@ -32,7 +32,9 @@ STATUSES = (RUNNING, COMPLETE, FAILED, PRUNED)
 # Metric names reported to Ray and stored as objectives (constants, never retyped).
 ID_ACCURACY = "id_accuracy"
 OOD_ACCURACY = "ood_accuracy"
-DEVICE_HOURS = "device_hours"
+DEVICE_HOURS = "device_hours"  # nominal: the schedule trained alone (reused prefixes included)
+# What a trial really trained (reused prefixes excluded): the search budget is charged this.
+SPENT_DEVICE_HOURS = "spent_device_hours"
 # Standard errors of the objectives (in a record's objectives, curves and metrics.json).
 ID_ACCURACY_SE = "id_accuracy_se"
 OOD_ACCURACY_SE = "ood_accuracy_se"

@@ -31,7 +31,15 @@ from typing import Any
 from stagebudget import __version__
 from stagebudget.errors import UserError
 from stagebudget.fileio import DISK_FULL, atomic_write_yaml
-from stagebudget.records import COMPLETE, DEVICE_HOURS, ERROR_ATTR, FAILED, RUNNING, RunDir
+from stagebudget.records import (
+    COMPLETE,
+    DEVICE_HOURS,
+    ERROR_ATTR,
+    FAILED,
+    RUNNING,
+    SPENT_DEVICE_HOURS,
+    RunDir,
+)
 from stagebudget.runs import study_storage_url
 from stagebudget.space import SearchSpace, check_run_name, make_sampler
 from stagebudget.studystore import normalize_url, open_storage
@@ -474,7 +482,8 @@ def _resume_plan(run: RunDir, meta: dict[str, Any], lock: DriverLock, *, trials:
     seen = [t.system_attrs.get("fixed_params", t.params) for t in study.get_trials(deepcopy=False)]
     points = [p for _, p in space.reference_points()
               if space.references and not any(_same_params(p, s) for s in seen)]
-    prior = sum(r.objectives.get(DEVICE_HOURS, 0.0) for r in run.records())
+    prior = sum(r.ledger.get(SPENT_DEVICE_HOURS, r.objectives.get(DEVICE_HOURS, 0.0))
+                for r in run.records())
     return SearchPlan(run, space, meta, store, space.trials - finished, points, prior, lock=lock)
 
 
