@@ -196,3 +196,24 @@ def _read_record(path: Path) -> TrialRecord | None:
     if not isinstance(record.key, str) or not isinstance(record.params, dict):
         return None
     return record
+
+
+def spend_summary(records: list[TrialRecord]) -> dict[str, float]:
+    """What a run's trials cost: ``nominal_device_hours`` (each COMPLETE trial's schedule
+    trained alone, what the per-trial budget limits), ``spent_device_hours`` (what was really
+    trained, reused prefixes counted once) and ``saved_share`` (1 - spent / nominal).
+
+    >>> r = TrialRecord(key="a", params={}, schedule={}, status=COMPLETE,
+    ...                 objectives={DEVICE_HOURS: 0.02}, ledger={SPENT_DEVICE_HOURS: 0.005})
+    >>> spend_summary([r])["saved_share"]
+    0.75
+    """
+    nominal = spent = 0.0
+    for record in records:
+        if record.status != COMPLETE:
+            continue
+        hours = record.objectives.get(DEVICE_HOURS, record.ledger.get(DEVICE_HOURS, 0.0))
+        nominal += float(hours or 0.0)
+        spent += float(record.ledger.get(SPENT_DEVICE_HOURS, hours) or 0.0)
+    return {"nominal_device_hours": nominal, "spent_device_hours": spent,
+            "saved_share": 1.0 - spent / nominal if nominal > 0 else 0.0}

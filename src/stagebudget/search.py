@@ -39,6 +39,7 @@ from stagebudget.records import (
     RUNNING,
     SPENT_DEVICE_HOURS,
     RunDir,
+    spend_summary,
 )
 from stagebudget.runs import study_storage_url
 from stagebudget.space import SearchSpace, check_run_name, make_sampler
@@ -116,7 +117,8 @@ def _drive(plan: SearchPlan, *, resume: bool, address: str | None, live: bool,
         elif _is_disk_full(exc):
             raise _disk_full(plan, exc) from None
         raise
-    plan.meta.update(stopped_by_budget=stopped, finished=time.time())
+    plan.meta.update(stopped_by_budget=stopped, finished=time.time(),
+                     spend=spend_summary(plan.run.records()))
     plan.run.write_meta(_without_tool(plan.meta))
     _summarise(plan, live)
     return plan.run.root
