@@ -109,7 +109,6 @@ def test_a_run_plans_with_its_frozen_cost_model_on_resume(tmp_path, monkeypatch)
     """RUN/cost.json freezes the cost model (analytic constants included): after the built-in
     constants change, the run still plans the schedules it planned when it started."""
     from runhelpers import demo_space
-
     from stagebudget import cost as cost_module
     from stagebudget.search import COST_FILE, frozen_cost_model
     from stagebudget.space import SearchSpace

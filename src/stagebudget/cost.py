@@ -157,10 +157,12 @@ class CostModel:
             return self._from_table(spec, entries)
         return self._analytic(spec)
 
-    def _work(self, spec: StageSpec) -> float:
-        """Relative amount of work per step, used to scale calibrated entries."""
+    def _work(self, spec: StageSpec, completion: float | None = None) -> float:
+        """Relative amount of work per step, used to scale calibrated entries. A generating
+        stage's completions are ``completion`` tokens long (default: its maximum)."""
         if get_kind(spec.kind).generates:
-            return float(spec.batch_size * _generations(spec) * _completion(spec))
+            length = _completion(spec) if completion is None else completion
+            return float(spec.batch_size * _generations(spec) * length)
         return float(spec.batch_size * self._seq_len(spec))
 
     def _seq_len(self, spec: StageSpec) -> int:
@@ -186,7 +188,14 @@ class CostModel:
         )
         # Split the measured time into a fixed part and a part proportional to work.
         fixed = min(best["seconds_per_step"], self._constants["step_overhead"])
-        scale = self._work(spec) / self._work(ref)
+        # Completions stop early: scale by the lengths the calibration measured, capped by
+        # this stage's maximum, not by the maxima alone.
+        measured = best.get("mean_completion_length")
+        if get_kind(spec.kind).generates and measured:
+            scale = (self._work(spec, min(float(measured), _completion(spec)))
+                     / self._work(ref, float(measured)))
+        else:
+            scale = self._work(spec) / self._work(ref)
         return fixed + (best["seconds_per_step"] - fixed) * scale
 
     @property
