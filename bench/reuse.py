@@ -107,7 +107,9 @@ def main() -> None:
     lines = _report(args, rows)
     print("\n".join(lines))
     if args.write_results:
-        _write(lines)
+        from bench_results import replace_section
+
+        replace_section(RESULTS, SECTION, lines)
 
 
 def _report(args: argparse.Namespace, rows: dict[str, Any]) -> list[str]:
@@ -136,15 +138,6 @@ def _cores() -> int:
     import os
 
     return os.cpu_count() or 0
-
-
-def _write(lines: list[str]) -> None:
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n\n"
-    start = text.find(SECTION)
-    if start >= 0:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + text[end + 1:] if end >= 0 else text[:start]
-    RESULTS.write_text(text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
