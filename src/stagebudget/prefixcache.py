@@ -116,7 +116,7 @@ def stage_keys(context: dict[str, Any], stages: Sequence[StageSpec]) -> list[str
     """
     keys = []
     for index, spec in enumerate(stages):
-        earlier = [s.model_dump(mode="json", exclude_none=True, exclude=NOT_TRAINING)
+        earlier = [s.model_dump(mode="json", exclude_none=True, exclude=set(NOT_TRAINING))
                    for s in stages[:index]]
         this = spec.model_dump(mode="json", exclude_none=True, exclude={"steps", *NOT_TRAINING})
         keys.append(_digest({"format": CACHE_FORMAT, "context": context, "earlier": earlier,
@@ -196,7 +196,7 @@ class PrefixCache:
 
     # --- publishing ------------------------------------------------------------------------
     def publish(self, key: str, kind: str, steps: int, records: dict[str, Any],
-                fill: Callable[[Path], None]) -> Entry | None:
+                fill: Callable[[Path], Any]) -> Entry | None:
         """Build an entry in a scratch folder (``fill(folder)`` writes its files), write its
         records and manifest, then rename it into place. Returns None when the same entry was
         published meanwhile (by another trial) or when writing failed: a cache that cannot be
