@@ -45,7 +45,8 @@ def trajectory(run_dir: Path, truth: dict[str, tuple[float, float]],
     for k, record in enumerate(records, 1):
         points.append(truth[replay_key(record.schedule)])
         spent += float(record.objectives.get("device_hours", 0.0))
-        out.append((k, spent, hypervolume(points, REF_POINT, DIRECTIONS) / true_hv))
+        found = hypervolume(points, REF_POINT, DIRECTIONS)
+        out.append((k, spent, found / true_hv if true_hv > 0 else 1.0))
     return out
 
 
@@ -77,7 +78,8 @@ def summarise(curves: dict[str, list[list[tuple[int, float, float]]]], at: list[
             if not values:
                 cells.append("–")
                 continue
-            q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+            q = (statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1
+                 else [values[0]] * 3)
             cells.append(f"{statistics.median(values):.3f} [{q[0]:.3f}–{q[2]:.3f}]")
         lines.append(f"| {sampler} | " + " | ".join(cells) + " |")
     return lines
