@@ -124,7 +124,9 @@ def test_planned_steps_are_the_contract_and_the_guard_stops_a_runaway(tiny_base,
     sft = ledger["stages"][0]
     assert ledger["stopped_by_guard"] and sft["stopped_by_guard"]
     assert 1 <= sft["steps_done"] < 100_000
-    assert 2.0 <= ledger["train_seconds"] <= 2.0 + sft["max_step_seconds"] + 0.05
+    assert ledger["guard_clock"] == "cpu-time per thread"  # busy cores do not trip it
+    assert 2.0 <= ledger["guarded_seconds"] <= 2.0 + sft["max_step_seconds"] + 0.05
+    assert ledger["train_seconds"] >= 2.0
     assert not (tmp_path / "runaway" / "metrics.json").exists()
 
 

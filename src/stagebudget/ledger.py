@@ -58,6 +58,7 @@ class StageEntry:
     setup_seconds: float = 0.0
     max_step_seconds: float = 0.0
     stopped_by_guard: bool = False
+    cpu_seconds: float = 0.0  # process CPU time while training, all threads
     reused_steps: int = 0
     reused_train_seconds: float = 0.0
     reused_eval_seconds: float = 0.0
@@ -78,7 +79,7 @@ class BudgetClock:
 
     def __init__(self, budget_seconds: float | None = None, *, device: str = "cpu",
                  gpus: int = 1, timer: Any = time.perf_counter,
-                 guard: float = OVERRUN_GUARD) -> None:
+                 guard: float = OVERRUN_GUARD, cpu_timer: Any = None, threads: int = 1) -> None:
         if budget_seconds is not None and budget_seconds <= 0:
             raise ValueError(f"budget_seconds must be > 0 or None, but got {budget_seconds}")
         if guard < 1:
@@ -90,8 +91,15 @@ class BudgetClock:
         self.device = device
         self.gpus = gpus if device.startswith("cuda") else 1
         self._timer = timer
+        # On a CPU the guard reads the process's CPU time per thread (``cpu_timer``, e.g.
+        # time.process_time), which waiting for a busy core does not advance: a trial slowed
+        # down by other processes is not a runaway. Without it (GPUs, tests) the guard reads
+        # the training stopwatch.
+        self._cpu_timer = cpu_timer if not self.device.startswith("cuda") else None
+        self.threads = max(1, threads)
         self.stages: list[StageEntry] = []
         self._running_since: float | None = None
+        self._cpu_since: float | None = None
 
     # --- stage bookkeeping -----------------------------------------------------------------
     def begin_stage(self, kind: str, index: int, *, planned_steps: int,
@@ -122,12 +130,15 @@ class BudgetClock:
         """Start (or resume) charging training time to the current stage."""
         if self._running_since is None:
             self._running_since = self._timer()
+            self._cpu_since = self._cpu_timer() if self._cpu_timer is not None else None
 
     def stop(self) -> None:
         """Stop charging training time."""
         if self._running_since is not None:
             self.current.train_seconds += self._device_seconds(self._timer() - self._running_since)
-            self._running_since = None
+            if self._cpu_since is not None:
+                self.current.cpu_seconds += self._cpu_timer() - self._cpu_since
+            self._running_since = self._cpu_since = None
 
     @property
     def running(self) -> bool:
@@ -204,10 +215,20 @@ class BudgetClock:
         """Training device-seconds after which a runaway trial is stopped (None: no budget)."""
         return None if self.budget_seconds is None else self.budget_seconds * self.guard
 
+    def guarded_seconds(self) -> float:
+        """What the guard compares with its limit: nominal training seconds, counted on a CPU
+        as the process's CPU time per thread (load-independent), else as the stopwatch."""
+        if self._cpu_timer is None:
+            return self.train_seconds()
+        cpu = sum(s.cpu_seconds for s in self.stages)
+        if self._cpu_since is not None:
+            cpu += self._cpu_timer() - self._cpu_since
+        return cpu / self.threads + sum(s.reused_train_seconds for s in self.stages)
+
     def past_guard(self) -> bool:
         """True once training has used more than the overrun guard allows."""
         limit = self.guard_seconds()
-        return limit is not None and self.train_seconds() > limit
+        return limit is not None and self.guarded_seconds() > limit
 
     def overrun_seconds(self) -> float:
         """Training device-seconds spent beyond the budget (0 when within it or unlimited)."""
@@ -231,6 +252,8 @@ class BudgetClock:
             "spent_device_hours": spent / 3600.0,
             "reused_train_seconds": train - spent,
             "guard_seconds": self.guard_seconds(),
+            "guarded_seconds": self.guarded_seconds(),
+            "guard_clock": "cpu-time per thread" if self._cpu_timer is not None else "stopwatch",
             "over_budget": self.overrun_seconds() > 0,
             "stopped_by_guard": any(s.stopped_by_guard for s in self.stages),
             "overrun_seconds": self.overrun_seconds(),

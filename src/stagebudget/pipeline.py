@@ -189,7 +189,12 @@ def _start(schedule: Schedule, out_dir: Path | None, device: str, cost: CostMode
         schedule.save(out_dir / "schedule.yaml")
         (out_dir / "curves.jsonl").write_text("")  # a fresh run starts a fresh curve file
     budget = schedule.budget_hours * 3600.0 if schedule.budget_hours is not None else None
-    clock = BudgetClock(budget, device=device, guard=guard)
+    import time
+
+    import torch
+
+    clock = BudgetClock(budget, device=device, guard=guard, cpu_timer=time.process_time,
+                        threads=torch.get_num_threads())
     run = _Run(schedule, model, tokenizer, suite, clock, _Curves(out_dir, report, progress),
                cost, device, max_new_tokens_for(suite, tokenizer),
                trust_remote_code=schedule.trust_remote_code)
@@ -329,7 +334,7 @@ def _train_stage(run: _Run, index: int, spec: StageSpec, resume: Entry | None) -
     if run.clock.current.stopped_by_guard:
         raise BudgetGuardError(
             f"stage {index} ({spec.kind}) was stopped after {out.steps_done} of {spec.steps} "
-            f"steps: the trial had used {run.clock.train_seconds():.1f} device-seconds, more than "
+            f"steps: the trial had used {run.clock.guarded_seconds():.1f} device-seconds, more than "
             f"{run.clock.guard:g} x its budget of {run.clock.budget_seconds:.1f} s. The cost model "
             "under-estimates this machine: run `stagebudget calibrate` (under the search's "
             "concurrency) or raise the budget")
