@@ -136,7 +136,7 @@ class BudgetClock:
         """Stop charging training time."""
         if self._running_since is not None:
             self.current.train_seconds += self._device_seconds(self._timer() - self._running_since)
-            if self._cpu_since is not None:
+            if self._cpu_since is not None and self._cpu_timer is not None:
                 self.current.cpu_seconds += self._cpu_timer() - self._cpu_since
             self._running_since = self._cpu_since = None
 
@@ -222,7 +222,7 @@ class BudgetClock:
             return self.train_seconds()
         cpu = sum(s.cpu_seconds for s in self.stages)
         if self._cpu_since is not None:
-            cpu += self._cpu_timer() - self._cpu_since
+            cpu += float(self._cpu_timer()) - self._cpu_since
         return cpu / self.threads + sum(s.reused_train_seconds for s in self.stages)
 
     def past_guard(self) -> bool:
