@@ -83,13 +83,20 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
     if stage_end is not None:
         emit(_fake_row(schedule.stages[0].kind, 0, 0, 0, 0.0, 0.0, 0.0))
         done = sft = 0
-        for index, spec in enumerate(schedule.stages[:-1]):
-            time.sleep(seconds / 4)
-            done += spec.steps
-            sft += spec.steps if spec.kind == "sft" else 0
-            row = emit(_fake_row(spec.kind, index, spec.steps, done, hours * 3600 * done / total,
-                                 sft / total, 0.2 if weak and sft else 0.0))
-            stage_end(index, dict(row))
+        try:
+            for index, spec in enumerate(schedule.stages[:-1]):
+                time.sleep(seconds / 4)
+                done += spec.steps
+                sft += spec.steps if spec.kind == "sft" else 0
+                row = emit(_fake_row(spec.kind, index, spec.steps, done,
+                                     hours * 3600 * done / total, sft / total,
+                                     0.2 if weak and sft else 0.0))
+                stage_end(index, dict(row))
+        except BaseException:  # as the pipeline does: the ledger so far is written
+            if out_dir is not None:
+                (Path(out_dir) / "ledger.json").write_text(json.dumps(
+                    {"device_hours": hours * done / total, "fake": True}))
+            raise
     frac = sum(s.steps for s in schedule.stages if s.kind == "sft") / total
     rows = []
     for i in range(1, 3):
