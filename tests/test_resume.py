@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 import optuna
+import pytest
+import yaml
 
 from runhelpers import demo_space, kill_driver_when
 from stagebudget.fakes import fake_trial_fn
@@ -177,3 +179,58 @@ def test_mark_interrupted_keeps_finished_work_and_fails_the_rest(tmp_path: Path)
     assert b.state == State.FAIL and b.user_attrs["error"] == "interrupted"
     records = {r.key: r for r in run.records()}
     assert records["b"].status == "FAILED" and records["b"].error == "interrupted"
+
+
+REAL_DRIVER = """
+import sys
+from pathlib import Path
+from stagebudget.search import run_search
+run_search(sys.argv[1], name="real", runs_dir=Path(sys.argv[2]), live=False)
+"""
+
+
+@pytest.mark.slow
+def test_real_trial_killed_mid_training_runs_again_on_resume(tmp_path: Path) -> None:
+    """The real pipeline (builtin:test, tiny steps): the driver is killed while a reference
+    trains; the resume trains that same schedule again and nothing that finished."""
+    data = yaml.safe_load(DEMO.read_text())
+    data.update(base_model="builtin:test", trials=3, concurrency=1,
+                tasks={"source": "builtin", "n_train": 200, "n_id_test": 20, "n_ood_test": 20},
+                budget={"per_trial_hours": 0.002})
+    for stage in ("sft", "rl"):
+        data["stages"][stage]["eval_interval"] = 5
+    space = tmp_path / "real.yaml"
+    space.write_text(yaml.safe_dump(data))
+    runs = tmp_path / "runs"
+    run = RunDir(runs / "real")
+
+    def mid_trial() -> bool:  # one trial finished, the next has measured past its step 0
+        records = run.records() if run.trials.is_dir() else []
+        return any(r.status == "COMPLETE" for r in records) and any(
+            r.status == "RUNNING" and any(row.get("global_step", 0) > 0 for row in
+                                          run.curves(r.key)) for r in records)
+
+    kill_driver_when(REAL_DRIVER, [str(space), str(runs)], tmp_path / "driver.log", mid_trial,
+                     timeout=400)
+    before = {r.key: r for r in _completed(run)}
+    cut = {r.key: r for r in run.records() if r.status == "RUNNING"}
+    assert len(cut) == 1 and next(iter(cut.values())).reference
+
+    run_search(space, name="real", runs_dir=runs, resume=True, live=False)
+
+    study = optuna.load_study(study_name=run.read_meta()["study_name"],
+                              storage=run.read_meta()["storage"])
+    assert len(study.get_trials(states=(State.COMPLETE,))) == 3
+    assert {t.user_attrs.get("reference") for t in study.get_trials(states=(State.COMPLETE,))} \
+        == {"sft_only", "rl_only", "heuristic"}
+    records = {r.key: r for r in run.records()}
+    assert len(records) == len(before) + 1 + (3 - len(before))   # finished ones not run again
+    for key, rec in before.items():
+        assert records[key].started == rec.started and records[key].objectives == rec.objectives
+    (key, old), = cut.items()
+    assert records[key].status == "FAILED" and records[key].error == "interrupted"
+    again = [r for r in records.values() if r.key not in before and r.key != key
+             and r.reference == old.reference]
+    assert len(again) == 1 and again[0].status == "COMPLETE", again
+    assert again[0].schedule == old.schedule and again[0].params == old.params  # the same schedule
+    assert again[0].ledger["stages"] and 0 <= again[0].objectives["id_accuracy"] <= 1
