@@ -82,9 +82,9 @@ def value_at(rows: list[dict[str, Any]], planned_seconds: float) -> dict[str, An
     best: dict[str, Any] | None = None
     for row in rows:
         p = row.get(PLANNED)
-        if not _finite(p) or p > planned_seconds + 1e-9:
+        if not _finite(p) or float(p) > planned_seconds + 1e-9:  # type: ignore[arg-type]
             continue
-        if best is None or p >= best[PLANNED]:
+        if best is None or float(p) >= best[PLANNED]:  # type: ignore[arg-type]
             best = row
     return best
 
@@ -110,7 +110,7 @@ class StageGate:
 
     def __call__(self, index: int, row: dict[str, Any]) -> None:
         planned = row.get(PLANNED)
-        if not self.directions or not _finite(planned):
+        if not self.directions or not isinstance(planned, int | float) or not _finite(planned):
             return
         for key, rows in self.completed.items():
             other = value_at(rows, float(planned))
