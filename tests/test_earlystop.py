@@ -98,6 +98,20 @@ def test_early_stopping_is_off_by_default_and_checked_in_the_space(tmp_path: Pat
         SearchSpace.load(path)
 
 
+def test_only_sampled_trials_of_a_space_that_enables_it_get_a_gate(tmp_path: Path) -> None:
+    from stagebudget.trainable import _early_stopping
+
+    run = RunDir(tmp_path)
+    data = yaml.safe_load(DEMO.read_text())
+    path = tmp_path / "on.yaml"
+    path.write_text(yaml.safe_dump({**data, "early_stopping": {"enabled": True, "margin_se": 1}}))
+    on = SearchSpace.load(path)
+    gate = _early_stopping(run, on, "t1", None)["stage_end"]
+    assert isinstance(gate, StageGate) and gate.margin_se == 1.0
+    assert _early_stopping(run, on, "t1", "heuristic") == {}   # references always finish
+    assert _early_stopping(run, SearchSpace.load(DEMO), "t1", None) == {}  # off by default
+
+
 # --- the real pipeline stops at the boundary ----------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
@@ -176,6 +190,7 @@ def test_dominated_trials_are_pruned_and_the_sampler_carries_on(sampler: str,
     front = run.front(curves=False)
     assert front.counts["PRUNED"] == len(pruned)
     assert set(front.front) <= {t.number for t in study.trials if t.state == State.COMPLETE}
+    assert all(t.state == State.COMPLETE for t in study.trials if t.user_attrs.get("reference"))
     _resume_runs_nothing_and_charges_the_pruned_spend(tmp_path, run)
 
 

@@ -165,18 +165,23 @@ def test_mark_interrupted_keeps_finished_work_and_fails_the_rest(tmp_path: Path)
                                 storage=f"sqlite:///{tmp_path / 's.db'}")
     run = RunDir(tmp_path / "run")
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
-    done_unsaid, cut = study.ask(dist), study.ask(dist)   # both RUNNING when the driver died
-    for trial, key in ((done_unsaid, "a"), (cut, "b")):
+    # all RUNNING when the driver died
+    done_unsaid, cut, pruned_unsaid = study.ask(dist), study.ask(dist), study.ask(dist)
+    for trial, key in ((done_unsaid, "a"), (cut, "b"), (pruned_unsaid, "c")):
         trial.set_user_attr("tune_trial_id", key)
     run.write_record(TrialRecord(key="a", params={}, schedule={}, status="COMPLETE",
                                  objectives={"id_accuracy": 0.7, "ood_accuracy": 0.4}))
     run.write_record(TrialRecord(key="b", params={}, schedule={}, status="RUNNING"))
-    # one finished (told now); the interrupted one is not finished: --resume runs it again
-    assert mark_interrupted(study, run, ["id_accuracy", "ood_accuracy"]) == 1
-    a, b = study.trials
+    run.write_record(TrialRecord(key="c", params={}, schedule={}, status="PRUNED",
+                                 pruned={"stage_index": 0, "dominated_by": "a"}))
+    # two finished (told now); the interrupted one is not finished: --resume runs it again
+    assert mark_interrupted(study, run, ["id_accuracy", "ood_accuracy"]) == 2
+    a, b, c = study.trials
     assert a.state == State.COMPLETE and a.values == [0.7, 0.4]
     assert a.user_attrs["record"] == "a"  # described for Optuna's tools before it was told
     assert b.state == State.FAIL and b.user_attrs["error"] == "interrupted"
+    assert c.state == State.PRUNED and c.values is None and c.user_attrs["pruned"].startswith(
+        "pruned after stage 0")
     records = {r.key: r for r in run.records()}
     assert records["b"].status == "FAILED" and records["b"].error == "interrupted"
 

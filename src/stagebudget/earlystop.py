@@ -126,16 +126,25 @@ class StageGate:
 
 def describe(info: dict[str, Any]) -> str:
     """One line for status and the study: ``pruned after stage 0 (sft, step 40): trial X had
-    ID .81/OOD .40 vs .62/.31 at 12.0 planned s (margin 2 SE, 3 compared)``."""
-    at, by = info.get("at", {}), info.get("by", {})
-    names = [n for n in COMPARED if n in at and n in by]
+    ID 0.810/OOD 0.400 vs 0.620/0.310 at 12.0 planned s (margin 2 SE, 3 compared)``. Fields a
+    (hand-edited or older) record lacks are left out."""
+    at, by = info.get("at") or {}, info.get("by") or {}
     short = {ID_ACCURACY: "ID", OOD_ACCURACY: "OOD"}
-    them = "/".join(f"{short[n]} {by[n]:.3f}" for n in names)
-    this = "/".join(f"{at[n]:.3f}" for n in names)
-    return (f"pruned after stage {info.get('stage_index')} ({info.get('stage')}, step "
-            f"{info.get('step')}): trial {info.get('dominated_by')} had {them} vs {this} at "
-            f"{float(info.get(PLANNED, math.nan)):.1f} planned s (margin {info.get('margin_se'):g} "
-            f"SE, {info.get('compared_with')} compared)")
+    names = [n for n in COMPARED if _finite(at.get(n)) and _finite(by.get(n))]
+    text = (f"pruned after stage {info.get('stage_index', '?')} ({info.get('stage', '?')}, "
+            f"step {info.get('step', '?')})")
+    if info.get("dominated_by"):
+        text += f": trial {info['dominated_by']}"
+        if names:
+            text += (" had " + "/".join(f"{short[n]} {by[n]:.3f}" for n in names) + " vs "
+                     + "/".join(f"{at[n]:.3f}" for n in names))
+        else:
+            text += " was ahead"
+    if _finite(info.get(PLANNED)):
+        text += f" at {info[PLANNED]:.1f} planned s"
+    if _finite(info.get("margin_se")):
+        text += f" (margin {info['margin_se']:g} SE, {info.get('compared_with', '?')} compared)"
+    return text
 
 
 def _values(row: dict[str, Any]) -> dict[str, float]:

@@ -125,7 +125,7 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
         result = fn(schedule, out_dir=run.trial_dir(key), report=reporter, device=device,
                     cost=cost, cache_dir=Path(cache_dir) if cache_dir else None,
                     base_dir=Path(base_dir) if base_dir else None,
-                    **_early_stopping(run, space, key))
+                    **_early_stopping(run, space, key, reference))
         objectives = {k: float(v) for k, v in result.objectives().items()}
     except TrialPruned as exc:
         # Stopped at a stage boundary: PRUNED with where and why, never partial scores. The
@@ -149,11 +149,13 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     tune.report({**reporter.latest, **objectives, "final": True})
 
 
-def _early_stopping(run: RunDir, space: SearchSpace, key: str) -> dict[str, Any]:
+def _early_stopping(run: RunDir, space: SearchSpace, key: str,
+                    reference: str | None) -> dict[str, Any]:
     """``{"stage_end": gate}`` when the space enables early stopping, else nothing (a trial
-    function then never sees the argument). The gate snapshots the completed trials now."""
+    function then never sees the argument). The gate snapshots the completed trials now.
+    Reference schedules always run to the end: every front is read against them."""
     spec = space.early_stopping
-    if not spec.enabled:
+    if not spec.enabled or reference is not None:
         return {}
     objectives = {o.name: str(o.direction) for o in space.objectives}
     return {"stage_end": StageGate.snapshot(run, objectives, spec.margin_se, exclude=key)}
