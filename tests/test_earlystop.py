@@ -152,14 +152,15 @@ def _space(tmp_path: Path, sampler: str, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "gp"])
-def test_dominated_trials_are_pruned_and_the_sampler_carries_on(sampler: str,
+@pytest.mark.parametrize(("sampler", "concurrency"),
+                         [("tpe", 1), ("nsga2", 1), ("gp", 1), ("tpe", 2)])
+def test_dominated_trials_are_pruned_and_the_sampler_carries_on(sampler: str, concurrency: int,
                                                                tmp_path: Path) -> None:
     # SFT at LoRA rank 16 is .2 worse on ID and OOD than at rank 0 (the fake): such trials are
     # dominated at the SFT -> RL boundary by the trials already complete, and stop there.
     fn = functools.partial(fake_trial_fn, seconds=0.02, se=True, weak_sft_rank=16)
-    run_dir = run_search(_space(tmp_path, sampler), name="es", runs_dir=tmp_path / "runs",
-                         live=False, trial_fn=fn)
+    run_dir = run_search(_space(tmp_path, sampler, concurrency=concurrency), name="es",
+                         runs_dir=tmp_path / "runs", live=False, trial_fn=fn)
     run = load_run(run_dir)
     study = run.study
     states = [t.state for t in study.trials]
