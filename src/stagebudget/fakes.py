@@ -94,8 +94,9 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
                 stage_end(index, dict(row))
         except BaseException:  # as the pipeline does: the ledger so far is written
             if out_dir is not None:
+                spent = hours * done / total
                 (Path(out_dir) / "ledger.json").write_text(json.dumps(
-                    {"device_hours": hours * done / total, "fake": True}))
+                    {"device_hours": spent, "spent_device_hours": spent, "fake": True}))
             raise
     frac = sum(s.steps for s in schedule.stages if s.kind == "sft") / total
     rows = []

@@ -40,8 +40,10 @@ from stagebudget.records import (
     INTERRUPTED,
     PRUNED,
     RUNNING,
+    SPENT_DEVICE_HOURS,
     RunDir,
     is_interrupted,
+    spend_summary,
 )
 from stagebudget.runs import ledger_hours, study_storage_url
 from stagebudget.space import SearchSpace, check_run_name, make_sampler
@@ -119,7 +121,8 @@ def _drive(plan: SearchPlan, *, resume: bool, address: str | None, live: bool,
         elif _is_disk_full(exc):
             raise _disk_full(plan, exc) from None
         raise
-    plan.meta.update(stopped_by_budget=stopped, finished=time.time())
+    plan.meta.update(stopped_by_budget=stopped, finished=time.time(),
+                     spend=spend_summary(plan.run.records()))
     plan.run.write_meta(_without_tool(plan.meta))
     _summarise(plan, live)
     return plan.run.root
@@ -492,8 +495,11 @@ def _resume_plan(run: RunDir, meta: dict[str, Any], lock: DriverLock, *, trials:
 
 
 def _spent_hours(record: Any) -> float:
-    """What a finished trial charged the search budget: its device-hours, or for a pruned one
-    (no objectives) its ledger's spend so far."""
+    """What a finished trial charged the search budget: its ledger's spent device-hours (reused
+    prefixes not counted), else its device-hours, else for a pruned one (no objectives) its
+    ledger's training time so far."""
+    if isinstance(record.ledger.get(SPENT_DEVICE_HOURS), int | float):
+        return float(record.ledger[SPENT_DEVICE_HOURS])
     if isinstance(record.objectives.get(DEVICE_HOURS), int | float):
         return float(record.objectives[DEVICE_HOURS])
     return (ledger_hours(record.ledger) or 0.0) if record.status == PRUNED else 0.0

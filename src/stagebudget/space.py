@@ -323,6 +323,30 @@ class EarlyStoppingSpec(Strict):
     margin_se: float = Field(default=2.0, ge=0, le=100, allow_inf_nan=False)
 
 
+class ReuseSpec(Strict):
+    """Stage-prefix reuse (:mod:`stagebudget.prefixcache`): trials start from the longest
+    prefix of their schedule any trial has trained. ``cache_dir`` (relative: to the space
+    file) must be readable by every node of a cluster; ``max_gb`` caps its size (least
+    recently used entries are evicted first)."""
+
+    enabled: bool = Field(default=True, strict=True)
+    cache_dir: str | None = None
+    max_gb: float = Field(default=20.0, gt=0, allow_inf_nan=False)
+
+    def cache(self, base_dir: Path | str | None = None) -> Any:
+        """The :class:`~stagebudget.prefixcache.PrefixCache` to train with (None when off)."""
+        from stagebudget.prefixcache import PrefixCache
+
+        if not self.enabled:
+            return None
+        root = None
+        if self.cache_dir is not None:
+            root = Path(self.cache_dir).expanduser()
+            if not root.is_absolute() and base_dir is not None:
+                root = Path(base_dir) / root
+        return PrefixCache(root, max_gb=self.max_gb)
+
+
 DEFAULT_OBJECTIVES = (ObjectiveSpec(name=ID_ACCURACY), ObjectiveSpec(name=OOD_ACCURACY))
 
 
@@ -346,6 +370,7 @@ class SearchSpace(Strict):
     cost_table: str | None = None
     trust_remote_code: bool = Field(default=False, strict=True)
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
+    reuse: ReuseSpec = ReuseSpec()
 
     @field_validator("name")
     @classmethod

@@ -32,6 +32,7 @@ from stagebudget.records import (
     PRUNED,
     PRUNED_FLAG,
     RUNNING,
+    SPENT_DEVICE_HOURS,
     RunDir,
     TrialRecord,
 )
@@ -119,19 +120,24 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     twin = finished_twin(run, schedule.to_dict(), exclude=key)
     if twin is not None:
         _reuse(run, record, twin)
-        tune.report({**reporter.latest, **record.objectives, "final": True})
+        tune.report({**reporter.latest, **record.objectives, SPENT_DEVICE_HOURS: 0.0,
+                     "final": True})
         return
     try:
+        prefix = space.reuse.cache(base_dir)
         result = fn(schedule, out_dir=run.trial_dir(key), report=reporter, device=device,
                     cost=cost, cache_dir=Path(cache_dir) if cache_dir else None,
                     base_dir=Path(base_dir) if base_dir else None,
+                    **({"prefix_cache": prefix} if prefix is not None else {}),
                     **_early_stopping(run, space, key, reference))
         objectives = {k: float(v) for k, v in result.objectives().items()}
     except TrialPruned as exc:
         # Stopped at a stage boundary: PRUNED with where and why, never partial scores. The
         # searcher tells Optuna PRUNED when it sees the flag; the spend so far is charged.
         record_pruned(run, record, exc)
-        tune.report({**reporter.latest, "final": True, PRUNED_FLAG: str(exc)})
+        spent = record.ledger.get(SPENT_DEVICE_HOURS, reporter.latest[DEVICE_HOURS])
+        tune.report({**reporter.latest, SPENT_DEVICE_HOURS: spent, "final": True,
+                     PRUNED_FLAG: str(exc)})
         return
     except DeterministicError as exc:
         # A retry would fail the same way: end the trial now. Ray retries every exception, so
@@ -146,7 +152,8 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     record.status, record.finished = COMPLETE, time.time()
     record.objectives, record.ledger = objectives, dict(getattr(result, "ledger", {}) or {})
     run.write_record(record)
-    tune.report({**reporter.latest, **objectives, "final": True})
+    spent = record.ledger.get(SPENT_DEVICE_HOURS, objectives.get(DEVICE_HOURS, 0.0))
+    tune.report({**reporter.latest, **objectives, SPENT_DEVICE_HOURS: spent, "final": True})
 
 
 def _early_stopping(run: RunDir, space: SearchSpace, key: str,
@@ -199,7 +206,8 @@ def _reuse(run: RunDir, record: TrialRecord, twin: TrialRecord) -> None:
         atomic_write_text(run.trial_dir(record.key) / "curves.jsonl", src.read_text())
     record.status, record.finished, record.reused_from = COMPLETE, time.time(), twin.key
     record.objectives = dict(twin.objectives)
-    record.ledger = {**twin.ledger, "reused_from": twin.key, "spent_device_seconds": 0.0}
+    record.ledger = {**twin.ledger, "reused_from": twin.key, "spent_train_seconds": 0.0,
+                     SPENT_DEVICE_HOURS: 0.0}
     run.write_record(record)
 
 
