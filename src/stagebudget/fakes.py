@@ -40,7 +40,7 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
                   marker_dir: str | None = None, se: bool = False,
                   stage_end: Callable[[int, dict[str, Any]], None] | None = None,
                   weak_sft_rank: int | None = None, calls: str | None = None,
-                  **_: Any) -> FakeResult:
+                  dense: bool = False, **_: Any) -> FakeResult:
     """A fast stand-in for ``pipeline.run_schedule``. FOR TESTS ONLY.
 
     Scores are a deterministic function of the schedule: more SFT steps raise ID and lower OOD,
@@ -56,10 +56,12 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
     Which trial is "first" is decided by marker files in ``marker_dir``.
     Spent device-hours = the schedule's ``budget_hours`` (or 0.001). ``se=True`` adds binomial
     standard errors (as if measured on 200 prompts). Every row has ``planned_seconds``.
-    With ``stage_end`` (as ``run_schedule`` takes it) the curve starts with a row at budget 0
-    and has a row at the end of every stage but the last, handed to ``stage_end`` (which may
-    raise to stop the trial). ``weak_sft_rank``: an SFT stage of that LoRA rank loses .2 on
-    both ID and OOD from its end on (dominated trials, for early stopping). ``calls`` is a file
+    ``dense=True`` (or a ``stage_end``, as ``run_schedule`` takes it) draws the whole
+    trajectory instead of two rows: a row every eighth of the budget and at every stage's
+    end, ID and OOD following the SFT steps done so far; ``stage_end`` gets the row at the end
+    of every stage but the last and may raise to stop the trial there (the ledger so far is
+    written, as the pipeline does). ``weak_sft_rank``: SFT at that LoRA rank loses .2 on both
+    ID and OOD once it has trained (dominated trials, for early stopping). ``calls`` is a file
     that gets one JSON line per training started (key, schedule digest), to count trainings.
     """
     key = Path(out_dir).name if out_dir else "trial"
@@ -80,24 +82,11 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
     weak = any(s.kind == "sft" and s.steps and s.lora_rank == weak_sft_rank
                for s in schedule.stages) and weak_sft_rank is not None
     emit = _Emitter(out_dir, report, se)
-    if stage_end is not None:
-        emit(_fake_row(schedule.stages[0].kind, 0, 0, 0, 0.0, 0.0, 0.0))
-        done = sft = 0
-        try:
-            for index, spec in enumerate(schedule.stages[:-1]):
-                time.sleep(seconds / 4)
-                done += spec.steps
-                sft += spec.steps if spec.kind == "sft" else 0
-                row = emit(_fake_row(spec.kind, index, spec.steps, done,
-                                     hours * 3600 * done / total, sft / total,
-                                     0.2 if weak and sft else 0.0))
-                stage_end(index, dict(row))
-        except BaseException:  # as the pipeline does: the ledger so far is written
-            if out_dir is not None:
-                spent = hours * done / total
-                (Path(out_dir) / "ledger.json").write_text(json.dumps(
-                    {"device_hours": spent, "spent_device_hours": spent, "fake": True}))
-            raise
+    if dense or stage_end is not None:
+        rows = _dense_curve(schedule, emit, stage_end, weak, seconds, out_dir)
+        final = rows[-1]
+        errors = {n: final[n] for n in STANDARD_ERROR_OF.values()} if se else None
+        return FakeResult(final[ID_ACCURACY], final[OOD_ACCURACY], hours, rows, errors)
     frac = sum(s.steps for s in schedule.stages if s.kind == "sft") / total
     rows = []
     for i in range(1, 3):
@@ -107,6 +96,39 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
     final = rows[-1]
     errors = {se_name: final[se_name] for se_name in STANDARD_ERROR_OF.values()} if se else None
     return FakeResult(final[ID_ACCURACY], final[OOD_ACCURACY], hours, rows, errors)
+
+
+def _dense_curve(schedule: Any, emit: _Emitter, stage_end: Callable[..., None] | None,
+                 weak: bool, seconds: float, out_dir: Path | None) -> list[dict[str, Any]]:
+    """The fake trajectory of ``dense=True`` (see :func:`fake_trial_fn`)."""
+    steps = [s.steps for s in schedule.stages]
+    total, hours = max(1, sum(steps)), schedule.budget_hours or 0.001
+    ends = [sum(steps[:i + 1]) for i in range(len(steps))]
+    points = sorted({round(total * k / 8) for k in range(9)} | set(ends))
+
+    def sft_done(g: int) -> int:
+        return sum(max(0, min(g, end) - (end - s.steps))
+                   for s, end in zip(schedule.stages, ends, strict=True) if s.kind == "sft")
+
+    rows, g = [], 0
+    try:
+        for g in points:
+            index = next(i for i, end in enumerate(ends) if g <= end)
+            spec = schedule.stages[index]
+            time.sleep(seconds / len(points))
+            done = sft_done(g)
+            rows.append(emit(_fake_row(spec.kind, index, g - (ends[index] - spec.steps), g,
+                                       hours * 3600 * g / total, done / total,
+                                       0.2 if weak and done else 0.0)))
+            if stage_end is not None and g == ends[index] and index < len(steps) - 1:
+                stage_end(index, dict(rows[-1]))
+    except BaseException:
+        if out_dir is not None:
+            spent = hours * g / total
+            (Path(out_dir) / "ledger.json").write_text(json.dumps(
+                {"device_hours": spent, "spent_device_hours": spent, "fake": True}))
+        raise
+    return rows
 
 
 def _fake_row(stage: str, index: int, step: int, global_step: int, planned: float,
