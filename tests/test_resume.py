@@ -197,7 +197,8 @@ run_search(sys.argv[1], name="real", runs_dir=Path(sys.argv[2]), live=False)
 @pytest.mark.slow
 def test_real_trial_killed_mid_training_runs_again_on_resume(tmp_path: Path) -> None:
     """The real pipeline (builtin:test, tiny steps): the driver is killed while a reference
-    trains; the resume trains that same schedule again and nothing that finished."""
+    trains; the resume runs that same schedule again, from its last cached checkpoint, and
+    trains nothing that finished."""
     data = yaml.safe_load(DEMO.read_text())
     data.update(base_model="builtin:test", trials=3, concurrency=1,
                 tasks={"source": "builtin", "n_train": 200, "n_id_test": 20, "n_ood_test": 20},
@@ -209,10 +210,10 @@ def test_real_trial_killed_mid_training_runs_again_on_resume(tmp_path: Path) -> 
     runs = tmp_path / "runs"
     run = RunDir(runs / "real")
 
-    def mid_trial() -> bool:  # one trial finished, the next has measured past its step 0
-        records = run.records() if run.trials.is_dir() else []
+    def mid_trial() -> bool:  # one trial finished; the next measured its second eval point
+        records = run.records() if run.trials.is_dir() else []  # (its first checkpoint is kept)
         return any(r.status == "COMPLETE" for r in records) and any(
-            r.status == "RUNNING" and any(row.get("global_step", 0) > 0 for row in
+            r.status == "RUNNING" and any(row.get("global_step", 0) >= 10 for row in
                                           run.curves(r.key)) for r in records)
 
     kill_driver_when(REAL_DRIVER, [str(space), str(runs)], tmp_path / "driver.log", mid_trial,
@@ -239,3 +240,6 @@ def test_real_trial_killed_mid_training_runs_again_on_resume(tmp_path: Path) -> 
     assert len(again) == 1 and again[0].status == "COMPLETE", again
     assert again[0].schedule == old.schedule and again[0].params == old.params  # the same schedule
     assert again[0].ledger["stages"] and 0 <= again[0].objectives["id_accuracy"] <= 1
+    # ...and it went on from the interrupted trial's last published checkpoint (prefix cache)
+    assert sum(stage.get("reused_steps", 0) for stage in again[0].ledger["stages"]) > 0, \
+        again[0].ledger
