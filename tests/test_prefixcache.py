@@ -3,6 +3,7 @@ concurrent trials on one prefix, and the cache CLI."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 from pathlib import Path
@@ -35,6 +36,8 @@ def test_steps_share_a_key_everything_else_changes_it():
     base = stage_keys(ctx, [SFT, RL])
     assert stage_keys(ctx, [SFT.model_copy(update={"steps": 300}), RL])[0] == base[0]
     assert stage_keys(ctx, [SFT, RL.model_copy(update={"steps": 5})])[1] == base[1]
+    # Where a stage is measured does not change what it trains.
+    assert stage_keys(ctx, [SFT.model_copy(update={"eval_interval": 7}), RL]) == base
     changed = [
         stage_keys(ctx, [SFT.model_copy(update={"learning_rate": 3e-3}), RL]),
         stage_keys(ctx, [SFT.model_copy(update={"lora_rank": 0}), RL]),
@@ -241,3 +244,39 @@ def test_cache_ls_and_prune(tmp_path, capsys):
     assert done.value.code == 0
     assert "removed 2 entries" in capsys.readouterr().out
     assert cache.all_entries() == []
+
+
+# --- through the real search ------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_repeated_search_reuses_every_stage_and_reaches_the_same_front(tmp_path):
+    """The same real search twice over one prefix cache: the second trains nothing, records
+    the same objectives, and charges its budget only what it trained (run.json's spend)."""
+    import yaml
+
+    from runhelpers import DEMO
+    from stagebudget.records import COMPLETE, RunDir
+    from stagebudget.search import run_search
+
+    data = yaml.safe_load(DEMO.read_text())
+    data.update(base_model="builtin:test", trials=3, concurrency=1, references=False,
+                tasks={"source": "builtin", "n_train": 200, "n_id_test": 20, "n_ood_test": 20},
+                budget={"per_trial_hours": 0.002},
+                reuse={"enabled": True, "cache_dir": "prefixes"})
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(data))
+    runs = [run_search(space, name=name, runs_dir=tmp_path / "runs", live=False)
+            for name in ("first", "second")]
+    first, second = ({json_key(r.params): r for r in RunDir(run).records()} for run in runs)
+    assert first.keys() == second.keys()
+    for key, rec in second.items():
+        assert rec.status == COMPLETE, rec.error
+        assert rec.ledger["spent_device_hours"] == 0.0
+        assert rec.objectives == first[key].objectives
+    meta = [json.loads((run / "run.json").read_text())["spend"] for run in runs]
+    assert meta[0]["saved_share"] < 1.0 and meta[1]["saved_share"] == 1.0
+    assert meta[1]["nominal_device_hours"] == meta[0]["nominal_device_hours"]
+    assert (tmp_path / "prefixes" / "entries").is_dir()  # relative to the space file
+
+
+def json_key(params: dict) -> str:
+    return json.dumps(params, sort_keys=True)

@@ -204,10 +204,18 @@ def calibrate(
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Table file (default: cache)")] = None,
     tasks: Annotated[Path | None, typer.Option(
         help="A JSONL task file: time steps on its prompts (default: the built-in suite)")] = None,
+    space: Annotated[Path | None, typer.Option(
+        help="Calibrate for a search space: its model, tasks, device and stage shapes, with "
+             "its concurrency (saved to -o, else its cost_table, else the default table)")] = None,
 ) -> None:
     """Time a few real steps of each stage kind and save the cost table the planner uses."""
     from stagebudget.calibrate import calibrate as do_calibrate
+    from stagebudget.calibrate import calibrate_space
 
+    if space is not None:
+        cost = calibrate_space(space, out=out, progress=console.print)
+        console.print(f"saved: {cost.source}")
+        return
     cost = do_calibrate(base_model=base_model, device=device, out=out,
                         tasks=str(tasks) if tasks is not None else None)
     for e in cost.table:

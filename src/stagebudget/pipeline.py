@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,7 @@ class _Run:
     keys: list[str] = field(default_factory=list)
     pending: Path | None = None  # a cached merged model to load before it is needed
     trust_remote_code: bool = False
+    checkpoint_steps: Sequence[Sequence[int]] = ()
 
     def materialize(self) -> Any:
         """The current model, loading a cached stage's merged model when one is pending."""
@@ -319,6 +320,8 @@ def _train_stage(run: _Run, index: int, spec: StageSpec, resume: Entry | None) -
         logs=logs, resume_from=str(resume.checkpoint) if resume is not None else None,
         on_checkpoint=(_checkpoint_publisher(run, index, logs, start_seconds)
                        if run.prefix is not None else None),
+        checkpoint_at=frozenset(run.checkpoint_steps[index]
+                                if index < len(run.checkpoint_steps) else ()),
         evaluate_on_resume=measure_on_resume)
     ctx.evaluate = lambda model, step: run.measure(model, spec.kind, index, step, ctx.logs)
     out = get_stage(spec.kind)(ctx)
@@ -359,6 +362,7 @@ def run_schedule(
     guard: float = OVERRUN_GUARD,
     stage_end: StageEnd | None = None,
     prefix_cache: PrefixCache | None = None,
+    checkpoint_steps: Sequence[Sequence[int]] = (),
 ) -> TrialResult:
     """Train ``schedule`` stage by stage and measure it; write its records under ``out_dir``.
 
@@ -380,6 +384,7 @@ def run_schedule(
     cost_model = cost if cost is not None else default_cost_model(schedule.base_model, dev)
     run = _start(schedule, out, dev, cost_model, cache_dir, base_dir, report, progress, guard,
                  prefix_cache)
+    run.checkpoint_steps = checkpoint_steps
     try:
         for index, spec in enumerate(schedule.stages):
             _run_stage(run, index, spec, progress)

@@ -7,7 +7,8 @@ start from the longest prefix any trial has already trained and train only the r
 
 A stage's **key** hashes everything that decides what it trains: the base model's content, the
 task data, the seed, the numerics of this machine (device, torch threads, package versions),
-every earlier stage's full spec and this stage's spec without its step count. Under a key live:
+every earlier stage's full spec and this stage's spec without its step count (evaluation
+intervals excepted: they do not change training). Under a key live:
 
 - ``step-<s>/``: a Trainer checkpoint after ``s`` steps (the adapter or weights, optimizer,
   scheduler and RNG states; what ``Trainer.train(resume_from_checkpoint=...)`` reads), with the
@@ -53,6 +54,10 @@ CHECKPOINT = "checkpoint"
 MERGED = "merged"
 STEP, END = "step", "end"
 DEFAULT_MAX_GB = 20.0
+# Stage fields that do not change what trains: where a stage is measured (greedy decoding,
+# which draws no random numbers) is left out of keys, so trials planned with different
+# evaluation intervals share prefixes; a reused prefix brings the curve points it measured.
+NOT_TRAINING = frozenset({"eval_interval"})
 CACHE_FORMAT = 1  # bump when an entry's layout or meaning changes: old entries are never hit
 
 
@@ -111,8 +116,9 @@ def stage_keys(context: dict[str, Any], stages: Sequence[StageSpec]) -> list[str
     """
     keys = []
     for index, spec in enumerate(stages):
-        earlier = [s.model_dump(mode="json", exclude_none=True) for s in stages[:index]]
-        this = spec.model_dump(mode="json", exclude_none=True, exclude={"steps"})
+        earlier = [s.model_dump(mode="json", exclude_none=True, exclude=set(NOT_TRAINING))
+                   for s in stages[:index]]
+        this = spec.model_dump(mode="json", exclude_none=True, exclude={"steps", *NOT_TRAINING})
         keys.append(_digest({"format": CACHE_FORMAT, "context": context, "earlier": earlier,
                              "stage": this})[:32])
     return keys
@@ -190,7 +196,7 @@ class PrefixCache:
 
     # --- publishing ------------------------------------------------------------------------
     def publish(self, key: str, kind: str, steps: int, records: dict[str, Any],
-                fill: Callable[[Path], None]) -> Entry | None:
+                fill: Callable[[Path], Any]) -> Entry | None:
         """Build an entry in a scratch folder (``fill(folder)`` writes its files), write its
         records and manifest, then rename it into place. Returns None when the same entry was
         published meanwhile (by another trial) or when writing failed: a cache that cannot be

@@ -229,3 +229,15 @@ def spend_summary(records: list[TrialRecord]) -> dict[str, float]:
         spent += float(record.ledger.get(SPENT_DEVICE_HOURS, hours) or 0.0)
     return {"nominal_device_hours": nominal, "spent_device_hours": spent,
             "saved_share": 1.0 - spent / nominal if nominal > 0 else 0.0}
+
+
+def describe_spend(spend: dict[str, float]) -> str:
+    """One line on a run's cost (:func:`spend_summary`), as status and the report print it.
+
+    >>> describe_spend({"nominal_device_hours": 0.1, "spent_device_hours": 0.04,
+    ...                 "saved_share": 0.6})[-51:]
+    '0.0400 spent: 60% saved by reusing trained prefixes'
+    """
+    return (f"{spend['nominal_device_hours']:.4f} device-hours nominal (each schedule trained "
+            f"alone), {spend['spent_device_hours']:.4f} spent: {spend['saved_share']:.0%} saved "
+            "by reusing trained prefixes")

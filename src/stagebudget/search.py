@@ -31,7 +31,7 @@ from typing import Any
 
 from stagebudget import __version__
 from stagebudget.errors import UserError
-from stagebudget.fileio import DISK_FULL, atomic_write_yaml
+from stagebudget.fileio import DISK_FULL, atomic_write_yaml, read_json
 from stagebudget.records import (
     COMPLETE,
     DEVICE_HOURS,
@@ -663,7 +663,7 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
     from stagebudget.stages.common import resolve_device
 
     device = resolve_device(space.device, gpus=space.resources_per_trial.gpu)
-    cost = space.cost_model(device)
+    cost = frozen_cost_model(plan.run.root, space, device)
     trainable = tune.with_parameters(
         trial_trainable, space=space, run_dir=str(plan.run.root.resolve()), trial_fn=trial_fn,
         cost=cost, device=device, base_dir=str(Path(plan.meta["space_file"]).parent))
@@ -707,6 +707,25 @@ def _plain_sigint() -> Iterator[None]:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = old
+
+
+COST_FILE = "cost.json"
+
+
+def frozen_cost_model(run_root: Path, space: SearchSpace, device: str) -> Any:
+    """The cost model this run plans with, frozen into ``RUN/cost.json`` when the run starts
+    and read back on every resume: params -> schedule stays the same within a run even when a
+    calibrated table is remade meanwhile."""
+    from stagebudget.cost import CostModel
+
+    path = run_root / COST_FILE
+    if path.is_file():
+        frozen = CostModel.load(path, space.cost_model(device).shape)
+        frozen.source = str(read_json(path).get("source", frozen.source))
+        return frozen
+    cost = space.cost_model(device)
+    cost.save(path, source=cost.source)
+    return cost
 
 
 def _planner(space: SearchSpace, cost: Any) -> Callable[[dict[str, Any]], float]:

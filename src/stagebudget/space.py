@@ -646,6 +646,25 @@ class SearchSpace(Strict):
         plans.sort(key=lambda p: p[0])
         return plans[0][1], plans[-1][1]
 
+    def checkpoint_steps(self, schedule: Schedule, cost: CostModel) -> list[list[int]]:
+        """For each stage of ``schedule``, the step counts this space can plan for the same
+        stage after the same earlier stages (every point :meth:`feasibility_params` plans): the
+        prefixes other trials are likely to ask for, where a trial should leave a checkpoint.
+        """
+        from stagebudget.prefixcache import stage_keys
+
+        by_key: dict[str, set[int]] = {}
+        for params in self.feasibility_params():
+            try:
+                planned = self.schedule_from_params(params, cost)
+            except (ValueError, UserError):
+                continue
+            for key, stage in zip(stage_keys({}, planned.stages), planned.stages, strict=True):
+                by_key.setdefault(key, set()).add(stage.steps)
+        return [sorted(s for s in by_key.get(key, ()) if s < stage.steps)
+                for key, stage in zip(stage_keys({}, schedule.stages), schedule.stages,
+                                      strict=True)]
+
     def reference_points(self) -> list[tuple[str, dict[str, Any]]]:
         """Reference schedules every front is read against, as params inside this space.
 

@@ -8,7 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from stagebudget.pareto import FrontInfo
-from stagebudget.records import COMPLETE, FAILED, PRUNED, RUNNING, WAITING, spend_summary
+from stagebudget.records import COMPLETE, FAILED, PRUNED, RUNNING, WAITING, describe_spend, spend_summary
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -96,9 +96,7 @@ def render_status(run: Run, console: Console) -> None:
     console.print(trials_table(run.status_rows(front)))
     spend = spend_summary(run.dir.records())
     if spend["nominal_device_hours"] > 0:
-        console.print(f"cost: {spend['nominal_device_hours']:.4f} device-hours nominal (each "
-                      f"schedule trained alone), {spend['spent_device_hours']:.4f} spent; "
-                      f"{spend['saved_share']:.0%} saved by reusing trained prefixes")
+        console.print(f"cost: {describe_spend(spend)}")
     if front.empty:
         console.print("no completed trial yet: the front appears once a trial completes")
         return

@@ -117,7 +117,7 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     schedule = space.schedule_from_params(params, cost, name=reference or key)
     record = _start_record(run, key, params, schedule.to_dict(), reference)
     reporter = _Reporter(tune.report)
-    twin = finished_twin(run, schedule.to_dict(), exclude=key)
+    twin = finished_twin(run, schedule.to_dict(), exclude=key) if space.reuse.enabled else None
     if twin is not None:
         _reuse(run, record, twin)
         tune.report({**reporter.latest, **record.objectives, SPENT_DEVICE_HOURS: 0.0,
@@ -128,7 +128,9 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
         result = fn(schedule, out_dir=run.trial_dir(key), report=reporter, device=device,
                     cost=cost, cache_dir=Path(cache_dir) if cache_dir else None,
                     base_dir=Path(base_dir) if base_dir else None,
-                    **({"prefix_cache": prefix} if prefix is not None else {}),
+                    **({"prefix_cache": prefix,
+                        "checkpoint_steps": space.checkpoint_steps(schedule, cost)}
+                       if prefix is not None else {}),
                     **_early_stopping(run, space, key, reference))
         objectives = {k: float(v) for k, v in result.objectives().items()}
     except TrialPruned as exc:

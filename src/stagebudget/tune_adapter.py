@@ -176,7 +176,7 @@ class BudgetLimiter(Searcher):
         planned = self.running.pop(trial_id, 0.0)
         if result and (SPENT_DEVICE_HOURS in result or DEVICE_HOURS in result):
             # what the trial really trained: a reused prefix was paid for by an earlier trial
-            self.spent_hours += float(result.get(SPENT_DEVICE_HOURS, result.get(DEVICE_HOURS)))
+            self.spent_hours += float(result.get(SPENT_DEVICE_HOURS, result.get(DEVICE_HOURS, 0.0)))
         else:  # failed: charge what it had measured, else what it planned (it ran until killed)
             self.spent_hours += self.measured.get(trial_id, planned)
         self.measured.pop(trial_id, None)

@@ -48,7 +48,8 @@ class StageContext:
     ``logs`` receives every training log row (TRL's ``loss``/``reward``...) with its ``step``.
     ``resume_from`` is a Trainer checkpoint to go on from (a cached prefix of this stage);
     ``on_checkpoint(step, folder)``, when set, receives a Trainer checkpoint at every evaluation
-    point and at the end (the folder is deleted after the call). ``evaluate_on_resume``: the
+    point, at the end and at the steps in ``checkpoint_at`` (the folder is deleted after the
+    call). ``evaluate_on_resume``: the
     checkpoint's step is an evaluation point not measured yet; measure it before going on.
     """
 
@@ -65,6 +66,7 @@ class StageContext:
     extra_callbacks: list[Any] = field(default_factory=list)
     resume_from: str | None = None
     on_checkpoint: Callable[[int, str], None] | None = None
+    checkpoint_at: frozenset[int] = frozenset()
     evaluate_on_resume: bool = False
 
 
@@ -172,15 +174,20 @@ def stage_callbacks(ctx: StageContext) -> list[Any]:
     """Callbacks every stage trains with: logging + divergence + evaluation, and the budget."""
     callbacks = [_log_eval_callback(ctx), budget_callback(ctx.clock), *ctx.extra_callbacks]
     if ctx.on_checkpoint is not None:
-        callbacks.append(_checkpoint_callback(ctx.on_checkpoint))
+        callbacks.append(_checkpoint_callback(ctx.on_checkpoint, ctx.checkpoint_at))
     return callbacks
 
 
-def _checkpoint_callback(publish: Callable[[int, str], None]) -> Any:
+def _checkpoint_callback(publish: Callable[[int, str], None], at: frozenset[int]) -> Any:
     from transformers import TrainerCallback
 
     class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
-        """Hand each checkpoint the Trainer saved to ``publish``, then delete the folder."""
+        """Save also at the steps in ``at``; hand each checkpoint the Trainer saved to
+        ``publish``, then delete the folder."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step in at:
+                control.should_save = True
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
