@@ -22,7 +22,7 @@ from runhelpers import demo_space
 from stagebudget.errors import BudgetError, ConfigError, RunError, UserError
 from stagebudget.fakes import fake_trial_fn
 from stagebudget.records import RunDir
-from stagebudget.search import DriverLock, run_search
+from stagebudget.search import DriverLock, finished_trials, run_search
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 State = optuna.trial.TrialState
@@ -112,9 +112,10 @@ def test_ctrl_c_exits_nonzero_says_how_to_resume_and_leaves_nothing_running(tmp_
     study = _study(run)
     assert not study.get_trials(states=(State.RUNNING, State.WAITING))
     assert all(r.status in ("COMPLETE", "FAILED") for r in run.records())
-    done = len(study.trials)
+    done = len(study.get_trials(states=(State.COMPLETE,)))
     run_search(space, name="ctrlc", runs_dir=runs, resume=True, live=False, trial_fn=FAST)
-    assert len(_study(run).trials) == 4 >= done
+    # the trials Ctrl-C cut short ran again: exactly 4 COMPLETE, as asked
+    assert len(_study(run).get_trials(states=(State.COMPLETE,))) == 4 >= done
 
 
 def test_deterministic_failures_are_not_retried(tmp_path: Path) -> None:
@@ -211,7 +212,8 @@ def test_disk_full_mid_run_is_one_paragraph_and_resumes(tmp_path: Path) -> None:
         (mnt / "fill").unlink()
         run_search(space, name="full", runs_dir=runs, resume=True, live=False, trial_fn=FAST)
         run = RunDir(runs / "full")
-        assert len(_study(run).trials) == 4
+        assert finished_trials(_study(run)) == 4  # interrupted trials ran again
+        assert not _study(run).get_trials(states=(State.RUNNING, State.WAITING))
         assert all(r.status in ("COMPLETE", "FAILED") for r in run.records())
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -1,8 +1,9 @@
-"""Resume for real: a search driver is SIGKILLed mid-run, then resumed.
+"""Resume for real: a search driver is SIGKILLed mid-trial, then resumed.
 
-Finished trials are kept and not re-run; trials the dead driver left RUNNING become FAIL in the
-study and FAILED ("interrupted") in their records; the study ends with exactly the requested
-number of finished trials; references already run are not enqueued again.
+Finished trials are kept and not trained again; trials the dead driver left RUNNING become FAIL
+("interrupted") in the study and FAILED in their records, and ``--resume`` runs each of them
+again with the same params (references included), so the study ends with exactly the requested
+number of COMPLETE trials.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 from pathlib import Path
 
 import optuna
+import pytest
+import yaml
 
 from runhelpers import demo_space, kill_driver_when
 from stagebudget.fakes import fake_trial_fn
@@ -28,7 +31,7 @@ from pathlib import Path
 from stagebudget.search import run_search
 from stagebudget.fakes import fake_trial_fn
 run_search(sys.argv[1], name="res", runs_dir=Path(sys.argv[2]), live=False,
-           trial_fn=functools.partial(fake_trial_fn, seconds=2.0))
+           trial_fn=functools.partial(fake_trial_fn, seconds=2.0, calls=sys.argv[3]))
 """
 
 
@@ -36,43 +39,73 @@ def _completed(run: RunDir) -> list:
     return [r for r in run.records() if r.status == "COMPLETE"]
 
 
-def _start_and_kill(space: Path, runs: Path, log: Path) -> None:
-    """Run the driver in its own process group; SIGKILL the group once a trial completed."""
+def _calls(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _start_and_kill(space: Path, runs: Path, log: Path, calls: Path) -> None:
+    """Run the driver in its own process group; SIGKILL the group once a trial completed while
+    a reference trial is training (so a reference is interrupted mid-trial)."""
     run = RunDir(runs / "res")
-    kill_driver_when(DRIVER, [str(space), str(runs)], log,
-                     lambda: run.trials.is_dir() and bool(_completed(run)))
+
+    def mid_reference() -> bool:
+        if not run.trials.is_dir():
+            return False
+        started = {c["key"] for c in _calls(calls)}
+        records = run.records()
+        return any(r.status == "COMPLETE" for r in records) and any(
+            r.status == "RUNNING" and r.reference and r.key in started for r in records)
+
+    kill_driver_when(DRIVER, [str(space), str(runs), str(calls)], log, mid_reference)
 
 
-def test_killed_search_resumes_without_losing_or_repeating(tmp_path: Path) -> None:
+def test_killed_search_resumes_the_interrupted_trials_and_repeats_nothing(tmp_path: Path) -> None:
     space = demo_space(tmp_path, trials=TRIALS, concurrency=2)
-    runs = tmp_path / "runs"
-    _start_and_kill(space, runs, tmp_path / "driver.log")
+    runs, calls = tmp_path / "runs", tmp_path / "calls.jsonl"
+    _start_and_kill(space, runs, tmp_path / "driver.log", calls)
 
     run = RunDir(runs / "res")
     before = {r.key: r for r in _completed(run)}
-    stale = {r.key for r in run.records() if r.status == "RUNNING"}
-    assert before and len(before) < TRIALS
+    stale = {r.key: r for r in run.records() if r.status == "RUNNING"}
+    assert before and stale and len(before) < TRIALS
+    trained_before = len(_calls(calls))
 
     run_search(space, name="res", runs_dir=runs, resume=True, live=False,
-               trial_fn=functools.partial(fake_trial_fn, seconds=0.1))
+               trial_fn=functools.partial(fake_trial_fn, seconds=0.1, calls=str(calls)))
 
     meta = run.read_meta()
     assert len(meta["resumed"]) == 1
     study = optuna.load_study(study_name=meta["study_name"], storage=meta["storage"])
-    states = [t.state for t in study.trials]
-    assert len(states) == TRIALS                       # exactly what was asked, no more
-    assert all(s in (State.COMPLETE, State.FAIL) for s in states)
+    complete = study.get_trials(states=(State.COMPLETE,))
+    assert len(complete) == TRIALS                     # exactly what was asked
+    assert not study.get_trials(states=(State.RUNNING, State.WAITING, State.PRUNED))
+    failed = study.get_trials(states=(State.FAIL,))
+    by_tune_id = {t.user_attrs.get("tune_trial_id"): t for t in study.trials}
+    # every trial the kill cut short (also one asked but not yet started) is FAIL "interrupted"
+    # and ran again once: same params, same reference, completed, no error carried over
+    assert {by_tune_id[key].number for key in stale} <= {t.number for t in failed}
+    for cut in failed:
+        assert cut.user_attrs["error"] == "interrupted"
+        retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == cut.number]
+        assert len(retries) == 1 and retries[0].state == State.COMPLETE
+        assert retries[0].params == cut.params and retries[0].user_attrs["retry_of"] == cut.number
+        assert retries[0].user_attrs.get("reference") == cut.user_attrs.get("reference")
+        assert "error" not in retries[0].user_attrs
+    assert any(rec.reference for rec in stale.values())
+    # the interrupted reference ran: every reference has a COMPLETE trial
+    assert {t.user_attrs.get("reference") for t in complete} >= {"sft_only", "rl_only", "heuristic"}
     records = {r.key: r for r in run.records()}
-    assert not study.get_trials(states=(State.RUNNING, State.WAITING))
-    for key, rec in before.items():                    # finished trials kept, not re-run
+    for key, rec in before.items():                    # finished trials kept, not trained again
         assert records[key].status == "COMPLETE" and records[key].started == rec.started
         assert records[key].attempt == 1
+    after = _calls(calls)[trained_before:]
+    finished_digests = {c["digest"] for c in _calls(calls) if c["key"] in before}
+    assert not [c for c in after if c["digest"] in finished_digests]
+    assert not [c for c in after if c["key"] in before]
     for key in stale:                                  # interrupted ones are marked, not lost
         assert records[key].status == "FAILED" and records[key].error == "interrupted"
-    assert all(r.status in ("COMPLETE", "FAILED") for r in records.values())
-    by_tune_id = {t.user_attrs.get("tune_trial_id"): t for t in study.trials}
     for key, rec in records.items():
-        assert (by_tune_id[key].state == State.COMPLETE) == (rec.status == "COMPLETE")
+        assert (by_tune_id[key].state == State.COMPLETE) == (rec.status == "COMPLETE"), rec
     # References are enqueued once (fixed_params), never again on resume; a sampler may still
     # propose the same params itself, which is not a re-enqueue.
     enqueued = [t.system_attrs["fixed_params"] for t in study.trials
@@ -80,6 +113,38 @@ def test_killed_search_resumes_without_losing_or_repeating(tmp_path: Path) -> No
     assert len(enqueued) == 3
     assert len({json.dumps(p, sort_keys=True) for p in enqueued}) == 3
     assert json.loads((run.root / "run.json").read_text())["trials_requested"] == TRIALS
+
+
+def test_retries_are_enqueued_once_and_only_real_outcomes_count(tmp_path: Path) -> None:
+    from stagebudget.search import finished_trials, retry_interrupted
+
+    study = optuna.create_study(directions=["maximize", "maximize"],
+                                storage=f"sqlite:///{tmp_path / 's.db'}")
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    ok = study.ask(dist)
+    study.tell(ok, [0.5, 0.5])
+    for error in ("interrupted", "RuntimeError: boom"):
+        t = study.ask(dist)
+        t.set_user_attr("error", error)
+        study.tell(t, state=State.FAIL)
+    pruned = study.ask(dist)
+    study.tell(pruned, state=State.PRUNED)
+    assert finished_trials(study) == 3                 # complete, genuinely failed, pruned
+    cut = study.trials[1]
+    assert retry_interrupted(study) == [cut.number]
+    assert retry_interrupted(study) == []              # idempotent: a second resume adds none
+    waiting = study.get_trials(states=(State.WAITING,))
+    assert len(waiting) == 1 and waiting[0].params == cut.params
+    assert waiting[0].system_attrs["retry_history"] == [cut.number]
+    # the retry is what the next ask runs, with the interrupted trial's params
+    again = study.ask(dist)
+    assert again.params == cut.params
+    again.set_user_attr("error", "interrupted")        # interrupted a second time
+    study.tell(again, state=State.FAIL)
+    assert finished_trials(study) == 3
+    assert retry_interrupted(study) == [again.number]
+    assert study.get_trials(states=(State.WAITING,))[0].system_attrs["retry_history"] == [
+        cut.number, again.number]
 
 
 def test_resume_of_a_finished_search_runs_nothing(tmp_path: Path) -> None:
@@ -100,16 +165,81 @@ def test_mark_interrupted_keeps_finished_work_and_fails_the_rest(tmp_path: Path)
                                 storage=f"sqlite:///{tmp_path / 's.db'}")
     run = RunDir(tmp_path / "run")
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
-    done_unsaid, cut = study.ask(dist), study.ask(dist)   # both RUNNING when the driver died
-    for trial, key in ((done_unsaid, "a"), (cut, "b")):
+    # all RUNNING when the driver died
+    done_unsaid, cut, pruned_unsaid = study.ask(dist), study.ask(dist), study.ask(dist)
+    for trial, key in ((done_unsaid, "a"), (cut, "b"), (pruned_unsaid, "c")):
         trial.set_user_attr("tune_trial_id", key)
     run.write_record(TrialRecord(key="a", params={}, schedule={}, status="COMPLETE",
                                  objectives={"id_accuracy": 0.7, "ood_accuracy": 0.4}))
     run.write_record(TrialRecord(key="b", params={}, schedule={}, status="RUNNING"))
+    run.write_record(TrialRecord(key="c", params={}, schedule={}, status="PRUNED",
+                                 pruned={"stage_index": 0, "dominated_by": "a"}))
+    # two finished (told now); the interrupted one is not finished: --resume runs it again
     assert mark_interrupted(study, run, ["id_accuracy", "ood_accuracy"]) == 2
-    a, b = study.trials
+    a, b, c = study.trials
     assert a.state == State.COMPLETE and a.values == [0.7, 0.4]
     assert a.user_attrs["record"] == "a"  # described for Optuna's tools before it was told
     assert b.state == State.FAIL and b.user_attrs["error"] == "interrupted"
+    assert c.state == State.PRUNED and c.values is None and c.user_attrs["pruned"].startswith(
+        "pruned after stage 0")
     records = {r.key: r for r in run.records()}
     assert records["b"].status == "FAILED" and records["b"].error == "interrupted"
+
+
+REAL_DRIVER = """
+import sys
+from pathlib import Path
+from stagebudget.search import run_search
+run_search(sys.argv[1], name="real", runs_dir=Path(sys.argv[2]), live=False)
+"""
+
+
+@pytest.mark.slow
+def test_real_trial_killed_mid_training_runs_again_on_resume(tmp_path: Path) -> None:
+    """The real pipeline (builtin:test, tiny steps): the driver is killed while a reference
+    trains; the resume runs that same schedule again, from its last cached checkpoint, and
+    trains nothing that finished."""
+    data = yaml.safe_load(DEMO.read_text())
+    data.update(base_model="builtin:test", trials=3, concurrency=1,
+                tasks={"source": "builtin", "n_train": 200, "n_id_test": 20, "n_ood_test": 20},
+                budget={"per_trial_hours": 0.002})
+    for stage in ("sft", "rl"):
+        data["stages"][stage]["eval_interval"] = 5
+    space = tmp_path / "real.yaml"
+    space.write_text(yaml.safe_dump(data))
+    runs = tmp_path / "runs"
+    run = RunDir(runs / "real")
+
+    def mid_trial() -> bool:  # one trial finished; the next measured its second eval point
+        records = run.records() if run.trials.is_dir() else []  # (its first checkpoint is kept)
+        return any(r.status == "COMPLETE" for r in records) and any(
+            r.status == "RUNNING" and any(row.get("global_step", 0) >= 10 for row in
+                                          run.curves(r.key)) for r in records)
+
+    kill_driver_when(REAL_DRIVER, [str(space), str(runs)], tmp_path / "driver.log", mid_trial,
+                     timeout=400)
+    before = {r.key: r for r in _completed(run)}
+    cut = {r.key: r for r in run.records() if r.status == "RUNNING"}
+    assert len(cut) == 1 and next(iter(cut.values())).reference
+
+    run_search(space, name="real", runs_dir=runs, resume=True, live=False)
+
+    study = optuna.load_study(study_name=run.read_meta()["study_name"],
+                              storage=run.read_meta()["storage"])
+    assert len(study.get_trials(states=(State.COMPLETE,))) == 3
+    assert {t.user_attrs.get("reference") for t in study.get_trials(states=(State.COMPLETE,))} \
+        == {"sft_only", "rl_only", "heuristic"}
+    records = {r.key: r for r in run.records()}
+    assert len(records) == len(before) + 1 + (3 - len(before))   # finished ones not run again
+    for key, rec in before.items():
+        assert records[key].started == rec.started and records[key].objectives == rec.objectives
+    (key, old), = cut.items()
+    assert records[key].status == "FAILED" and records[key].error == "interrupted"
+    again = [r for r in records.values() if r.key not in before and r.key != key
+             and r.reference == old.reference]
+    assert len(again) == 1 and again[0].status == "COMPLETE", again
+    assert again[0].schedule == old.schedule and again[0].params == old.params  # the same schedule
+    assert again[0].ledger["stages"] and 0 <= again[0].objectives["id_accuracy"] <= 1
+    # ...and it went on from the interrupted trial's last published checkpoint (prefix cache)
+    assert sum(stage.get("reused_steps", 0) for stage in again[0].ledger["stages"]) > 0, \
+        again[0].ledger

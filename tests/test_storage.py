@@ -78,7 +78,7 @@ def test_search_kill_resume_and_read_back(kind: str, tmp_path: Path) -> None:
         elif kind == "postgresql":
             assert meta["storage"] == storage
         run = load_run(runs / "st")
-        assert len(run.trials()) == TRIALS
+        assert sum(t.state == "COMPLETE" for t in run.trials()) == TRIALS  # cut ones ran again
         assert {t.state for t in run.trials()} <= {"COMPLETE", "FAILED"}
         assert run.front(curves=False).front
         assert run.study.metric_names == ["id_accuracy", "ood_accuracy", "device_hours"][

@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.table import Table
 
 from stagebudget.pareto import FrontInfo, TrialPoint, compute_front
-from stagebudget.records import ID_ACCURACY, OOD_ACCURACY
+from stagebudget.records import ID_ACCURACY, OOD_ACCURACY, is_interrupted
 
 
 @dataclass
@@ -57,8 +57,10 @@ def collect_stats(study: Any, objective_names: list[str], *, requested: int, run
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     stats = SearchStats(requested=requested, running=running, spent_hours=spent_hours,
                         budget_hours=budget_hours,
-                        done=sum(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials),
-                        failed=sum(t.state == TrialState.FAIL for t in trials))
+                        done=sum(t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+                                 and not is_interrupted(t) for t in trials),
+                        failed=sum(t.state == TrialState.FAIL and not is_interrupted(t)
+                                   for t in trials))
     for attr, name in (("best_id", ID_ACCURACY), ("best_ood", OOD_ACCURACY)):
         if name in objective_names and complete:
             i = objective_names.index(name)

@@ -45,6 +45,17 @@ RECORD_FILE = "record.json"
 DETERMINISTIC_FAILURE = "deterministic_failure"
 # The Optuna user attribute that holds why stagebudget failed a trial (the record's `error`).
 ERROR_ATTR = "error"
+# The error of a trial a killed (or Ctrl-C'ed) driver left running: `--resume` runs it again.
+INTERRUPTED = "interrupted"
+# Reported (with why) by a trial that early stopping stopped at a stage boundary: recorded
+# PRUNED, never COMPLETE with partial scores (see stagebudget.earlystop).
+PRUNED_FLAG = "pruned"
+
+
+def is_interrupted(trial: Any) -> bool:
+    """An Optuna trial that a killed or interrupted driver cut short: FAIL with error
+    "interrupted" (not a failure of its own; ``--resume`` runs it again)."""
+    return bool(trial.state.name == "FAIL" and trial.user_attrs.get(ERROR_ATTR) == INTERRUPTED)
 
 
 @dataclass
@@ -68,6 +79,7 @@ class TrialRecord:
     finished: float | None = None
     attempt: int = 1
     reused_from: str | None = None
+    pruned: dict[str, Any] | None = None  # where and why early stopping stopped it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -40,7 +40,7 @@ from stagebudget.records import (
 )
 from stagebudget.schedule import Schedule
 from stagebudget.space import resolve_rest
-from stagebudget.studyinfo import steps_ran
+from stagebudget.studyinfo import PRUNED_ATTR, steps_ran
 from stagebudget.studystore import JOURNAL_PREFIX, is_journal, journal_path, open_storage, redact
 
 STATES = (COMPLETE, RUNNING, WAITING, PRUNED, FAILED)
@@ -132,6 +132,22 @@ class TrialView:
         Optuna's ``fail_reason``)."""
         return self._record_or_attr("error", ERROR_ATTR) or self._record_or_attr("error",
                                                                                  "fail_reason")
+
+    @property
+    def pruned(self) -> str | None:
+        """Where and why early stopping stopped a PRUNED trial (record first, then the study)."""
+        if self.record is not None and self.record.pruned:
+            from stagebudget.earlystop import describe
+
+            return describe(self.record.pruned)
+        value = self.attrs.get(PRUNED_ATTR)
+        return str(value) if value else None
+
+    @property
+    def note(self) -> str | None:
+        """The line ``status`` shows beside a trial: why it stopped (pruned), else its error."""
+        text = (self.pruned if self.state == PRUNED else None) or self.error
+        return text.strip().splitlines()[0] if text and text.strip() else None
 
     @property
     def label(self) -> str:
@@ -282,7 +298,7 @@ class Run:
                 sft_share=v.sft_share, id_accuracy=v.values.get(ID_ACCURACY),
                 ood_accuracy=v.values.get(OOD_ACCURACY), device_hours=v.device_hours,
                 on_front=v.number in on_front, knee=v.number is not None and v.number == front.knee,
-                error=v.error.strip().splitlines()[0] if v.error and v.error.strip() else None,
+                error=v.note,
                 id_se=_se(v, ID_ACCURACY), ood_se=_se(v, OOD_ACCURACY),
                 spent_hours=v.spent_hours,
             )

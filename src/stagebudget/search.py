@@ -5,8 +5,9 @@ PosixPath('runs/demo-1')
 
 Everything is checked before any compute. The Optuna study (named in run.json) is the source of
 truth for which trials are finished, which is what makes ``resume=True`` simple and robust: the
-study is loaded by name, trials left RUNNING by a killed driver are marked FAIL, and a fresh Tuner
-runs only the trials still missing, attached to the same study.
+study is loaded by name, trials left RUNNING by a killed driver are marked FAIL ("interrupted") and
+enqueued again with the same params (the same schedule, so its cached checkpoints let it go on),
+and a fresh Tuner runs only the trials still missing, attached to the same study.
 """
 
 from __future__ import annotations
@@ -36,12 +37,15 @@ from stagebudget.records import (
     DEVICE_HOURS,
     ERROR_ATTR,
     FAILED,
+    INTERRUPTED,
+    PRUNED,
     RUNNING,
     SPENT_DEVICE_HOURS,
     RunDir,
+    is_interrupted,
     spend_summary,
 )
-from stagebudget.runs import study_storage_url
+from stagebudget.runs import ledger_hours, study_storage_url
 from stagebudget.space import SearchSpace, check_run_name, make_sampler
 from stagebudget.studystore import normalize_url, open_storage
 
@@ -154,8 +158,8 @@ def _settle_interrupted(plan: SearchPlan) -> SearchInterrupted:
     return SearchInterrupted(
         f"search interrupted: {finished} of {plan.meta['trials_requested']} trials are finished "
         f"and kept in {plan.run.root}; trials that were running are marked FAILED "
-        f"(\"interrupted\"). Continue with: stagebudget search {plan.meta['space_file']} "
-        f"--name {name} --runs-dir {runs_dir} --resume")
+        f"(\"interrupted\") and run again on resume. Continue with: stagebudget search "
+        f"{plan.meta['space_file']} --name {name} --runs-dir {runs_dir} --resume")
 
 
 DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "database or disk is full")
@@ -476,7 +480,9 @@ def _resume_plan(run: RunDir, meta: dict[str, Any], lock: DriverLock, *, trials:
                         address=address)
     store = open_storage(study_storage_url(meta.get("storage"), run))  # a copied run: its own
     study = _load_study(store, meta["study_name"])
-    finished = mark_interrupted(study, run, [o.name for o in space.objectives])
+    mark_interrupted(study, run, [o.name for o in space.objectives])
+    retry_interrupted(study)  # same params, same schedule: its checkpoints let it go on
+    finished = finished_trials(study)
     meta.update(trials_requested=space.trials, search_budget_hours=space.budget.search_hours,
                 resumed=[*meta.get("resumed", []), time.time()])
     run.write_meta(meta)
@@ -484,9 +490,19 @@ def _resume_plan(run: RunDir, meta: dict[str, Any], lock: DriverLock, *, trials:
     seen = [t.system_attrs.get("fixed_params", t.params) for t in study.get_trials(deepcopy=False)]
     points = [p for _, p in space.reference_points()
               if space.references and not any(_same_params(p, s) for s in seen)]
-    prior = sum(r.ledger.get(SPENT_DEVICE_HOURS, r.objectives.get(DEVICE_HOURS, 0.0))
-                for r in run.records())
+    prior = sum(_spent_hours(r) for r in run.records())
     return SearchPlan(run, space, meta, store, space.trials - finished, points, prior, lock=lock)
+
+
+def _spent_hours(record: Any) -> float:
+    """What a finished trial charged the search budget: its ledger's spent device-hours (reused
+    prefixes not counted), else its device-hours, else for a pruned one (no objectives) its
+    ledger's training time so far."""
+    if isinstance(record.ledger.get(SPENT_DEVICE_HOURS), int | float):
+        return float(record.ledger[SPENT_DEVICE_HOURS])
+    if isinstance(record.objectives.get(DEVICE_HOURS), int | float):
+        return float(record.objectives[DEVICE_HOURS])
+    return (ledger_hours(record.ledger) or 0.0) if record.status == PRUNED else 0.0
 
 
 def _space_name(space_path: Path) -> str:
@@ -514,12 +530,14 @@ def _same_params(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def mark_interrupted(study: Any, run: RunDir, objectives: list[str]) -> int:
-    """Settle what a killed driver left RUNNING; return the finished trials (COMPLETE, FAIL,
-    PRUNED) in the study afterwards.
+    """Settle what a killed driver left RUNNING; return the finished trials afterwards (see
+    :func:`finished_trials`: interrupted ones are not finished).
 
     A trial whose record is COMPLETE finished before the driver died but was never told to the
-    study: it is told now with the record's objectives (kept, not re-run). Any other RUNNING
-    study trial becomes FAIL, and RUNNING records become FAILED with error "interrupted".
+    study: it is told now with the record's objectives (kept, not re-run); one whose record is
+    PRUNED is told PRUNED. Any other RUNNING study trial becomes FAIL with error "interrupted"
+    (``--resume`` runs it again, see :func:`retry_interrupted`), and RUNNING records become
+    FAILED with that error.
     """
     from optuna.trial import TrialState
 
@@ -530,19 +548,64 @@ def mark_interrupted(study: Any, run: RunDir, objectives: list[str]) -> int:
     records = {r.key: r for r in run.records()}
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         rec = records.get(t.user_attrs.get(TUNE_ID_ATTR, ""))
+        if rec and rec.status in (COMPLETE, PRUNED):
+            annotate_trial(functools.partial(storage.set_trial_user_attr, t._trial_id), rec)
         if rec and rec.status == COMPLETE and all(o in rec.objectives for o in objectives):
             values = [float(rec.objectives[o]) for o in objectives]
-            annotate_trial(functools.partial(storage.set_trial_user_attr, t._trial_id), rec)
             storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, values)
             continue
-        storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, "interrupted")  # before: FAIL is final
+        if rec and rec.status == PRUNED:
+            storage.set_trial_state_values(t._trial_id, TrialState.PRUNED)
+            continue
+        storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, INTERRUPTED)  # before: FAIL is final
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     for record in records.values():
         if record.status == RUNNING:
-            record.status, record.error, record.finished = FAILED, "interrupted", time.time()
+            record.status, record.error, record.finished = FAILED, INTERRUPTED, time.time()
             run.write_record(record)
+    return finished_trials(study)
+
+
+def finished_trials(study: Any) -> int:
+    """Trials that count toward ``trials``: COMPLETE, PRUNED, and FAIL other than interrupted
+    (an interrupted trial is run again on ``--resume``, so its retry is what counts)."""
+    from optuna.trial import TrialState
+
     done = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=done))
+    return sum(not is_interrupted(t) for t in study.get_trials(deepcopy=False, states=done))
+
+
+RETRY_OF_ATTR = "retry_of"
+
+
+def retry_interrupted(study: Any) -> list[int]:
+    """Enqueue every interrupted trial not yet retried, with the same params (so the same
+    schedule); return the numbers of the trials retried.
+
+    The retry is a WAITING trial that the searcher asks first, marked the way Optuna's own
+    ``RetryHeartbeatStaleTrialCallback`` marks one (system attrs ``failed_trial`` and
+    ``retry_history``), plus a ``retry_of`` user attribute for the dashboard. Idempotent: a
+    driver killed again before it asked the retry leaves it WAITING, and nothing is added twice.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    out = []
+    for t in trials:
+        if not is_interrupted(t) or t.number in retried:
+            continue
+        history = [*t.system_attrs.get("retry_history", []), t.number]
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=t.params, distributions=t.distributions,
+            user_attrs={RETRY_OF_ATTR: t.number},
+            system_attrs={"failed_trial": history[0], "retry_history": history}))
+        out.append(t.number)
+    if out:
+        log.info("running again the %d trials the last driver left unfinished: %s", len(out),
+                 ", ".join(map(str, out)))
+    return out
 
 
 def _prepare_base_model(space: SearchSpace, space_file: str) -> None:

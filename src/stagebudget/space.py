@@ -312,6 +312,17 @@ class Resources(Strict):
     gpu: float = Field(default=0, ge=0)
 
 
+class EarlyStoppingSpec(Strict):
+    """Early stopping at stage boundaries (:mod:`stagebudget.earlystop`); off by default.
+
+    ``margin_se``: how many standard errors of the difference a completed trial must be better
+    by, on every accuracy objective at the same budget point, to stop a trial there.
+    """
+
+    enabled: bool = Field(default=False, strict=True)
+    margin_se: float = Field(default=2.0, ge=0, le=100, allow_inf_nan=False)
+
+
 class ReuseSpec(Strict):
     """Stage-prefix reuse (:mod:`stagebudget.prefixcache`): trials start from the longest
     prefix of their schedule any trial has trained. ``cache_dir`` (relative: to the space
@@ -358,6 +369,7 @@ class SearchSpace(Strict):
     device: str = "auto"
     cost_table: str | None = None
     trust_remote_code: bool = Field(default=False, strict=True)
+    early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
     reuse: ReuseSpec = ReuseSpec()
 
     @field_validator("name")
@@ -437,6 +449,16 @@ class SearchSpace(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"objectives must not repeat, got {names}")
         return v
+
+    @model_validator(mode="after")
+    def _early_stopping_compares_accuracy(self) -> SearchSpace:
+        names = [o.name for o in self.objectives]
+        if self.early_stopping.enabled and not {ID_ACCURACY, OOD_ACCURACY} & set(names):
+            raise ValueError(
+                f"`early_stopping.enabled: true` compares {ID_ACCURACY} / {OOD_ACCURACY} at "
+                f"stage boundaries, but the objectives are {names}; add one of them or set "
+                "`early_stopping.enabled: false`")
+        return self
 
     # --- loading ---------------------------------------------------------------------------
     @classmethod

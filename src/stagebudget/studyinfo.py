@@ -35,6 +35,7 @@ VERSION_ATTR = "stagebudget_version"
 RUN_DIR_ATTR = "run_dir"
 SPACE_ATTR = "space"
 SPACE_FILE_ATTR = "space_file"
+PRUNED_ATTR = "pruned"
 
 
 def steps_ran(schedule: dict[str, Any], ledger: dict[str, Any]) -> list[tuple[str, int, int]]:
@@ -80,6 +81,10 @@ def trial_attrs(record: TrialRecord) -> dict[str, Any]:
         attrs[REFERENCE_ATTR] = record.reference
     if record.reused_from:
         attrs["reused_from"] = record.reused_from
+    if record.pruned:
+        from stagebudget.earlystop import describe
+
+        attrs[PRUNED_ATTR] = describe(record.pruned)
     return attrs
 
 

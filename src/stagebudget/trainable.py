@@ -4,7 +4,9 @@ Every dict given to ``ray.tune.report`` carries all objective metric names (late
 far). Exceptions propagate after the record is marked FAILED, so Tune retries the trial
 (``max_retries``) and then Optuna records it as FAIL, never as a zero score. A deterministic
 failure (:class:`~stagebudget.errors.DeterministicError`: bad input, a diverged loss) is not
-retried: it is reported with ``DETERMINISTIC_FAILURE`` and the searcher records FAIL.
+retried: it is reported with ``DETERMINISTIC_FAILURE`` and the searcher records FAIL. A trial
+that early stopping stops at a stage boundary (:mod:`stagebudget.earlystop`) is recorded PRUNED
+and reported with ``PRUNED_FLAG``; the searcher records PRUNED.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from stagebudget.earlystop import StageGate, TrialPruned
 from stagebudget.errors import DeterministicError, UserError
-from stagebudget.fileio import atomic_write_text
+from stagebudget.fileio import atomic_write_text, read_json
 from stagebudget.records import (
     COMPLETE,
     DETERMINISTIC_FAILURE,
@@ -26,6 +29,8 @@ from stagebudget.records import (
     FAILED,
     ID_ACCURACY,
     OOD_ACCURACY,
+    PRUNED,
+    PRUNED_FLAG,
     RUNNING,
     SPENT_DEVICE_HOURS,
     RunDir,
@@ -125,8 +130,17 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
                     base_dir=Path(base_dir) if base_dir else None,
                     **({"prefix_cache": prefix,
                         "checkpoint_steps": space.checkpoint_steps(schedule, cost)}
-                       if prefix is not None else {}))
+                       if prefix is not None else {}),
+                    **_early_stopping(run, space, key, reference))
         objectives = {k: float(v) for k, v in result.objectives().items()}
+    except TrialPruned as exc:
+        # Stopped at a stage boundary: PRUNED with where and why, never partial scores. The
+        # searcher tells Optuna PRUNED when it sees the flag; the spend so far is charged.
+        record_pruned(run, record, exc)
+        spent = record.ledger.get(SPENT_DEVICE_HOURS, reporter.latest[DEVICE_HOURS])
+        tune.report({**reporter.latest, SPENT_DEVICE_HOURS: spent, "final": True,
+                     PRUNED_FLAG: str(exc)})
+        return
     except DeterministicError as exc:
         # A retry would fail the same way: end the trial now. Ray retries every exception, so
         # this one is reported, not raised; the searcher records the trial as FAIL (never a
@@ -142,6 +156,30 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     run.write_record(record)
     spent = record.ledger.get(SPENT_DEVICE_HOURS, objectives.get(DEVICE_HOURS, 0.0))
     tune.report({**reporter.latest, **objectives, SPENT_DEVICE_HOURS: spent, "final": True})
+
+
+def _early_stopping(run: RunDir, space: SearchSpace, key: str,
+                    reference: str | None) -> dict[str, Any]:
+    """``{"stage_end": gate}`` when the space enables early stopping, else nothing (a trial
+    function then never sees the argument). The gate snapshots the completed trials now.
+    Reference schedules always run to the end: every front is read against them."""
+    spec = space.early_stopping
+    if not spec.enabled or reference is not None:
+        return {}
+    objectives = {o.name: str(o.direction) for o in space.objectives}
+    return {"stage_end": StageGate.snapshot(run, objectives, spec.margin_se, exclude=key)}
+
+
+def record_pruned(run: RunDir, record: TrialRecord, exc: TrialPruned) -> None:
+    """Mark ``record`` PRUNED: where and why in ``pruned``, the spend so far in ``ledger``
+    (from the trial's ledger.json), no objectives."""
+    record.status, record.finished = PRUNED, time.time()
+    record.objectives, record.pruned = {}, dict(exc.info)
+    ledger = run.trial_dir(record.key) / "ledger.json"
+    with contextlib.suppress(UserError, OSError, ValueError):
+        data = read_json(ledger) if ledger.is_file() else {}
+        record.ledger = data if isinstance(data, dict) else {}
+    run.write_record(record)
 
 
 def finished_twin(run: RunDir, schedule: dict[str, Any], exclude: str) -> TrialRecord | None:

@@ -33,6 +33,7 @@ from stagebudget.records import (
     DEVICE_HOURS,
     ERROR_ATTR,
     FAILED,
+    PRUNED_FLAG,
     SPENT_DEVICE_HOURS,
     RunDir,
     TrialRecord,
@@ -83,7 +84,8 @@ class StudySearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         """Describe the Optuna trial from its record (schedule, steps, SEs...), then tell it; a
-        deterministic failure is told as an error (Ray does not retry it)."""
+        deterministic failure is told as an error (Ray does not retry it), a trial stopped by
+        early stopping as PRUNED (no values: its scores so far are not its result)."""
         ot_trial = self._ot_trials.get(trial_id)
         if result and result.get(DETERMINISTIC_FAILURE):  # failed; a retry cannot help
             if ot_trial is not None:
@@ -95,6 +97,9 @@ class StudySearch(OptunaSearch):
                 annotate_trial(ot_trial.set_user_attr, self._run.read_record(trial_id))
             except Exception as exc:  # a description must never lose the trial's result
                 log.warning("could not describe Optuna trial of %s: %s", trial_id, exc)
+        if result and result.get(PRUNED_FLAG) and not error:
+            super().on_trial_complete(trial_id, result=None, error=False)  # Ray tells PRUNED
+            return
         super().on_trial_complete(trial_id, result=result, error=error)
 
     @property
