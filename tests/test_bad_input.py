@@ -245,3 +245,82 @@ def test_validate_prints_task_warnings_after_the_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "is valid" in out and "1 of 1 id_test prompts also appear in train" in out
     assert out.index("is valid") < out.index("warning:")
+
+
+# --- a huge prompt is refused before compute, naming file, line, length and limit -------------
+def _huge_task_file(tmp_path: Path, chars: int = 1_000_000) -> Path:
+    rows = [("1+1=", "2", "train"), ("x" * chars + "=", "4", "train"), ("1+2=", "3", "id_test"),
+            ("3+3=", "6", "ood_test")]
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "answer": a, "split": s}) + "\n"
+                            for p, a, s in rows))
+    return path
+
+
+def test_huge_prompt_refused_by_validate_and_search(tmp_path):
+    tasks = _huge_task_file(tmp_path)
+    path = space_file(tmp_path, base_model="builtin:test",
+                      tasks={"source": str(tasks), "scorer": "exact"})
+    with pytest.raises(UserError) as err:
+        check_space(path)
+    text = str(err.value)
+    assert f"{tasks}, line 2" in text and "field `tasks`" in text
+    assert "1000002 tokens" in text and "has 128" in text and "Shorten or remove" in text
+    runs = tmp_path / "runs"
+    with pytest.raises(UserError):
+        run_search(path, runs_dir=runs, live=False, trial_fn=fake_fn)
+    assert not runs.exists()
+
+
+def test_huge_prompt_refused_by_train_before_writing(tmp_path, capsys):
+    from stagebudget.cli import main
+
+    tasks = _huge_task_file(tmp_path)
+    path = tmp_path / "schedule.yaml"
+    path.write_text(yaml.safe_dump({"stages": [{"kind": "rl", "steps": 2}],
+                                    "base_model": "builtin:test",
+                                    "tasks": {"source": str(tasks), "scorer": "exact"}}))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(path), "-o", str(out)])
+    assert exit_.value.code == 2 and not out.exists()
+    assert f"{tasks}, line 2" in capsys.readouterr().err
+
+
+def test_prompt_at_the_window_edge_passes_one_more_is_refused(tmp_path):
+    # builtin:test has 128 positions; answers are 1 char: 3 tokens are written after a prompt
+    # (longest answer + 2), so a prompt may be 125 tokens: BOS + 124 characters.
+    from stagebudget.basemodel import MAX_LEN
+
+    for chars, ok in ((MAX_LEN - 4, True), (MAX_LEN - 3, False)):
+        tasks = _huge_task_file(tmp_path, chars=chars - 1)  # the row adds "="
+        path = space_file(tmp_path, base_model="builtin:test",
+                          tasks={"source": str(tasks), "scorer": "exact"})
+        if ok:
+            check_space(path)
+        else:
+            with pytest.raises(UserError, match="line 2"):
+                check_space(path)
+
+
+def test_builtin_token_count_matches_the_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from stagebudget.basemodel import build_tokenizer, builtin_token_count
+
+    build_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in ("tl11:ATGTGG=", "", "é ü  x=", "x" * 300):
+        assert builtin_token_count(text) == len(tok(text=text)["input_ids"])
+        assert builtin_token_count(text, bos=False) == len(
+            tok(text=text, add_special_tokens=False)["input_ids"])
+
+
+def test_local_model_window_read_from_its_config(tmp_path):
+    from stagebudget.basemodel import position_window
+
+    model = _model_dir(tmp_path)
+    assert position_window(str(model)) is None
+    (model / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 77}}))
+    assert position_window(str(model)) == 77
+    assert position_window("builtin:tiny") == 128

@@ -715,6 +715,7 @@ def check_inputs(base_model: str, tasks: TasksRef, source: str | Path | None,
                 f"built-in model {base_model} has no chat template; write the prompts "
                 "as plain text or use a local model directory whose tokenizer has one",
                 source=source, field="tasks")
+        _check_builtin_window(base_model, suite, source)
         return warnings
     return warnings + _check_model(base_model, suite, source, base_dir, trust_remote_code)
 
@@ -722,8 +723,8 @@ def check_inputs(base_model: str, tasks: TasksRef, source: str | Path | None,
 def _check_model(base_model: str, suite: Any, source: str | Path | None, base_dir: Path | None,
                  trust_remote_code: bool) -> list[str]:
     """A local model's files, then its tokenizer against the suite's prompts."""
-    from stagebudget.basemodel import load_tokenizer, resolve_base_model
-    from stagebudget.chat import check_model_tasks
+    from stagebudget.basemodel import load_tokenizer, position_window, resolve_base_model
+    from stagebudget.chat import check_model_tasks, check_prompt_window, prompt_ids
 
     try:
         path = resolve_base_model(base_model, base_dir=base_dir, allow_build=False)
@@ -732,9 +733,28 @@ def _check_model(base_model: str, suite: Any, source: str | Path | None, base_di
     check_model_files(path, source)
     try:
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        return check_model_tasks(tokenizer, suite, base_model)
+        warnings = check_model_tasks(tokenizer, suite, base_model)
     except ValueError as exc:
         raise ConfigError(str(exc), source=source, field="base_model") from None
+    try:
+        check_prompt_window(
+            suite, position_window(base_model, path), lambda p: len(prompt_ids(tokenizer, p)),
+            lambda t: len(tokenizer(text=t, add_special_tokens=False)["input_ids"]), base_model)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=source, field="tasks") from None
+    return warnings
+
+
+def _check_builtin_window(base_model: str, suite: Any, source: str | Path | None) -> None:
+    """A built-in model's window against the suite's longest prompts (no model is loaded)."""
+    from stagebudget.basemodel import builtin_token_count, position_window
+    from stagebudget.chat import check_prompt_window
+
+    try:
+        check_prompt_window(suite, position_window(base_model), builtin_token_count,
+                            lambda t: builtin_token_count(t, bos=False), base_model)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=source, field="tasks") from None
 
 
 def check_model_files(path: Path, source: str | Path | None) -> None:
