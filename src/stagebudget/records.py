@@ -43,6 +43,9 @@ RECORD_FILE = "record.json"
 DETERMINISTIC_FAILURE = "deterministic_failure"
 # The Optuna user attribute that holds why stagebudget failed a trial (the record's `error`).
 ERROR_ATTR = "error"
+# The torch intra-op thread count a trial trained with: CPU results depend on it bit for bit
+# (reduction order), so the record, the export and `stagebudget train` carry it.
+TORCH_THREADS = "torch_threads"
 
 
 @dataclass
@@ -66,6 +69,8 @@ class TrialRecord:
     finished: float | None = None
     attempt: int = 1
     reused_from: str | None = None
+    node: dict[str, str] = field(default_factory=dict)  # Ray node id and host it ran on
+    torch_threads: int | None = None  # see TORCH_THREADS
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
