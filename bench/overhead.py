@@ -12,7 +12,7 @@ a Ray trial with ``cpu: 1`` gets):
 - ``train``: ``stagebudget train`` on the same schedule;
 - ``search``: a one-trial ``stagebudget search`` whose only point plans the same schedule.
 
-Reported: wall time and peak memory (the whole process tree's summed RSS, sampled every 50 ms:
+Reported: wall time and peak memory (the whole process tree's summed PSS, sampled every 50 ms:
 Ray's own processes count) as ratios against ``plain``, and, for ``train`` and the search's
 trial, the fixed cost (everything but training steps: start, imports, model load, tokenisation,
 evaluation) as a share of the trial, from the trial's own ``metrics.json``. Evaluation runs at
@@ -85,8 +85,10 @@ def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     return {"space": space_file, "schedule": schedule_file, "script": script}
 
 
-def tree_rss(pid: int) -> int:
-    """Summed resident memory of ``pid`` and all its descendants (bytes)."""
+def tree_memory(pid: int) -> int:
+    """Memory of ``pid`` and all its descendants (bytes): the sum of their PSS (proportional set
+    size: a page shared by k processes counts 1/k in each), RSS where PSS is unavailable. Summed
+    RSS would count the shared libraries of Ray's many processes many times over."""
     import psutil
 
     try:
@@ -97,14 +99,15 @@ def tree_rss(pid: int) -> int:
     total = 0
     for p in procs:
         try:
-            total += p.memory_info().rss
+            info = p.memory_full_info()
+            total += getattr(info, "pss", info.rss)
         except psutil.Error:
             continue
     return total
 
 
 def measure(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, float]:
-    """Wall seconds and peak process-tree RSS (MiB) of one command; raises if it fails."""
+    """Wall seconds and peak process-tree memory (PSS, MiB) of one command; raises if it fails."""
     peak = 0
     done = threading.Event()
     with open(log, "w") as out:
@@ -114,7 +117,7 @@ def measure(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, float]:
         def sample() -> None:
             nonlocal peak
             while not done.is_set():
-                peak = max(peak, tree_rss(proc.pid))
+                peak = max(peak, tree_memory(proc.pid))
                 done.wait(0.05)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -206,8 +209,9 @@ def report(summary: dict[str, Any], import_s: float) -> str:
                      f"{split['eval_s']:.1f} | {split['other_s']:.1f} | {split['fixed_share']:.0%} |")
     lines += ["", f"Search driver outside its trial (Ray start, Tune, study, shutdown): "
               f"{summary['search_split']['driver_s']:.1f} s, of which "
-              f"{summary['search_split']['before_trial_s']:.1f} s before the trial started. A fresh interpreter importing "
-              f"torch/transformers/TRL/PEFT/stagebudget.pipeline: {import_s:.1f} s.",
+              f"{summary['search_split']['before_trial_s']:.1f} s before the trial started. A "
+              f"fresh interpreter importing torch/transformers/TRL/PEFT/stagebudget.pipeline: "
+              f"{import_s:.1f} s.",
               f"Objectives: {json.dumps(summary['objectives'])}"]
     return "\n".join(lines)
 
