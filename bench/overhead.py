@@ -85,10 +85,11 @@ def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     return {"space": space_file, "schedule": schedule_file, "script": script}
 
 
-def tree_memory(pid: int) -> int:
+def tree_sample(pid: int, cpu: dict[int, float]) -> int:
     """Memory of ``pid`` and all its descendants (bytes): the sum of their PSS (proportional set
     size: a page shared by k processes counts 1/k in each), RSS where PSS is unavailable. Summed
-    RSS would count the shared libraries of Ray's many processes many times over."""
+    RSS would count the shared libraries of Ray's many processes many times over. Each
+    process's CPU seconds so far are stored in ``cpu`` (by pid)."""
     import psutil
 
     try:
@@ -100,15 +101,19 @@ def tree_memory(pid: int) -> int:
     for p in procs:
         try:
             info = p.memory_full_info()
-            total += getattr(info, "pss", info.rss)
+            times = p.cpu_times()
         except psutil.Error:
             continue
+        total += getattr(info, "pss", info.rss)
+        cpu[p.pid] = max(cpu.get(p.pid, 0.0), times.user + times.system)
     return total
 
 
 def measure(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, float]:
-    """Wall seconds and peak process-tree memory (PSS, MiB) of one command; raises if it fails."""
+    """Wall seconds, CPU seconds and peak memory (PSS, MiB) of one command's process tree; raises
+    if it fails. CPU seconds depend much less than wall time on what else the machine runs."""
     peak = 0
+    cpu: dict[int, float] = {}
     done = threading.Event()
     with open(log, "w") as out:
         start, epoch = time.perf_counter(), time.time()
@@ -117,7 +122,7 @@ def measure(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, float]:
         def sample() -> None:
             nonlocal peak
             while not done.is_set():
-                peak = max(peak, tree_memory(proc.pid))
+                peak = max(peak, tree_sample(proc.pid, cpu))
                 done.wait(0.05)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -128,7 +133,8 @@ def measure(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, float]:
         sampler.join()
     if code != 0:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {code}); see {log}")
-    return {"wall_s": wall, "peak_mib": peak / 2**20, "start_epoch": epoch}
+    return {"wall_s": wall, "cpu_s": sum(cpu.values()), "peak_mib": peak / 2**20,
+            "start_epoch": epoch}
 
 
 def trial_split(metrics: dict[str, Any], wall: float) -> dict[str, float]:
@@ -161,10 +167,11 @@ def run_once(work: Path, files: dict[str, Path], env: dict[str, str], i: int) ->
                    "--runs-dir", str(out / "runs"), "--no-live"],
     }
     row: dict[str, Any] = {}
-    for name, cmd in ways.items():
+    order = list(ways)[i % 3:] + list(ways)[:i % 3]  # rotated: no way always runs first
+    for name, cmd in ((n, ways[n]) for n in order):
         row[name] = measure(cmd, env, out / f"{name}.log")
-        print(f"  {name:>6}: {row[name]['wall_s']:7.1f} s  {row[name]['peak_mib']:7.0f} MiB",
-              flush=True)
+        print(f"  {name:>6}: {row[name]['wall_s']:7.1f} s  cpu {row[name]['cpu_s']:7.1f} s  "
+              f"{row[name]['peak_mib']:7.0f} MiB", flush=True)
     train_metrics = json.loads((out / "train" / "metrics.json").read_text())
     row["train_split"] = trial_split(train_metrics, row["train"]["wall_s"])
     [trial] = (out / "runs" / "one" / "trials").iterdir()
@@ -186,8 +193,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for way in ("plain", "train", "search"):
-        out[way] = {k: med(way, k) for k in ("wall_s", "peak_mib")}
+        out[way] = {k: med(way, k) for k in ("wall_s", "cpu_s", "peak_mib")}
         out[way]["wall_ratio"] = out[way]["wall_s"] / out["plain"]["wall_s"]
+        out[way]["cpu_ratio"] = out[way]["cpu_s"] / out["plain"]["cpu_s"]
         out[way]["mem_ratio"] = out[way]["peak_mib"] / out["plain"]["peak_mib"]
     for split in ("train_split", "search_split"):
         out[split] = {k: statistics.median(r[split][k] for r in rows) for k in rows[0][split]}
@@ -196,12 +204,14 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def report(summary: dict[str, Any], import_s: float) -> str:
-    lines = ["| way | wall s | x plain | peak MiB | x plain | target |", "|---|---|---|---|---|---|"]
+    lines = ["| way | wall s | x plain | CPU s | x plain | peak MiB (PSS) | x plain | target |",
+             "|---|---|---|---|---|---|---|---|"]
     targets = {"plain": "", "train": "<= 1.05x", "search": "<= 1.25x"}
     for way in ("plain", "train", "search"):
         s = summary[way]
-        lines.append(f"| {way} | {s['wall_s']:.1f} | {s['wall_ratio']:.2f} | {s['peak_mib']:.0f} | "
-                     f"{s['mem_ratio']:.2f} | {targets[way]} |")
+        lines.append(f"| {way} | {s['wall_s']:.1f} | {s['wall_ratio']:.2f} | {s['cpu_s']:.1f} | "
+                     f"{s['cpu_ratio']:.2f} | {s['peak_mib']:.0f} | {s['mem_ratio']:.2f} | "
+                     f"{targets[way]} |")
     lines += ["", "| trial | wall s | training steps s | evaluation s | other s | fixed share |",
               "|---|---|---|---|---|---|"]
     for name, split in (("train", summary["train_split"]), ("search trial", summary["search_split"])):
