@@ -75,7 +75,9 @@ def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     point = {name: d.choices[0] for name, d in space.dimensions().items()}
     schedule = space.schedule_from_params(point, space.cost_model("cpu"), name="overhead")
     schedule_file = work / "schedule.yaml"
-    schedule.save(schedule_file)
+    # Without budget_hours, `train` trains the planned steps with no overrun guard: on a shared
+    # machine (4x slower steps) the guard would stop it, and a stopped run measures nothing.
+    schedule.model_copy(update={"budget_hours": None}).save(schedule_file)
     document = {"schedule": schedule.to_dict(), "source": {}, TORCH_THREADS: 1,
                 "trl": [stage_export(s, i, schedule.seed, "cpu")
                         for i, s in enumerate(schedule.stages)]}
