@@ -178,6 +178,9 @@ def run_once(work: Path, files: dict[str, Path], env: dict[str, str], i: int) ->
     row["train_split"] = trial_split(train_metrics, row["train"]["wall_s"])
     [trial] = (out / "runs" / "one" / "trials").iterdir()
     record = json.loads((trial / "record.json").read_text())
+    if record["status"] != "COMPLETE":  # e.g. the overrun guard on a heavily shared machine
+        raise SystemExit(f"the search trial did not complete ({record['status']}: "
+                         f"{record.get('error')}); its timing measures nothing. See {out}")
     trial_wall = float(record["finished"]) - float(record["started"])
     row["search_split"] = trial_split(json.loads((trial / "metrics.json").read_text()), trial_wall)
     row["search_split"]["driver_s"] = row["search"]["wall_s"] - trial_wall
