@@ -103,3 +103,23 @@ def test_a_longer_sft_max_length_plans_longer_steps() -> None:
     short, long = (StageSpec(kind="sft", steps=1, max_length=n) for n in (32, 512))
     assert cm.step_seconds(long) > 4 * cm.step_seconds(short)
     assert cm.step_seconds(StageSpec(kind="sft", steps=1)) == cm.step_seconds(short)
+
+
+def test_a_run_plans_with_its_frozen_cost_model_on_resume(tmp_path, monkeypatch):
+    """RUN/cost.json freezes the cost model (analytic constants included): after the built-in
+    constants change, the run still plans the schedules it planned when it started."""
+    from runhelpers import demo_space
+    from stagebudget import cost as cost_module
+    from stagebudget.search import COST_FILE, frozen_cost_model
+    from stagebudget.space import SearchSpace
+
+    space = SearchSpace.load(demo_space(tmp_path))
+    params = {"sft.share": 0.5, "sft.lora_rank": 16, "sft.learning_rate": 1e-3, "rl.lora_rank": 4}
+    before = space.schedule_from_params(params, frozen_cost_model(tmp_path, space, "cpu"))
+    assert (tmp_path / COST_FILE).is_file()
+    slower = {k: dict(v, flops=v["flops"] / 3) for k, v in cost_module._DEVICE.items()}
+    monkeypatch.setattr(cost_module, "_DEVICE", slower)
+    resumed = space.schedule_from_params(params, frozen_cost_model(tmp_path, space, "cpu"))
+    fresh = space.schedule_from_params(params, space.cost_model("cpu"))
+    assert resumed == before
+    assert fresh.stages[0].steps < before.stages[0].steps  # the change is real
