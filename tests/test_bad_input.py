@@ -288,11 +288,14 @@ def test_huge_prompt_refused_by_train_before_writing(tmp_path, capsys):
 
 
 def test_prompt_at_the_window_edge_passes_one_more_is_refused(tmp_path):
-    # builtin:test has 128 positions; answers are 1 char: 3 tokens are written after a prompt
-    # (longest answer + 2), so a prompt may be 125 tokens: BOS + 124 characters.
+    # builtin:test has 128 positions; the space's RL stage writes up to its default
+    # max_completion_length after a prompt (more than evaluation's longest answer + 2), so a
+    # prompt may be 128 - that many tokens: BOS + the rest in characters.
     from stagebudget.basemodel import MAX_LEN
+    from stagebudget.kinds import get_kind
 
-    for chars, ok in ((MAX_LEN - 4, True), (MAX_LEN - 3, False)):
+    fits = MAX_LEN - get_kind("rl").defaults["max_completion_length"] - 1  # characters
+    for chars, ok in ((fits, True), (fits + 1, False)):
         tasks = _huge_task_file(tmp_path, chars=chars - 1)  # the row adds "="
         path = space_file(tmp_path, base_model="builtin:test",
                           tasks={"source": str(tasks), "scorer": "exact"})
@@ -324,3 +327,35 @@ def test_local_model_window_read_from_its_config(tmp_path):
     (model / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 77}}))
     assert position_window(str(model)) == 77
     assert position_window("builtin:tiny") == 128
+
+
+def test_rl_generation_longer_than_the_window_names_the_setting(tmp_path):
+    import pickle
+
+    from stagebudget.chat import GenerationTooLong
+
+    path = space_file(tmp_path, base_model="builtin:test", stages={
+        "sft": {"share": {"type": "float", "low": 0.0, "high": 1.0, "step": 0.5}},
+        "rl": {"share": "rest", "max_completion_length": {"type": "int", "low": 8, "high": 500}}})
+    with pytest.raises(UserError) as err:
+        check_space(path)
+    text = str(err.value)
+    assert "field `stages.rl.max_completion_length`" in text and "500 tokens" in text
+    assert "has 128 positions" in text
+    again = pickle.loads(pickle.dumps(GenerationTooLong("m", field="f")))
+    assert (str(again), again.field) == ("m", "f")
+
+
+def test_rl_generation_counts_against_a_long_prompt(tmp_path):
+    # a 100-token prompt fits evaluation (3 tokens after it) but not RL's 40-token completions
+    tasks = _huge_task_file(tmp_path, chars=98)
+    stages = {"sft": {"share": {"type": "float", "low": 0.0, "high": 1.0, "step": 0.5}},
+              "rl": {"share": "rest", "max_completion_length": 20}}
+    path = space_file(tmp_path, base_model="builtin:test", stages=stages,
+                      tasks={"source": str(tasks), "scorer": "exact"})
+    check_space(path)
+    stages["rl"]["max_completion_length"] = 40
+    path = space_file(tmp_path, base_model="builtin:test", stages=stages,
+                      tasks={"source": str(tasks), "scorer": "exact"})
+    with pytest.raises(UserError, match="line 2: the prompt is 100 tokens long and 40 more"):
+        check_space(path)

@@ -30,6 +30,18 @@ class ModelTaskError(UserError):
     """The model's tokenizer and the task file do not fit together; says which and why."""
 
 
+class GenerationTooLong(ModelTaskError):
+    """What is generated after a prompt does not leave room for any prompt; ``field`` names the
+    setting to change."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self) -> tuple[Any, ...]:  # survives pickling (Ray) with its field
+        return (type(self), (str(self), self.field))
+
+
 def is_chat(prompt: Any) -> bool:
     """True for a list of chat messages (TRL's conversational format)."""
     return isinstance(prompt, list)
@@ -170,11 +182,14 @@ def _chars(example: Any) -> int:
 
 
 def check_prompt_window(suite: Any, window: int | None, count_prompt: Callable[[Any], int],
-                        count_text: Callable[[str], int], model_ref: str = "the model") -> None:
+                        count_text: Callable[[str], int], model_ref: str = "the model",
+                        train_generation: int = 0) -> None:
     """Refuse, before any compute, an example whose prompt cannot fit the model's position
     window together with what is generated after it (evaluation's ``max_new_tokens``, or the
-    example's own target + EOS when longer). A 1 MB prompt would otherwise reach SFT and GRPO
-    whole (neither truncates prompts by default) and try to allocate tens of GB.
+    example's own target + EOS when longer, or ``train_generation``: the most tokens a
+    generating stage writes, e.g. RL's ``max_completion_length``). A 1 MB prompt would otherwise
+    reach SFT and GRPO whole (neither truncates prompts by default) and try to allocate tens of
+    GB.
 
     ``count_prompt`` tokenises a prompt as training does (BOS, chat template); ``count_text`` a
     target without special tokens. The :data:`LONGEST_CHECKED` longest examples by characters
@@ -190,7 +205,16 @@ def check_prompt_window(suite: Any, window: int | None, count_prompt: Callable[[
         + (1 if suite.conversational else 0) + EVAL_SLACK)
     for example in sorted(examples, key=_chars, reverse=True)[:LONGEST_CHECKED]:
         n = count_prompt(example.prompt)
-        written = max(int(generation), count_text(example.target) + 1)
+        written = max(int(generation), count_text(example.target) + 1, int(train_generation))
+        if written >= window:  # no prompt fits: the generation length is what to change
+            raise GenerationTooLong(
+                f"{written} tokens are written after each prompt (the longest answer + "
+                f"{EVAL_SLACK}, the task's max_new_tokens, or RL's max_completion_length), but "
+                f"{model_ref} has {window} positions in all (max_position_embeddings in its "
+                f"config), so no prompt fits; lower max_completion_length / max_new_tokens, or "
+                "use a model with a longer context.",
+                field=("stages.rl.max_completion_length" if written == train_generation
+                       else "tasks"))
         if n + written > window:
             raise ModelTaskError(_window_message(suite, example, n, written, window, model_ref))
 
@@ -200,8 +224,9 @@ def _window_message(suite: Any, example: Any, n: int, written: int, window: int,
     where = (f"{suite.path}, line {example.line}" if suite.path is not None
              and example.line is not None else _describe(example)[:200])
     return (f"{where}: the prompt is {n} tokens long and {written} more tokens are written "
-            f"after it (the longest answer + {EVAL_SLACK}, the task's max_new_tokens, or this "
-            f"row's own target + EOS), {n + written} positions in all, but {model_ref} has "
+            f"after it (the longest answer + {EVAL_SLACK}, the task's max_new_tokens, this "
+            f"row's own target + EOS, or RL's max_completion_length), {n + written} positions "
+            f"in all, but {model_ref} has "
             f"{window} (max_position_embeddings in its config); nothing was trained. Shorten or "
             f"remove this row (prompts must stay at most {window - written} tokens long), or use a "
             "model with a longer context.")

@@ -181,7 +181,7 @@ def train(
     """Train one schedule end to end and measure ID/OOD at every evaluation point."""
     from stagebudget.export import exported_threads
     from stagebudget.schedule import Schedule
-    from stagebudget.space import DEVICE, check_inputs
+    from stagebudget.space import DEVICE, check_inputs, generated_tokens
     from stagebudget.trainview import train_with_progress
 
     if not DEVICE.fullmatch(device):
@@ -195,7 +195,8 @@ def train(
     # Everything is checked before the output directory is made: bad input writes nothing.
     # (its warnings are logged again when training loads the model: not printed twice here)
     check_inputs(sched.base_model, sched.tasks, schedule, base_dir=schedule.resolve().parent,
-                 trust_remote_code=sched.trust_remote_code)
+                 trust_remote_code=sched.trust_remote_code,
+                 generation=generated_tokens((s.kind, s) for s in sched.stages))
     result = train_with_progress(sched, out, save_model=save, device=device, console=console,
                                  base_dir=schedule.resolve().parent, threads=threads)
     console.print(f"ID {result.id_accuracy:.3f}  OOD {result.ood_accuracy:.3f}  "
