@@ -122,8 +122,8 @@ def export_document(run: Run, number: int, pick: str, front: FrontInfo) -> dict[
               "params": view.params, "on_front": number in front.front}
     if view.record is not None:
         source["record"] = view.record.key
-    document = {"schedule": schedule.to_dict(), "trl": stages, "device": device,
-                "objectives": objectives, "source": source}
+    document: dict[str, Any] = {"schedule": schedule.to_dict(), "trl": stages, "device": device,
+                                "objectives": objectives, "source": source}
     threads = getattr(view.record, TORCH_THREADS, None)
     if threads:  # CPU results depend on it bit for bit: `train` and the script use it
         document[TORCH_THREADS] = int(threads)
