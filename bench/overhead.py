@@ -50,7 +50,10 @@ def space_document(base: str, budget_hours: float, n_train: int, n_test: int) ->
     data.update(name="overhead", base_model=base, trials=1, concurrency=1, references=False,
                 tasks={"source": "builtin", "n_train": n_train, "n_id_test": n_test,
                        "n_ood_test": n_test},
-                budget={"per_trial_hours": budget_hours})
+                budget={"per_trial_hours": budget_hours},
+                # like for like: the plain script reuses nothing, and a second repeat would
+                # otherwise find the first one's stages in the prefix cache and train nothing
+                reuse={"enabled": False})
     sft, rl = data["stages"]["sft"], data["stages"]["rl"]
     sft.update(share={"type": "categorical", "choices": [0.5]},
                lora_rank={"type": "categorical", "choices": [16]}, learning_rate=3e-3,
