@@ -245,3 +245,117 @@ def test_validate_prints_task_warnings_after_the_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "is valid" in out and "1 of 1 id_test prompts also appear in train" in out
     assert out.index("is valid") < out.index("warning:")
+
+
+# --- a huge prompt is refused before compute, naming file, line, length and limit -------------
+def _huge_task_file(tmp_path: Path, chars: int = 1_000_000) -> Path:
+    rows = [("1+1=", "2", "train"), ("x" * chars + "=", "4", "train"), ("1+2=", "3", "id_test"),
+            ("3+3=", "6", "ood_test")]
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "answer": a, "split": s}) + "\n"
+                            for p, a, s in rows))
+    return path
+
+
+def test_huge_prompt_refused_by_validate_and_search(tmp_path):
+    tasks = _huge_task_file(tmp_path)
+    path = space_file(tmp_path, base_model="builtin:test",
+                      tasks={"source": str(tasks), "scorer": "exact"})
+    with pytest.raises(UserError) as err:
+        check_space(path)
+    text = str(err.value)
+    assert f"{tasks}, line 2" in text and "field `tasks`" in text
+    assert "1000002 tokens" in text and "has 128" in text and "Shorten or remove" in text
+    runs = tmp_path / "runs"
+    with pytest.raises(UserError):
+        run_search(path, runs_dir=runs, live=False, trial_fn=fake_fn)
+    assert not runs.exists()
+
+
+def test_huge_prompt_refused_by_train_before_writing(tmp_path, capsys):
+    from stagebudget.cli import main
+
+    tasks = _huge_task_file(tmp_path)
+    path = tmp_path / "schedule.yaml"
+    path.write_text(yaml.safe_dump({"stages": [{"kind": "rl", "steps": 2}],
+                                    "base_model": "builtin:test",
+                                    "tasks": {"source": str(tasks), "scorer": "exact"}}))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(path), "-o", str(out)])
+    assert exit_.value.code == 2 and not out.exists()
+    assert f"{tasks}, line 2" in capsys.readouterr().err
+
+
+def test_prompt_at_the_window_edge_passes_one_more_is_refused(tmp_path):
+    # builtin:test has 128 positions; the space's RL stage writes up to its default
+    # max_completion_length after a prompt (more than evaluation's longest answer + 2), so a
+    # prompt may be 128 - that many tokens: BOS + the rest in characters.
+    from stagebudget.basemodel import MAX_LEN
+    from stagebudget.kinds import get_kind
+
+    fits = MAX_LEN - get_kind("rl").defaults["max_completion_length"] - 1  # characters
+    for chars, ok in ((fits, True), (fits + 1, False)):
+        tasks = _huge_task_file(tmp_path, chars=chars - 1)  # the row adds "="
+        path = space_file(tmp_path, base_model="builtin:test",
+                          tasks={"source": str(tasks), "scorer": "exact"})
+        if ok:
+            check_space(path)
+        else:
+            with pytest.raises(UserError, match="line 2"):
+                check_space(path)
+
+
+def test_builtin_token_count_matches_the_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from stagebudget.basemodel import build_tokenizer, builtin_token_count
+
+    build_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in ("tl11:ATGTGG=", "", "é ü  x=", "x" * 300):
+        assert builtin_token_count(text) == len(tok(text=text)["input_ids"])
+        assert builtin_token_count(text, bos=False) == len(
+            tok(text=text, add_special_tokens=False)["input_ids"])
+
+
+def test_local_model_window_read_from_its_config(tmp_path):
+    from stagebudget.basemodel import position_window
+
+    model = _model_dir(tmp_path)
+    assert position_window(str(model)) is None
+    (model / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 77}}))
+    assert position_window(str(model)) == 77
+    assert position_window("builtin:tiny") == 128
+
+
+def test_rl_generation_longer_than_the_window_names_the_setting(tmp_path):
+    import pickle
+
+    from stagebudget.chat import GenerationTooLong
+
+    path = space_file(tmp_path, base_model="builtin:test", stages={
+        "sft": {"share": {"type": "float", "low": 0.0, "high": 1.0, "step": 0.5}},
+        "rl": {"share": "rest", "max_completion_length": {"type": "int", "low": 8, "high": 500}}})
+    with pytest.raises(UserError) as err:
+        check_space(path)
+    text = str(err.value)
+    assert "field `stages.rl.max_completion_length`" in text and "500 tokens" in text
+    assert "has 128 positions" in text
+    again = pickle.loads(pickle.dumps(GenerationTooLong("m", field="f")))
+    assert (str(again), again.field) == ("m", "f")
+
+
+def test_rl_generation_counts_against_a_long_prompt(tmp_path):
+    # a 100-token prompt fits evaluation (3 tokens after it) but not RL's 40-token completions
+    tasks = _huge_task_file(tmp_path, chars=98)
+    stages = {"sft": {"share": {"type": "float", "low": 0.0, "high": 1.0, "step": 0.5}},
+              "rl": {"share": "rest", "max_completion_length": 20}}
+    path = space_file(tmp_path, base_model="builtin:test", stages=stages,
+                      tasks={"source": str(tasks), "scorer": "exact"})
+    check_space(path)
+    stages["rl"]["max_completion_length"] = 40
+    path = space_file(tmp_path, base_model="builtin:test", stages=stages,
+                      tasks={"source": str(tasks), "scorer": "exact"})
+    with pytest.raises(UserError, match="line 2: the prompt is 100 tokens long and 40 more"):
+        check_space(path)

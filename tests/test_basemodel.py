@@ -75,3 +75,19 @@ def test_resolve_errors(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ModelRefError, match="no tokenizer"):
         resolve_base_model(str(tmp_path))
+
+
+def test_checking_a_cached_base_does_not_import_torch(tiny_base):
+    """The search driver checks the cached base before Ray starts: reading safetensors headers
+    must not cost a torch import (3 s, measured by bench/overhead.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from pathlib import Path\n"
+            "from stagebudget.basemodel import resolve_base_model\n"
+            "resolve_base_model('builtin:test', cache_dir=Path(sys.argv[1]), allow_build=False)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    res = subprocess.run([sys.executable, "-c", code, str(tiny_base.parent)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -7,6 +7,7 @@ machine, including other users' clusters).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -76,8 +77,10 @@ def test_search_on_a_two_node_cluster(tmp_path: Path, monkeypatch: pytest.Monkey
     try:
         time.sleep(3)
         nodes.append(_start([f"--address={address}", "--num-cpus=1",
-                             "--node-ip-address=127.0.0.1"], tmp_path / "worker.log"))
+                             "--node-ip-address=127.0.0.1", f"--resources={WORKER_MARK}"],
+                            tmp_path / "worker.log"))
         _wait_for_nodes(address, 2)
+        head_id, worker_id = _node_ids(address)
         data = yaml.safe_load(DEMO.read_text())
         data.update(trials=3, concurrency=2, references=False)
         space = tmp_path / "space.yaml"
@@ -92,7 +95,7 @@ def test_search_on_a_two_node_cluster(tmp_path: Path, monkeypatch: pytest.Monkey
             "from stagebudget.fakes import fake_trial_fn\n"
             "print(run_search(Path(sys.argv[1]), name='cluster', runs_dir=Path(sys.argv[2]),\n"
             "      address=sys.argv[3], live=False,\n"
-            "      trial_fn=functools.partial(fake_trial_fn, seconds=0.3)))\n"
+            "      trial_fn=functools.partial(fake_trial_fn, seconds=3)))\n"
         )
         res = subprocess.run([sys.executable, "-c", driver, str(space), str(tmp_path / "runs"),
                               address], capture_output=True, text=True, timeout=300,
@@ -103,10 +106,34 @@ def test_search_on_a_two_node_cluster(tmp_path: Path, monkeypatch: pytest.Monkey
         assert meta["address"] == address
         study = optuna.load_study(study_name=meta["study_name"], storage=meta["storage"])
         assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
-        assert sorted(r.status for r in run.records()) == ["COMPLETE"] * 3
+        records = run.records()
+        assert sorted(r.status for r in records) == ["COMPLETE"] * 3
+        # Each node has 1 CPU and two trials run at once: one of them ran on the worker node,
+        # and its record (written there, read here) says so.
+        ran_on = {r.node.get("node_id") for r in records}
+        assert worker_id in ran_on, (ran_on, head_id, worker_id)
+        assert ran_on <= {head_id, worker_id}
     finally:
         for proc in reversed(nodes):
             _stop(proc)
+
+
+WORKER_MARK = '{"stagebudget_test_worker": 1}'  # a resource only the worker node has
+
+
+def _node_ids(address: str) -> tuple[str, str]:
+    """(head, worker) Ray node ids of the two-node cluster, the worker told by WORKER_MARK."""
+    code = ("import json, sys, ray\n"
+            "ray.init(address=sys.argv[1], log_to_driver=False)\n"
+            "print(json.dumps({n['NodeID']: 'stagebudget_test_worker' in n['Resources']\n"
+            "                  for n in ray.nodes() if n['Alive']}))\n")
+    res = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True,
+                         timeout=120, env=os.environ.copy())
+    assert res.returncode == 0, res.stderr[-2000:]
+    nodes = json.loads(res.stdout.strip().splitlines()[-1])
+    [head] = [n for n, worker in nodes.items() if not worker]
+    [worker] = [n for n, worker in nodes.items() if worker]
+    return head, worker
 
 
 def _refused_without_token(space: Path, address: str, runs: Path) -> None:

@@ -72,6 +72,16 @@ def build_tokenizer(out_dir: Path) -> None:
     fast.save_pretrained(str(out_dir))
 
 
+def builtin_token_count(text: str, *, bos: bool = True) -> int:
+    """Tokens the built-in tokenizer gives ``text``, without loading it: one per character
+    (unknown ones become ``<unk>``), plus ``<bos>`` when special tokens are added.
+
+    >>> builtin_token_count("tl11:ATG=")
+    10
+    """
+    return len(text) + (1 if bos else 0)
+
+
 # ---------------------------------------------------------------- model
 def _config_dict(size: str) -> dict[str, Any]:
     spec = SIZES[size]
@@ -84,6 +94,26 @@ def _config_dict(size: str) -> dict[str, Any]:
         "max_position_embeddings": MAX_LEN, "tie_word_embeddings": True,
         "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
     }
+
+
+WINDOW_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def position_window(ref: str, path: Path | None = None) -> int | None:
+    """Positions the model can attend over: ``MAX_LEN`` for a built-in model, else its
+    config.json's ``max_position_embeddings`` (or a common alias, also in ``text_config``);
+    None when the config names none."""
+    if ref.startswith("builtin:"):
+        return MAX_LEN
+    try:
+        config = json.loads((Path(path or ref) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for scope in (config, config.get("text_config") or {}):
+        for key in WINDOW_KEYS:
+            if isinstance(scope.get(key), int) and scope[key] > 0:
+                return int(scope[key])
+    return None
 
 
 def _build_key(size: str, seed: int) -> str:
@@ -183,7 +213,8 @@ def cache_problem(path: Path) -> str | None:
                 return f"{name} has {f.stat().st_size} bytes, {size} were written"
     for f in weights:
         try:
-            with safe_open(str(f), framework="pt") as handle:
+            # "numpy": only the header is read, and importing torch (3 s) is not needed here
+            with safe_open(str(f), framework="numpy") as handle:
                 handle.keys()
         except Exception as exc:  # safetensors raises its own error types
             return f"{f.name} is not a valid safetensors file ({exc})"

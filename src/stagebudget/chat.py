@@ -16,16 +16,30 @@ Light module: the tokenizer and model are passed in; nothing heavy is imported h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from stagebudget.errors import UserError
 
 MAX_CHECKED = 2000  # examples tokenised by the checks (a few seconds at most)
+LONGEST_CHECKED = 256  # longest examples (by characters) tokenised by the window check
 EVAL_SLACK = 2  # tokens past the longest answer that evaluation generates by default
 
 
 class ModelTaskError(UserError):
     """The model's tokenizer and the task file do not fit together; says which and why."""
+
+
+class GenerationTooLong(ModelTaskError):
+    """What is generated after a prompt does not leave room for any prompt; ``field`` names the
+    setting to change."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self) -> tuple[Any, ...]:  # survives pickling (Ray) with its field
+        return (type(self), (str(self), self.field))
 
 
 def is_chat(prompt: Any) -> bool:
@@ -159,3 +173,60 @@ def default_max_new_tokens(tokenizer: Any, suite: Any) -> int:
 def longest_sft_example(tokenizer: Any, suite: Any) -> int:
     """Tokens of the longest tokenised training example (prompt + completion)."""
     return max((len(prompt_completion_ids(tokenizer, ex)) for ex in suite.train), default=8)
+
+
+def _chars(example: Any) -> int:
+    prompt = example.prompt
+    text = prompt if isinstance(prompt, str) else "".join(m["content"] for m in prompt)
+    return len(text) + len(example.target)
+
+
+def check_prompt_window(suite: Any, window: int | None, count_prompt: Callable[[Any], int],
+                        count_text: Callable[[str], int], model_ref: str = "the model",
+                        train_generation: int = 0) -> None:
+    """Refuse, before any compute, an example whose prompt cannot fit the model's position
+    window together with what is generated after it (evaluation's ``max_new_tokens``, or the
+    example's own target + EOS when longer, or ``train_generation``: the most tokens a
+    generating stage writes, e.g. RL's ``max_completion_length``). A 1 MB prompt would otherwise
+    reach SFT and GRPO whole (neither truncates prompts by default) and try to allocate tens of
+    GB.
+
+    ``count_prompt`` tokenises a prompt as training does (BOS, chat template); ``count_text`` a
+    target without special tokens. The :data:`LONGEST_CHECKED` longest examples by characters
+    are tokenised, so a huge file costs no more than a small one. ``window=None``: unknown, no
+    check.
+    """
+    if window is None:
+        return
+    examples = [*suite.train, *suite.id_test, *suite.ood_test]
+    tests = [*suite.id_test, *suite.ood_test][:MAX_CHECKED]
+    generation = suite.max_new_tokens or (
+        max((count_text(e.target) for e in tests), default=0)
+        + (1 if suite.conversational else 0) + EVAL_SLACK)
+    for example in sorted(examples, key=_chars, reverse=True)[:LONGEST_CHECKED]:
+        n = count_prompt(example.prompt)
+        written = max(int(generation), count_text(example.target) + 1, int(train_generation))
+        if written >= window:  # no prompt fits: the generation length is what to change
+            raise GenerationTooLong(
+                f"{written} tokens are written after each prompt (the longest answer + "
+                f"{EVAL_SLACK}, the task's max_new_tokens, or RL's max_completion_length), but "
+                f"{model_ref} has {window} positions in all (max_position_embeddings in its "
+                f"config), so no prompt fits; lower max_completion_length / max_new_tokens, or "
+                "use a model with a longer context.",
+                field=("stages.rl.max_completion_length" if written == train_generation
+                       else "tasks"))
+        if n + written > window:
+            raise ModelTaskError(_window_message(suite, example, n, written, window, model_ref))
+
+
+def _window_message(suite: Any, example: Any, n: int, written: int, window: int,
+                    model_ref: str) -> str:
+    where = (f"{suite.path}, line {example.line}" if suite.path is not None
+             and example.line is not None else _describe(example)[:200])
+    return (f"{where}: the prompt is {n} tokens long and {written} more tokens are written "
+            f"after it (the longest answer + {EVAL_SLACK}, the task's max_new_tokens, this "
+            f"row's own target + EOS, or RL's max_completion_length), {n + written} positions "
+            f"in all, but {model_ref} has "
+            f"{window} (max_position_embeddings in its config); nothing was trained. Shorten or "
+            f"remove this row (prompts must stay at most {window - written} tokens long), or use a "
+            "model with a longer context.")

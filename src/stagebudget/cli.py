@@ -174,25 +174,31 @@ def train(
     out: Annotated[Path, typer.Option("-o", "--out", help="Output directory")] = Path("trained"),
     save: Annotated[bool, typer.Option(help="Save the final model (safetensors)")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="torch threads (default: the export's torch_threads, as its trial trained; "
+        "else torch's default)")] = None,
 ) -> None:
     """Train one schedule end to end and measure ID/OOD at every evaluation point."""
+    from stagebudget.export import exported_threads
     from stagebudget.schedule import Schedule
-    from stagebudget.space import DEVICE, check_inputs
+    from stagebudget.space import DEVICE, check_inputs, generated_tokens
     from stagebudget.trainview import train_with_progress
 
     if not DEVICE.fullmatch(device):
         raise UserError(f"--device {device!r} is not a device; allowed: auto, cpu, cuda, "
                         "cuda:N, mps")
     sched = Schedule.load(schedule)
+    threads = threads if threads is not None else exported_threads(schedule)
     if out.exists() and not out.is_dir():
         raise UserError(f"-o {out} is a file; give a directory for the trained model and its "
                         "curves (it is created if missing)")
     # Everything is checked before the output directory is made: bad input writes nothing.
     # (its warnings are logged again when training loads the model: not printed twice here)
     check_inputs(sched.base_model, sched.tasks, schedule, base_dir=schedule.resolve().parent,
-                 trust_remote_code=sched.trust_remote_code)
+                 trust_remote_code=sched.trust_remote_code,
+                 generation=generated_tokens((s.kind, s) for s in sched.stages))
     result = train_with_progress(sched, out, save_model=save, device=device, console=console,
-                                 base_dir=schedule.resolve().parent)
+                                 base_dir=schedule.resolve().parent, threads=threads)
     console.print(f"ID {result.id_accuracy:.3f}  OOD {result.ood_accuracy:.3f}  "
                   f"device-hours {result.device_hours:.5f}  ->  {out}")
 

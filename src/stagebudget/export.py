@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from stagebudget.errors import RunError, UserError
 from stagebudget.exportscript import render_script
-from stagebudget.fileio import atomic_write_text, atomic_write_yaml
-from stagebudget.records import FAILED, ID_ACCURACY, OOD_ACCURACY, RUNNING
+from stagebudget.fileio import atomic_write_text, atomic_write_yaml, read_yaml
+from stagebudget.records import FAILED, ID_ACCURACY, OOD_ACCURACY, RUNNING, TORCH_THREADS
 from stagebudget.schedule import StageSpec
 from stagebudget.stages.mapping import config_class, lora_kwargs, precision_kwargs, trl_config_kwargs
 
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from stagebudget.runs import Run
 
 PICK_FORMS = ("knee", "max-ood", "max-id", "ood-at-id=X (e.g. ood-at-id=0.9)", "trial=N")
-__all__ = ["config_class", "export", "export_document", "lora_kwargs", "precision_kwargs",
-           "resolve_pick", "stage_export", "trl_config_kwargs"]
+__all__ = ["config_class", "export", "export_document", "exported_threads", "lora_kwargs",
+           "precision_kwargs", "resolve_pick", "stage_export", "trl_config_kwargs"]
 
 
 def resolve_pick(front: FrontInfo, pick: str, states: dict[int, str] | None = None) -> int:
@@ -122,8 +122,26 @@ def export_document(run: Run, number: int, pick: str, front: FrontInfo) -> dict[
               "params": view.params, "on_front": number in front.front}
     if view.record is not None:
         source["record"] = view.record.key
-    return {"schedule": schedule.to_dict(), "trl": stages, "device": device,
-            "objectives": objectives, "source": source}
+    document: dict[str, Any] = {"schedule": schedule.to_dict(), "trl": stages, "device": device,
+                                "objectives": objectives, "source": source}
+    threads = getattr(view.record, TORCH_THREADS, None)
+    if threads:  # CPU results depend on it bit for bit: `train` and the script use it
+        document[TORCH_THREADS] = int(threads)
+    return document
+
+
+def exported_threads(path: Path) -> int | None:
+    """The ``torch_threads`` an export file says its trial trained with (None: not given, e.g.
+    a hand-written schedule). A value that is not a positive integer is a :class:`UserError`."""
+    data = read_yaml(path)
+    value = data.get(TORCH_THREADS) if isinstance(data, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{path}: field `{TORCH_THREADS}` must be a positive integer (the torch "
+                        f"thread count the trial trained with), but got {value!r}; fix it or "
+                        "remove it to use torch's default")
+    return value
 
 
 def stage_export(spec: StageSpec, index: int, seed: int, device: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import pprint
 from typing import Any
 
 from stagebudget import __version__
+from stagebudget.records import TORCH_THREADS
 
 SCRIPT_HEAD = '''#!/usr/bin/env python3
 """Train {label} with plain TRL + PEFT, stage by stage, then measure ID/OOD accuracy.
@@ -133,6 +134,8 @@ def main() -> None:
     parser.add_argument("--save-model", action="store_true", help="save the final merged model")
     parser.add_argument("--base-model", default=BASE_MODEL, help="builtin:NAME or a local directory")
     opts = parser.parse_args()
+    if TORCH_THREADS:  # CPU float sums depend on the thread count: train as the trial did
+        torch.set_num_threads(TORCH_THREADS)
     set_seed(SEED)
     model, tokenizer = load_base(opts.base_model, DEVICE)
     suite = load_suite(**TASKS)
@@ -179,6 +182,8 @@ def render_script(document: dict[str, Any], *, base_model: str | None = None,
         f"SEED = {int(schedule.get('seed', 0))!r}",
         f"TRUST_REMOTE_CODE = {bool(schedule.get('trust_remote_code', False))!r}"
         "  # run the model's own code (only if the schedule said so)",
+        f"TORCH_THREADS = {document.get(TORCH_THREADS)!r}"
+        "  # torch threads the trial trained with (None: torch's default)",
         f"TASKS = {_literal(suite)}",
         f"STAGES = {_literal(document['trl'])}",
     ])

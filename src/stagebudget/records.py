@@ -58,6 +58,11 @@ def is_interrupted(trial: Any) -> bool:
     return bool(trial.state.name == "FAIL" and trial.user_attrs.get(ERROR_ATTR) == INTERRUPTED)
 
 
+# The torch intra-op thread count a trial trained with: CPU results depend on it bit for bit
+# (reduction order), so the record, the export and `stagebudget train` carry it.
+TORCH_THREADS = "torch_threads"
+
+
 @dataclass
 class TrialRecord:
     """Everything one trial leaves: schedule, objectives, ledger, status, error, versions.
@@ -80,6 +85,8 @@ class TrialRecord:
     attempt: int = 1
     reused_from: str | None = None
     pruned: dict[str, Any] | None = None  # where and why early stopping stopped it
+    node: dict[str, str] = field(default_factory=dict)  # Ray node id and host it ran on
+    torch_threads: int | None = None  # see TORCH_THREADS
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

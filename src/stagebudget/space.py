@@ -484,7 +484,8 @@ class SearchSpace(Strict):
         """Check the task file and the base model before any compute is spent (see
         :func:`check_inputs`); returns warnings to show the user."""
         return check_inputs(self.base_model, self.tasks, self._source,
-                            trust_remote_code=self.trust_remote_code)
+                            trust_remote_code=self.trust_remote_code,
+                            generation=generated_tokens(self.stages.items()))
 
     def _with_task_sizes(self) -> SearchSpace:
         """A task file's split sizes filled in from the rows it holds (records show them).
@@ -756,7 +757,8 @@ def resolve_rest(shares: dict[str, Any]) -> dict[str, float]:
 
 
 def check_inputs(base_model: str, tasks: TasksRef, source: str | Path | None,
-                 base_dir: Path | None = None, trust_remote_code: bool = False) -> list[str]:
+                 base_dir: Path | None = None, trust_remote_code: bool = False,
+                 generation: int = 0) -> list[str]:
     """Check a task file and the base model together before any compute (``search``,
     ``validate`` and ``train`` alike); errors name ``source`` and the field. Returns warnings
     to show the user.
@@ -766,13 +768,16 @@ def check_inputs(base_model: str, tasks: TasksRef, source: str | Path | None,
     built-in models have no chat template (and are built later, once). A local model directory
     must hold a readable config, tokenizer and whole safetensors weights, and a tokenizer whose
     chat template and tokenisation fit the prompts (:func:`stagebudget.chat.check_model_tasks`).
+    Every prompt, with what is generated after it (``generation``: the most a training stage
+    generates, see :func:`generated_tokens`), must fit the model's position window.
     """
     from stagebudget.tasks import load_suite
 
     try:
         suite = load_suite(**tasks.suite_args(), base_dir=base_dir)
     except ValueError as exc:
-        raise ConfigError(str(exc), source=source, field="tasks") from None
+        raise ConfigError(str(exc), source=source,
+                          field=getattr(exc, "field", None) or "tasks") from None
     warnings = list(suite.warnings)
     if base_model.startswith("builtin:"):
         if suite.conversational:
@@ -781,15 +786,17 @@ def check_inputs(base_model: str, tasks: TasksRef, source: str | Path | None,
                 f"built-in model {base_model} has no chat template; write the prompts "
                 "as plain text or use a local model directory whose tokenizer has one",
                 source=source, field="tasks")
+        _check_builtin_window(base_model, suite, source, generation)
         return warnings
-    return warnings + _check_model(base_model, suite, source, base_dir, trust_remote_code)
+    return warnings + _check_model(base_model, suite, source, base_dir, trust_remote_code,
+                                   generation)
 
 
 def _check_model(base_model: str, suite: Any, source: str | Path | None, base_dir: Path | None,
-                 trust_remote_code: bool) -> list[str]:
+                 trust_remote_code: bool, generation: int = 0) -> list[str]:
     """A local model's files, then its tokenizer against the suite's prompts."""
-    from stagebudget.basemodel import load_tokenizer, resolve_base_model
-    from stagebudget.chat import check_model_tasks
+    from stagebudget.basemodel import load_tokenizer, position_window, resolve_base_model
+    from stagebudget.chat import check_model_tasks, check_prompt_window, prompt_ids
 
     try:
         path = resolve_base_model(base_model, base_dir=base_dir, allow_build=False)
@@ -798,9 +805,48 @@ def _check_model(base_model: str, suite: Any, source: str | Path | None, base_di
     check_model_files(path, source)
     try:
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        return check_model_tasks(tokenizer, suite, base_model)
+        warnings = check_model_tasks(tokenizer, suite, base_model)
     except ValueError as exc:
         raise ConfigError(str(exc), source=source, field="base_model") from None
+    try:
+        check_prompt_window(
+            suite, position_window(base_model, path), lambda p: len(prompt_ids(tokenizer, p)),
+            lambda t: len(tokenizer(text=t, add_special_tokens=False)["input_ids"]), base_model,
+            generation)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=source,
+                          field=getattr(exc, "field", None) or "tasks") from None
+    return warnings
+
+
+def generated_tokens(stages: Any) -> int:
+    """The most tokens a generating stage (rl) writes after a prompt: its
+    ``max_completion_length`` (the kind's default when unset, the top of a searched range).
+    ``stages`` yields ``(kind, settings)`` with settings a :class:`StageSpec` or stage dims."""
+    most = 0
+    for kind, settings in stages:
+        info = get_kind(kind)
+        if not info.generates:
+            continue
+        value = getattr(settings, "max_completion_length", None)
+        if value is None:
+            value = info.defaults.get("max_completion_length", 0)
+        most = max(most, int(_high(value)))
+    return most
+
+
+def _check_builtin_window(base_model: str, suite: Any, source: str | Path | None,
+                          generation: int = 0) -> None:
+    """A built-in model's window against the suite's longest prompts (no model is loaded)."""
+    from stagebudget.basemodel import builtin_token_count, position_window
+    from stagebudget.chat import check_prompt_window
+
+    try:
+        check_prompt_window(suite, position_window(base_model), builtin_token_count,
+                            lambda t: builtin_token_count(t, bos=False), base_model, generation)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=source,
+                          field=getattr(exc, "field", None) or "tasks") from None
 
 
 def check_model_files(path: Path, source: str | Path | None) -> None:

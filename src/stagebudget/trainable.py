@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import socket
+import sys
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -91,9 +93,26 @@ def _start_record(run: RunDir, key: str, params: dict[str, Any], schedule: dict[
     attempt = previous.attempt + 1 if previous is not None else 1
     record = TrialRecord(key=key, params=params, schedule=schedule, status=RUNNING,
                          reference=reference, versions=package_versions(), started=time.time(),
-                         attempt=attempt)
+                         attempt=attempt, node=this_node())
     run.write_record(record)
     return record
+
+
+def this_node() -> dict[str, str]:
+    """The Ray node this process runs on (``node_id``) and its host name."""
+    import ray
+
+    node = {"hostname": socket.gethostname()}
+    if ray.is_initialized():  # always inside a trial; a direct call (a unit test) has no node
+        node["node_id"] = ray.get_runtime_context().get_node_id()
+    return node
+
+
+def torch_threads() -> int | None:
+    """torch's intra-op thread count in this process (Ray sets it to the trial's CPUs through
+    OMP_NUM_THREADS); None when the trial never imported torch (a fake)."""
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else None
 
 
 def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
@@ -153,6 +172,7 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
         raise
     record.status, record.finished = COMPLETE, time.time()
     record.objectives, record.ledger = objectives, dict(getattr(result, "ledger", {}) or {})
+    record.torch_threads = torch_threads()
     run.write_record(record)
     spent = record.ledger.get(SPENT_DEVICE_HOURS, objectives.get(DEVICE_HOURS, 0.0))
     tune.report({**reporter.latest, **objectives, SPENT_DEVICE_HOURS: spent, "final": True})
@@ -207,7 +227,7 @@ def _reuse(run: RunDir, record: TrialRecord, twin: TrialRecord) -> None:
     if src.is_file():
         atomic_write_text(run.trial_dir(record.key) / "curves.jsonl", src.read_text())
     record.status, record.finished, record.reused_from = COMPLETE, time.time(), twin.key
-    record.objectives = dict(twin.objectives)
+    record.objectives, record.torch_threads = dict(twin.objectives), twin.torch_threads
     record.ledger = {**twin.ledger, "reused_from": twin.key, "spent_train_seconds": 0.0,
                      SPENT_DEVICE_HOURS: 0.0}
     run.write_record(record)

@@ -17,9 +17,19 @@ def _fmt(value: Any) -> str:
 
 
 def train_with_progress(schedule: Schedule, out: Path, *, save_model: bool, device: str,
-                        console: Console, base_dir: Path | None = None) -> Any:
-    """Run :func:`stagebudget.pipeline.run_schedule`, showing stage, step, loss/reward and ID/OOD."""
+                        console: Console, base_dir: Path | None = None,
+                        threads: int | None = None) -> Any:
+    """Run :func:`stagebudget.pipeline.run_schedule`, showing stage, step, loss/reward and ID/OOD.
+
+    ``threads`` sets torch's thread count first (a search trial's, for a bit-for-bit re-run).
+    """
+    import torch
+
     from stagebudget.pipeline import run_schedule
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    console.print(f"torch threads: {torch.get_num_threads()}")
 
     offsets, total = {}, 0
     for i, st in enumerate(schedule.stages):

@@ -78,6 +78,7 @@ class Example:
     task: str
     split: str
     completion: str | None = None
+    line: int | None = field(default=None, compare=False)  # its line in a user task file
 
     @property
     def conversational(self) -> bool:
@@ -328,7 +329,7 @@ def _parse_row(path: Path, line: int, text: str) -> Example:
     prompt = row["prompt"]
     if isinstance(prompt, list):
         prompt = _parse_messages(path, line, prompt)
-    return Example(prompt, row["answer"], task, row["split"], completion)
+    return Example(prompt, row["answer"], task, row["split"], completion, line=line)
 
 
 def _read_rows(path: Path) -> list[tuple[int, Example]]:

@@ -1,0 +1,355 @@
+"""GPU throughput (issue 15, part 4): SFT and GRPO of a ~100M-parameter local model in bf16.
+
+    python bench/gpu.py [--work DIR] [--json FILE] [--sft-steps 40] [--rl-steps 8]
+    python bench/gpu.py --smoke      # CPU, a tiny config, few steps: every in-process part runs
+
+A Llama-shaped model is built from a config (random weights, stagebudget's built-in character
+tokenizer, so the built-in suite's prompts apply) and saved as a local model directory. Measured
+in one run, on one device, with the same stage settings everywhere (one :class:`StageSpec` each,
+mapped to TRL by :mod:`stagebudget.stages.mapping` exactly as the search trains):
+
+- ``matmul``: the device's measured bf16 matmul rate (the MFU denominator);
+- SFT (full fine-tuning): tokens/s and MFU of a plain PyTorch loop (AdamW, bf16 autocast), of
+  plain TRL ``SFTTrainer``, and of stagebudget's SFT stage (``run_schedule``); target >= 0.9x the
+  plain loop. Tokens are the batch's non-padding tokens; FLOPs 6 x parameters per token;
+- GRPO (LoRA): seconds per step and the share spent in ``GRPOTrainer._generate``, plain TRL
+  against stagebudget's RL stage; target: stagebudget >= 1.5x faster;
+- ``cli``: the SFT -> RL schedule by ``stagebudget train`` and by a one-trial
+  ``stagebudget search`` (wall time; not in ``--smoke``).
+
+Nothing is asserted; it prints a markdown table (``--json`` writes the numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import BIN, NO_EVAL_BETWEEN, measure, space_document
+
+# Model shapes: "full" is ~100M parameters (14 x 7.1M per layer); "smoke" runs on a CPU in seconds.
+SHAPES: dict[str, dict[str, int]] = {
+    "full": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 14,
+             "num_attention_heads": 12, "num_key_value_heads": 12,
+             "max_position_embeddings": 512},
+    "smoke": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 2,
+              "max_position_embeddings": 128},
+}
+
+
+def build_model(out: Path, shape: dict[str, int], seed: int = 0) -> int:
+    """Save a randomly initialised Llama of ``shape`` with the built-in tokenizer to ``out``;
+    return its parameter count."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stagebudget.basemodel import _config_dict, build_tokenizer
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**_config_dict("tiny"), **shape})  # token ids: the built-in model's
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(str(out), safe_serialization=True)
+    build_tokenizer(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device: str, n: int, reps: int = 10) -> float:
+    """Measured FLOP/s of an n x n matmul in bf16 (fp32 on a CPU, where bf16 is emulated)."""
+    import torch
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def sft_rows(tokenizer: Any, suite: Any, n: int) -> list[str]:
+    """SFT texts (prompt + answer + EOS) of the first ``n`` training examples."""
+    return [e.prompt + e.answer + tokenizer.eos_token for e in suite.train[:n]]
+
+
+def plain_sft_loop(model_dir: Path, suite: Any, device: str, batch: int, steps: int,
+                   lr: float) -> dict[str, float]:
+    """A hand-written full fine-tuning loop: AdamW, bf16 autocast on CUDA; tokens/s."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    texts = sft_rows(tok, suite, batch * steps)
+    warm, tokens, seconds = 2, 0, 0.0
+    for i in range(steps):
+        enc = tok(texts[i * batch:(i + 1) * batch], return_tensors="pt", padding=True).to(device)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        sync(device)
+        start = time.perf_counter()
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
+                            enabled=device.startswith("cuda")):
+            loss = model(**enc, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= warm:
+            seconds += time.perf_counter() - start
+            tokens += int(enc["attention_mask"].sum())
+    return {"tokens_per_s": tokens / seconds, "s_per_step": seconds / (steps - warm)}
+
+
+def mean_tokens(model_dir: Path, suite: Any, n: int) -> float:
+    """Mean non-padding tokens of an SFT row (BOS + prompt + answer + EOS)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    rows = sft_rows(tok, suite, n)
+    return sum(len(tok(text=r)["input_ids"]) for r in rows) / len(rows)
+
+
+@contextlib.contextmanager
+def generation_timer() -> Iterator[dict[str, float]]:
+    """Seconds spent in ``GRPOTrainer._generate`` (GRPO's sampling) while the block runs."""
+    from trl import GRPOTrainer
+
+    spent = {"generate_s": 0.0}
+    original = GRPOTrainer._generate
+
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            spent["generate_s"] += time.perf_counter() - start
+
+    GRPOTrainer._generate = timed
+    try:
+        yield spent
+    finally:
+        GRPOTrainer._generate = original
+
+
+def plain_trl(model_dir: Path, suite: Any, spec: Any, device: str, out: Path) -> dict[str, float]:
+    """The stage in plain TRL (+ PEFT for a LoRA rank): seconds per step of the train loop."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+
+    from stagebudget.stages.mapping import lora_kwargs, precision_kwargs, trl_config_kwargs
+    from stagebudget.stages.rl import suite_reward
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(device)
+    args = {**trl_config_kwargs(spec, seed=0), **precision_kwargs(device),
+            "output_dir": str(out)}
+    if args.get("bf16") and not torch.cuda.is_bf16_supported():
+        args["bf16"] = False
+    lora = LoraConfig(**lora_kwargs(spec)) if lora_kwargs(spec) else None
+    if spec.kind == "rl":
+        data = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer, "task": e.task}
+                                  for e in suite.train])
+        trainer: Any = GRPOTrainer(model=model, reward_funcs=[suite_reward(suite)],
+                                   args=GRPOConfig(**args), train_dataset=data,
+                                   processing_class=tok, peft_config=lora)
+    else:
+        data = Dataset.from_list([{"prompt": e.prompt, "completion": e.answer + tok.eos_token}
+                                  for e in suite.train])
+        trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=data,
+                             processing_class=tok, peft_config=lora)
+    with generation_timer() as spent:
+        runtime = float(trainer.train().metrics["train_runtime"])
+    return {"s_per_step": runtime / spec.steps, "generate_share": spent["generate_s"] / runtime}
+
+
+def stagebudget_stage(model_dir: Path, tasks: Any, spec: Any, device: str,
+                      out: Path) -> dict[str, float]:
+    """The stage as stagebudget trains it (``run_schedule``): seconds per step of its training
+    (evaluation excluded, as its ledger measures it)."""
+    from stagebudget.pipeline import run_schedule
+    from stagebudget.schedule import Schedule
+
+    schedule = Schedule(base_model=str(model_dir), tasks=tasks, stages=(spec,), seed=0)
+    with generation_timer() as spent:
+        result = run_schedule(schedule, out, device=device)
+    [stage] = result.metrics["stages"]
+    seconds = float(stage["measured_seconds"])
+    return {"s_per_step": seconds / max(1, int(stage["steps_done"])),
+            "generate_share": spent["generate_s"] / seconds if seconds else 0.0}
+
+
+def stage_specs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The SFT (full fine-tuning) and RL (LoRA) stages measured, demo-like."""
+    from stagebudget.schedule import StageSpec
+
+    sft = StageSpec(kind="sft", steps=args.sft_steps, lora_rank=0, batch_size=args.batch,
+                    learning_rate=1e-4, eval_interval=NO_EVAL_BETWEEN)
+    rl = StageSpec(kind="rl", steps=args.rl_steps, lora_rank=16, batch_size=args.rl_batch,
+                   num_generations=args.rl_generations, max_completion_length=14, temperature=1.2,
+                   learning_rate=1e-3, eval_interval=NO_EVAL_BETWEEN)
+    return sft, rl
+
+
+def run_sft(model_dir: Path, n_params: int, peak: float, args: argparse.Namespace,
+            work: Path) -> dict[str, Any]:
+    from stagebudget.schedule import TasksRef
+    from stagebudget.tasks import load_suite
+
+    sft, _ = stage_specs(args)
+    tasks = TasksRef(n_train=args.batch * args.sft_steps, n_id_test=args.n_test,
+                     n_ood_test=args.n_test)
+    suite = load_suite(**tasks.suite_args())
+    per_row = mean_tokens(model_dir, suite, args.batch * args.sft_steps)
+    out: dict[str, Any] = {"plain_loop": plain_sft_loop(model_dir, suite, args.device,
+                                                        args.batch, args.sft_steps, 1e-4)}
+    for name, row in (("plain_trl", plain_trl(model_dir, suite, sft, args.device, work / "trl")),
+                      ("stagebudget", stagebudget_stage(model_dir, tasks, sft, args.device,
+                                                        work / "sb-sft"))):
+        out[name] = {"tokens_per_s": per_row * args.batch / row["s_per_step"], **row}
+    for row in out.values():
+        row["mfu"] = 6 * n_params * row["tokens_per_s"] / peak
+        row["x_plain_loop"] = row["tokens_per_s"] / out["plain_loop"]["tokens_per_s"]
+    return out
+
+
+def run_grpo(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from stagebudget.schedule import TasksRef
+    from stagebudget.tasks import load_suite
+
+    _, rl = stage_specs(args)
+    tasks = TasksRef(n_train=args.rl_batch * args.rl_steps * 2, n_id_test=args.n_test,
+                     n_ood_test=args.n_test)
+    suite = load_suite(**tasks.suite_args())
+    out = {"plain_trl": plain_trl(model_dir, suite, rl, args.device, work / "trl-rl"),
+           "stagebudget": stagebudget_stage(model_dir, tasks, rl, args.device, work / "sb-rl")}
+    out["stagebudget"]["speedup_vs_trl"] = (out["plain_trl"]["s_per_step"]
+                                            / out["stagebudget"]["s_per_step"])
+    return out
+
+
+def run_cli(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The SFT -> RL schedule a one-point space plans: by `stagebudget train` and by a one-trial
+    `stagebudget search` on the device (wall time, peak memory)."""
+    import yaml
+
+    from stagebudget.space import SearchSpace
+
+    data = space_document(str(model_dir), args.budget_hours, 4000, args.n_test)
+    data.update(device=args.device, resources_per_trial={"cpu": 1, "gpu": 1})
+    space_file = work / "space.yaml"
+    space_file.write_text(yaml.safe_dump(data))
+    space = SearchSpace.load(space_file)
+    point = {name: d.choices[0] for name, d in space.dimensions().items()}
+    schedule = space.schedule_from_params(point, space.cost_model(args.device))
+    schedule.save(work / "schedule.yaml")
+    env = dict(os.environ)
+    train = measure([str(BIN / "stagebudget"), "train", str(work / "schedule.yaml"), "-o",
+                     str(work / "cli-train"), "--no-save", "--device", args.device], env,
+                    work / "cli-train.log")
+    search = measure([str(BIN / "stagebudget"), "search", str(space_file), "--name", "one",
+                      "--runs-dir", str(work / "runs"), "--no-live"], env, work / "cli-search.log")
+    return {"schedule": schedule.describe(), "train": train, "search": search,
+            "search_x_train": search["wall_s"] / train["wall_s"]}
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = [f"device: {result['device_name']}; model: {result['params'] / 1e6:.3g}M parameters; "
+             f"measured matmul: {result['peak_flops'] / 1e12:.3g} TFLOP/s ({result['dtype']})", ""]
+    if "sft" in result:
+        lines += ["| SFT (full FT) | tokens/s | MFU | x plain loop |", "|---|---|---|---|"]
+        for name, row in result["sft"].items():
+            lines.append(f"| {name} | {row['tokens_per_s']:.0f} | {row['mfu']:.1%} | "
+                         f"{row['x_plain_loop']:.2f} |")
+    if "grpo" in result:
+        lines += ["", "| GRPO (LoRA 16) | s/step | share generating |", "|---|---|---|"]
+        for name, row in result["grpo"].items():
+            lines.append(f"| {name} | {row['s_per_step']:.3f} | {row['generate_share']:.0%} |")
+        speedup = result["grpo"]["stagebudget"]["speedup_vs_trl"]
+        lines.append(f"stagebudget vs plain TRL GRPO: {speedup:.2f}x faster (target >= 1.5x)")
+    if "cli" in result:
+        c = result["cli"]
+        lines += ["", f"{c['schedule']}: `stagebudget train` {c['train']['wall_s']:.1f} s, "
+                  f"one-trial search {c['search']['wall_s']:.1f} s ({c['search_x_train']:.2f}x)"]
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, few steps")
+    parser.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
+    parser.add_argument("--parts", default=None, help="comma list of sft,grpo,cli")
+    parser.add_argument("--sft-steps", type=int, default=40)
+    parser.add_argument("--rl-steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=64, help="SFT batch")
+    parser.add_argument("--rl-batch", type=int, default=16, help="GRPO prompts per step")
+    parser.add_argument("--rl-generations", type=int, default=8)
+    parser.add_argument("--n-test", type=int, default=200)
+    parser.add_argument("--budget-hours", type=float, default=0.01)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.sft_steps, args.rl_steps, args.batch, args.n_test = 4, 1, 4, 8
+        args.rl_batch, args.rl_generations = 2, 2
+    args.device = args.device or ("cpu" if args.smoke else "cuda")
+    args.parts = (args.parts or ("sft,grpo" if args.smoke else "sft,grpo,cli")).split(",")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the parts asked for; print and return the numbers."""
+    import torch
+
+    args = parse(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here: run on a GPU machine, or `--smoke` on a CPU")
+    work = args.work or Path(tempfile.mkdtemp(prefix="stagebudget-gpu-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = work / "model"
+    params = build_model(model_dir, SHAPES["smoke" if args.smoke else "full"])
+    cuda = args.device.startswith("cuda")
+    result: dict[str, Any] = {
+        "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "params": params, "dtype": "bf16" if cuda else "fp32",
+        "peak_flops": matmul_rate(args.device, 8192 if cuda else 256)}
+    if "sft" in args.parts:
+        result["sft"] = run_sft(model_dir, params, result["peak_flops"], args, work)
+    if "grpo" in args.parts:
+        result["grpo"] = run_grpo(model_dir, args, work)
+    if "cli" in args.parts:
+        result["cli"] = run_cli(model_dir, args, work)
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
