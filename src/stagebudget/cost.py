@@ -255,10 +255,18 @@ def eval_interval_for(configured: int, steps: int) -> int:
     """The configured evaluation interval, shortened so a stage of ``steps`` steps is evaluated
     at least ``MIN_EVAL_POINTS`` times after its start (its end included).
 
-    >>> eval_interval_for(25, 11), eval_interval_for(25, 300), eval_interval_for(25, 2)
-    (3, 25, 1)
+    Shortened intervals divide the stage evenly where they can (82 steps: 28, 56 and the end at
+    82, not 27, 54, 81 and 82 again), so no evaluation lands a step before the final one.
+
+    >>> eval_interval_for(25, 11), eval_interval_for(25, 300), eval_interval_for(100, 82)
+    (4, 25, 28)
+    >>> eval_interval_for(25, 4), eval_interval_for(25, 2)
+    (1, 1)
     """
-    return max(1, min(configured, steps // MIN_EVAL_POINTS))
+    even = -(-steps // MIN_EVAL_POINTS)  # ceil: the end is the last of the points
+    if (steps - 1) // even < MIN_EVAL_POINTS - 1:  # too few points before the end
+        even = (steps - 1) // (MIN_EVAL_POINTS - 1)
+    return max(1, min(configured, even))
 
 
 def plan_schedule(
