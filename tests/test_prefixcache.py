@@ -179,9 +179,13 @@ def test_a_resumed_stage_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
 def test_a_changed_spec_never_hits_a_stale_entry(tmp_path):
     cache = PrefixCache(tmp_path / "cache")
     _train(_schedule(10), tmp_path / "a", cache)
+    first = _train(_schedule(10), tmp_path / "a2", None)  # without the cache
     other = _train(_schedule(10, lr=1e-3), tmp_path / "b", cache)
     assert other.ledger["stages"][0]["reused_steps"] == 0
     assert other.ledger["spent_train_seconds"] > 0
+    # ... but the base model's evaluation, the same for every trial, is taken from the cache
+    assert other.ledger["stages"][0]["reused_eval_seconds"] > 0
+    assert other.curves[0] == {**first.curves[0], "device_seconds": 0.0}
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from typing import Any
 from stagebudget.cost import CostModel, default_cost_model
 from stagebudget.fileio import atomic_write_json
 from stagebudget.ledger import OVERRUN_GUARD, BudgetClock, BudgetGuardError
-from stagebudget.prefixcache import END, STEP, Entry, PrefixCache, stage_keys
+from stagebudget.prefixcache import END, EVAL, STEP, Entry, PrefixCache, context_key, stage_keys
 from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY, STANDARD_ERROR_OF
 from stagebudget.schedule import Schedule, StageSpec
 from stagebudget.stages.common import TrainingDiverged
@@ -110,6 +110,7 @@ class _Run:
     stage_metrics: list[dict[str, Any]] = field(default_factory=list)
     prefix: PrefixCache | None = None
     keys: list[str] = field(default_factory=list)
+    base_key: str = ""  # where the base model's evaluation is cached
     pending: Path | None = None  # a cached merged model to load before it is needed
     trust_remote_code: bool = False
     checkpoint_steps: Sequence[Sequence[int]] = ()
@@ -200,7 +201,9 @@ def _start(schedule: Schedule, out_dir: Path | None, device: str, cost: CostMode
                trust_remote_code=schedule.trust_remote_code)
     if prefix is not None:
         run.prefix = prefix
-        run.keys = stage_keys(run_context(schedule, path, suite, device), schedule.stages)
+        context = run_context(schedule, path, suite, device)
+        run.keys = stage_keys(context, schedule.stages)
+        run.base_key = context_key(context)
     return run
 
 
@@ -296,6 +299,22 @@ def _checkpoint_publisher(run: _Run, index: int, logs: list[dict[str, Any]],
     return publish
 
 
+def _measure_base(run: _Run, spec: StageSpec, index: int) -> None:
+    """Evaluate the base model (the first curve point), or take the evaluation another trial
+    made of the same base model on the same data from the prefix cache."""
+    cached = run.prefix.find(run.base_key, EVAL, 0) if run.prefix is not None else None
+    if cached is not None:
+        records = cached.records()
+        run.clock.current.reused_eval_seconds += records["eval_seconds"]
+        run.record(records["acc"], spec.kind, index, 0, [])
+        return
+    before = run.clock.current.eval_seconds
+    acc = run.measure(run.model, spec.kind, index, 0, [])
+    if run.prefix is not None:
+        records = {"acc": acc, "eval_seconds": run.clock.current.eval_seconds - before}
+        run.prefix.publish(run.base_key, EVAL, 0, records, lambda folder: None)
+
+
 def _train_stage(run: _Run, index: int, spec: StageSpec, resume: Entry | None) -> None:
     """Train stage ``index`` (going on from ``resume``, a cached checkpoint of it, if given):
     evaluate at its start, run it, merge, evaluate at its end, publish it to the cache."""
@@ -316,7 +335,7 @@ def _train_stage(run: _Run, index: int, spec: StageSpec, resume: Entry | None) -
         measure_on_resume = (resume.steps % spec.eval_interval == 0
                              and run.curves.rows[-1]["step"] != resume.steps)
     elif run.last_eval is None:
-        run.measure(run.model, spec.kind, index, 0, [])
+        _measure_base(run, spec, index)
     else:  # the first point of this stage is the last one of the previous stage
         run.record(run.last_eval, spec.kind, index, 0, [])
     ctx = StageContext(

@@ -16,6 +16,8 @@ intervals excepted: they do not change training). Under a key live:
   evaluation point and at the stage's end.
 - ``end-<s>/``: the merged model after a stage of ``s`` steps (safetensors) with the whole
   stage's rows, metrics and spend. A later stage starts from it.
+- ``eval-0/`` under the key of the context alone (:func:`context_key`): the base model's
+  evaluation, the same for every trial that starts from it.
 
 Every entry is built under ``tmp/`` and renamed into place after its ``MANIFEST.json`` (SHA-256
 and size of every file) is written, so a half-written entry is never seen; an entry whose files
@@ -52,7 +54,7 @@ MANIFEST = "MANIFEST.json"
 RECORDS = "records.json"
 CHECKPOINT = "checkpoint"
 MERGED = "merged"
-STEP, END = "step", "end"
+STEP, END, EVAL = "step", "end", "eval"
 DEFAULT_MAX_GB = 20.0
 # Stage fields that do not change what trains: where a stage is measured (greedy decoding,
 # which draws no random numbers) is left out of keys, so trials planned with different
@@ -124,6 +126,11 @@ def stage_keys(context: dict[str, Any], stages: Sequence[StageSpec]) -> list[str
     return keys
 
 
+def context_key(context: dict[str, Any]) -> str:
+    """The key of what every stage shares (the base model's evaluation lives under it)."""
+    return _digest({"format": CACHE_FORMAT, "context": context, "base": True})[:32]
+
+
 class PrefixCache:
     """Stage checkpoints under ``root`` (see the module docstring); ``max_gb`` caps its size."""
 
@@ -155,7 +162,7 @@ class PrefixCache:
         out = []
         for path in folder.glob("*-*") if folder.is_dir() else []:
             kind, _, steps = path.name.partition("-")
-            if kind in (STEP, END) and steps.isdigit() and (path / MANIFEST).is_file():
+            if kind in (STEP, END, EVAL) and steps.isdigit() and (path / MANIFEST).is_file():
                 out.append(Entry(key, kind, int(steps), path))
         return out
 
@@ -276,4 +283,5 @@ def _last_used(path: Path) -> float:
         return 0.0
 
 
-__all__ = ["DEFAULT_MAX_GB", "Entry", "PrefixCache", "default_prefix_cache_dir", "stage_keys"]
+__all__ = ["DEFAULT_MAX_GB", "Entry", "PrefixCache", "context_key", "default_prefix_cache_dir",
+           "stage_keys"]
