@@ -167,6 +167,16 @@ def test_a_resumed_stage_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
         for mine, theirs in zip(a.metrics["stages"], b.metrics["stages"], strict=True):
             for key in ("train_loss", "train_loss_first", "mean_reward", "zero_std_share"):
                 assert mine.get(key) == theirs.get(key), key
+    # RL trained from scratch after an SFT stage restored from the cache (no random numbers
+    # drawn by a restore) starts exactly as after an SFT stage trained in the same process.
+    other_rl = _schedule(10, 6)
+    other_rl = other_rl.model_copy(update={"stages": (
+        other_rl.stages[0], other_rl.stages[1].model_copy(update={"lora_rank": 2}))})
+    fresh_rl = _train(other_rl, tmp_path / "fresh-rl", cache)
+    plain_fresh_rl = _train(other_rl, tmp_path / "plain-fresh-rl", None)
+    assert [s["reused_steps"] for s in fresh_rl.ledger["stages"]] == [10, 0]
+    assert _same_weights(tmp_path / "plain-fresh-rl", tmp_path / "fresh-rl")
+    assert _accuracies(fresh_rl) == _accuracies(plain_fresh_rl)
     # The same schedule again is a whole hit: nothing trains, everything is as measured.
     again = _train(_schedule(10, 12), tmp_path / "again", cache)
     assert again.ledger["spent_train_seconds"] == 0.0
@@ -284,3 +294,39 @@ def test_a_repeated_search_reuses_every_stage_and_reaches_the_same_front(tmp_pat
 
 def json_key(params: dict) -> str:
     return json.dumps(params, sort_keys=True)
+
+
+@pytest.mark.slow
+def test_every_stage_starts_from_the_same_random_state(tmp_path, tiny_base, one_thread,
+                                                        monkeypatch):
+    """A stage's LoRA initialisation and sampling draw from torch's global generator: after an
+    earlier stage restored from the cache (no random numbers drawn) it must be in the state it
+    is in after that stage trained in this process."""
+    import hashlib
+
+    import torch
+
+    import stagebudget.stages as stages
+
+    seen: list[tuple[str, str]] = []
+    real = stages.get_stage
+
+    def recording(kind):
+        fn = real(kind)
+
+        def wrapped(ctx):
+            state = hashlib.sha256(torch.random.get_rng_state().numpy().tobytes()).hexdigest()
+            seen.append((kind, state))
+            return fn(ctx)
+        return wrapped
+
+    monkeypatch.setattr(stages, "get_stage", recording)
+    cache = PrefixCache(tmp_path / "cache")
+    _train(_schedule(10, 4), tmp_path / "trained", None)
+    trained = dict(seen)
+    seen.clear()
+    _train(_schedule(10), tmp_path / "sft", cache)
+    seen.clear()
+    _train(_schedule(10, 4), tmp_path / "restored", cache)  # SFT restored, RL trained
+    assert [kind for kind, _ in seen] == ["rl"]
+    assert seen[0][1] == trained["rl"]

@@ -348,6 +348,10 @@ def _train_stage(run: _Run, index: int, spec: StageSpec, resume: Entry | None) -
                                 if index < len(run.checkpoint_steps) else ()),
         evaluate_on_resume=measure_on_resume)
     ctx.evaluate = lambda model, step: run.measure(model, spec.kind, index, step, ctx.logs)
+    # Every stage starts from the same random state, whatever ran before it in this process:
+    # a stage after one restored from the prefix cache (nothing trained, no random numbers
+    # drawn) initialises its LoRA adapter exactly as after one trained here.
+    _seed_everything(run.schedule.seed)
     out = get_stage(spec.kind)(ctx)
     run.clock.end_stage(out.steps_done)
     if run.clock.current.stopped_by_guard:
