@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -25,6 +27,9 @@ class ToySuite:
     ])
     id_test: list[Example] = field(default_factory=list)
     ood_test: list[Example] = field(default_factory=list)
+    # a graded scorer of its own: the RL reward adds no partial credit
+    tasks: dict[str, Any] = field(default_factory=lambda: {"toy": SimpleNamespace(scorer="toy")})
+    answer_mode: str = "full"
 
     def score(self, example: Example, prediction: str) -> float:
         return float(prediction.strip() == example.answer)
