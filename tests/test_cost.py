@@ -103,3 +103,17 @@ def test_a_longer_sft_max_length_plans_longer_steps() -> None:
     short, long = (StageSpec(kind="sft", steps=1, max_length=n) for n in (32, 512))
     assert cm.step_seconds(long) > 4 * cm.step_seconds(short)
     assert cm.step_seconds(StageSpec(kind="sft", steps=1)) == cm.step_seconds(short)
+
+
+def test_cpu_prices_follow_the_measured_tiny_model(cost):
+    """The fitted cpu constants keep what was measured on the tiny model (2-core CPU): a LoRA
+    SFT step costs more than a full fine-tuning one (the adapter's fixed cost dominates at this
+    size), and a GRPO step's sampling scales with its rows, so half the prompts cost well under
+    a full step."""
+    def step(kind: str, **kw) -> float:
+        return cost.step_seconds(StageSpec(kind=kind, steps=1, **kw))
+
+    assert step("sft", lora_rank=16, batch_size=64) > step("sft", lora_rank=0, batch_size=64)
+    full, half = step("rl", lora_rank=4, batch_size=16), step("rl", lora_rank=4, batch_size=8)
+    assert half < 0.7 * full
+    assert step("rl", lora_rank=4, batch_size=16) > 3 * step("sft", lora_rank=16, batch_size=64)

@@ -183,3 +183,15 @@ def test_gpu_seconds_count_devices_held():
     assert clock.train_seconds() == 3.0
     with pytest.raises(ValueError, match="budget_seconds"):
         BudgetClock(0.0)
+
+
+def test_reward_metrics_report_the_task_score_apart_from_the_shaped_reward():
+    from stagebudget.stages.rl import reward_metrics
+
+    logs = [{"step": i + 1, "reward": 1.0 + i / 10, "frac_reward_zero_std": 0.25}
+            for i in range(8)]
+    out = reward_metrics(logs, scores=[0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 0.6, 0.6])
+    assert out["reward_first"] == pytest.approx(1.05) and out["reward_last"] == pytest.approx(1.65)
+    assert out["score_first"] == pytest.approx(0.2) and out["score_last"] == pytest.approx(0.6)
+    assert out["score_gain"] == pytest.approx(0.4) and out["zero_std_share"] == 0.25
+    assert reward_metrics([])["score_gain"] is None
