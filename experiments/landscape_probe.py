@@ -68,8 +68,9 @@ def run_arm(name: str, seed: int, out: Path, sft: dict[str, Any], rl: dict[str, 
     result = run_schedule(schedule, out / f"{name}-s{seed}", device="cpu")
     wall = time.perf_counter() - start
     stats = [{k: s.get(k) for k in ("kind", "steps_done", "seconds_per_step", "reward_first",
-                                     "reward_last", "reward_gain", "score_first", "score_last",
-                                     "score_gain", "zero_std_share")}
+                                     "reward_last", "reward_gain", "reward_gain_matched",
+                                     "score_first", "score_last", "score_gain",
+                                     "score_gain_matched", "zero_std_share")}
              for s in result.metrics["stages"]]
     return {"arm": name, "seed": seed, "schedule": schedule.describe(), "curve": result.curves,
             "stages": stats, "wall_seconds": round(wall, 1),

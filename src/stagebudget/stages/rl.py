@@ -73,6 +73,7 @@ def suite_reward(suite: Any, partial: float | None = None) -> Callable[..., list
 
     weight = PARTIAL_CREDIT if partial is None else partial
     score_means: list[float] = []
+    calls: list[list[tuple[tuple[str, int], float, float]]] = []
 
     def reward(prompts: list[Any], completions: list[Any], answer: list[str], task: list[str],
                **_: Any) -> list[float | None]:
@@ -83,10 +84,13 @@ def suite_reward(suite: Any, partial: float | None = None) -> Callable[..., list
             credit = partial_credit(suite.tasks[t].scorer, extract(suite.answer_mode, text), a)
             out.append(float(suite.reward(example, text)) + weight * credit)
         score_means.append(sum(scores) / len(scores) if scores else 0.0)
+        calls.append([((t, len(a)), r, sc) for t, a, r, sc in zip(task, answer, out, scores,
+                                                                  strict=True)])
         return out
 
     reward.__name__ = REWARD_NAME
     reward.scores = score_means  # type: ignore[attr-defined]
+    reward.calls = calls  # type: ignore[attr-defined]
     return reward
 
 
@@ -109,7 +113,8 @@ def run_rl(ctx: StageContext) -> StageOutput:
             callbacks=stage_callbacks(ctx),
         )
     model, steps = train_and_merge(ctx, trainer)
-    metrics = reward_metrics(ctx.logs, scores=reward.scores)  # type: ignore[attr-defined]
+    metrics = reward_metrics(ctx.logs, scores=reward.scores,  # type: ignore[attr-defined]
+                             calls=reward.calls)  # type: ignore[attr-defined]
     return StageOutput(model=model, metrics=metrics, steps_done=steps)
 
 
@@ -121,14 +126,55 @@ def _quarters(values: list[float]) -> tuple[float | None, float | None]:
     return sum(values[:k]) / k, sum(values[-k:]) / k
 
 
-def reward_metrics(logs: list[dict[str, Any]], scores: list[float] | None = None) -> dict[str, Any]:
+def matched_gain(calls: list[list[tuple[Any, float, float]]], which: int = 1) -> float | None:
+    """Last-quarter minus first-quarter mean of ``which`` (1: reward, 2: task score), compared
+    within strata (task, answer length) present in both quarters and weighted by their rows.
+
+    ``calls`` holds one list per reward call (one step) of ``(stratum, reward, score)``. A
+    stage sees each prompt once, in an order drawn by the seed; a quarter that happened to draw
+    harder prompts would otherwise count as the model getting worse.
+
+    >>> c = [[(("a", 1), 1.0, 1.0), (("b", 9), 0.0, 0.0)], [(("b", 9), 0.5, 0.0)]]
+    >>> matched_gain(c)
+    0.5
+    """
+    if not calls:
+        return None
+    k = max(1, len(calls) // 4)
+    first: dict[Any, list[float]] = {}
+    last: dict[Any, list[float]] = {}
+    for rows, into in ((calls[:k], first), (calls[-k:], last)):
+        for call in rows:
+            for row in call:
+                into.setdefault(row[0], []).append(float(row[which]))
+    shared = [key for key in first if key in last]
+    if not shared:
+        return None
+    weights = {key: len(first[key]) + len(last[key]) for key in shared}
+    total = sum(weights.values())
+    return sum(weights[key] * (sum(last[key]) / len(last[key]) - sum(first[key]) / len(first[key]))
+               for key in shared) / total
+
+
+def _quarters(values: list[float]) -> tuple[float | None, float | None]:
+    """Means of the first and the last quarter of ``values`` (at least one value each)."""
+    if not values:
+        return None, None
+    k = max(1, len(values) // 4)
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+def reward_metrics(logs: list[dict[str, Any]], scores: list[float] | None = None,
+                   calls: list[list[tuple[Any, float, float]]] | None = None) -> dict[str, Any]:
     """Mean reward per logged step, the first vs the last quarter of the stage, and the share
     of GRPO groups whose completions all got the same reward (no signal for GRPO).
 
     ``reward_first``/``reward_last`` average the first/last quarter of the logged steps (at
     least one step each), since one step's mean over a few prompts is noisy. ``scores`` (the
     task-score part of the reward per step, without format term and partial credit) gives
-    ``score_first``/``score_last``/``score_gain`` the same way.
+    ``score_first``/``score_last``/``score_gain`` the same way. ``calls`` (the reward's rows
+    per step) give ``reward_gain_matched``/``score_gain_matched`` (:func:`matched_gain`): the
+    same gains compared within prompts of equal task and answer length.
     """
     rows = [r for r in logs if r.get("reward") is not None]
     rewards = [float(r["reward"]) for r in rows]
@@ -139,10 +185,12 @@ def reward_metrics(logs: list[dict[str, Any]], scores: list[float] | None = None
         "reward_first": first,
         "reward_last": last,
         "reward_gain": (last - first) if first is not None and last is not None else None,
+        "reward_gain_matched": matched_gain(calls or [], 1),
         "score_first": score_first,
         "score_last": score_last,
         "score_gain": (score_last - score_first) if score_first is not None
         and score_last is not None else None,
+        "score_gain_matched": matched_gain(calls or [], 2),
         "zero_std_share": mean_of(logs, ZERO_STD_LOG),
         "reward_per_step": rewards,
         "train_loss": last_of(logs, "loss"),
