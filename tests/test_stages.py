@@ -195,3 +195,22 @@ def test_reward_metrics_report_the_task_score_apart_from_the_shaped_reward():
     assert out["score_first"] == pytest.approx(0.2) and out["score_last"] == pytest.approx(0.6)
     assert out["score_gain"] == pytest.approx(0.4) and out["zero_std_share"] == 0.25
     assert reward_metrics([])["score_gain"] is None
+
+
+def test_matched_gain_ignores_which_prompts_a_quarter_drew():
+    """Prompts drawn in a harder mix late in a stage do not read as the model getting worse."""
+    from stagebudget.stages.rl import matched_gain, reward_metrics
+
+    easy, hard = ("charge", 4), ("translate", 5)
+    # the model does not change: easy prompts always score 1, hard ones 0; the early steps
+    # drew mostly easy prompts, the late steps mostly hard ones
+    calls = [[(easy, 1.0, 1.0)] * 3 + [(hard, 0.0, 0.0)]] * 4 \
+        + [[(easy, 1.0, 1.0)] + [(hard, 0.0, 0.0)] * 3] * 4
+    out = reward_metrics([{"step": i + 1, "reward": sum(r for _, r, _ in c) / 4}
+                          for i, c in enumerate(calls)], calls=calls)
+    assert out["reward_gain"] == pytest.approx(-0.5)
+    assert out["reward_gain_matched"] == pytest.approx(0.0)
+    better = calls[:4] + [[(easy, 1.0, 1.0)] + [(hard, 0.5, 0.0)] * 3] * 4
+    assert matched_gain(better, 1) == pytest.approx(0.25)  # hard prompts +.5, half the rows
+    assert matched_gain(better, 2) == pytest.approx(0.0)
+    assert matched_gain([]) is None
