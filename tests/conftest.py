@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_prefix_cache(tmp_path_factory):
+    """Trials of this test session share a prefix cache of their own, never the user's (a
+    test that checks training must not be answered by an earlier session's checkpoints)."""
+    before = os.environ.get("STAGEBUDGET_PREFIX_CACHE")
+    os.environ["STAGEBUDGET_PREFIX_CACHE"] = str(tmp_path_factory.mktemp("prefix_cache"))
+    yield
+    if before is None:
+        os.environ.pop("STAGEBUDGET_PREFIX_CACHE", None)
+    else:
+        os.environ["STAGEBUDGET_PREFIX_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

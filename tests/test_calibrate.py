@@ -60,3 +60,51 @@ def test_calibration_spec_uses_default_batches():
 def test_calibrate_rejects_bad_arguments(kwargs, match):
     with pytest.raises(UserError, match=match):
         calibrate("builtin:test", device="cpu", **kwargs)
+
+
+def test_rl_cost_scales_with_measured_completion_lengths():
+    """A table entry that measured short completions plans RL steps by those lengths: a longer
+    maximum costs no more when completions stop early anyway."""
+    from stagebudget.cost import CostModel, ModelShape
+    from stagebudget.schedule import StageSpec
+
+    entry = {"kind": "rl", "rank": 4, "batch": 16, "num_generations": 8,
+             "max_completion_length": 12, "mean_completion_length": 6.0, "seconds_per_step": 1.0}
+    cost = CostModel(shape=ModelShape.builtin("test"), table=[entry])
+    short = StageSpec(kind="rl", steps=1, lora_rank=4, batch_size=16, num_generations=8,
+                      max_completion_length=12)
+    long = short.model_copy(update={"max_completion_length": 256})
+    tiny = short.model_copy(update={"max_completion_length": 3})
+    assert cost.step_seconds(long) == pytest.approx(cost.step_seconds(short))
+    assert cost.step_seconds(tiny) < cost.step_seconds(short)
+    no_lengths = CostModel(shape=ModelShape.builtin("test"),
+                           table=[{**entry, "mean_completion_length": None}])
+    assert no_lengths.step_seconds(long) > 10 * no_lengths.step_seconds(short)
+
+
+@pytest.mark.slow
+def test_calibrating_a_space_times_its_own_shapes_at_its_concurrency(tmp_path, tiny_base):
+    import json
+
+    import yaml
+
+    from stagebudget.calibrate import calibrate_space
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "cal", "base_model": str(tiny_base),
+        "tasks": {"source": "builtin", "n_train": 100, "n_id_test": 10, "n_ood_test": 10},
+        "budget": {"per_trial_hours": 0.002}, "concurrency": 2,
+        "stages": {"sft": {"share": {"type": "categorical", "choices": [0.0, 0.5]},
+                           "lora_rank": {"type": "categorical", "choices": [8, 0]},
+                           "batch_size": 8},
+                   "rl": {"share": "rest", "lora_rank": 4, "batch_size": 4,
+                          "num_generations": 4, "max_completion_length": 16}}}))
+    cost = calibrate_space(space, steps=2, out=tmp_path / "cost.json")
+    shapes = sorted((e["kind"], e["rank"], e["batch"]) for e in cost.table)
+    assert shapes == [("rl", 4, 4), ("sft", 0, 8), ("sft", 8, 8)]
+    rl = next(e for e in cost.table if e["kind"] == "rl")
+    assert 0 < rl["mean_completion_length"] <= 16
+    saved = json.loads((tmp_path / "cost.json").read_text())
+    assert saved["concurrency"] == 2 and saved["threads_per_trial"] == 1
+    assert all(e["seconds_per_step"] > 0 for e in saved["entries"])

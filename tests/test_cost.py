@@ -117,3 +117,23 @@ def test_cpu_prices_follow_the_measured_tiny_model(cost):
     full, half = step("rl", lora_rank=4, batch_size=16), step("rl", lora_rank=4, batch_size=8)
     assert half < 0.7 * full
     assert step("rl", lora_rank=4, batch_size=16) > 3 * step("sft", lora_rank=16, batch_size=64)
+
+
+def test_a_run_plans_with_its_frozen_cost_model_on_resume(tmp_path, monkeypatch):
+    """RUN/cost.json freezes the cost model (analytic constants included): after the built-in
+    constants change, the run still plans the schedules it planned when it started."""
+    from runhelpers import demo_space
+    from stagebudget import cost as cost_module
+    from stagebudget.search import COST_FILE, frozen_cost_model
+    from stagebudget.space import SearchSpace
+
+    space = SearchSpace.load(demo_space(tmp_path))
+    params = {"sft.share": 0.5, "sft.lora_rank": 16, "sft.learning_rate": 1e-3, "rl.lora_rank": 4}
+    before = space.schedule_from_params(params, frozen_cost_model(tmp_path, space, "cpu"))
+    assert (tmp_path / COST_FILE).is_file()
+    slower = {k: dict(v, flops=v["flops"] / 3) for k, v in cost_module._DEVICE.items()}
+    monkeypatch.setattr(cost_module, "_DEVICE", slower)
+    resumed = space.schedule_from_params(params, frozen_cost_model(tmp_path, space, "cpu"))
+    fresh = space.schedule_from_params(params, space.cost_model("cpu"))
+    assert resumed == before
+    assert fresh.stages[0].steps < before.stages[0].steps  # the change is real

@@ -150,6 +150,14 @@ def weight_digests(path: Path) -> dict[str, str]:
     return out
 
 
+def model_identity(path: Path) -> dict[str, str]:
+    """What a model directory's content is: the SHA-256s recorded when stagebudget built it
+    (checked by :func:`cache_problem`), else those of its files now (read once per trial)."""
+    info = describe(path)
+    recorded = info.get("sha256") if isinstance(info, dict) else None
+    return dict(recorded) if isinstance(recorded, dict) and recorded else weight_digests(path)
+
+
 def cache_problem(path: Path) -> str | None:
     """Why a cached base model cannot be used (None when it is sound). Cheap: no weights loaded.
 
@@ -316,12 +324,17 @@ def _base_accuracy(model: Any, tokenizer: Any, size: str) -> dict[str, Any]:
 def load_model_and_tokenizer(path: Path, device: str = "cpu",
                              trust_remote_code: bool = False) -> tuple[Any, Any]:
     """Load a causal LM (safetensors only) and its tokenizer from a local directory."""
+    return (load_model(path, device, trust_remote_code),
+            load_tokenizer(path, trust_remote_code=trust_remote_code))
+
+
+def load_model(path: Path, device: str = "cpu", trust_remote_code: bool = False) -> Any:
+    """Load a causal LM (safetensors only) from a local directory onto ``device``."""
     from transformers import AutoModelForCausalLM
 
     model: Any = AutoModelForCausalLM.from_pretrained(
         str(path), use_safetensors=True, trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    return model.to(device), tokenizer
+    return model.to(device)
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
@@ -438,6 +451,6 @@ def describe(path: Path) -> dict[str, Any]:
 
 
 __all__ = ["ModelRefError", "build_base", "build_tokenizer", "cache_problem",
-           "default_cache_dir", "describe", "greedy_generate", "load_model_and_tokenizer",
-           "load_tokenizer", "resolve_base_model"]
+           "default_cache_dir", "describe", "greedy_generate", "load_model", "load_model_and_tokenizer",
+           "load_tokenizer", "model_identity", "resolve_base_model"]
 

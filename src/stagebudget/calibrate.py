@@ -23,6 +23,7 @@ from stagebudget.ledger import BudgetClock
 from stagebudget.schedule import StageSpec
 
 DEFAULT_RANKS = (0, 4, 16, 64)
+COMPLETION_LENGTH_LOG = "completions/mean_length"  # TRL GRPO's logged mean completion length
 SFT_BATCH = 32
 RL_PROMPTS = 16
 
@@ -60,6 +61,14 @@ def _step_timer() -> Any:
 
 def time_stage(model_path: Path, suite: Any, spec: StageSpec, warmup: int, device: str) -> float:
     """Median seconds per step of ``spec`` after ``warmup`` uncounted steps (fresh base model)."""
+    return measure_stage(model_path, suite, spec, warmup, device)["seconds_per_step"]
+
+
+def measure_stage(model_path: Path, suite: Any, spec: StageSpec, warmup: int,
+                  device: str) -> dict[str, Any]:
+    """``{"seconds_per_step", "mean_completion_length"}`` of ``spec`` after ``warmup``
+    uncounted steps (fresh base model); the completion length is what a generating stage
+    really produced (None for other kinds)."""
     from stagebudget.basemodel import load_model_and_tokenizer
     from stagebudget.stages import StageContext, get_stage
 
@@ -74,7 +83,10 @@ def time_stage(model_path: Path, suite: Any, spec: StageSpec, warmup: int, devic
     timed = timer.durations()[warmup:]
     if not timed:
         raise RuntimeError(f"calibrating {spec.kind} r{spec.lora_rank}: no step was timed")
-    return float(statistics.median(timed))
+    lengths = [float(r[COMPLETION_LENGTH_LOG]) for r in ctx.logs
+               if r.get(COMPLETION_LENGTH_LOG) is not None]
+    return {"seconds_per_step": float(statistics.median(timed)),
+            "mean_completion_length": statistics.mean(lengths) if lengths else None}
 
 
 def calibrate(
@@ -150,3 +162,94 @@ def _check_args(kinds: Sequence[str], ranks: Sequence[int], steps: int, warmup: 
     if steps < 1 or warmup < 0:
         raise UserError(f"steps must be >= 1 and warmup >= 0, but got steps={steps}, "
                         f"warmup={warmup}")
+
+
+# --- calibrating a search space -----------------------------------------------------------------
+def space_specs(space: Any, steps: int) -> list[StageSpec]:
+    """One spec per distinct cost shape the space can plan (kind, rank, batch, generation and
+    length settings; learning rates do not change a step's cost), each ``steps`` long."""
+    cost = space.cost_model("cpu")
+    seen: dict[str, StageSpec] = {}
+    for params in space.feasibility_params():
+        try:
+            planned = space.schedule_from_params(params, cost)
+        except (ValueError, UserError):
+            continue
+        for stage in planned.stages:
+            shape = stage.model_copy(update={"steps": steps, "eval_interval": steps + 1,
+                                             "learning_rate": 1e-4})
+            seen.setdefault(shape.model_dump_json(), shape)
+    return list(seen.values())
+
+
+def _measure_in_process(job: tuple[str, str, dict[str, Any], int, str, int]) -> dict[str, Any]:
+    """One worker of a concurrent calibration: ``threads`` torch threads, as a Ray trial."""
+    import json
+
+    import torch
+
+    model_path, suite_json, spec_data, warmup, device, threads = job
+    torch.set_num_threads(threads)
+    suite = load_suite_for(json.loads(suite_json))
+    return measure_stage(Path(model_path), suite, StageSpec(**spec_data), warmup, device)
+
+
+def calibrate_space(space_file: Path, *, steps: int = 3, warmup: int = 1, out: Path | None = None,
+                    progress: Callable[[str], None] | None = None) -> CostModel:
+    """Calibrate for one search space: its base model, tasks and device, every stage shape it
+    can plan, timed by ``concurrency`` processes at once with the threads each trial gets
+    (``resources_per_trial.cpu``), as the search will run them; RL steps at the completion
+    lengths they really produce. Saved to ``out``, else the space's ``cost_table``, else the
+    default table of its model and device."""
+    import json
+    import multiprocessing
+
+    from stagebudget.basemodel import resolve_base_model
+    from stagebudget.space import SearchSpace
+    from stagebudget.stages.common import resolve_device
+
+    space = SearchSpace.load(space_file)
+    base_dir = Path(space_file).resolve().parent
+    _check_args(["sft"], [0], steps, warmup)
+    device = resolve_device(space.device, gpus=space.resources_per_trial.gpu)
+    path = resolve_base_model(space.base_model, base_dir=base_dir)
+    suite_args = {**space.tasks.suite_args(), "base_dir": str(base_dir)}
+    threads = max(1, int(space.resources_per_trial.cpu))
+    say = progress or (lambda _msg: None)
+    entries = []
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(space.concurrency) as pool:
+        for spec in space_specs(space, warmup + steps):
+            job = (str(path), json.dumps(suite_args), spec.model_dump(), warmup, device, threads)
+            runs = pool.map(_measure_in_process, [job] * space.concurrency)
+            seconds = statistics.mean(r["seconds_per_step"] for r in runs)
+            lengths = [r["mean_completion_length"] for r in runs
+                       if r["mean_completion_length"] is not None]
+            entries.append({
+                "kind": spec.kind, "rank": spec.lora_rank, "batch": spec.batch_size,
+                "num_generations": spec.num_generations,
+                "max_completion_length": spec.max_completion_length,
+                "mean_completion_length": statistics.mean(lengths) if lengths else None,
+                "seconds_per_step": seconds,
+            })
+            say(f"{spec.kind} r{spec.lora_rank} batch {spec.batch_size}: {seconds:.3f} s/step "
+                f"({space.concurrency} at once, {threads} thread(s) each)")
+    target = (Path(out) if out is not None else
+              Path(space.cost_table) if space.cost_table else
+              default_table_path(space.base_model, device))
+    suite = load_suite_for(suite_args)
+    cost = CostModel(shape=ModelShape.for_ref(str(path) if not space.base_model.startswith(
+        "builtin:") else space.base_model), device=device, table=entries, source=str(target),
+        seq_len=measured_seq_len(path, suite))
+    cost.save(target, base_model=space.base_model, space=str(space_file), steps=steps,
+              warmup=warmup, concurrency=space.concurrency, threads_per_trial=threads,
+              measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return cost
+
+
+def load_suite_for(suite_args: dict[str, Any]) -> Any:
+    """The task suite of ``load_suite`` keyword arguments (``base_dir`` as a string)."""
+    from stagebudget.tasks import load_suite
+
+    base_dir = suite_args.get("base_dir")
+    return load_suite(**{**suite_args, "base_dir": Path(base_dir) if base_dir else None})

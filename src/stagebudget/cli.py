@@ -31,6 +31,11 @@ app = typer.Typer(
 )
 base_app = typer.Typer(help="Build or inspect the embedded base model.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
+cache_app = typer.Typer(help="Inspect or prune the stage-prefix checkpoint cache.",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+CacheDir = Annotated[Path | None, typer.Option(
+    "--dir", help="Prefix cache directory (default: $STAGEBUDGET_CACHE/prefixes)")]
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
@@ -199,10 +204,18 @@ def calibrate(
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Table file (default: cache)")] = None,
     tasks: Annotated[Path | None, typer.Option(
         help="A JSONL task file: time steps on its prompts (default: the built-in suite)")] = None,
+    space: Annotated[Path | None, typer.Option(
+        help="Calibrate for a search space: its model, tasks, device and stage shapes, with "
+             "its concurrency (saved to -o, else its cost_table, else the default table)")] = None,
 ) -> None:
     """Time a few real steps of each stage kind and save the cost table the planner uses."""
     from stagebudget.calibrate import calibrate as do_calibrate
+    from stagebudget.calibrate import calibrate_space
 
+    if space is not None:
+        cost = calibrate_space(space, out=out, progress=console.print)
+        console.print(f"saved: {cost.source}")
+        return
     cost = do_calibrate(base_model=base_model, device=device, out=out,
                         tasks=str(tasks) if tasks is not None else None)
     for e in cost.table:
@@ -252,6 +265,46 @@ def base_build(
     console.print(f"base model: {path}")
     if info.is_file():
         console.print(info.read_text())
+
+
+@cache_app.command("ls")
+def cache_ls(cache_dir: CacheDir = None) -> None:
+    """List the cached stage checkpoints, least recently used first."""
+    import time
+
+    from rich.table import Table
+
+    from stagebudget.prefixcache import PrefixCache
+
+    cache = PrefixCache(cache_dir)
+    entries = cache.all_entries()
+    table = Table("key", "entry", "steps", "MB", "last used")
+    total = 0
+    for entry in entries:
+        size = entry.size()
+        total += size
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(
+            (entry.path / "MANIFEST.json").stat().st_mtime))
+        table.add_row(entry.key[:12], entry.kind, str(entry.steps), f"{size / 1e6:.1f}", used)
+    console.print(table)
+    console.print(f"{len(entries)} entries, {total / 1e6:.1f} MB in {cache.root}")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    cache_dir: CacheDir = None,
+    max_gb: Annotated[float, typer.Option(
+        help="Keep at most this many GB, evicting least recently used entries first")] = 0.0,
+) -> None:
+    """Evict least recently used checkpoints down to --max-gb (default 0: empty the cache)."""
+    from stagebudget.prefixcache import PrefixCache
+
+    if max_gb < 0:
+        raise UserError(f"--max-gb must be >= 0 (GB to keep), but got {max_gb}")
+    cache = PrefixCache(cache_dir)
+    removed = cache.evict(int(max_gb * 1e9))
+    cache.clean_scratch()
+    console.print(f"removed {len(removed)} entries; {cache.size() / 1e6:.1f} MB left in {cache.root}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -122,6 +122,9 @@ class CostModel:
     seq_len: int = DEFAULT_SEQ_LEN
     table: list[dict[str, Any]] = field(default_factory=list)
     source: str = "analytic"
+    # The analytic constants of this device kind; written with the table so that a frozen
+    # cost model (RUN/cost.json) plans the same schedules after the built-in constants change.
+    constants: dict[str, float] | None = None
 
     @classmethod
     def analytic(cls, shape: ModelShape, device: str = "cpu", seq_len: int = DEFAULT_SEQ_LEN) -> CostModel:
@@ -143,13 +146,14 @@ class CostModel:
             seq_len=int(data.get("seq_len", DEFAULT_SEQ_LEN)),
             table=list(data["entries"]),
             source=str(path),
+            constants=data.get("constants") if isinstance(data.get("constants"), dict) else None,
         )
 
     def save(self, path: str | Path, **meta: Any) -> None:
         atomic_write_json(
             path,
             {"device": self.device, "seq_len": self.seq_len, "shape": asdict(self.shape), **meta,
-             "entries": self.table},
+             "constants": self._constants, "entries": self.table},
         )
 
     # --- per-step cost -------------------------------------------------------------------
@@ -160,10 +164,12 @@ class CostModel:
             return self._from_table(spec, entries)
         return self._analytic(spec)
 
-    def _work(self, spec: StageSpec) -> float:
-        """Relative amount of work per step, used to scale calibrated entries."""
+    def _work(self, spec: StageSpec, completion: float | None = None) -> float:
+        """Relative amount of work per step, used to scale calibrated entries. A generating
+        stage's completions are ``completion`` tokens long (default: its maximum)."""
         if get_kind(spec.kind).generates:
-            return float(spec.batch_size * _generations(spec) * _completion(spec))
+            length = _completion(spec) if completion is None else completion
+            return float(spec.batch_size * _generations(spec) * length)
         return float(spec.batch_size * self._seq_len(spec))
 
     def _seq_len(self, spec: StageSpec) -> int:
@@ -188,25 +194,37 @@ class CostModel:
             ),
         )
         # Split the measured time into a fixed part and a part proportional to work.
-        fixed = min(best["seconds_per_step"], _DEVICE[self._dev]["step_overhead"])
-        scale = self._work(spec) / self._work(ref)
+        fixed = min(best["seconds_per_step"], self._constants["step_overhead"])
+        # Completions stop early: scale by the lengths the calibration measured, capped by
+        # this stage's maximum, not by the maxima alone.
+        measured = best.get("mean_completion_length")
+        if get_kind(spec.kind).generates and measured:
+            scale = (self._work(spec, min(float(measured), _completion(spec)))
+                     / self._work(ref, float(measured)))
+        else:
+            scale = self._work(spec) / self._work(ref)
         return fixed + (best["seconds_per_step"] - fixed) * scale
 
     @property
     def _dev(self) -> str:
         return "cuda" if self.device.startswith("cuda") else "cpu"
 
+    @property
+    def _constants(self) -> dict[str, float]:
+        return dict(self.constants) if self.constants else dict(_DEVICE[self._dev])
+
     def _analytic(self, spec: StageSpec) -> float:
-        dev = _DEVICE[self._dev]
+        dev = self._constants
         p = self.shape.n_params
         lora_params = 2 * spec.lora_rank * self.shape.hidden * 7 * self.shape.layers
         train_factor = 6 if spec.lora_rank == 0 else 4
-        lora_fixed = dev["lora_step_overhead"] if spec.lora_rank else 0.0
+        # .get: a cost model frozen before these constants existed plans as it did then
+        lora_fixed = dev.get("lora_step_overhead", 0.0) if spec.lora_rank else 0.0
         if get_kind(spec.kind).generates:
             gens, comp = _generations(spec), _completion(spec)
             n_seq = spec.batch_size * gens
             tokens = n_seq * (self.seq_len + comp)
-            gen_flops = 2 * p * n_seq * comp * dev["gen_flops_factor"]
+            gen_flops = 2 * p * n_seq * comp * dev.get("gen_flops_factor", 1.0)
             train = (train_factor * p + 6 * lora_params) * tokens
             fixed = dev["step_overhead"] * 2 + lora_fixed + comp * dev["gen_token_overhead"]
             return fixed + (gen_flops + train) / dev["flops"]

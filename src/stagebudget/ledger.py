@@ -8,7 +8,10 @@ The schedule's planned steps are the contract: the planner fits them into the bu
 cost model, and a trial trains exactly those steps whatever the machine's load, so the same
 schedule gives the same result on an idle and on a busy machine. The measured spend is recorded
 beside the planned one, and an overrun is flagged (``over_budget``, ``overrun_seconds``), never
-hidden. Only a runaway trial is stopped: :class:`BudgetCallback` ends a stage once training has
+hidden. A stage that starts from a cached prefix (:mod:`stagebudget.prefixcache`) is credited
+the prefix's recorded spend (``reused_*``): what the schedule costs trained alone (its nominal
+cost, ``train_seconds``) stays the same, while ``spent_train_seconds`` is what this trial
+really trained. Only a runaway trial is stopped: :class:`BudgetCallback` ends a stage once training has
 used ``guard`` times the budget (:data:`OVERRUN_GUARD` by default) and marks it
 ``stopped_by_guard``; the pipeline then fails the trial with :class:`BudgetGuardError`, so a
 half-trained schedule is never scored.
@@ -55,6 +58,15 @@ class StageEntry:
     setup_seconds: float = 0.0
     max_step_seconds: float = 0.0
     stopped_by_guard: bool = False
+    cpu_seconds: float = 0.0  # process CPU time while training, all threads
+    reused_steps: int = 0
+    reused_train_seconds: float = 0.0
+    reused_eval_seconds: float = 0.0
+
+    @property
+    def nominal_train_seconds(self) -> float:
+        """Training seconds of this stage trained alone: reused prefix + trained now."""
+        return self.reused_train_seconds + self.train_seconds
 
 
 class BudgetClock:
@@ -67,7 +79,7 @@ class BudgetClock:
 
     def __init__(self, budget_seconds: float | None = None, *, device: str = "cpu",
                  gpus: int = 1, timer: Any = time.perf_counter,
-                 guard: float = OVERRUN_GUARD) -> None:
+                 guard: float = OVERRUN_GUARD, cpu_timer: Any = None, threads: int = 1) -> None:
         if budget_seconds is not None and budget_seconds <= 0:
             raise ValueError(f"budget_seconds must be > 0 or None, but got {budget_seconds}")
         if guard < 1:
@@ -79,8 +91,15 @@ class BudgetClock:
         self.device = device
         self.gpus = gpus if device.startswith("cuda") else 1
         self._timer = timer
+        # On a CPU the guard reads the process's CPU time per thread (``cpu_timer``, e.g.
+        # time.process_time), which waiting for a busy core does not advance: a trial slowed
+        # down by other processes is not a runaway. Without it (GPUs, tests) the guard reads
+        # the training stopwatch.
+        self._cpu_timer = cpu_timer if not self.device.startswith("cuda") else None
+        self.threads = max(1, threads)
         self.stages: list[StageEntry] = []
         self._running_since: float | None = None
+        self._cpu_since: float | None = None
 
     # --- stage bookkeeping -----------------------------------------------------------------
     def begin_stage(self, kind: str, index: int, *, planned_steps: int,
@@ -93,6 +112,13 @@ class BudgetClock:
         self.stop()
         self.current.steps_done = steps_done
 
+    def credit(self, steps: int, train_seconds: float, eval_seconds: float) -> None:
+        """Credit the current stage with a reused prefix: ``steps`` already trained (by another
+        trial) for ``train_seconds`` of training and ``eval_seconds`` of evaluation."""
+        entry = self.current
+        entry.reused_steps = steps
+        entry.reused_train_seconds, entry.reused_eval_seconds = train_seconds, eval_seconds
+
     @property
     def current(self) -> StageEntry:
         if not self.stages:
@@ -104,12 +130,15 @@ class BudgetClock:
         """Start (or resume) charging training time to the current stage."""
         if self._running_since is None:
             self._running_since = self._timer()
+            self._cpu_since = self._cpu_timer() if self._cpu_timer is not None else None
 
     def stop(self) -> None:
         """Stop charging training time."""
         if self._running_since is not None:
             self.current.train_seconds += self._device_seconds(self._timer() - self._running_since)
-            self._running_since = None
+            if self._cpu_since is not None and self._cpu_timer is not None:
+                self.current.cpu_seconds += self._cpu_timer() - self._cpu_since
+            self._running_since = self._cpu_since = None
 
     @property
     def running(self) -> bool:
@@ -140,23 +169,41 @@ class BudgetClock:
 
     @contextmanager
     def setting_up(self) -> Iterator[None]:
-        """Charge the body (trainer construction, merging) to setup time, outside the budget."""
+        """Charge the body (trainer construction, merging, publishing a checkpoint) to setup
+        time, outside the budget; a running training timer is paused meanwhile."""
+        was_running = self.running
+        self.stop()
         start = self._timer()
         try:
             yield
         finally:
             self.current.setup_seconds += self._device_seconds(self._timer() - start)
+            if was_running:
+                self.start()
 
     def _device_seconds(self, wall: float) -> float:
         return wall * self.gpus
 
     # --- queries ---------------------------------------------------------------------------
     def train_seconds(self) -> float:
-        """Training device-seconds spent so far (all stages, including a running timer)."""
+        """Nominal training device-seconds so far (all stages, reused prefixes included, and a
+        running timer): what the schedule has cost as if trained alone."""
+        return self.spent_seconds() + sum(s.reused_train_seconds for s in self.stages)
+
+    def spent_seconds(self) -> float:
+        """Training device-seconds this trial really trained so far (reused prefixes excluded)."""
         total = sum(s.train_seconds for s in self.stages)
         if self._running_since is not None:
             total += self._device_seconds(self._timer() - self._running_since)
         return total
+
+    def stage_seconds(self) -> tuple[float, float]:
+        """Nominal (training, evaluation) device-seconds of the current stage so far."""
+        entry = self.current
+        running = (self._device_seconds(self._timer() - self._running_since)
+                   if self._running_since is not None else 0.0)
+        return (entry.nominal_train_seconds + running,
+                entry.reused_eval_seconds + entry.eval_seconds)
 
     def remaining(self) -> float | None:
         """Training device-seconds left in the budget (None: no budget)."""
@@ -168,10 +215,20 @@ class BudgetClock:
         """Training device-seconds after which a runaway trial is stopped (None: no budget)."""
         return None if self.budget_seconds is None else self.budget_seconds * self.guard
 
+    def guarded_seconds(self) -> float:
+        """What the guard compares with its limit: nominal training seconds, counted on a CPU
+        as the process's CPU time per thread (load-independent), else as the stopwatch."""
+        if self._cpu_timer is None:
+            return self.train_seconds()
+        cpu = sum(s.cpu_seconds for s in self.stages)
+        if self._cpu_since is not None:
+            cpu += float(self._cpu_timer()) - self._cpu_since
+        return cpu / self.threads + sum(s.reused_train_seconds for s in self.stages)
+
     def past_guard(self) -> bool:
         """True once training has used more than the overrun guard allows."""
         limit = self.guard_seconds()
-        return limit is not None and self.train_seconds() > limit
+        return limit is not None and self.guarded_seconds() > limit
 
     def overrun_seconds(self) -> float:
         """Training device-seconds spent beyond the budget (0 when within it or unlimited)."""
@@ -180,8 +237,9 @@ class BudgetClock:
         return max(0.0, self.train_seconds() - self.budget_seconds)
 
     def ledger(self) -> dict[str, Any]:
-        """Plain-dict ledger: per stage and in total."""
-        train = self.train_seconds()
+        """Plain-dict ledger: per stage and in total. ``train_seconds``/``device_hours`` are
+        nominal (reused prefixes included); ``spent_*`` is what this trial trained."""
+        train, spent = self.train_seconds(), self.spent_seconds()
         return {
             "device": self.device,
             "gpus": self.gpus,
@@ -190,7 +248,12 @@ class BudgetClock:
             "eval_seconds": sum(s.eval_seconds for s in self.stages),
             "setup_seconds": sum(s.setup_seconds for s in self.stages),
             "device_hours": train / 3600.0,
+            "spent_train_seconds": spent,
+            "spent_device_hours": spent / 3600.0,
+            "reused_train_seconds": train - spent,
             "guard_seconds": self.guard_seconds(),
+            "guarded_seconds": self.guarded_seconds(),
+            "guard_clock": "cpu-time per thread" if self._cpu_timer is not None else "stopwatch",
             "over_budget": self.overrun_seconds() > 0,
             "stopped_by_guard": any(s.stopped_by_guard for s in self.stages),
             "overrun_seconds": self.overrun_seconds(),

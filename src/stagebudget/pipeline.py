@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from typing import Any
 from stagebudget.cost import CostModel, default_cost_model
 from stagebudget.fileio import atomic_write_json
 from stagebudget.ledger import OVERRUN_GUARD, BudgetClock, BudgetGuardError
+from stagebudget.prefixcache import END, STEP, Entry, PrefixCache, stage_keys
 from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY, STANDARD_ERROR_OF
 from stagebudget.schedule import Schedule, StageSpec
 from stagebudget.stages.common import TrainingDiverged
@@ -107,6 +108,20 @@ class _Run:
     max_new_tokens: int
     last_eval: dict[str, float] | None = None
     stage_metrics: list[dict[str, Any]] = field(default_factory=list)
+    prefix: PrefixCache | None = None
+    keys: list[str] = field(default_factory=list)
+    pending: Path | None = None  # a cached merged model to load before it is needed
+    trust_remote_code: bool = False
+    checkpoint_steps: Sequence[Sequence[int]] = ()
+
+    def materialize(self) -> Any:
+        """The current model, loading a cached stage's merged model when one is pending."""
+        if self.pending is not None:
+            from stagebudget.basemodel import load_model
+
+            self.model = load_model(self.pending, self.device, self.trust_remote_code)
+            self.pending = None
+        return self.model
 
     def measure(self, model: Any, kind: str, index: int, step: int,
                 logs: list[dict[str, Any]]) -> dict[str, float]:
@@ -153,7 +168,8 @@ def _seed_everything(seed: int) -> None:
 
 def _start(schedule: Schedule, out_dir: Path | None, device: str, cost: CostModel,
            cache_dir: Path | None, base_dir: Path | None, report: Report | None,
-           progress: Report | None, guard: float = OVERRUN_GUARD) -> _Run:
+           progress: Report | None, guard: float = OVERRUN_GUARD,
+           prefix: PrefixCache | None = None) -> _Run:
     """Load the base model and the suite; open the run's outputs."""
     from stagebudget.basemodel import load_model_and_tokenizer, resolve_base_model
     from stagebudget.chat import check_model_tasks
@@ -173,33 +189,152 @@ def _start(schedule: Schedule, out_dir: Path | None, device: str, cost: CostMode
         schedule.save(out_dir / "schedule.yaml")
         (out_dir / "curves.jsonl").write_text("")  # a fresh run starts a fresh curve file
     budget = schedule.budget_hours * 3600.0 if schedule.budget_hours is not None else None
-    clock = BudgetClock(budget, device=device, guard=guard)
-    return _Run(schedule, model, tokenizer, suite, clock, _Curves(out_dir, report, progress),
-                cost, device, max_new_tokens_for(suite, tokenizer))
+    import time
+
+    import torch
+
+    clock = BudgetClock(budget, device=device, guard=guard, cpu_timer=time.process_time,
+                        threads=torch.get_num_threads())
+    run = _Run(schedule, model, tokenizer, suite, clock, _Curves(out_dir, report, progress),
+               cost, device, max_new_tokens_for(suite, tokenizer),
+               trust_remote_code=schedule.trust_remote_code)
+    if prefix is not None:
+        run.prefix = prefix
+        run.keys = stage_keys(run_context(schedule, path, suite, device), schedule.stages)
+    return run
+
+
+def run_context(schedule: Schedule, model_path: Path, suite: Any, device: str) -> dict[str, Any]:
+    """What every stage of ``schedule`` depends on besides the stage specs: the base model's
+    content, the task data, the seed and this machine's numerics (device kind, torch threads,
+    package versions). Part of every prefix-cache key."""
+    import torch
+
+    from stagebudget.basemodel import model_identity
+    from stagebudget.trainable import package_versions
+
+    return {"base_model": model_identity(model_path), "data": suite.digest(),
+            "seed": schedule.seed, "device": device.split(":")[0],
+            "threads": torch.get_num_threads(), "versions": package_versions(),
+            "trust_remote_code": schedule.trust_remote_code}
 
 
 def _run_stage(run: _Run, index: int, spec: StageSpec, progress: Report | None) -> None:
-    """Train stage ``index``: evaluate at its start, run it, merge, evaluate at its end."""
-    from stagebudget.stages import StageContext, get_stage
-
+    """Run stage ``index``: restore it from the prefix cache when a trial has trained it
+    already, otherwise train it (from its longest cached prefix, holding its cache lock)."""
     per_step = run.cost.step_seconds(spec)
     run.clock.begin_stage(spec.kind, index, planned_steps=spec.steps,
                           planned_seconds=per_step * spec.steps)
     _emit(progress, "stage_start", stage=spec.kind, stage_index=index, steps=spec.steps)
-    if run.last_eval is None:
+    if run.prefix is None:
+        _train_stage(run, index, spec, None)
+    elif not _restore(run, index, spec):
+        with run.prefix.training(run.keys[index]):
+            if not _restore(run, index, spec):  # another trial may have trained it meanwhile
+                _train_stage(run, index, spec,
+                             run.prefix.latest_checkpoint(run.keys[index], spec.steps))
+    _emit(progress, "stage_end", stage=spec.kind, stage_index=index,
+          steps_done=run.clock.current.steps_done)
+
+
+def _restore(run: _Run, index: int, spec: StageSpec) -> bool:
+    """Take stage ``index`` whole from the cache (its rows, spend, metrics and merged model,
+    loaded only when needed); False when no trial has trained it."""
+    assert run.prefix is not None
+    entry = run.prefix.find(run.keys[index], END, spec.steps)
+    if entry is None:
+        return False
+    records = entry.records()
+    _replay(run, index, records)
+    run.clock.end_stage(records["steps"])
+    run.pending = entry.merged
+    run.curves.global_offset += records["steps"]
+    run.stage_metrics.append(dict(records["metrics"]))
+    return True
+
+
+def _replay(run: _Run, index: int, records: dict[str, Any]) -> None:
+    """Add a cached prefix's curve rows to this run and credit its spend to the current stage.
+    Budget points are re-based on this run: measured seconds on its own nominal clock, planned
+    seconds on its cost model."""
+    start = run.clock.train_seconds()
+    for cached in records["rows"]:
+        row = {**cached, "stage_index": index,
+               "global_step": run.curves.global_offset + cached["step"],
+               "device_seconds": start + cached["device_seconds"] - records["start_seconds"],
+               "planned_seconds": run.planned_seconds(cached["step"])}
+        run.curves.add(row)
+        run.last_eval = {k: row[k] for k in (ID_ACCURACY, OOD_ACCURACY, *STANDARD_ERROR_OF.values())
+                         if k in row}
+    run.clock.credit(records["steps"], records["train_seconds"], records["eval_seconds"])
+
+
+def _stage_records(run: _Run, index: int, steps: int, logs: list[dict[str, Any]],
+                   start_seconds: float, **extra: Any) -> dict[str, Any]:
+    """What a cache entry of stage ``index`` after ``steps`` steps records besides its files."""
+    train, evaluation = run.clock.stage_seconds()
+    return {"steps": steps, "rows": [r for r in run.curves.rows if r["stage_index"] == index],
+            "logs": [r for r in logs if r.get("step", 0) <= steps],
+            "train_seconds": train, "eval_seconds": evaluation, "start_seconds": start_seconds,
+            **extra}
+
+
+def _checkpoint_publisher(run: _Run, index: int, logs: list[dict[str, Any]],
+                          start_seconds: float) -> Callable[[int, str], None]:
+    """Publish each Trainer checkpoint of stage ``index`` to the prefix cache."""
+    import shutil
+
+    assert run.prefix is not None
+    prefix, key = run.prefix, run.keys[index]
+
+    def publish(step: int, folder: str) -> None:
+        with run.clock.setting_up():
+            records = _stage_records(run, index, step, logs, start_seconds)
+            prefix.publish(key, STEP, step, records, lambda d: shutil.copytree(
+                folder, d / "checkpoint", ignore=shutil.ignore_patterns("training_args.bin")))
+
+    return publish
+
+
+def _train_stage(run: _Run, index: int, spec: StageSpec, resume: Entry | None) -> None:
+    """Train stage ``index`` (going on from ``resume``, a cached checkpoint of it, if given):
+    evaluate at its start, run it, merge, evaluate at its end, publish it to the cache."""
+    from stagebudget.stages import StageContext, get_stage
+
+    with run.clock.setting_up():
+        run.materialize()
+    start_seconds = run.clock.train_seconds()
+    logs: list[dict[str, Any]] = []
+    measure_on_resume = False
+    if resume is not None:
+        assert run.prefix is not None
+        # A stage that ended at the checkpoint's step also recorded its final evaluation.
+        ended = run.prefix.find(run.keys[index], END, resume.steps)
+        records = (ended or resume).records()
+        _replay(run, index, records)
+        logs.extend(records["logs"])
+        measure_on_resume = (resume.steps % spec.eval_interval == 0
+                             and run.curves.rows[-1]["step"] != resume.steps)
+    elif run.last_eval is None:
         run.measure(run.model, spec.kind, index, 0, [])
     else:  # the first point of this stage is the last one of the previous stage
         run.record(run.last_eval, spec.kind, index, 0, [])
     ctx = StageContext(
         model=run.model, tokenizer=run.tokenizer, suite=run.suite, spec=spec, stage_index=index,
-        clock=run.clock, evaluate=lambda m, s: {}, seed=run.schedule.seed, device=run.device)
+        clock=run.clock, evaluate=lambda m, s: {}, seed=run.schedule.seed, device=run.device,
+        logs=logs, resume_from=str(resume.checkpoint) if resume is not None else None,
+        on_checkpoint=(_checkpoint_publisher(run, index, logs, start_seconds)
+                       if run.prefix is not None else None),
+        checkpoint_at=frozenset(run.checkpoint_steps[index]
+                                if index < len(run.checkpoint_steps) else ()),
+        evaluate_on_resume=measure_on_resume)
     ctx.evaluate = lambda model, step: run.measure(model, spec.kind, index, step, ctx.logs)
     out = get_stage(spec.kind)(ctx)
     run.clock.end_stage(out.steps_done)
     if run.clock.current.stopped_by_guard:
         raise BudgetGuardError(
             f"stage {index} ({spec.kind}) was stopped after {out.steps_done} of {spec.steps} "
-            f"steps: the trial had used {run.clock.train_seconds():.1f} device-seconds, more than "
+            f"steps: the trial had used {run.clock.guarded_seconds():.1f} device-seconds, more than "
             f"{run.clock.guard:g} x its budget of {run.clock.budget_seconds:.1f} s. The cost model "
             "under-estimates this machine: run `stagebudget calibrate` (under the search's "
             "concurrency) or raise the budget")
@@ -209,7 +344,13 @@ def _run_stage(run: _Run, index: int, spec: StageSpec, progress: Report | None) 
         run.measure(run.model, spec.kind, index, out.steps_done, ctx.logs)
     run.curves.global_offset += out.steps_done
     run.stage_metrics.append(dict(out.metrics))
-    _emit(progress, "stage_end", stage=spec.kind, stage_index=index, steps_done=out.steps_done)
+    if run.prefix is not None:
+        with run.clock.setting_up():
+            records = _stage_records(run, index, out.steps_done, ctx.logs, start_seconds,
+                                     metrics=out.metrics)
+            run.prefix.publish(run.keys[index], END, out.steps_done, records,
+                               lambda d: out.model.save_pretrained(str(d / "merged"),
+                                                                   safe_serialization=True))
 
 
 def run_schedule(
@@ -225,6 +366,8 @@ def run_schedule(
     progress: Report | None = None,
     guard: float = OVERRUN_GUARD,
     stage_end: StageEnd | None = None,
+    prefix_cache: PrefixCache | None = None,
+    checkpoint_steps: Sequence[Sequence[int]] = (),
 ) -> TrialResult:
     """Train ``schedule`` stage by stage and measure it; write its records under ``out_dir``.
 
@@ -244,7 +387,9 @@ def run_schedule(
     dev = resolve_device(device)
     _seed_everything(schedule.seed)
     cost_model = cost if cost is not None else default_cost_model(schedule.base_model, dev)
-    run = _start(schedule, out, dev, cost_model, cache_dir, base_dir, report, progress, guard)
+    run = _start(schedule, out, dev, cost_model, cache_dir, base_dir, report, progress, guard,
+                 prefix_cache)
+    run.checkpoint_steps = checkpoint_steps
     try:
         for index, spec in enumerate(schedule.stages):
             _run_stage(run, index, spec, progress)
@@ -257,7 +402,7 @@ def run_schedule(
     if out is not None:
         atomic_write_json(out / "metrics.json", result.metrics)
         if save_model:
-            run.model.save_pretrained(str(out / "model"), safe_serialization=True)
+            run.materialize().save_pretrained(str(out / "model"), safe_serialization=True)
             run.tokenizer.save_pretrained(str(out / "model"))
     _emit(progress, "done", **result.objectives())
     return result
@@ -271,7 +416,7 @@ def _result(run: _Run) -> TrialResult:
     stages = []
     for entry, metrics in zip(ledger["stages"], run.stage_metrics, strict=True):
         planned = entry["planned_seconds"]
-        measured = entry["train_seconds"]
+        measured = entry["train_seconds"] + entry["reused_train_seconds"]
         stages.append({
             "kind": entry["kind"], "stage_index": entry["index"],
             "steps": entry["planned_steps"], "steps_done": entry["steps_done"],
@@ -279,6 +424,7 @@ def _result(run: _Run) -> TrialResult:
             "measured_over_planned": measured / planned if planned > 0 else None,
             "seconds_per_step": measured / entry["steps_done"] if entry["steps_done"] else None,
             "stopped_by_guard": entry["stopped_by_guard"],
+            "reused_steps": entry["reused_steps"],
             **{k: v for k, v in metrics.items() if k != "reward_per_step"},
         })
     errors = {se: final[se] for se in STANDARD_ERROR_OF.values() if se in final}
@@ -292,6 +438,7 @@ def _result(run: _Run) -> TrialResult:
         "cost_source": run.cost.source,
         "planned_device_hours": planned_hours,
         "device_hours": ledger["device_hours"],
+        "spent_device_hours": ledger["spent_device_hours"],
         "measured_over_planned": (ledger["device_hours"] / planned_hours
                                   if planned_hours > 0 else None),
         "eval_seconds": ledger["eval_seconds"],

@@ -32,7 +32,9 @@ STATUSES = (RUNNING, COMPLETE, FAILED, PRUNED)
 # Metric names reported to Ray and stored as objectives (constants, never retyped).
 ID_ACCURACY = "id_accuracy"
 OOD_ACCURACY = "ood_accuracy"
-DEVICE_HOURS = "device_hours"
+DEVICE_HOURS = "device_hours"  # nominal: the schedule trained alone (reused prefixes included)
+# What a trial really trained (reused prefixes excluded): the search budget is charged this.
+SPENT_DEVICE_HOURS = "spent_device_hours"
 # Standard errors of the objectives (in a record's objectives, curves and metrics.json).
 ID_ACCURACY_SE = "id_accuracy_se"
 OOD_ACCURACY_SE = "ood_accuracy_se"
@@ -194,3 +196,36 @@ def _read_record(path: Path) -> TrialRecord | None:
     if not isinstance(record.key, str) or not isinstance(record.params, dict):
         return None
     return record
+
+
+def spend_summary(records: list[TrialRecord]) -> dict[str, float]:
+    """What a run's trials cost: ``nominal_device_hours`` (each COMPLETE trial's schedule
+    trained alone, what the per-trial budget limits), ``spent_device_hours`` (what was really
+    trained, reused prefixes counted once) and ``saved_share`` (1 - spent / nominal).
+
+    >>> r = TrialRecord(key="a", params={}, schedule={}, status=COMPLETE,
+    ...                 objectives={DEVICE_HOURS: 0.02}, ledger={SPENT_DEVICE_HOURS: 0.005})
+    >>> spend_summary([r])["saved_share"]
+    0.75
+    """
+    nominal = spent = 0.0
+    for record in records:
+        if record.status != COMPLETE:
+            continue
+        hours = record.objectives.get(DEVICE_HOURS, record.ledger.get(DEVICE_HOURS, 0.0))
+        nominal += float(hours or 0.0)
+        spent += float(record.ledger.get(SPENT_DEVICE_HOURS, hours) or 0.0)
+    return {"nominal_device_hours": nominal, "spent_device_hours": spent,
+            "saved_share": 1.0 - spent / nominal if nominal > 0 else 0.0}
+
+
+def describe_spend(spend: dict[str, float]) -> str:
+    """One line on a run's cost (:func:`spend_summary`), as status and the report print it.
+
+    >>> describe_spend({"nominal_device_hours": 0.1, "spent_device_hours": 0.04,
+    ...                 "saved_share": 0.6})[-51:]
+    '0.0400 spent: 60% saved by reusing trained prefixes'
+    """
+    return (f"{spend['nominal_device_hours']:.4f} device-hours nominal (each schedule trained "
+            f"alone), {spend['spent_device_hours']:.4f} spent: {spend['saved_share']:.0%} saved "
+            "by reusing trained prefixes")

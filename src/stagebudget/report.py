@@ -29,6 +29,8 @@ from stagebudget.records import (
     OOD_ACCURACY,
     PRUNED,
     RUNNING,
+    describe_spend,
+    spend_summary,
 )
 
 if TYPE_CHECKING:
@@ -75,6 +77,7 @@ def run_summary(run: Run, front: FrontInfo) -> list[tuple[str, str]]:
                    f"{c.get(RUNNING, 0)} running, {c.get(PRUNED, 0)} pruned "
                    f"of {run.meta.get('trials_requested', '?')} requested"),
         ("budget", f"{budget:.4g} device-hours per trial" if budget is not None else "unknown"),
+        ("cost", describe_spend(spend_summary(run.dir.records()))),
         ("objectives", objectives),
         ("front size", f"{len(front.front)} of {len(front.points)} completed trials"),
         ("hypervolume", f"{front.hypervolume:.4f} (reference point {ref})"),

@@ -32,6 +32,7 @@ from stagebudget.records import (
     OOD_ACCURACY,
     PRUNED,
     RUNNING,
+    SPENT_DEVICE_HOURS,
     STANDARD_ERROR_OF,
     WAITING,
     RunDir,
@@ -117,6 +118,15 @@ class TrialView:
         return ledger_hours(self.record.ledger)
 
     @property
+    def spent_hours(self) -> float | None:
+        """Device-hours this trial really trained (less than ``device_hours`` when it started
+        from a cached prefix or reused a finished twin)."""
+        if self.record is None:
+            return None
+        value = self.record.ledger.get(SPENT_DEVICE_HOURS)
+        return float(value) if isinstance(value, int | float) else self.device_hours
+
+    @property
     def error(self) -> str | None:
         """The record's error, else the study's (``error``, as stagebudget sets it; else
         Optuna's ``fail_reason``)."""
@@ -171,6 +181,7 @@ class StatusRow:
     error: str | None
     id_se: float | None = None
     ood_se: float | None = None
+    spent_hours: float | None = None
 
 
 def ledger_hours(ledger: dict[str, Any]) -> float | None:
@@ -273,6 +284,7 @@ class Run:
                 on_front=v.number in on_front, knee=v.number is not None and v.number == front.knee,
                 error=v.error.strip().splitlines()[0] if v.error and v.error.strip() else None,
                 id_se=_se(v, ID_ACCURACY), ood_se=_se(v, OOD_ACCURACY),
+                spent_hours=v.spent_hours,
             )
             for v in self.trials()
         ]

@@ -30,8 +30,17 @@ from typing import Any
 
 from stagebudget import __version__
 from stagebudget.errors import UserError
-from stagebudget.fileio import DISK_FULL, atomic_write_yaml
-from stagebudget.records import COMPLETE, DEVICE_HOURS, ERROR_ATTR, FAILED, RUNNING, RunDir
+from stagebudget.fileio import DISK_FULL, atomic_write_yaml, read_json
+from stagebudget.records import (
+    COMPLETE,
+    DEVICE_HOURS,
+    ERROR_ATTR,
+    FAILED,
+    RUNNING,
+    SPENT_DEVICE_HOURS,
+    RunDir,
+    spend_summary,
+)
 from stagebudget.runs import study_storage_url
 from stagebudget.space import SearchSpace, check_run_name, make_sampler
 from stagebudget.studystore import normalize_url, open_storage
@@ -108,7 +117,8 @@ def _drive(plan: SearchPlan, *, resume: bool, address: str | None, live: bool,
         elif _is_disk_full(exc):
             raise _disk_full(plan, exc) from None
         raise
-    plan.meta.update(stopped_by_budget=stopped, finished=time.time())
+    plan.meta.update(stopped_by_budget=stopped, finished=time.time(),
+                     spend=spend_summary(plan.run.records()))
     plan.run.write_meta(_without_tool(plan.meta))
     _summarise(plan, live)
     return plan.run.root
@@ -474,7 +484,8 @@ def _resume_plan(run: RunDir, meta: dict[str, Any], lock: DriverLock, *, trials:
     seen = [t.system_attrs.get("fixed_params", t.params) for t in study.get_trials(deepcopy=False)]
     points = [p for _, p in space.reference_points()
               if space.references and not any(_same_params(p, s) for s in seen)]
-    prior = sum(r.objectives.get(DEVICE_HOURS, 0.0) for r in run.records())
+    prior = sum(r.ledger.get(SPENT_DEVICE_HOURS, r.objectives.get(DEVICE_HOURS, 0.0))
+                for r in run.records())
     return SearchPlan(run, space, meta, store, space.trials - finished, points, prior, lock=lock)
 
 
@@ -589,7 +600,7 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
     from stagebudget.stages.common import resolve_device
 
     device = resolve_device(space.device, gpus=space.resources_per_trial.gpu)
-    cost = space.cost_model(device)
+    cost = frozen_cost_model(plan.run.root, space, device)
     trainable = tune.with_parameters(
         trial_trainable, space=space, run_dir=str(plan.run.root.resolve()), trial_fn=trial_fn,
         cost=cost, device=device, base_dir=str(Path(plan.meta["space_file"]).parent))
@@ -633,6 +644,25 @@ def _plain_sigint() -> Iterator[None]:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = old
+
+
+COST_FILE = "cost.json"
+
+
+def frozen_cost_model(run_root: Path, space: SearchSpace, device: str) -> Any:
+    """The cost model this run plans with, frozen into ``RUN/cost.json`` when the run starts
+    and read back on every resume: params -> schedule stays the same within a run even when a
+    calibrated table is remade meanwhile."""
+    from stagebudget.cost import CostModel
+
+    path = run_root / COST_FILE
+    if path.is_file():
+        frozen = CostModel.load(path, space.cost_model(device).shape)
+        frozen.source = str(read_json(path).get("source", frozen.source))
+        return frozen
+    cost = space.cost_model(device)
+    cost.save(path, source=cost.source)
+    return cost
 
 
 def _planner(space: SearchSpace, cost: Any) -> Callable[[dict[str, Any]], float]:

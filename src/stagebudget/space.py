@@ -312,6 +312,30 @@ class Resources(Strict):
     gpu: float = Field(default=0, ge=0)
 
 
+class ReuseSpec(Strict):
+    """Stage-prefix reuse (:mod:`stagebudget.prefixcache`): trials start from the longest
+    prefix of their schedule any trial has trained. ``cache_dir`` (relative: to the space
+    file) must be readable by every node of a cluster; ``max_gb`` caps its size (least
+    recently used entries are evicted first)."""
+
+    enabled: bool = Field(default=True, strict=True)
+    cache_dir: str | None = None
+    max_gb: float = Field(default=20.0, gt=0, allow_inf_nan=False)
+
+    def cache(self, base_dir: Path | str | None = None) -> Any:
+        """The :class:`~stagebudget.prefixcache.PrefixCache` to train with (None when off)."""
+        from stagebudget.prefixcache import PrefixCache
+
+        if not self.enabled:
+            return None
+        root = None
+        if self.cache_dir is not None:
+            root = Path(self.cache_dir).expanduser()
+            if not root.is_absolute() and base_dir is not None:
+                root = Path(base_dir) / root
+        return PrefixCache(root, max_gb=self.max_gb)
+
+
 DEFAULT_OBJECTIVES = (ObjectiveSpec(name=ID_ACCURACY), ObjectiveSpec(name=OOD_ACCURACY))
 
 
@@ -334,6 +358,7 @@ class SearchSpace(Strict):
     device: str = "auto"
     cost_table: str | None = None
     trust_remote_code: bool = Field(default=False, strict=True)
+    reuse: ReuseSpec = ReuseSpec()
 
     @field_validator("name")
     @classmethod
@@ -598,6 +623,25 @@ class SearchSpace(Strict):
                 "these points", source=self._source, field="budget.per_trial_hours")
         plans.sort(key=lambda p: p[0])
         return plans[0][1], plans[-1][1]
+
+    def checkpoint_steps(self, schedule: Schedule, cost: CostModel) -> list[list[int]]:
+        """For each stage of ``schedule``, the step counts this space can plan for the same
+        stage after the same earlier stages (every point :meth:`feasibility_params` plans): the
+        prefixes other trials are likely to ask for, where a trial should leave a checkpoint.
+        """
+        from stagebudget.prefixcache import stage_keys
+
+        by_key: dict[str, set[int]] = {}
+        for params in self.feasibility_params():
+            try:
+                planned = self.schedule_from_params(params, cost)
+            except (ValueError, UserError):
+                continue
+            for key, stage in zip(stage_keys({}, planned.stages), planned.stages, strict=True):
+                by_key.setdefault(key, set()).add(stage.steps)
+        return [sorted(s for s in by_key.get(key, ()) if s < stage.steps)
+                for key, stage in zip(stage_keys({}, schedule.stages), schedule.stages,
+                                      strict=True)]
 
     def reference_points(self) -> list[tuple[str, dict[str, Any]]]:
         """Reference schedules every front is read against, as params inside this space.

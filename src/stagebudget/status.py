@@ -8,7 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from stagebudget.pareto import FrontInfo
-from stagebudget.records import COMPLETE, FAILED, PRUNED, RUNNING, WAITING
+from stagebudget.records import COMPLETE, FAILED, PRUNED, RUNNING, WAITING, describe_spend, spend_summary
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -37,7 +37,8 @@ def trials_table(rows: list[StatusRow], title: str = "trials") -> Table:
                      ("schedule", {"overflow": "fold", "min_width": 16}),
                      ("sft share", {"justify": "right"}),
                      ("ID ± SE", {"justify": "right"}), ("OOD ± SE", {"justify": "right"}),
-                     ("dev-h", {"justify": "right"}), ("front", {"justify": "center"}),
+                     ("dev-h", {"justify": "right"}), ("spent", {"justify": "right"}),
+                     ("front", {"justify": "center"}),
                      ("error", {"overflow": "ellipsis", "max_width": 36, "no_wrap": True})):
         table.add_column(name, **kw)  # type: ignore[arg-type]
     for r in rows:
@@ -51,6 +52,7 @@ def trials_table(rows: list[StatusRow], title: str = "trials") -> Table:
             _with_se(r.id_accuracy, r.id_se),
             _with_se(r.ood_accuracy, r.ood_se),
             _fmt(r.device_hours, ".4f"),
+            _fmt(r.spent_hours, ".4f"),
             Text(mark, style="bold green") if mark else "",
             Text(r.error or "", style="red"),
             style="dim" if r.state not in (COMPLETE, RUNNING) else None,
@@ -92,6 +94,9 @@ def render_status(run: Run, console: Console) -> None:
         + (f"; budget {budget:.4g} device-hours per trial" if budget is not None else "")
     )
     console.print(trials_table(run.status_rows(front)))
+    spend = spend_summary(run.dir.records())
+    if spend["nominal_device_hours"] > 0:
+        console.print(f"cost: {describe_spend(spend)}")
     if front.empty:
         console.print("no completed trial yet: the front appears once a trial completes")
         return

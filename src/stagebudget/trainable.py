@@ -27,6 +27,7 @@ from stagebudget.records import (
     ID_ACCURACY,
     OOD_ACCURACY,
     RUNNING,
+    SPENT_DEVICE_HOURS,
     RunDir,
     TrialRecord,
 )
@@ -111,15 +112,20 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     schedule = space.schedule_from_params(params, cost, name=reference or key)
     record = _start_record(run, key, params, schedule.to_dict(), reference)
     reporter = _Reporter(tune.report)
-    twin = finished_twin(run, schedule.to_dict(), exclude=key)
+    twin = finished_twin(run, schedule.to_dict(), exclude=key) if space.reuse.enabled else None
     if twin is not None:
         _reuse(run, record, twin)
-        tune.report({**reporter.latest, **record.objectives, "final": True})
+        tune.report({**reporter.latest, **record.objectives, SPENT_DEVICE_HOURS: 0.0,
+                     "final": True})
         return
     try:
+        prefix = space.reuse.cache(base_dir)
         result = fn(schedule, out_dir=run.trial_dir(key), report=reporter, device=device,
                     cost=cost, cache_dir=Path(cache_dir) if cache_dir else None,
-                    base_dir=Path(base_dir) if base_dir else None)
+                    base_dir=Path(base_dir) if base_dir else None,
+                    **({"prefix_cache": prefix,
+                        "checkpoint_steps": space.checkpoint_steps(schedule, cost)}
+                       if prefix is not None else {}))
         objectives = {k: float(v) for k, v in result.objectives().items()}
     except DeterministicError as exc:
         # A retry would fail the same way: end the trial now. Ray retries every exception, so
@@ -134,7 +140,8 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     record.status, record.finished = COMPLETE, time.time()
     record.objectives, record.ledger = objectives, dict(getattr(result, "ledger", {}) or {})
     run.write_record(record)
-    tune.report({**reporter.latest, **objectives, "final": True})
+    spent = record.ledger.get(SPENT_DEVICE_HOURS, objectives.get(DEVICE_HOURS, 0.0))
+    tune.report({**reporter.latest, **objectives, SPENT_DEVICE_HOURS: spent, "final": True})
 
 
 def finished_twin(run: RunDir, schedule: dict[str, Any], exclude: str) -> TrialRecord | None:
@@ -163,7 +170,8 @@ def _reuse(run: RunDir, record: TrialRecord, twin: TrialRecord) -> None:
         atomic_write_text(run.trial_dir(record.key) / "curves.jsonl", src.read_text())
     record.status, record.finished, record.reused_from = COMPLETE, time.time(), twin.key
     record.objectives = dict(twin.objectives)
-    record.ledger = {**twin.ledger, "reused_from": twin.key, "spent_device_seconds": 0.0}
+    record.ledger = {**twin.ledger, "reused_from": twin.key, "spent_train_seconds": 0.0,
+                     SPENT_DEVICE_HOURS: 0.0}
     run.write_record(record)
 
 

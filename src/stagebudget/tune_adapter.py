@@ -33,6 +33,7 @@ from stagebudget.records import (
     DEVICE_HOURS,
     ERROR_ATTR,
     FAILED,
+    SPENT_DEVICE_HOURS,
     RunDir,
     TrialRecord,
 )
@@ -121,7 +122,8 @@ def _same(a: Any, b: Any) -> bool:
 class BudgetLimiter(Searcher):
     """Searcher wrapper that stops *starting* trials once the search budget would be passed.
 
-    Spend = measured device-hours of finished trials (+ ``prior_hours`` from before a resume)
+    Spend = device-hours finished trials really trained (a reused prefix is not charged
+    twice; + ``prior_hours`` from before a resume)
     + planned device-hours of running ones. A new trial starts only if spend plus the per-trial
     budget (the most any trial can plan) fits in ``budget_hours``. Running trials always finish,
     so no Optuna trial is left RUNNING and none is cut short with a half-trained score.
@@ -167,8 +169,9 @@ class BudgetLimiter(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
         planned = self.running.pop(trial_id, 0.0)
-        if result and DEVICE_HOURS in result:
-            self.spent_hours += float(result[DEVICE_HOURS])
+        if result and (SPENT_DEVICE_HOURS in result or DEVICE_HOURS in result):
+            # what the trial really trained: a reused prefix was paid for by an earlier trial
+            self.spent_hours += float(result.get(SPENT_DEVICE_HOURS, result.get(DEVICE_HOURS, 0.0)))
         else:  # failed: charge what it had measured, else what it planned (it ran until killed)
             self.spent_hours += self.measured.get(trial_id, planned)
         self.measured.pop(trial_id, None)

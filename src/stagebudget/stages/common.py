@@ -46,6 +46,11 @@ class StageContext:
     """Everything a stage needs. ``evaluate(model, step)`` is the pipeline's evaluation hook.
 
     ``logs`` receives every training log row (TRL's ``loss``/``reward``...) with its ``step``.
+    ``resume_from`` is a Trainer checkpoint to go on from (a cached prefix of this stage);
+    ``on_checkpoint(step, folder)``, when set, receives a Trainer checkpoint at every evaluation
+    point, at the end and at the steps in ``checkpoint_at`` (the folder is deleted after the
+    call). ``evaluate_on_resume``: the
+    checkpoint's step is an evaluation point not measured yet; measure it before going on.
     """
 
     model: Any
@@ -59,6 +64,10 @@ class StageContext:
     device: str = "cpu"
     logs: list[dict[str, Any]] = field(default_factory=list)
     extra_callbacks: list[Any] = field(default_factory=list)
+    resume_from: str | None = None
+    on_checkpoint: Callable[[int, str], None] | None = None
+    checkpoint_at: frozenset[int] = frozenset()
+    evaluate_on_resume: bool = False
 
 
 @dataclass
@@ -140,6 +149,8 @@ def training_args(ctx: StageContext, **extra: Any) -> dict[str, Any]:
         "disable_tqdm": True,
         **precision_args(ctx.device),
     }
+    if ctx.on_checkpoint is not None:  # checkpoints at the evaluation points, for prefix reuse
+        args.update(save_strategy="steps", save_steps=spec.eval_interval, save_only_model=False)
     args.update(extra)
     return args
 
@@ -161,8 +172,32 @@ def quiet_libraries() -> None:
 
 def stage_callbacks(ctx: StageContext) -> list[Any]:
     """Callbacks every stage trains with: logging + divergence + evaluation, and the budget."""
-    return [_log_eval_callback(ctx), budget_callback(ctx.clock),
-            *ctx.extra_callbacks]
+    callbacks = [_log_eval_callback(ctx), budget_callback(ctx.clock), *ctx.extra_callbacks]
+    if ctx.on_checkpoint is not None:
+        callbacks.append(_checkpoint_callback(ctx.on_checkpoint, ctx.checkpoint_at))
+    return callbacks
+
+
+def _checkpoint_callback(publish: Callable[[int, str], None], at: frozenset[int]) -> Any:
+    from transformers import TrainerCallback
+
+    class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
+        """Save also at the steps in ``at``; hand each checkpoint the Trainer saved to
+        ``publish``, then delete the folder."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step in at:
+                control.should_save = True
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                try:
+                    publish(int(state.global_step), folder)
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+
+    return CheckpointCallback()
 
 
 def _log_eval_callback(ctx: StageContext) -> Any:
@@ -170,6 +205,11 @@ def _log_eval_callback(ctx: StageContext) -> Any:
 
     class LogEvalCallback(TrainerCallback):  # type: ignore[misc]
         """Record each log row, raise on a non-finite loss, evaluate every eval_interval steps."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                           **kwargs: Any) -> None:
+            if ctx.evaluate_on_resume and ctx.resume_from is not None:  # weights are loaded
+                ctx.evaluate(model, int(state.global_step))
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                    model: Any = None, **kwargs: Any) -> None:
@@ -201,7 +241,7 @@ def train_and_merge(ctx: StageContext, trainer: Any) -> tuple[Any, int]:
     trainer.remove_callback(PrinterCallback)  # logs go to ctx.logs, not to stdout
     try:
         with ctx.clock.training():
-            trainer.train()
+            trainer.train(resume_from_checkpoint=ctx.resume_from)
     finally:
         shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     with ctx.clock.setting_up():

@@ -9,10 +9,11 @@ True
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,25 @@ class TaskSuite:
         if task not in self._scorers:
             self._scorers[task] = resolve_scorer(self.tasks[task].scorer, self.base_dir)
         return self._scorers[task]
+
+    def digest(self) -> str:
+        """SHA-256 of everything that decides what trains on and scores with this suite: the
+        examples of every split, the task descriptions and scorer names (a scorer file's
+        content too), answer extraction, format reward and generation length."""
+        scorer_files = {}
+        for info in self.tasks.values():
+            file, sep, _ = info.scorer.rpartition(":")
+            path = Path(file) if not self.base_dir or Path(file).is_absolute() \
+                else Path(self.base_dir) / file
+            if sep and file.endswith(".py") and path.is_file():
+                scorer_files[info.scorer] = hashlib.sha256(path.read_bytes()).hexdigest()
+        content = {
+            "splits": {s: [asdict(e) for e in getattr(self, s)] for s in SPLITS},
+            "tasks": {k: asdict(v) for k, v in sorted(self.tasks.items())},
+            "scorer_files": scorer_files, "answer_mode": self.answer_mode,
+            "format_reward": self.format_reward, "max_new_tokens": self.max_new_tokens,
+        }
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     def split(self, name: str) -> list[Example]:
         """The examples of split ``name`` (one of SPLITS)."""

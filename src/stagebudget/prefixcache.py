@@ -1,0 +1,279 @@
+"""Stage-prefix reuse: a content-addressed cache of stage checkpoints that trials share.
+
+Trials of one search often agree on their first stages: the same SFT settings for a different
+number of steps, or the same SFT followed by different RL. With a constant learning rate, k
+steps of a stage are exactly the first k steps of a longer run of the same stage, so a trial can
+start from the longest prefix any trial has already trained and train only the rest.
+
+A stage's **key** hashes everything that decides what it trains: the base model's content, the
+task data, the seed, the numerics of this machine (device, torch threads, package versions),
+every earlier stage's full spec and this stage's spec without its step count (evaluation
+intervals excepted: they do not change training). Under a key live:
+
+- ``step-<s>/``: a Trainer checkpoint after ``s`` steps (the adapter or weights, optimizer,
+  scheduler and RNG states; what ``Trainer.train(resume_from_checkpoint=...)`` reads), with the
+  stage's curve rows, log rows and spend up to ``s`` in ``records.json``. Written at every
+  evaluation point and at the stage's end.
+- ``end-<s>/``: the merged model after a stage of ``s`` steps (safetensors) with the whole
+  stage's rows, metrics and spend. A later stage starts from it.
+
+Every entry is built under ``tmp/`` and renamed into place after its ``MANIFEST.json`` (SHA-256
+and size of every file) is written, so a half-written entry is never seen; an entry whose files
+no longer match its manifest is removed and rebuilt. One trial at a time trains a key (a file
+lock beside the entries), so two trials that need the same prefix never both train it: the
+second waits, then starts from what the first published. Entries are evicted least recently
+used first when the cache grows past its size cap. The cache must live where every node reads
+when trials run on several machines (``reuse.cache_dir`` in the space).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stagebudget.basemodel import default_cache_dir
+from stagebudget.fileio import atomic_write_json
+from stagebudget.schedule import StageSpec
+
+LOG = logging.getLogger("stagebudget")
+
+MANIFEST = "MANIFEST.json"
+RECORDS = "records.json"
+CHECKPOINT = "checkpoint"
+MERGED = "merged"
+STEP, END = "step", "end"
+DEFAULT_MAX_GB = 20.0
+# Stage fields that do not change what trains: where a stage is measured (greedy decoding,
+# which draws no random numbers) is left out of keys, so trials planned with different
+# evaluation intervals share prefixes; a reused prefix brings the curve points it measured.
+NOT_TRAINING = frozenset({"eval_interval"})
+CACHE_FORMAT = 1  # bump when an entry's layout or meaning changes: old entries are never hit
+
+
+def default_prefix_cache_dir() -> Path:
+    """``$STAGEBUDGET_PREFIX_CACHE``, else ``<stagebudget cache>/prefixes`` (under
+    ``$STAGEBUDGET_CACHE`` or ``~/.cache/stagebudget``)."""
+    env = os.environ.get("STAGEBUDGET_PREFIX_CACHE")
+    return Path(env).expanduser() if env else default_cache_dir() / "prefixes"
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One published entry: ``kind`` (``step`` or ``end``) after ``steps`` steps of its key."""
+
+    key: str
+    kind: str
+    steps: int
+    path: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def merged(self) -> Path:
+        return self.path / MERGED
+
+    def records(self) -> dict[str, Any]:
+        """Curve rows, log rows, spend (and for an end entry the stage metrics)."""
+        return json.loads((self.path / RECORDS).read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+    def size(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+def stage_keys(context: dict[str, Any], stages: Sequence[StageSpec]) -> list[str]:
+    """The key of each stage of a schedule: ``context`` (what every stage depends on: base
+    model, data, seed, numerics) + the earlier stages' full specs + this stage's spec without
+    its steps.
+
+    >>> a = stage_keys({"seed": 0}, [StageSpec(kind="sft", steps=10)])
+    >>> b = stage_keys({"seed": 0}, [StageSpec(kind="sft", steps=20)])
+    >>> a == b   # the same stage, run for longer: one key, entries at different steps
+    True
+    >>> stage_keys({"seed": 1}, [StageSpec(kind="sft", steps=10)]) == a
+    False
+    """
+    keys = []
+    for index, spec in enumerate(stages):
+        earlier = [s.model_dump(mode="json", exclude_none=True, exclude=set(NOT_TRAINING))
+                   for s in stages[:index]]
+        this = spec.model_dump(mode="json", exclude_none=True, exclude={"steps", *NOT_TRAINING})
+        keys.append(_digest({"format": CACHE_FORMAT, "context": context, "earlier": earlier,
+                             "stage": this})[:32])
+    return keys
+
+
+class PrefixCache:
+    """Stage checkpoints under ``root`` (see the module docstring); ``max_gb`` caps its size."""
+
+    def __init__(self, root: Path | str | None = None, max_gb: float = DEFAULT_MAX_GB) -> None:
+        self.root = Path(root) if root is not None else default_prefix_cache_dir()
+        self.max_bytes = int(max_gb * 1e9)
+
+    # --- layout ----------------------------------------------------------------------------
+    def key_dir(self, key: str) -> Path:
+        return self.root / "entries" / key[:2] / key
+
+    def _name(self, kind: str, steps: int) -> str:
+        return f"{kind}-{steps}"
+
+    @contextmanager
+    def training(self, key: str) -> Iterator[None]:
+        """Hold the lock of ``key`` while a stage of it trains (blocks while another holds it)."""
+        from filelock import FileLock
+
+        path = self.root / "locks" / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path)):
+            yield
+
+    # --- lookup ----------------------------------------------------------------------------
+    def entries_of(self, key: str) -> list[Entry]:
+        """Published entries of ``key`` (not verified)."""
+        folder = self.key_dir(key)
+        out = []
+        for path in folder.glob("*-*") if folder.is_dir() else []:
+            kind, _, steps = path.name.partition("-")
+            if kind in (STEP, END) and steps.isdigit() and (path / MANIFEST).is_file():
+                out.append(Entry(key, kind, int(steps), path))
+        return out
+
+    def find(self, key: str, kind: str, steps: int) -> Entry | None:
+        """The verified ``kind`` entry of ``key`` at exactly ``steps`` steps, if any."""
+        entry = Entry(key, kind, steps, self.key_dir(key) / self._name(kind, steps))
+        return entry if (entry.path / MANIFEST).is_file() and self.verify(entry) else None
+
+    def latest_checkpoint(self, key: str, steps: int) -> Entry | None:
+        """The verified checkpoint of ``key`` with the most steps, at most ``steps``."""
+        found = sorted((e for e in self.entries_of(key) if e.kind == STEP and e.steps <= steps),
+                       key=lambda e: e.steps, reverse=True)
+        return next((e for e in found if self.verify(e)), None)
+
+    def verify(self, entry: Entry) -> bool:
+        """True when every file matches the manifest; a damaged entry is removed (and will be
+        rebuilt by whoever needs it) and False returned."""
+        try:
+            manifest = json.loads((entry.path / MANIFEST).read_text(encoding="utf-8"))
+            files = manifest["files"]
+            ok = all((entry.path / name).is_file()
+                     and (entry.path / name).stat().st_size == meta["size"]
+                     and _file_digest(entry.path / name) == meta["sha256"]
+                     for name, meta in files.items())
+        except (OSError, ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            LOG.warning("prefix cache: %s is damaged (its files do not match its manifest); "
+                        "removing it, it will be trained again", entry.path)
+            self._remove(entry.path)
+            return False
+        self._touch(entry.path)
+        return True
+
+    def _touch(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(path / MANIFEST)  # last use, for least-recently-used eviction
+
+    # --- publishing ------------------------------------------------------------------------
+    def publish(self, key: str, kind: str, steps: int, records: dict[str, Any],
+                fill: Callable[[Path], Any]) -> Entry | None:
+        """Build an entry in a scratch folder (``fill(folder)`` writes its files), write its
+        records and manifest, then rename it into place. Returns None when the same entry was
+        published meanwhile (by another trial) or when writing failed: a cache that cannot be
+        written slows a search down but never fails a trial."""
+        final = self.key_dir(key) / self._name(kind, steps)
+        if (final / MANIFEST).is_file():
+            return None
+        scratch = self.root / "tmp" / f"{uuid.uuid4().hex}"
+        try:
+            scratch.mkdir(parents=True)
+            fill(scratch)
+            atomic_write_json(scratch / RECORDS, records)
+            files = {str(f.relative_to(scratch)): {"size": f.stat().st_size,
+                                                    "sha256": _file_digest(f)}
+                     for f in sorted(scratch.rglob("*")) if f.is_file()}
+            atomic_write_json(scratch / MANIFEST, {"key": key, "kind": kind, "steps": steps,
+                                                   "created": time.time(), "files": files})
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(scratch, final)
+        except OSError as exc:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if not (final / MANIFEST).is_file():
+                LOG.warning("prefix cache: could not publish %s (%s)", final, exc)
+            return None
+        self.evict()
+        return Entry(key, kind, steps, final)
+
+    def _remove(self, path: Path) -> None:
+        """Move ``path`` out of sight atomically, then delete it."""
+        grave = self.root / "tmp" / f"removed-{uuid.uuid4().hex}"
+        try:
+            grave.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(path, grave)
+        except OSError:
+            return
+        shutil.rmtree(grave, ignore_errors=True)
+
+    # --- housekeeping ----------------------------------------------------------------------
+    def all_entries(self) -> list[Entry]:
+        """Every published entry (not verified), oldest use first."""
+        found = []
+        for folder in (self.root / "entries").glob("*/*") if self.root.is_dir() else []:
+            found.extend(self.entries_of(folder.name))
+        return sorted(found, key=lambda e: _last_used(e.path))
+
+    def size(self) -> int:
+        """Bytes held by published entries."""
+        return sum(e.size() for e in self.all_entries())
+
+    def evict(self, max_bytes: int | None = None) -> list[Entry]:
+        """Remove least recently used entries until the cache holds at most ``max_bytes``
+        (default: its cap). Returns what was removed."""
+        cap = self.max_bytes if max_bytes is None else max_bytes
+        entries = self.all_entries()
+        sizes = {e.path: e.size() for e in entries}
+        total, removed = sum(sizes.values()), []
+        for entry in entries:
+            if total <= cap:
+                break
+            self._remove(entry.path)
+            total -= sizes[entry.path]
+            removed.append(entry)
+        return removed
+
+    def clean_scratch(self, older_than_seconds: float = 3600.0) -> None:
+        """Delete scratch folders left by writers that died (older than an hour)."""
+        now = time.time()
+        for path in (self.root / "tmp").glob("*") if (self.root / "tmp").is_dir() else []:
+            if now - path.stat().st_mtime > older_than_seconds:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _last_used(path: Path) -> float:
+    try:
+        return (path / MANIFEST).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+__all__ = ["DEFAULT_MAX_GB", "Entry", "PrefixCache", "default_prefix_cache_dir", "stage_keys"]

@@ -1,0 +1,84 @@
+"""The replay backend: a search whose trials look their results up in a table made by really
+training every schedule of a grid (bench/grid_table.py)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stagebudget.replay import ReplayMiss, load_table, mean_values, replay_key, replay_trial
+from stagebudget.schedule import Schedule, StageSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _row(schedule: Schedule, seed: int, id_acc: float, ood: float) -> dict:
+    return {"schedule": schedule.model_copy(update={"seed": seed}).to_dict(), "seed": seed,
+            "id_accuracy": id_acc, "ood_accuracy": ood, "id_accuracy_se": 0.01,
+            "ood_accuracy_se": 0.02, "nominal_device_hours": 0.004,
+            "spent_device_hours": 0.001}
+
+
+def test_a_lookup_draws_a_seed_reproducibly_and_a_miss_is_named(tmp_path):
+    sft = Schedule(stages=(StageSpec(kind="sft", steps=10),))
+    table = tmp_path / "table.jsonl"
+    table.write_text("\n".join(json.dumps(r) for r in (
+        _row(sft, 0, 0.5, 0.4), _row(sft, 1, 0.7, 0.2))) + "\n")
+    draws = {replay_trial(sft, tmp_path / f"run{i}" / "trials" / "t", table=str(table)).id_accuracy
+             for i in range(20)}
+    assert draws == {0.5, 0.7}  # both seeds are drawn, over runs
+    again = replay_trial(sft, tmp_path / "run3" / "trials" / "t", table=str(table))
+    assert again.id_accuracy == replay_trial(sft, tmp_path / "run3" / "trials" / "u",
+                                             table=str(table)).id_accuracy
+    assert again.objectives()["ood_accuracy_se"] == 0.02
+    assert again.ledger["spent_device_hours"] == 0.004  # charged as if trained alone
+    assert mean_values(load_table(str(table)))[replay_key(sft.to_dict())] == pytest.approx(
+        (0.6, 0.3))
+    other = Schedule(stages=(StageSpec(kind="sft", steps=11),))
+    with pytest.raises(ReplayMiss, match="not in the replay table"):
+        replay_trial(other, table=str(table))
+
+
+@pytest.mark.slow
+def test_a_grid_table_replays_through_the_real_search(tmp_path, tiny_base):
+    """Train a 2 x 2 grid for real (grid_table.py), then run a search whose trials are looked
+    up in it: every trial completes with a table row's values, in seconds per trial."""
+    from stagebudget.records import COMPLETE, RunDir
+    from stagebudget.search import run_search
+
+    space = tmp_path / "grid.yaml"
+    space.write_text(yaml.safe_dump({
+        "name": "grid", "base_model": str(tiny_base),
+        "tasks": {"source": "builtin", "n_train": 100, "n_id_test": 10, "n_ood_test": 10},
+        "budget": {"per_trial_hours": 0.0015}, "references": False,
+        "stages": {"sft": {"share": {"type": "categorical", "choices": [0.25, 0.75]},
+                           "lora_rank": 8, "batch_size": 8, "eval_interval": 10},
+                   "rl": {"share": "rest", "lora_rank": {"type": "categorical", "choices": [2, 4]},
+                          "batch_size": 4, "num_generations": 4, "eval_interval": 10}},
+        "sampler": {"name": "grid", "seed": 0}, "trials": 4, "concurrency": 1}))
+    table = tmp_path / "table.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "grid_table.py"), "--space", str(space),
+                    "--seeds", "0", "1", "--out", str(table)], check=True, cwd=tmp_path)
+    rows = [json.loads(line) for line in table.read_text().splitlines()]
+    assert len(rows) == 8 and {r["seed"] for r in rows} == {0, 1}
+    # the second seed's RL stages start from nothing shared, but each seed's schedules share SFT
+    assert sum(r["spent_device_hours"] for r in rows) < sum(r["nominal_device_hours"]
+                                                            for r in rows)
+    run = run_search(space, name="replayed", runs_dir=tmp_path / "runs", live=False,
+                     trial_fn=functools.partial(replay_trial, table=str(table)))
+    by_key: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        by_key.setdefault(replay_key(r["schedule"]), []).append(
+            (r["id_accuracy"], r["ood_accuracy"]))
+    records = RunDir(run).records()
+    assert len(records) == 4
+    for record in records:
+        assert record.status == COMPLETE, record.error
+        got = (record.objectives["id_accuracy"], record.objectives["ood_accuracy"])
+        assert got in by_key[replay_key(record.schedule)]
