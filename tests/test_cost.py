@@ -115,7 +115,7 @@ def test_cpu_prices_follow_the_measured_tiny_model(cost):
 
     assert step("sft", lora_rank=16, batch_size=64) > step("sft", lora_rank=0, batch_size=64)
     full, half = step("rl", lora_rank=4, batch_size=16), step("rl", lora_rank=4, batch_size=8)
-    assert half < 0.7 * full
+    assert half < 0.8 * full
     assert step("rl", lora_rank=4, batch_size=16) > 3 * step("sft", lora_rank=16, batch_size=64)
 
 

@@ -32,11 +32,12 @@ from stagebudget.schedule import Schedule, StageSpec, TasksRef
 # GRPO LoRA r4 with 8 completions of <= 14 tokens per prompt 0.372 s (16 prompts) and
 # ~0.21 s (8 prompts). A LoRA adapter costs a fixed time per step at this size (28 small
 # adapter modules, each a few extra operations forward and backward), more than its FLOPs say;
-# sampling runs one token per row per forward, at a fraction of the training FLOP rate
-# (``gen_flops_factor``). cuda: an H100.
+# sampling pays ~5 ms per generated token whatever the batch (a forward call; a rough value,
+# not fitted: it matters for long completions in small batches) and runs its FLOPs at a
+# fraction of the training rate (``gen_flops_factor``, fitted to the two GRPO times). cuda: an H100.
 _DEVICE = {
-    "cpu": {"flops": 5.2e10, "step_overhead": 0.037, "gen_token_overhead": 0.0,
-            "lora_step_overhead": 0.026, "gen_flops_factor": 10.9},
+    "cpu": {"flops": 5.2e10, "step_overhead": 0.037, "gen_token_overhead": 0.005,
+            "lora_step_overhead": 0.026, "gen_flops_factor": 6.2},
     "cuda": {"flops": 1.5e14, "step_overhead": 0.05, "gen_token_overhead": 0.015,
              "lora_step_overhead": 0.0, "gen_flops_factor": 1.0},
 }
