@@ -6,8 +6,9 @@ Each arm is one schedule trained with the real pipeline (TRL + PEFT) on the buil
 the demo's settings (search_spaces/demo.yaml: its test sizes and stage settings), evaluated on
 the held-out ID and OOD sets at every evaluation point. Every accuracy is printed with its
 standard error. For RL stages it also prints the mean reward of the first and last quarter of
-the stage and the share of GRPO groups whose completions all got the same reward (TRL's
-``frac_reward_zero_std``): those groups give GRPO no signal. A JSON summary is written to
+the stage (the whole reward, and its task-score part alone: exact match without the format
+term and partial credit) and the share of GRPO groups whose completions all got the same
+reward (TRL's ``frac_reward_zero_std``): those groups give GRPO no signal. A JSON summary is written to
 ``OUT/landscape.json``.
 """
 
@@ -37,7 +38,9 @@ def demo_settings() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
 # searched dimensions of the demo, at one value each
 SFT = {"lora_rank": int(os.environ.get("SFT_RANK", 16)), "batch_size": int(os.environ.get("SFT_BATCH", 32)),
        "learning_rate": float(os.environ.get("SFT_LR", 1e-3))}
-RL = {"lora_rank": int(os.environ.get("RL_RANK", 4)), **json.loads(os.environ.get("RL_EXTRA", "{}"))}
+RL = {"lora_rank": int(os.environ.get("RL_RANK", 4)),
+      "learning_rate": float(os.environ.get("RL_LR", 1e-3)),
+      **json.loads(os.environ.get("RL_EXTRA", "{}"))}
 
 ARMS: dict[str, list[tuple[str, int, dict[str, Any]]]] = {
     # name -> stages as (kind, steps, overrides); lengths chosen to span the demo's budget
@@ -65,7 +68,9 @@ def run_arm(name: str, seed: int, out: Path, sft: dict[str, Any], rl: dict[str, 
     result = run_schedule(schedule, out / f"{name}-s{seed}", device="cpu")
     wall = time.perf_counter() - start
     stats = [{k: s.get(k) for k in ("kind", "steps_done", "seconds_per_step", "reward_first",
-                                     "reward_last", "reward_gain", "zero_std_share")}
+                                     "reward_last", "reward_gain", "reward_gain_matched",
+                                     "score_first", "score_last", "score_gain",
+                                     "score_gain_matched", "zero_std_share")}
              for s in result.metrics["stages"]]
     return {"arm": name, "seed": seed, "schedule": schedule.describe(), "curve": result.curves,
             "stages": stats, "wall_seconds": round(wall, 1),

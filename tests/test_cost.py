@@ -105,6 +105,20 @@ def test_a_longer_sft_max_length_plans_longer_steps() -> None:
     assert cm.step_seconds(StageSpec(kind="sft", steps=1)) == cm.step_seconds(short)
 
 
+def test_cpu_prices_follow_the_measured_tiny_model(cost):
+    """The fitted cpu constants keep what was measured on the tiny model (2-core CPU): a LoRA
+    SFT step costs more than a full fine-tuning one (the adapter's fixed cost dominates at this
+    size), and a GRPO step's sampling scales with its rows, so half the prompts cost well under
+    a full step."""
+    def step(kind: str, **kw) -> float:
+        return cost.step_seconds(StageSpec(kind=kind, steps=1, **kw))
+
+    assert step("sft", lora_rank=16, batch_size=64) > step("sft", lora_rank=0, batch_size=64)
+    full, half = step("rl", lora_rank=4, batch_size=16), step("rl", lora_rank=4, batch_size=8)
+    assert half < 0.8 * full
+    assert step("rl", lora_rank=4, batch_size=16) > 3 * step("sft", lora_rank=16, batch_size=64)
+
+
 def test_a_run_plans_with_its_frozen_cost_model_on_resume(tmp_path, monkeypatch):
     """RUN/cost.json freezes the cost model (analytic constants included): after the built-in
     constants change, the run still plans the schedules it planned when it started."""

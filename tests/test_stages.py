@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -25,6 +27,9 @@ class ToySuite:
     ])
     id_test: list[Example] = field(default_factory=list)
     ood_test: list[Example] = field(default_factory=list)
+    # a graded scorer of its own: the RL reward adds no partial credit
+    tasks: dict[str, Any] = field(default_factory=lambda: {"toy": SimpleNamespace(scorer="toy")})
+    answer_mode: str = "full"
 
     def score(self, example: Example, prediction: str) -> float:
         return float(prediction.strip() == example.answer)
@@ -178,3 +183,34 @@ def test_gpu_seconds_count_devices_held():
     assert clock.train_seconds() == 3.0
     with pytest.raises(ValueError, match="budget_seconds"):
         BudgetClock(0.0)
+
+
+def test_reward_metrics_report_the_task_score_apart_from_the_shaped_reward():
+    from stagebudget.stages.rl import reward_metrics
+
+    logs = [{"step": i + 1, "reward": 1.0 + i / 10, "frac_reward_zero_std": 0.25}
+            for i in range(8)]
+    out = reward_metrics(logs, scores=[0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 0.6, 0.6])
+    assert out["reward_first"] == pytest.approx(1.05) and out["reward_last"] == pytest.approx(1.65)
+    assert out["score_first"] == pytest.approx(0.2) and out["score_last"] == pytest.approx(0.6)
+    assert out["score_gain"] == pytest.approx(0.4) and out["zero_std_share"] == 0.25
+    assert reward_metrics([])["score_gain"] is None
+
+
+def test_matched_gain_ignores_which_prompts_a_quarter_drew():
+    """Prompts drawn in a harder mix late in a stage do not read as the model getting worse."""
+    from stagebudget.stages.rl import matched_gain, reward_metrics
+
+    easy, hard = ("charge", 4), ("translate", 5)
+    # the model does not change: easy prompts always score 1, hard ones 0; the early steps
+    # drew mostly easy prompts, the late steps mostly hard ones
+    calls = [[(easy, 1.0, 1.0)] * 3 + [(hard, 0.0, 0.0)]] * 4 \
+        + [[(easy, 1.0, 1.0)] + [(hard, 0.0, 0.0)] * 3] * 4
+    out = reward_metrics([{"step": i + 1, "reward": sum(r for _, r, _ in c) / 4}
+                          for i, c in enumerate(calls)], calls=calls)
+    assert out["reward_gain"] == pytest.approx(-0.5)
+    assert out["reward_gain_matched"] == pytest.approx(0.0)
+    better = calls[:4] + [[(easy, 1.0, 1.0)] + [(hard, 0.5, 0.0)] * 3] * 4
+    assert matched_gain(better, 1) == pytest.approx(0.25)  # hard prompts +.5, half the rows
+    assert matched_gain(better, 2) == pytest.approx(0.0)
+    assert matched_gain([]) is None

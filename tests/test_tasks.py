@@ -336,3 +336,22 @@ def test_the_grpo_reward_scores_chat_completions_with_the_task_scorer(tmp_path):
                               [{"role": "assistant", "content": "<answer>TAC</answer>"}],
                               [{"role": "assistant", "content": "TAA"}]])
     assert got == pytest.approx([1.1, 2 / 3 + 0.1, 0.0])
+
+
+def test_the_grpo_reward_gives_partial_credit_to_exact_match_tasks():
+    from stagebudget.stages.rl import PARTIAL_CREDIT, suite_reward
+
+    suite = load_suite(names=["translate"], n_train=5, n_id_test=5, n_ood_test=5)
+    ex = next(e for e in suite.train if len(e.answer) >= 2)
+    seen = set("".join(e.answer for e in suite.train + suite.id_test + suite.ood_test))
+    near = min(seen - {ex.answer[0]}) + ex.answer[1:]  # one residue wrong, still well formed
+    reward = suite_reward(suite)
+    got = reward(prompts=[ex.prompt] * 3, answer=[ex.answer] * 3, task=[ex.task] * 3,
+                 completions=[ex.answer, near, ""])
+    credit = (len(ex.answer) - 1) / len(ex.answer)
+    assert got == pytest.approx([1.1 + PARTIAL_CREDIT, PARTIAL_CREDIT * credit + 0.1, 0.0])
+    assert reward.scores == [pytest.approx(1 / 3)]  # the task-score part, kept apart
+    assert [row[0] for row in reward.calls[0]] == [(ex.task, len(ex.answer))] * 3
+    plain = suite_reward(suite, partial=0.0)
+    assert plain(prompts=[ex.prompt], answer=[ex.answer], task=[ex.task],
+                 completions=[near]) == [pytest.approx(0.1)]

@@ -26,12 +26,20 @@ from stagebudget.kinds import get_kind, stage_kinds
 from stagebudget.schedule import Schedule, StageSpec, TasksRef
 
 # Effective throughput and per-step overheads for the analytic fallback. They are rough on
-# purpose (fitted to measured TRL step times of the tiny model on a 2-core CPU: SFT ~0.107 s,
-# GRPO 16x8 ~0.8 s per step, one thread per trial; and to an H100 for cuda); calibrate
-# replaces them with measured numbers for the hardware at hand.
+# purpose; calibrate replaces them with measured numbers for the hardware at hand. cpu: fitted
+# (2026-11-23) to the step times of builtin:tiny in the demo's trials (two trials at a time on
+# a 2-core CPU, one thread each): SFT batch 64 full fine-tuning 0.089 s and LoRA r16 0.111 s,
+# GRPO LoRA r4 with 8 completions of <= 14 tokens per prompt 0.372 s (16 prompts) and
+# ~0.21 s (8 prompts). A LoRA adapter costs a fixed time per step at this size (28 small
+# adapter modules, each a few extra operations forward and backward), more than its FLOPs say;
+# sampling pays ~5 ms per generated token whatever the batch (a forward call; a rough value,
+# not fitted: it matters for long completions in small batches) and runs its FLOPs at a
+# fraction of the training rate (``gen_flops_factor``, fitted to the two GRPO times). cuda: an H100.
 _DEVICE = {
-    "cpu": {"flops": 5.2e10, "step_overhead": 0.03, "gen_token_overhead": 0.023},
-    "cuda": {"flops": 1.5e14, "step_overhead": 0.05, "gen_token_overhead": 0.015},
+    "cpu": {"flops": 5.2e10, "step_overhead": 0.037, "gen_token_overhead": 0.005,
+            "lora_step_overhead": 0.026, "gen_flops_factor": 6.2},
+    "cuda": {"flops": 1.5e14, "step_overhead": 0.05, "gen_token_overhead": 0.015,
+             "lora_step_overhead": 0.0, "gen_flops_factor": 1.0},
 }
 DEFAULT_SEQ_LEN = 32
 # The planner fills this fraction of a budget: step times vary by a few percent from run to run,
@@ -211,16 +219,19 @@ class CostModel:
         p = self.shape.n_params
         lora_params = 2 * spec.lora_rank * self.shape.hidden * 7 * self.shape.layers
         train_factor = 6 if spec.lora_rank == 0 else 4
+        # .get: a cost model frozen before these constants existed plans as it did then
+        lora_fixed = dev.get("lora_step_overhead", 0.0) if spec.lora_rank else 0.0
         if get_kind(spec.kind).generates:
             gens, comp = _generations(spec), _completion(spec)
             n_seq = spec.batch_size * gens
             tokens = n_seq * (self.seq_len + comp)
-            gen_flops = 2 * p * n_seq * comp
+            gen_flops = 2 * p * n_seq * comp * dev.get("gen_flops_factor", 1.0)
             train = (train_factor * p + 6 * lora_params) * tokens
-            fixed = dev["step_overhead"] * 2 + comp * dev["gen_token_overhead"]
+            fixed = dev["step_overhead"] * 2 + lora_fixed + comp * dev["gen_token_overhead"]
             return fixed + (gen_flops + train) / dev["flops"]
         tokens = spec.batch_size * self._seq_len(spec)
-        return dev["step_overhead"] + (train_factor * p + 6 * lora_params) * tokens / dev["flops"]
+        return (dev["step_overhead"] + lora_fixed
+                + (train_factor * p + 6 * lora_params) * tokens / dev["flops"])
 
     def schedule_seconds(self, schedule: Schedule) -> float:
         """Planned training device-seconds of a whole schedule."""

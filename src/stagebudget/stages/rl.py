@@ -51,23 +51,46 @@ def completion_text(completion: Any) -> str:
     return "".join(str(m.get("content", "")) for m in completion)
 
 
-def suite_reward(suite: Any) -> Callable[..., list[float | None]]:
-    """A TRL reward function wrapping ``suite.reward`` (the task's scorer + a format term).
+# Weight of the partial credit added to an exact-match task's reward
+# (:func:`stagebudget.tasks.scoring.partial_credit`). A small model sampling 8 completions of a
+# prompt it mostly solves gets the same exact-match reward for all of them (no GRPO signal);
+# per-position credit separates near misses from garbage.
+PARTIAL_CREDIT = 0.5
+
+
+def suite_reward(suite: Any, partial: float | None = None) -> Callable[..., list[float | None]]:
+    """A TRL reward function: ``suite.reward`` (the task's scorer + a format term) plus
+    ``partial`` (default :data:`PARTIAL_CREDIT`) times the partial credit of tasks scored by
+    exact match. The task-score part of each call is kept on the function as ``scores``
+    (a list of per-call means), so a stage can report it apart from the shaping.
 
     TRL 1.16 calls it as ``f(prompts=, completions=, completion_ids=, answer=[...], task=[...],
     trainer_state=, ...)``, one list entry per completion; chat completions are lists of
     messages.
     """
     from stagebudget.tasks import Example
+    from stagebudget.tasks.scoring import extract, partial_credit
+
+    weight = PARTIAL_CREDIT if partial is None else partial
+    score_means: list[float] = []
+    calls: list[list[tuple[tuple[str, int], float, float]]] = []
 
     def reward(prompts: list[Any], completions: list[Any], answer: list[str], task: list[str],
                **_: Any) -> list[float | None]:
-        return [
-            float(suite.reward(Example(p, a, t, "train"), completion_text(c)))
-            for p, c, a, t in zip(prompts, completions, answer, task, strict=True)
-        ]
+        out, scores = [], []
+        for p, c, a, t in zip(prompts, completions, answer, task, strict=True):
+            text, example = completion_text(c), Example(p, a, t, "train")
+            scores.append(suite.score(example, text))
+            credit = partial_credit(suite.tasks[t].scorer, extract(suite.answer_mode, text), a)
+            out.append(float(suite.reward(example, text)) + weight * credit)
+        score_means.append(sum(scores) / len(scores) if scores else 0.0)
+        calls.append([((t, len(a)), r, sc) for t, a, r, sc in zip(task, answer, out, scores,
+                                                                  strict=True)])
+        return out
 
     reward.__name__ = REWARD_NAME
+    reward.scores = score_means  # type: ignore[attr-defined]
+    reward.calls = calls  # type: ignore[attr-defined]
     return reward
 
 
@@ -79,9 +102,10 @@ def run_rl(ctx: StageContext) -> StageOutput:
     spec = ctx.spec
     with ctx.clock.setting_up():
         args = GRPOConfig(**training_args(ctx, log_completions=False))
+        reward = suite_reward(ctx.suite)
         trainer = GRPOTrainer(
             model=ctx.model,
-            reward_funcs=[suite_reward(ctx.suite)],
+            reward_funcs=[reward],
             args=args,
             train_dataset=rl_dataset(ctx),
             processing_class=ctx.tokenizer,
@@ -89,26 +113,84 @@ def run_rl(ctx: StageContext) -> StageOutput:
             callbacks=stage_callbacks(ctx),
         )
     model, steps = train_and_merge(ctx, trainer)
-    return StageOutput(model=model, metrics=reward_metrics(ctx.logs), steps_done=steps)
+    metrics = reward_metrics(ctx.logs, scores=reward.scores,  # type: ignore[attr-defined]
+                             calls=reward.calls)  # type: ignore[attr-defined]
+    return StageOutput(model=model, metrics=metrics, steps_done=steps)
 
 
-def reward_metrics(logs: list[dict[str, Any]]) -> dict[str, Any]:
+def _quarters(values: list[float]) -> tuple[float | None, float | None]:
+    """Means of the first and the last quarter of ``values`` (at least one value each)."""
+    if not values:
+        return None, None
+    k = max(1, len(values) // 4)
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+def matched_gain(calls: list[list[tuple[Any, float, float]]], which: int = 1) -> float | None:
+    """Last-quarter minus first-quarter mean of ``which`` (1: reward, 2: task score), compared
+    within strata (task, answer length) present in both quarters and weighted by their rows.
+
+    ``calls`` holds one list per reward call (one step) of ``(stratum, reward, score)``. A
+    stage sees each prompt once, in an order drawn by the seed; a quarter that happened to draw
+    harder prompts would otherwise count as the model getting worse.
+
+    >>> c = [[(("a", 1), 1.0, 1.0), (("b", 9), 0.0, 0.0)], [(("b", 9), 0.5, 0.0)]]
+    >>> matched_gain(c)
+    0.5
+    """
+    if not calls:
+        return None
+    k = max(1, len(calls) // 4)
+    first: dict[Any, list[float]] = {}
+    last: dict[Any, list[float]] = {}
+    for rows, into in ((calls[:k], first), (calls[-k:], last)):
+        for call in rows:
+            for row in call:
+                into.setdefault(row[0], []).append(float(row[which]))
+    shared = [key for key in first if key in last]
+    if not shared:
+        return None
+    weights = {key: len(first[key]) + len(last[key]) for key in shared}
+    total = sum(weights.values())
+    return sum(weights[key] * (sum(last[key]) / len(last[key]) - sum(first[key]) / len(first[key]))
+               for key in shared) / total
+
+
+def _quarters(values: list[float]) -> tuple[float | None, float | None]:
+    """Means of the first and the last quarter of ``values`` (at least one value each)."""
+    if not values:
+        return None, None
+    k = max(1, len(values) // 4)
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+def reward_metrics(logs: list[dict[str, Any]], scores: list[float] | None = None,
+                   calls: list[list[tuple[Any, float, float]]] | None = None) -> dict[str, Any]:
     """Mean reward per logged step, the first vs the last quarter of the stage, and the share
     of GRPO groups whose completions all got the same reward (no signal for GRPO).
 
     ``reward_first``/``reward_last`` average the first/last quarter of the logged steps (at
-    least one step each), since one step's mean over a few prompts is noisy.
+    least one step each), since one step's mean over a few prompts is noisy. ``scores`` (the
+    task-score part of the reward per step, without format term and partial credit) gives
+    ``score_first``/``score_last``/``score_gain`` the same way. ``calls`` (the reward's rows
+    per step) give ``reward_gain_matched``/``score_gain_matched`` (:func:`matched_gain`): the
+    same gains compared within prompts of equal task and answer length.
     """
     rows = [r for r in logs if r.get("reward") is not None]
     rewards = [float(r["reward"]) for r in rows]
-    k = max(1, len(rewards) // 4)
-    first = sum(rewards[:k]) / k if rewards else None
-    last = sum(rewards[-k:]) / k if rewards else None
+    first, last = _quarters(rewards)
+    score_first, score_last = _quarters(list(scores or []))
     return {
         "mean_reward": mean_of(rows, "reward"),
         "reward_first": first,
         "reward_last": last,
         "reward_gain": (last - first) if first is not None and last is not None else None,
+        "reward_gain_matched": matched_gain(calls or [], 1),
+        "score_first": score_first,
+        "score_last": score_last,
+        "score_gain": (score_last - score_first) if score_first is not None
+        and score_last is not None else None,
+        "score_gain_matched": matched_gain(calls or [], 2),
         "zero_std_share": mean_of(logs, ZERO_STD_LOG),
         "reward_per_step": rewards,
         "train_loss": last_of(logs, "loss"),

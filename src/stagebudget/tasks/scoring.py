@@ -92,6 +92,25 @@ SCORERS: dict[str, Callable[[str, str], float]] = {
 }
 
 
+# Dense counterparts of all-or-nothing scorers, used as partial credit in the RL reward: an
+# exact-match reward gives a GRPO group no signal when all its completions are wrong (or all
+# right), however close they came; graded scorers already give partial credit.
+DENSE_OF = {"exact": "per_position"}
+
+
+def partial_credit(scorer: str, prediction: str | None, answer: str) -> float:
+    """Partial credit in [0, 1] of ``prediction`` for a task scored by ``scorer`` (a name or
+    import path): the dense counterpart (:data:`DENSE_OF`) of an all-or-nothing scorer, else 0
+    (graded and user scorers give their own partial credit). No answer scores 0.
+
+    >>> partial_credit("exact", "MWK", "MWR"), partial_credit("numeric", "4", "3")
+    (0.6666666666666666, 0.0)
+    """
+    dense = DENSE_OF.get(scorer)
+    if dense is None or prediction is None:
+        return 0.0
+    return float(SCORERS[dense](prediction, answer))
+
 Scorer = Callable[[str, str], float]
 EXTRACTIONS = ("full", "answer_tag", "last_line", "regex:PATTERN")
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)

@@ -1,0 +1,41 @@
+"""Evaluation: the fast greedy decoder gives exactly ``model.generate``'s completions."""
+
+from __future__ import annotations
+
+import pytest
+
+from stagebudget.basemodel import greedy_generate, load_model_and_tokenizer
+from stagebudget.evaluate import evaluate, greedy_completions, max_new_tokens_for
+from stagebudget.tasks import load_suite
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_greedy_completions_match_generate_row_for_row(tiny_base):
+    model, tok = load_model_and_tokenizer(tiny_base)
+    suite = load_suite(n_train=10, n_id_test=60, n_ood_test=60)
+    prompts = [e.prompt for e in suite.id_test + suite.ood_test]
+    n_new = max_new_tokens_for(suite, tok)
+    # small batches: rows of several prompt lengths share a batch, and batches end at
+    # different steps
+    want = greedy_generate(model, tok, prompts, n_new, batch_size=16)
+    got = greedy_completions(model, tok, prompts, n_new, batch_size=16)
+    assert got == want
+    lengths = {len(o) for o in want}
+    assert len(lengths) > 1, "every row ran to the same length: the test checks no early stop"
+    assert greedy_completions(model, tok, prompts[:5], 2) == greedy_generate(model, tok,
+                                                                             prompts[:5], 2)
+    assert greedy_completions(model, tok, [], n_new) == []
+
+
+def test_evaluate_reports_each_accuracy_with_its_standard_error(tiny_base):
+    model, tok = load_model_and_tokenizer(tiny_base)
+    suite = load_suite(n_train=10, n_id_test=40, n_ood_test=30)
+    model.train()
+    out = evaluate(model, tok, suite)
+    assert model.training  # evaluation switches to eval mode and back
+    preds = greedy_generate(model, tok, [e.prompt for e in suite.id_test],
+                            max_new_tokens_for(suite, tok))
+    id_acc = sum(suite.score(e, p) for e, p in zip(suite.id_test, preds, strict=True)) / 40
+    assert out["id_accuracy"] == pytest.approx(id_acc)
+    assert set(out) == {"id_accuracy", "id_accuracy_se", "ood_accuracy", "ood_accuracy_se"}
