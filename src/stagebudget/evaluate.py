@@ -30,8 +30,8 @@ def mean_and_se(scores: list[float]) -> tuple[float, float]:
 
     For 0/1 scores this is the binomial standard error ``sqrt(p(1-p)/(n-1))``.
 
-    >>> mean_and_se([1.0, 0.0, 1.0, 0.0])
-    (0.5, 0.2886751345948129)
+    >>> [round(v, 6) for v in mean_and_se([1.0, 0.0, 1.0, 0.0])]
+    [0.5, 0.288675]
     """
     n = len(scores)
     if n == 0:

@@ -77,7 +77,8 @@ def suite_reward(suite: Any, partial: float | None = None) -> Callable[..., list
 
     def reward(prompts: list[Any], completions: list[Any], answer: list[str], task: list[str],
                **_: Any) -> list[float | None]:
-        out, scores = [], []
+        out: list[float] = []
+        scores: list[float] = []
         for p, c, a, t in zip(prompts, completions, answer, task, strict=True):
             text, example = completion_text(c), Example(p, a, t, "train")
             scores.append(suite.score(example, text))
@@ -86,7 +87,8 @@ def suite_reward(suite: Any, partial: float | None = None) -> Callable[..., list
         score_means.append(sum(scores) / len(scores) if scores else 0.0)
         calls.append([((t, len(a)), r, sc) for t, a, r, sc in zip(task, answer, out, scores,
                                                                   strict=True)])
-        return out
+        rewards: list[float | None] = list(out)  # TRL's type: None skips a reward
+        return rewards
 
     reward.__name__ = REWARD_NAME
     reward.scores = score_means  # type: ignore[attr-defined]
@@ -154,14 +156,6 @@ def matched_gain(calls: list[list[tuple[Any, float, float]]], which: int = 1) ->
     total = sum(weights.values())
     return sum(weights[key] * (sum(last[key]) / len(last[key]) - sum(first[key]) / len(first[key]))
                for key in shared) / total
-
-
-def _quarters(values: list[float]) -> tuple[float | None, float | None]:
-    """Means of the first and the last quarter of ``values`` (at least one value each)."""
-    if not values:
-        return None, None
-    k = max(1, len(values) // 4)
-    return sum(values[:k]) / k, sum(values[-k:]) / k
 
 
 def reward_metrics(logs: list[dict[str, Any]], scores: list[float] | None = None,
