@@ -167,6 +167,14 @@ def test_a_resumed_stage_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
         for mine, theirs in zip(a.metrics["stages"], b.metrics["stages"], strict=True):
             for key in ("train_loss", "train_loss_first", "mean_reward", "zero_std_share"):
                 assert mine.get(key) == theirs.get(key), key
+    # A checkpoint that already holds all of a stage's steps is taken as it is (Trainer.train
+    # would take one step more before comparing with max_steps).
+    five = _train(_schedule(5), tmp_path / "five", cache)
+    plain_five = _train(_schedule(5), tmp_path / "plain-five", None)
+    assert five.ledger["stages"][0]["reused_steps"] == 5
+    assert [s["steps_done"] for s in five.metrics["stages"]] == [5]
+    assert _same_weights(tmp_path / "plain-five", tmp_path / "five")
+    assert five.metrics["stages"][0]["train_loss"] == plain_five.metrics["stages"][0]["train_loss"]
     # RL trained from scratch after an SFT stage restored from the cache (no random numbers
     # drawn by a restore) starts exactly as after an SFT stage trained in the same process.
     other_rl = _schedule(10, 6)

@@ -240,14 +240,36 @@ def train_and_merge(ctx: StageContext, trainer: Any) -> tuple[Any, int]:
 
     trainer.remove_callback(PrinterCallback)  # logs go to ctx.logs, not to stdout
     try:
-        with ctx.clock.training():
-            trainer.train(resume_from_checkpoint=ctx.resume_from)
+        if ctx.resume_from is not None and _checkpoint_step(ctx.resume_from) >= ctx.spec.steps:
+            _load_finished(trainer, ctx.resume_from)
+        else:
+            with ctx.clock.training():
+                trainer.train(resume_from_checkpoint=ctx.resume_from)
     finally:
         shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     with ctx.clock.setting_up():
         model = merge(trainer.model)
     model.eval()
     return model, int(trainer.state.global_step)
+
+
+def _checkpoint_step(folder: str) -> int:
+    """The optimizer steps a Trainer checkpoint holds (its ``trainer_state.json``)."""
+    import json
+
+    with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as fh:
+        return int(json.load(fh)["global_step"])
+
+
+def _load_finished(trainer: Any, folder: str) -> None:
+    """Take a checkpoint that already holds all of the stage's steps: load its weights (the
+    adapter, or the full model) and state without training. ``Trainer.train`` would take one
+    more step before it compares the step count with ``max_steps``."""
+    from transformers import TrainerState
+
+    # The loading half of Trainer.train(resume_from_checkpoint=...): adapter or full weights.
+    trainer._load_from_checkpoint(folder)
+    trainer.state = TrainerState.load_from_json(os.path.join(folder, "trainer_state.json"))
 
 
 def mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
