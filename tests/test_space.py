@@ -284,7 +284,7 @@ def test_validate_plans_every_grid_point_and_names_the_ones_that_cannot_fit(tmp_
     with pytest.raises(ConfigError) as err:
         SearchSpace.load(write(tmp_path, data))
     text = str(err.value)
-    assert "cannot fit the budget" in text and "sft.share=0.5" in text
+    assert "cannot fit the budget" in text and "sft.share=0.75" in text  # mid-space, not an end
     assert "budget.per_trial_hours" in text and str(tmp_path) in text
     # the old check (both ends of every range) saw nothing wrong with this space
     space = SearchSpace.model_validate(data)
