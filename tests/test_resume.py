@@ -88,7 +88,10 @@ def test_killed_search_resumes_the_interrupted_trials_and_repeats_nothing(tmp_pa
         assert cut.user_attrs["error"] == "interrupted"
         retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == cut.number]
         assert len(retries) == 1 and retries[0].state == State.COMPLETE
-        assert retries[0].params == cut.params and retries[0].user_attrs["retry_of"] == cut.number
+        # same params; a trial asked but cut before all its params were sampled (a reference
+        # fixes only some) gets the rest sampled when it runs again
+        assert cut.params.items() <= retries[0].params.items()
+        assert retries[0].user_attrs["retry_of"] == cut.number
         assert retries[0].user_attrs.get("reference") == cut.user_attrs.get("reference")
         assert "error" not in retries[0].user_attrs
     assert any(rec.reference for rec in stale.values())
