@@ -60,7 +60,9 @@ DEFAULT_MAX_GB = 20.0
 # which draws no random numbers) is left out of keys, so trials planned with different
 # evaluation intervals share prefixes; a reused prefix brings the curve points it measured.
 NOT_TRAINING = frozenset({"eval_interval"})
-CACHE_FORMAT = 1  # bump when an entry's layout or meaning changes: old entries are never hit
+# Bump when an entry's layout or what a stage trains changes (the reward, the data order, the
+# seeding...): older entries are then never hit. Releases also change keys (package versions).
+CACHE_FORMAT = 2
 
 
 def default_prefix_cache_dir() -> Path:
