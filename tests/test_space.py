@@ -332,3 +332,15 @@ def test_relative_and_absolute_model_paths_share_one_cost_table(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert default_table_path("m", "cpu") == default_table_path("./m", "cpu") == \
         default_table_path(str(tmp_path / "m"), "cpu")
+
+
+def test_the_overrun_guard_is_a_budget_setting(tmp_path):
+    """budget.overrun_guard reaches the trial (default ledger.OVERRUN_GUARD); below 1 is refused
+    with the field named."""
+    from stagebudget.ledger import OVERRUN_GUARD
+
+    assert SearchSpace.load(write(tmp_path, BASE)).budget.overrun_guard == OVERRUN_GUARD
+    data = json.loads(json.dumps(BASE))
+    data["budget"]["overrun_guard"] = 0.5
+    with pytest.raises(ConfigError, match="overrun_guard"):
+        SearchSpace.load(write(tmp_path, data))

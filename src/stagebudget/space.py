@@ -35,6 +35,7 @@ from stagebudget.cost import Budget, CostModel, ModelShape, default_cost_model, 
 from stagebudget.errors import BudgetError, ConfigError, UserError, from_pydantic
 from stagebudget.fileio import read_json, read_yaml, safetensors_problem
 from stagebudget.kinds import get_kind, kind_only_fields, stage_kinds
+from stagebudget.ledger import OVERRUN_GUARD
 from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY
 from stagebudget.schedule import BUILTIN_SIZES, Schedule, StageSpec, Strict, TasksRef
 from stagebudget.tasks.scoring import is_scorer_file
@@ -270,6 +271,9 @@ MAX_TRIALS = 100_000
 class BudgetSpec(Strict):
     per_trial_hours: float = Field(gt=0, allow_inf_nan=False)
     search_hours: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # A trial that trains past this many times its budget is stopped and FAILED as a runaway
+    # (on a CPU counted in CPU time, so load never trips it): ledger.OVERRUN_GUARD by default.
+    overrun_guard: float = Field(default=OVERRUN_GUARD, ge=1, le=1000, allow_inf_nan=False)
 
     @field_validator("per_trial_hours")
     @classmethod

@@ -147,6 +147,7 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
         result = fn(schedule, out_dir=run.trial_dir(key), report=reporter, device=device,
                     cost=cost, cache_dir=Path(cache_dir) if cache_dir else None,
                     base_dir=Path(base_dir) if base_dir else None,
+                    guard=space.budget.overrun_guard,
                     **({"prefix_cache": prefix,
                         "checkpoint_steps": space.checkpoint_steps(schedule, cost)}
                        if prefix is not None else {}),
