@@ -112,3 +112,29 @@ def test_load_run_errors(tmp_path: Path) -> None:
     with pytest.raises(RunError, match="does not exist"):
         load_run(root)
     assert not (root / "study.db").exists()  # never created empty
+
+
+def test_a_trial_cut_before_it_started_does_not_take_its_retrys_record(tmp_path: Path) -> None:
+    """A trial asked but killed before it wrote a record and its retry share params: the Ray
+    trial id, not the params, joins the retry to its record (export of the knee failed)."""
+    import optuna
+
+    from stagebudget.records import COMPLETE, TUNE_ID_ATTR, RunDir, TrialRecord
+
+    dist = {"sft.share": optuna.distributions.FloatDistribution(0, 1)}
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    cut = study.ask(dist)
+    cut.set_user_attr(TUNE_ID_ATTR, "cut")
+    study.tell(cut, state=optuna.trial.TrialState.FAIL)
+    study.enqueue_trial({"sft.share": cut.params["sft.share"]})
+    retry = study.ask(dist)
+    retry.set_user_attr(TUNE_ID_ATTR, "retry")
+    study.tell(retry, [0.5, 0.5])
+    run_dir = RunDir(tmp_path)
+    run_dir.write_record(TrialRecord(key="retry", params=dict(retry.params), schedule={},
+                                     status=COMPLETE))
+    meta = json.loads(json.dumps({"objectives": [{"name": "id_accuracy", "direction": "maximize"},
+                                                 {"name": "ood_accuracy", "direction": "maximize"}]}))
+    views = Run(tmp_path, meta, study).trials()
+    assert [(v.number, v.record.key if v.record else None) for v in views] == [
+        (0, None), (1, "retry")]

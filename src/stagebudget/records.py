@@ -45,6 +45,8 @@ RECORD_FILE = "record.json"
 DETERMINISTIC_FAILURE = "deterministic_failure"
 # The Optuna user attribute that holds why stagebudget failed a trial (the record's `error`).
 ERROR_ATTR = "error"
+# The Optuna user attribute that holds the Ray trial id, which is also the record's key.
+TUNE_ID_ATTR = "tune_trial_id"
 # The error of a trial a killed (or Ctrl-C'ed) driver left running: `--resume` runs it again.
 INTERRUPTED = "interrupted"
 # Reported (with why) by a trial that early stopping stopped at a stage boundary: recorded

@@ -34,6 +34,7 @@ from stagebudget.records import (
     RUNNING,
     SPENT_DEVICE_HOURS,
     STANDARD_ERROR_OF,
+    TUNE_ID_ATTR,
     WAITING,
     RunDir,
     TrialRecord,
@@ -256,11 +257,22 @@ class Run:
         pool: dict[str, deque[TrialRecord]] = defaultdict(deque)
         for rec in records:
             pool[params_key(rec.params)].append(rec)
+        # The Ray trial id joins a trial to its record; params join only records no trial
+        # names (a trial cut before it started and its retry share params, not a record).
+        by_key = {rec.key: rec for rec in records}
+        claimed = {str(t.user_attrs.get(TUNE_ID_ATTR)) for t in trials} & by_key.keys()
+        taken: set[str] = set()
         names = self.objective_names
         views = []
         for t in trials:
-            queue = pool.get(params_key(t.params))
-            record = queue.popleft() if queue else None
+            tune_id = str(t.user_attrs.get(TUNE_ID_ATTR))
+            record = by_key.get(tune_id)
+            if record is None:
+                queue = pool.get(params_key(t.params)) or deque()
+                record = next((r for r in queue
+                               if r.key not in claimed and r.key not in taken), None)
+            if record is not None:
+                taken.add(record.key)
             values = dict(zip(names, t.values, strict=True)) if t.values is not None else {}
             attrs = {**t.system_attrs, **t.user_attrs}
             state = FAILED if t.state.name == "FAIL" else t.state.name  # as records spell it
@@ -268,7 +280,7 @@ class Run:
                                    self.dir, attrs))
         for queue in pool.values():
             views.extend(TrialView(None, rec.status, dict(rec.params), {}, rec, self.dir)
-                         for rec in queue)
+                         for rec in queue if rec.key not in taken)
         return views
 
     def front(self, ref_point: tuple[float, ...] | None = None, curves: bool = True) -> FrontInfo:

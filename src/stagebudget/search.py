@@ -541,8 +541,8 @@ def mark_interrupted(study: Any, run: RunDir, objectives: list[str]) -> int:
     """
     from optuna.trial import TrialState
 
+    from stagebudget.records import TUNE_ID_ATTR
     from stagebudget.studyinfo import annotate_trial
-    from stagebudget.tune_adapter import TUNE_ID_ATTR
 
     storage = study._storage
     records = {r.key: r for r in run.records()}

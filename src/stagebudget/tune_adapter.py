@@ -35,6 +35,7 @@ from stagebudget.records import (
     FAILED,
     PRUNED_FLAG,
     SPENT_DEVICE_HOURS,
+    TUNE_ID_ATTR,
     RunDir,
     TrialRecord,
 )
@@ -45,7 +46,6 @@ from stagebudget.tbcurves import CurveWriter, run_label, write_trial_events
 log = logging.getLogger(__name__)
 
 TUNE_DIR_NAME = "tune"
-TUNE_ID_ATTR = "tune_trial_id"
 
 
 # --- Optuna -------------------------------------------------------------------------------------
