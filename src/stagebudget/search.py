@@ -143,6 +143,28 @@ def check_mlflow(uri: str) -> None:
                         "(e.g. sqlite:///mlflow.db or http://HOST:5000)") from None
 
 
+def _settle_study(plan: SearchPlan, attempts: int = 5) -> int | str:
+    """Mark what Ctrl-C left RUNNING (:func:`mark_interrupted`); the finished trials' count.
+
+    Ctrl-C can land inside a study write of this very process, whose half-done transaction may
+    hold the database a moment longer: retry, and if the study still refuses, leave it to
+    ``--resume`` (which settles it first) instead of failing the exit.
+    """
+    import gc
+
+    from optuna.exceptions import StorageInternalError
+
+    for attempt in range(attempts):
+        try:
+            study = _load_study(plan.storage, plan.meta["study_name"])
+            return mark_interrupted(study, plan.run, [o.name for o in plan.space.objectives])
+        except StorageInternalError as exc:
+            log.warning("settling the study after Ctrl-C failed (%s); retrying", exc)
+            gc.collect()  # drops the interrupted session's connection
+            time.sleep(0.5 * (attempt + 1))
+    return "some"
+
+
 class SearchInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped a search; the message says what finished and how to resume."""
 
@@ -150,8 +172,7 @@ class SearchInterrupted(KeyboardInterrupt):
 def _settle_interrupted(plan: SearchPlan) -> SearchInterrupted:
     """After Ctrl-C (Ray already shut down): no trial is left RUNNING in the study or the
     records, run.json says when it was interrupted, and the message says how to resume."""
-    study = _load_study(plan.storage, plan.meta["study_name"])
-    finished = mark_interrupted(study, plan.run, [o.name for o in plan.space.objectives])
+    finished = _settle_study(plan)
     plan.meta.update(interrupted=[*plan.meta.get("interrupted", []), time.time()])
     plan.run.write_meta(_without_tool(plan.meta))
     runs_dir, name = plan.run.root.parent, plan.run.root.name
