@@ -151,10 +151,15 @@ class _Run:
             "global_step": self.curves.global_offset + step,
             "device_seconds": self.clock.train_seconds(),
             "planned_seconds": self.planned_seconds(step),
-            **{k: acc[k] for k in (ID_ACCURACY, OOD_ACCURACY, *STANDARD_ERROR_OF.values())
-               if k in acc},
+            **_accuracies(acc),
             **signal,
         })
+
+
+def _accuracies(values: dict[str, Any]) -> dict[str, float]:
+    """The objectives and their standard errors among ``values`` (a curve row, an evaluation)."""
+    return {k: values[k] for k in (ID_ACCURACY, OOD_ACCURACY, *STANDARD_ERROR_OF.values())
+            if k in values}
 
 
 def _seed_everything(seed: int) -> None:
@@ -267,8 +272,7 @@ def _replay(run: _Run, index: int, records: dict[str, Any]) -> None:
                "device_seconds": start + cached["device_seconds"] - records["start_seconds"],
                "planned_seconds": run.planned_seconds(cached["step"])}
         run.curves.add(row)
-        run.last_eval = {k: row[k] for k in (ID_ACCURACY, OOD_ACCURACY, *STANDARD_ERROR_OF.values())
-                         if k in row}
+        run.last_eval = _accuracies(row)
     run.clock.credit(records["steps"], records["train_seconds"], records["eval_seconds"])
 
 

@@ -143,7 +143,7 @@ def check_mlflow(uri: str) -> None:
                         "(e.g. sqlite:///mlflow.db or http://HOST:5000)") from None
 
 
-def _settle_study(plan: SearchPlan, attempts: int = 5) -> int | str:
+def _settle_study(plan: SearchPlan, attempts: int = 5) -> int | None:
     """Mark what Ctrl-C left RUNNING (:func:`mark_interrupted`); the finished trials' count.
 
     Ctrl-C can land inside a study write of this very process, whose half-done transaction may
@@ -162,7 +162,7 @@ def _settle_study(plan: SearchPlan, attempts: int = 5) -> int | str:
             log.warning("settling the study after Ctrl-C failed (%s); retrying", exc)
             gc.collect()  # drops the interrupted session's connection
             time.sleep(0.5 * (attempt + 1))
-    return "some"
+    return None
 
 
 class SearchInterrupted(KeyboardInterrupt):
@@ -177,7 +177,8 @@ def _settle_interrupted(plan: SearchPlan) -> SearchInterrupted:
     plan.run.write_meta(_without_tool(plan.meta))
     runs_dir, name = plan.run.root.parent, plan.run.root.name
     return SearchInterrupted(
-        f"search interrupted: {finished} of {plan.meta['trials_requested']} trials are finished "
+        f"search interrupted: {'some' if finished is None else finished} of "
+        f"{plan.meta['trials_requested']} trials are finished "
         f"and kept in {plan.run.root}; trials that were running are marked FAILED "
         f"(\"interrupted\") and run again on resume. Continue with: stagebudget search "
         f"{plan.meta['space_file']} --name {name} --runs-dir {runs_dir} --resume")
