@@ -6,8 +6,8 @@
 Plans every point of the space's grid (each dimension's grid values: choices, or a float range
 with a step), trains each schedule once per seed with :func:`stagebudget.pipeline.run_schedule`
 and appends one JSON line per (schedule, seed): the schedule, seed, ID/OOD with standard
-errors, nominal device-hours (the schedule trained alone) and spent device-hours (what was
-trained with stage-prefix reuse). Schedules are trained in an order that lets each reuse its
+errors, nominal device-hours (the schedule trained alone), spent device-hours (what was
+trained with stage-prefix reuse) and the trial's curve rows. Schedules are trained in an order that lets each reuse its
 predecessor's prefix (by SFT settings, then ascending SFT steps). Rows already in ``--out`` are
 kept and skipped, so an interrupted build continues. ``stagebudget.replay`` reads the table.
 """
@@ -91,7 +91,10 @@ def main() -> None:
                    OOD_ACCURACY_SE: objectives.get(OOD_ACCURACY_SE),
                    NOMINAL: result.ledger["device_hours"],
                    SPENT_DEVICE_HOURS: result.ledger[SPENT_DEVICE_HOURS],
-                   "eval_seconds": result.ledger["eval_seconds"]}
+                   "eval_seconds": result.ledger["eval_seconds"],
+                   # every measured point, so a replayed trial can be stopped early where it
+                   # would have been (stagebudget.replay)
+                   "curves": list(result.curves)}
             with args.out.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(f"seed {seed} {trial.describe():34s} ID {row[ID_ACCURACY]:.3f} "

@@ -214,3 +214,53 @@ def test_matched_gain_ignores_which_prompts_a_quarter_drew():
     assert matched_gain(better, 1) == pytest.approx(0.25)  # hard prompts +.5, half the rows
     assert matched_gain(better, 2) == pytest.approx(0.0)
     assert matched_gain([]) is None
+
+
+def test_rl_prompts_come_in_every_stretch_in_proportion():
+    """Each quarter of an RL stage draws the same mix of tasks and answer lengths, whatever the
+    seed, so the first-vs-last-quarter reward measures learning, not the prompt order."""
+    import random
+    from collections import Counter
+
+    from stagebudget.stages.rl import stratified_order
+
+    rng = random.Random(5)
+    strata = [rng.choice([("charge", 4), ("translate", 2), ("translate", 9), ("rare", 1)])
+              for _ in range(800)]
+    whole = Counter(strata)
+    for seed in (0, 1):
+        order = stratified_order(strata, seed)
+        assert sorted(order) == list(range(800))
+        assert order == stratified_order(strata, seed)  # drawn by the seed alone
+        for q in range(4):
+            quarter = Counter(strata[i] for i in order[q * 200:(q + 1) * 200])
+            for key, n in whole.items():
+                assert abs(quarter[key] - n / 4) <= 1, (seed, q, key)
+    assert stratified_order(strata, 0) != stratified_order(strata, 1)
+
+
+def test_an_rl_stage_trains_on_its_prompts_in_the_stratified_order(loaded, monkeypatch):
+    """GRPO keeps the order the stage drew (no shuffle of its own), and the order is exported."""
+    from stagebudget.stages import rl
+    from stagebudget.stages.mapping import trl_config_kwargs
+
+    model, tokenizer = loaded
+    suite = ToySuite()
+    seen: list[str] = []
+    real = rl.suite_reward
+
+    def spying(suite_, partial=None):
+        inner = real(suite_, partial)
+
+        def reward(prompts, **kwargs):
+            seen.extend(dict.fromkeys(prompts))  # 4 completions per prompt, in order
+            return inner(prompts=prompts, **kwargs)
+
+        reward.__name__, reward.scores, reward.calls = inner.__name__, inner.scores, inner.calls
+        return reward
+
+    monkeypatch.setattr(rl, "suite_reward", spying)
+    ctx, _ = _context(model, tokenizer, suite, _spec("rl", 4, steps=2))
+    rl.run_rl(ctx)
+    assert seen == [row["prompt"] for row in rl.rl_rows(suite.train, ctx.seed)][:8]
+    assert trl_config_kwargs(_spec("rl", 4))["shuffle_dataset"] is False

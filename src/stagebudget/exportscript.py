@@ -45,7 +45,7 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-from stagebudget.stages.rl import suite_reward  # the RL reward: the task suite's scorer
+from stagebudget.stages.rl import rl_rows, suite_reward  # RL prompt order and reward
 from stagebudget.tasks import load_suite, pretrain_corpus  # the task data
 
 '''
@@ -68,15 +68,15 @@ def load_base(ref: str, device: str):
 
 
 def stage_dataset(stage: dict, suite, tokenizer) -> Dataset:
-    """cpt: raw text; sft: prompt/completion (answer + EOS); rl: prompts with answer and task."""
+    """cpt: raw text; sft: prompt/completion (answer + EOS); rl: prompts with answer and task,
+    in stagebudget's stratified order (the config does not shuffle them)."""
     if stage["stage"] == "cpt":
         return Dataset.from_list([{"text": t}
                                   for t in pretrain_corpus(seed=SEED, n=stage["corpus_size"])])
     if stage["stage"] == "sft":
         return Dataset.from_list([{"prompt": e.prompt, "completion": e.answer + tokenizer.eos_token}
                                   for e in suite.train])
-    return Dataset.from_list([{"prompt": e.prompt, "answer": e.answer, "task": e.task}
-                              for e in suite.train])
+    return Dataset.from_list(rl_rows(suite.train, SEED))
 
 
 def train_stage(model, tokenizer, suite, stage: dict, out: Path):

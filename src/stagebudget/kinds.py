@@ -94,4 +94,6 @@ register_stage_kind(StageKindInfo(
 register_stage_kind(StageKindInfo(
     name="rl", order=20, runner="stagebudget.stages.rl:run_rl", trl_config="trl.GRPOConfig",
     generates=True, uses_max_length=False,
-    defaults={"num_generations": 8, "max_completion_length": 12, "beta": 0.0, "temperature": 1.0}))
+    defaults={"num_generations": 8, "max_completion_length": 12, "beta": 0.0, "temperature": 1.0},
+    # prompts come in the stage's own stratified order (stagebudget.stages.rl.rl_rows)
+    trl_args={"shuffle_dataset": False}))

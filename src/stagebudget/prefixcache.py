@@ -62,7 +62,7 @@ DEFAULT_MAX_GB = 20.0
 NOT_TRAINING = frozenset({"eval_interval"})
 # Bump when an entry's layout or what a stage trains changes (the reward, the data order, the
 # seeding...): older entries are then never hit. Releases also change keys (package versions).
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 def default_prefix_cache_dir() -> Path:

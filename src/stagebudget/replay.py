@@ -9,6 +9,11 @@ it) records what each schedule of a space scored when it was really trained: ``s
 unchanged, in seconds, on measured results. Each lookup draws one of the schedule's seeds, so a
 search sees the noise a real one would; the draw depends on the run's name and the schedule, so
 a search is reproducible.
+
+A row may also hold the trial's ``curves`` (every curve row it measured, with ``planned_seconds``).
+The replayed trial then writes them, and passes each stage's end row to ``stage_end`` as
+``run_schedule`` does, so early stopping (:class:`stagebudget.earlystop.StageGate`) prunes a
+replayed trial where it would have pruned the real one, charging the nominal spend up to there.
 """
 
 from __future__ import annotations
@@ -100,8 +105,15 @@ class ReplayResult:
 
 def replay_trial(schedule: Any, out_dir: Path | None = None, *,
                  report: Callable[[dict[str, Any]], None] | None = None,
-                 table: str | None = None, **_: Any) -> ReplayResult:
-    """A trial that trains nothing: ``schedule``'s result drawn from the replay ``table``."""
+                 table: str | None = None,
+                 stage_end: Callable[[int, dict[str, Any]], None] | None = None,
+                 **_: Any) -> ReplayResult:
+    """A trial that trains nothing: ``schedule``'s result drawn from the replay ``table``.
+
+    With ``stage_end`` and a row that holds curves, each stage's last curve row is passed to it
+    in order; when it raises (early stopping), ``ledger.json`` charges the nominal seconds
+    measured up to that row and the exception propagates, as from a real trial.
+    """
     path = table or os.environ.get(TABLE_ENV)
     if not path:
         raise ReplayMiss(f"no replay table: pass table= or set ${TABLE_ENV}")
@@ -119,13 +131,33 @@ def replay_trial(schedule: Any, out_dir: Path | None = None, *,
              "global_step": sum(s.steps for s in schedule.stages),
              "device_seconds": result.device_hours * 3600.0, **result.standard_errors,
              ID_ACCURACY: result.id_accuracy, OOD_ACCURACY: result.ood_accuracy}
-    result.curves = [final]
+    result.curves = [dict(r) for r in row.get("curves") or [final]]
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "curves.jsonl").write_text(json.dumps(final) + "\n")
+        (Path(out_dir) / "curves.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in result.curves))
+    if stage_end is not None:
+        for index in range(len(schedule.stages) - 1):
+            ends = [r for r in result.curves if r.get("stage_index") == index]
+            if ends:
+                _gate(stage_end, index, ends[-1], out_dir)
     if report is not None:
-        report(dict(final))
+        report(dict(result.curves[-1]))
     return result
+
+
+def _gate(stage_end: Callable[[int, dict[str, Any]], None], index: int, row: dict[str, Any],
+          out_dir: Path | None) -> None:
+    """``stage_end(index, row)``; if it stops the trial, charge the nominal spend up to ``row``
+    in ``ledger.json`` (what a pruned trial's record reads) before letting it propagate."""
+    try:
+        stage_end(index, dict(row))
+    except Exception:
+        if out_dir is not None:
+            hours = float(row.get("device_seconds", 0.0)) / 3600.0
+            (Path(out_dir) / "ledger.json").write_text(json.dumps(
+                {"device_hours": hours, SPENT_DEVICE_HOURS: hours, "replayed": True}))
+        raise
 
 
 def _result(row: dict[str, Any]) -> ReplayResult:
