@@ -7,9 +7,10 @@ Plans every point of the space's grid (each dimension's grid values: choices, or
 with a step), trains each schedule once per seed with :func:`stagebudget.pipeline.run_schedule`
 and appends one JSON line per (schedule, seed): the schedule, seed, ID/OOD with standard
 errors, nominal device-hours (the schedule trained alone), spent device-hours (what was
-trained with stage-prefix reuse) and the trial's curve rows. Schedules are trained in an order that lets each reuse its
-predecessor's prefix (by SFT settings, then ascending SFT steps). Rows already in ``--out`` are
-kept and skipped, so an interrupted build continues. ``stagebudget.replay`` reads the table.
+trained with stage-prefix reuse) and the trial's curve rows. Schedules are trained in an order
+that lets each reuse its predecessor's prefix (by SFT settings, then ascending SFT steps). Rows
+already in ``--out`` are kept and skipped, so an interrupted build continues.
+``stagebudget.replay`` reads the table.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Budget saved by stage-prefix reuse: the same search with and without reuse, same seeds.
+"""Budget saved by stage-prefix reuse and early stopping: the same search with and without
+each, same seeds.
 
     python bench/reuse.py [--space search_spaces/demo.yaml] [--trials 16] [--concurrency 1]
                           [--out bench/out/reuse] [--write-results]
@@ -6,7 +7,10 @@
 Runs the space twice from empty caches: reuse off (every trial trains its whole schedule) and
 reuse on (a fresh prefix cache). Prints, for each run, the sum of the trials' nominal costs
 (each schedule trained alone), what was really trained, and their ratio; then checks that both
-runs reached the same front (the same schedules with the same ID/OOD). A concurrency of 1 keeps
+runs reached the same front (the same schedules with the same ID/OOD). A third run has reuse and
+early stopping at stage boundaries on (the space's ``early_stopping`` settings): pruned trials
+change what the sampler sees, so its front may differ; its hypervolume is compared with the run
+without either. A concurrency of 1 keeps
 the sampler's history, and so its suggestions, the same in both runs: with more trials at once
 the order in which trials finish depends on their speed, which reuse changes. Training seconds
 are measured, so ratios move a little from run to run; the front must not. Nothing is asserted:
@@ -46,12 +50,13 @@ def _absolute(space: dict[str, Any], folder: Path) -> dict[str, Any]:
     return out
 
 
-def _variant(space_file: Path, out: Path, reuse: bool) -> Path:
+def _variant(space_file: Path, out: Path, reuse: bool, early: bool = False) -> Path:
     space = _absolute(yaml.safe_load(space_file.read_text()), space_file.parent.resolve())
-    label = "reuse" if reuse else "noreuse"
+    label = ("reuse" if reuse else "noreuse") + ("-es" if early else "")
     space["name"] = f"{space.get('name', 'search')}-{label}"
-    space["reuse"] = ({"enabled": True, "cache_dir": str((out / "prefix-cache").resolve())}
+    space["reuse"] = ({"enabled": True, "cache_dir": str((out / f"prefix-cache-{label}").resolve())}
                       if reuse else {"enabled": False})
+    space["early_stopping"] = {**(space.get("early_stopping") or {}), "enabled": early}
     path = out / f"{label}.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     return path
@@ -67,8 +72,10 @@ def _search(space: Path, out: Path, trials: int, concurrency: int) -> tuple[Path
 
 
 def _front(run_dir: Path) -> tuple[list[tuple[str, float, float]], dict[str, Any]]:
-    """The front as (schedule identity, ID, OOD), and the run's spend summary."""
-    from stagebudget.records import RunDir, spend_summary
+    """The front as (schedule identity, ID, OOD), and the run's spend summary (with the count
+    of pruned trials and the front's hypervolume against (0, 0))."""
+    from stagebudget.pareto import hypervolume
+    from stagebudget.records import PRUNED, RunDir, spend_summary
     from stagebudget.runs import load_run
     from stagebudget.schedule import identity
 
@@ -76,7 +83,11 @@ def _front(run_dir: Path) -> tuple[list[tuple[str, float, float]], dict[str, Any
     info = run.front(curves=False)
     front = sorted((identity(dict(info.points[n].schedule or {})), *info.points[n].values[:2])
                    for n in info.front)
-    return front, spend_summary(RunDir(run_dir).records())
+    records = RunDir(run_dir).records()
+    spend = {**spend_summary(records), "pruned": sum(r.status == PRUNED for r in records),
+             "hypervolume": hypervolume([p[1:] for p in front], (0.0, 0.0),
+                                        ("maximize", "maximize")) if front else 0.0}
+    return front, spend
 
 
 def _commit() -> str:
@@ -99,11 +110,11 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     rows = {}
-    for reuse in (False, True):
-        run, wall = _search(_variant(args.space, args.out, reuse), args.out, args.trials,
+    for label, reuse, early in (("without reuse", False, False), ("with reuse", True, False),
+                                ("with reuse and early stopping", True, True)):
+        run, wall = _search(_variant(args.space, args.out, reuse, early), args.out, args.trials,
                             args.concurrency)
-        front, spend = _front(run)
-        rows["with reuse" if reuse else "without reuse"] = (front, spend, wall)
+        rows[label] = (*_front(run), wall)
     lines = _report(args, rows)
     print("\n".join(lines))
     if args.write_results:
@@ -113,24 +124,35 @@ def main() -> None:
 
 
 def _report(args: argparse.Namespace, rows: dict[str, Any]) -> list[str]:
-    (front_off, _, wall_off), (front_on, _, wall_on) = rows.values()
+    (front_off, spend_off, wall_off), (front_on, _, wall_on), (front_es, spend_es, _) = \
+        rows.values()
     same = front_off == front_on
     lines = [
         SECTION, "",
         f"{time.strftime('%Y-%m-%d')}, commit {_commit()}, {platform.machine()} "
         f"{platform.system()}, {_cores()} cores. Command: `python bench/reuse.py --space "
         f"{args.space} --trials {args.trials} --concurrency {args.concurrency}`.", "",
-        "| run | nominal device-h (sum of trials) | spent device-h | spent / nominal | wall s |",
-        "| --- | --- | --- | --- | --- |",
+        "| run | nominal device-h (sum of trials) | spent device-h | spent / nominal | "
+        "spent / nominal without reuse | pruned | front hypervolume | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    base = spend_off["nominal_device_hours"]
     for label, (_, spend, wall) in rows.items():
         nominal, spent = spend["nominal_device_hours"], spend["spent_device_hours"]
         lines.append(f"| {label} | {nominal:.4f} | {spent:.4f} | "
-                     f"{spent / nominal if nominal else float('nan'):.2f} | {wall:.0f} |")
+                     f"{spent / nominal if nominal else float('nan'):.2f} | "
+                     f"{spent / base if base else float('nan'):.2f} | {spend['pruned']} | "
+                     f"{spend['hypervolume']:.4f} | {wall:.0f} |")
     lines += ["", f"Fronts: {len(front_off)} schedules without reuse, {len(front_on)} with; "
               + ("identical (same schedules, same ID and OOD)." if same else
                  "DIFFERENT (see the runs under " + str(args.out) + ")."),
-              f"Wall time with reuse / without: {wall_on / wall_off:.2f}.", ""]
+              f"Wall time with reuse / without: {wall_on / wall_off:.2f}.",
+              f"With early stopping too: {spend_es['pruned']} trials pruned; front of "
+              f"{len(front_es)} schedules, "
+              + ("the same as without reuse" if front_es == front_off else
+                 "different from the one without reuse")
+              + (f"; hypervolume {spend_es['hypervolume'] / spend_off['hypervolume']:.3f}x of the "
+                 "run without either." if spend_off["hypervolume"] else "."), ""]
     return lines
 
 

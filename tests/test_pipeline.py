@@ -187,3 +187,26 @@ def test_the_same_schedule_gives_identical_results_beside_busy_processes(tiny_ba
         [s.get("train_loss") for s in idle.metrics["stages"]]
     a, b = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("idle", "busy"))
     assert all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_a_trial_process_does_not_import_mlflow(tiny_base, tmp_path):
+    """Stages report to no tracker, so a training process does not pay TRL's import of
+    mlflow (installed with the dev extra, so this test can fail): 1-4 s per process."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    assert importlib.util.find_spec("mlflow") is not None  # the dev extra installs it
+    code = (
+        "import sys\n"
+        "from stagebudget.pipeline import run_schedule\n"
+        "from stagebudget.schedule import Schedule, StageSpec, TasksRef\n"
+        f"s = Schedule(base_model={str(tiny_base)!r}, tasks=TasksRef(n_train=16, n_id_test=4,"
+        " n_ood_test=4), stages=(StageSpec(kind='rl', steps=1, lora_rank=2, batch_size=2,"
+        " num_generations=2, eval_interval=1),))\n"
+        "run_schedule(s, None, device='cpu')\n"
+        "assert 'trl' in sys.modules and 'mlflow' not in sys.modules, 'mlflow imported'\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "DISABLE_MLFLOW_INTEGRATION"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -45,6 +45,39 @@ def test_a_lookup_draws_a_seed_reproducibly_and_a_miss_is_named(tmp_path):
         replay_trial(other, table=str(table))
 
 
+def _curve(index: int, kind: str, step: int, planned: float, id_acc: float, ood: float) -> dict:
+    return {"stage": kind, "stage_index": index, "step": step, "planned_seconds": planned,
+            "device_seconds": planned * 0.9, "id_accuracy": id_acc, "ood_accuracy": ood,
+            "id_accuracy_se": 0.01, "ood_accuracy_se": 0.01}
+
+
+def test_early_stopping_prunes_a_replayed_trial_at_its_stage_end_and_charges_the_spend(tmp_path):
+    """A row with curves replays them: each stage's end row goes to ``stage_end``, so the
+    early-stopping gate decides as in a real trial, and a pruned trial is charged the nominal
+    seconds up to the boundary."""
+    from stagebudget.earlystop import StageGate, TrialPruned
+
+    weak = Schedule(stages=(StageSpec(kind="sft", steps=10), StageSpec(kind="rl", steps=5)))
+    table = tmp_path / "table.jsonl"
+    row = {**_row(weak, 0, 0.6, 0.5), "curves": [
+        _curve(0, "sft", 0, 0.0, 0.4, 0.4), _curve(0, "sft", 10, 20.0, 0.45, 0.35),
+        _curve(1, "rl", 5, 36.0, 0.6, 0.5)]}
+    table.write_text(json.dumps(row) + "\n")
+    directions = {"id_accuracy": "maximize", "ood_accuracy": "maximize"}
+    out = tmp_path / "run" / "trials" / "t1"
+    result = replay_trial(weak, out, table=str(table), stage_end=StageGate(directions, 2.0))
+    assert [json.loads(line)["planned_seconds"] for line in
+            (out / "curves.jsonl").read_text().splitlines()] == [0.0, 20.0, 36.0]
+    assert result.id_accuracy == 0.6
+    strong = {"done": [_curve(0, "sft", 12, 18.0, 0.6, 0.5)]}  # far ahead at 18 s <= 20 s
+    out = tmp_path / "run" / "trials" / "t2"
+    with pytest.raises(TrialPruned, match="trial done"):
+        replay_trial(weak, out, table=str(table),
+                     stage_end=StageGate(directions, 2.0, completed=strong))
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert ledger["spent_device_hours"] == pytest.approx(18.0 / 3600)  # 0.9 x 20 planned s
+
+
 @pytest.mark.slow
 def test_a_grid_table_replays_through_the_real_search(tmp_path, tiny_base):
     """Train a 2 x 2 grid for real (grid_table.py), then run a search whose trials are looked
@@ -82,3 +115,5 @@ def test_a_grid_table_replays_through_the_real_search(tmp_path, tiny_base):
         assert record.status == COMPLETE, record.error
         got = (record.objectives["id_accuracy"], record.objectives["ood_accuracy"])
         assert got in by_key[replay_key(record.schedule)]
+    # every row carries its trial's curve, with the planned budget point of each measurement
+    assert all(r["curves"] and all("planned_seconds" in c for c in r["curves"]) for r in rows)

@@ -169,6 +169,27 @@ def test_fake_search_end_to_end(tmp_path: Path) -> None:
     assert (run_dir / "tune").is_dir()
 
 
+def test_searches_run_on_a_ray_the_caller_started_and_leave_it_running(tmp_path: Path) -> None:
+    """A benchmark starts Ray once for many searches: each search uses it, records no session
+    of its own (a resume must not end the caller's Ray) and does not shut it down."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        node = ray.get_runtime_context().get_node_id()
+        for name in ("first", "second"):
+            (tmp_path / name).mkdir()
+            space = write_space(tmp_path / name, trials=3, concurrency=1)
+            run_dir = run_search(space, name=name, runs_dir=tmp_path / "runs", live=False,
+                                 trial_fn=FAST)
+            assert ray.is_initialized() and ray.get_runtime_context().get_node_id() == node
+            assert "ray_session_dir" not in RunDir(run_dir).read_meta()
+            assert [t.state for t in study_of(run_dir).trials] == [
+                optuna.trial.TrialState.COMPLETE] * 3
+    finally:
+        ray.shutdown()
+
+
 def test_search_budget_stops_new_trials_and_is_recorded(tmp_path: Path) -> None:
     # per-trial budget 0.008 h (the demo space); 0.02 h leaves room for two trials, not a third.
     # (Also the journal-file storage path, end to end.)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -410,6 +411,10 @@ def run_schedule(
     """
     from stagebudget.stages.common import resolve_device
 
+    # Stages report to no tracker (report_to="none"; a search logs to MLflow from its driver),
+    # but TRL imports mlflow whenever it is installed: 1-4 s per process (bench/RESULTS.md).
+    # transformers' own switch turns that off; a value the user set wins.
+    os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
     out = Path(out_dir) if out_dir is not None else None
     dev = resolve_device(device)
     _seed_everything(schedule.seed)

@@ -83,6 +83,9 @@ def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Pat
     importable on Ray workers, or ``"module:function"``). ``budget_hours`` is the search-wide
     device-hour budget (overrides ``budget.search_hours``): no trial starts past it.
     ``mlflow`` is an MLflow tracking URI: trials are also logged there (kept for a resume).
+    When Ray is already initialised in this process, the search runs on it and leaves it
+    running (a benchmark of many searches starts Ray once); otherwise it starts a private local
+    Ray (or joins ``address``) and shuts it down at the end.
     """
     _check_flags(name, Path(runs_dir))
     if mlflow is not None:
@@ -692,7 +695,10 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
     display = LiveDisplay() if live else Display()
     holder: dict[str, Any] = {}
     callback = ProgressCallback(display, lambda running: _stats(plan, holder, running))
-    session = _init_ray(address, space)
+    # A caller that started Ray itself (a benchmark running many searches, a notebook on a
+    # cluster) keeps it: the search neither starts nor shuts it down.
+    owns_ray = not ray.is_initialized()
+    session = _init_ray(address, space) if owns_ray else None
     if session:  # so that a resume after a killed driver can end this Ray's leftover processes
         plan.meta.update(ray_session_dir=session, ray_host=os.uname().nodename)
         plan.run.write_meta(_without_tool(plan.meta))
@@ -711,7 +717,8 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
             tuner.fit()
             display.update(_stats(plan, holder, 0), force=True)
     finally:
-        ray.shutdown()  # for an external cluster this only disconnects the driver
+        if owns_ray:
+            ray.shutdown()  # for an external cluster this only disconnects the driver
     return bool(limiter.stopped_by_budget)
 
 
