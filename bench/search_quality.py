@@ -2,7 +2,7 @@
 
     python bench/search_quality.py [--table bench/data/paper_grid.jsonl]
         [--space search_spaces/paper_grid.yaml] [--samplers tpe nsga2 gp random grid]
-        [--early-stopping tpe ...] [--seeds 20] [--trials 36]
+        [--early-stopping gp tpe random] [--seeds 20] [--trials 36]
         [--out bench/out/search_quality] [--write-results]
 
 Every search is a real ``stagebudget search`` (Optuna sampler, Ray Tune, study storage, front)
@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--table", type=Path, default=Path("bench/data/paper_grid.jsonl"))
     parser.add_argument("--space", type=Path, default=Path("search_spaces/paper_grid.yaml"))
     parser.add_argument("--samplers", nargs="+", default=["tpe", "nsga2", "gp", "random", "grid"])
-    parser.add_argument("--early-stopping", nargs="*", default=["tpe", "random"],
+    parser.add_argument("--early-stopping", nargs="*", default=["gp", "tpe", "random"],
                         metavar="SAMPLER", help="samplers also run with early stopping on")
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--trials", type=int, default=36)

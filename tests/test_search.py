@@ -87,6 +87,16 @@ def test_every_sampler_builds_and_proposes_inside_the_space(name: str) -> None:
         study.tell(trial, [0.5, 0.5])
 
 
+def test_the_default_sampler_is_gp_and_a_small_search_is_not_all_random_start_up() -> None:
+    """GP is the default (bench/RESULTS.md, "Search quality"); like TPE it starts modelling
+    after a third of a small search's trials, not after Optuna's 10."""
+    space = SearchSpace.load(DEMO, sampler={"seed": 0})
+    sampler = make_sampler(space, 12)
+    assert isinstance(sampler, optuna.samplers.GPSampler) and sampler._n_startup_trials == 4
+    assert make_sampler(space, 60)._n_startup_trials == 10
+    assert SearchSpace.load(DEMO).sampler.name == "gp"  # the demo uses the default
+
+
 def test_sampler_options_pass_through_and_unknown_ones_are_config_errors() -> None:
     space = SearchSpace.load(DEMO, sampler={"name": "nsga2", "seed": 0,
                                             "options": {"population_size": 6}})
