@@ -17,9 +17,13 @@ from statistics import mean
 
 
 def stage_rows(run: Path) -> list[dict]:
-    """One row per RL stage of every finished trial in ``run``."""
+    """One row per RL stage of every finished trial in ``run`` (twins that reused another
+    trial's results are left out)."""
     rows = []
     for metrics_file in sorted(run.glob("trials/*/metrics.json")):
+        record = metrics_file.parent / "record.json"
+        if record.is_file() and json.loads(record.read_text()).get("reused_from"):
+            continue  # a twin that reused another trial's measurements: counted once
         metrics = json.loads(metrics_file.read_text())
         ledger = json.loads((metrics_file.parent / "ledger.json").read_text())
         wall = ledger["train_seconds"] + ledger["eval_seconds"] + ledger["setup_seconds"]
