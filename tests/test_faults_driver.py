@@ -71,8 +71,11 @@ def test_second_driver_on_a_live_run_is_refused(tmp_path: Path) -> None:
     assert len(_study(run).trials) == 2
 
 
+# The driver takes Ctrl-C as a terminal's foreground job does, even when the tests themselves
+# run as a background job (which starts every child with SIGINT ignored).
 DRIVER = """
-import functools, sys
+import functools, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import stagebudget.search as search
 from stagebudget.fakes import fake_trial_fn
 from stagebudget.cli import main
