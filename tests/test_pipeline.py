@@ -191,7 +191,7 @@ def test_the_same_schedule_gives_identical_results_beside_busy_processes(tiny_ba
 
 def test_a_trial_process_does_not_import_mlflow(tiny_base, tmp_path):
     """Stages report to no tracker, so a training process does not pay TRL's import of
-    mlflow (installed with the dev extra, so this test can fail): 1-4 s per process."""
+    mlflow (installed with the dev extra, so this test can fail): about 1 s per process."""
     import importlib.util
     import subprocess
     import sys

@@ -412,8 +412,8 @@ def run_schedule(
     from stagebudget.stages.common import resolve_device
 
     # Stages report to no tracker (report_to="none"; a search logs to MLflow from its driver),
-    # but TRL imports mlflow whenever it is installed: 1-4 s per process (bench/RESULTS.md).
-    # transformers' own switch turns that off; a value the user set wins.
+    # but TRL imports mlflow whenever it is installed: about 1 s per process idle, more under
+    # load (bench/RESULTS.md). transformers' own switch turns that off; a user's value wins.
     os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
     out = Path(out_dir) if out_dir is not None else None
     dev = resolve_device(device)
