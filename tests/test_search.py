@@ -13,11 +13,11 @@ import pytest
 import yaml
 
 from runhelpers import demo_space
-from stagebudget.errors import UserError
+from stagebudget.errors import ConfigError, UserError
 from stagebudget.fakes import fake_trial_fn
 from stagebudget.records import RunDir
 from stagebudget.schedule import Schedule
-from stagebudget.search import check_local_resources, run_search
+from stagebudget.search import check_local_resources, check_space, run_search
 from stagebudget.space import SearchSpace
 from stagebudget.studystore import open_storage
 from stagebudget.tune_adapter import (
@@ -70,6 +70,30 @@ def test_bad_storage_and_budget_are_refused_before_compute(tmp_path: Path) -> No
     assert not (tmp_path / "runs" / "demo").exists()
     with pytest.raises(UserError, match="budget-hours must be a positive number"):
         run_search(DEMO, runs_dir=tmp_path / "runs", budget_hours=0, live=False)
+
+
+def test_a_prefix_cache_that_cannot_be_written_is_refused_before_anything(tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """reuse.cache_dir under a file, or in a folder this user cannot write, is a config error
+    naming the file, the field and the way out, before any run directory exists."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    space = write_space(tmp_path, reuse={"cache_dir": str(blocker / "cache")})
+    with pytest.raises(ConfigError, match=r"reuse\.cache_dir.*a-file is not a directory.*"
+                                          r"enabled: false") as info:
+        run_search(space, runs_dir=tmp_path / "runs", live=False)
+    assert str(space) in str(info.value)
+    assert not (tmp_path / "runs").exists() and not (blocker.parent / "cache").exists()
+    ok = write_space(tmp_path, reuse={"cache_dir": str(tmp_path / "new" / "cache")})
+    check_space(ok)  # a folder still to be created under a writable one is fine
+    assert not (tmp_path / "new").exists()  # and checking it writes nothing
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path
+                        else real_access(p, mode))  # root ignores permission bits
+    with pytest.raises(ConfigError, match="is not writable by this user"):
+        check_space(ok)
+    check_space(write_space(tmp_path, reuse={"enabled": False,
+                                             "cache_dir": str(blocker / "cache")}))
 
 
 # --- pieces without Ray -------------------------------------------------------------------
@@ -198,6 +222,16 @@ def test_searches_run_on_a_ray_the_caller_started_and_leave_it_running(tmp_path:
                 optuna.trial.TrialState.COMPLETE] * 3
     finally:
         ray.shutdown()
+
+
+def test_a_search_of_fewer_trials_than_references_leaves_none_waiting(tmp_path: Path) -> None:
+    """Two trials run the first two references; the third is never enqueued, so the study
+    holds no trial that will never be asked (optuna-dashboard would show it WAITING)."""
+    space = write_space(tmp_path, trials=2, concurrency=1)
+    run_dir = run_search(space, name="few", runs_dir=tmp_path / "runs", live=False, trial_fn=FAST)
+    study = study_of(run_dir)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert [t.user_attrs.get("reference") for t in study.trials] == ["sft_only", "rl_only"]
 
 
 def test_search_budget_stops_new_trials_and_is_recorded(tmp_path: Path) -> None:

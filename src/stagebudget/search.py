@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from stagebudget import __version__
-from stagebudget.errors import UserError
+from stagebudget.errors import ConfigError, UserError
 from stagebudget.fileio import DISK_FULL, atomic_write_yaml, read_json
 from stagebudget.records import (
     COMPLETE,
@@ -298,6 +298,27 @@ class DriverLock:
             self._fh.close()
 
 
+def check_prefix_cache_dir(space: SearchSpace, base_dir: Path) -> None:
+    """With reuse on, this machine must be able to create and write the prefix cache: else
+    every trial would train alone and warn at every stage. Checked without writing anything
+    (the nearest existing folder must be a writable directory)."""
+    cache = space.reuse.cache(base_dir)
+    if cache is None:
+        return
+    root = Path(cache.root)
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    problem = None
+    if existing is None or not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable by this user"
+    if problem is not None:
+        raise ConfigError(
+            f"the prefix cache directory {root} cannot be used: {problem}. Give reuse.cache_dir "
+            "a directory this user can write (or set $STAGEBUDGET_PREFIX_CACHE), or turn reuse "
+            "off with reuse: {enabled: false}", source=space._source, field="reuse.cache_dir")
+
+
 def check_local_resources(space: SearchSpace) -> None:
     """``concurrency`` trials at once must fit this machine's CPUs (and GPUs)."""
     res, n = space.resources_per_trial, space.concurrency
@@ -398,6 +419,7 @@ def check_space(path: str | Path, *, trials: int | None = None, concurrency: int
             print(f"warning: {warning}", flush=True)
     if address is None:
         check_local_resources(space)
+        check_prefix_cache_dir(space, Path(path).parent)  # on a cluster: the nodes' storage
     else:
         check_cluster(address)
     make_sampler(space, space.trials)  # a bogus sampler option is an error now, not in Ray
@@ -469,7 +491,9 @@ def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int
         shutil.rmtree(run.root, ignore_errors=True)
         raise
     points = [p for _, p in space.reference_points()] if space.references else []
-    return SearchPlan(run, space, meta, store, space.trials, points, lock=lock)
+    # A search of fewer trials than references runs the first ones; an enqueued reference that
+    # is never asked would stay WAITING in the study for good.
+    return SearchPlan(run, space, meta, store, space.trials, points[:space.trials], lock=lock)
 
 
 def _plan_resume(space_path: Path, *, name: str | None, runs_dir: Path, trials: int | None,
@@ -516,7 +540,9 @@ def _resume_plan(run: RunDir, meta: dict[str, Any], lock: DriverLock, *, trials:
     points = [p for _, p in space.reference_points()
               if space.references and not any(_same_params(p, s) for s in seen)]
     prior = sum(_spent_hours(r) for r in run.records())
-    return SearchPlan(run, space, meta, store, space.trials - finished, points, prior, lock=lock)
+    remaining = space.trials - finished
+    return SearchPlan(run, space, meta, store, remaining, points[:max(0, remaining)], prior,
+                      lock=lock)
 
 
 def _spent_hours(record: Any) -> float:
