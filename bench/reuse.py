@@ -73,8 +73,7 @@ def _search(space: Path, out: Path, trials: int, concurrency: int) -> tuple[Path
 
 def _front(run_dir: Path) -> tuple[list[tuple[str, float, float]], dict[str, Any]]:
     """The front as (schedule identity, ID, OOD), and the run's spend summary (with the count
-    of pruned trials and the front's hypervolume against (0, 0))."""
-    from stagebudget.pareto import hypervolume
+    of pruned trials and the front's hypervolume)."""
     from stagebudget.records import PRUNED, RunDir, spend_summary
     from stagebudget.runs import load_run
     from stagebudget.schedule import identity
@@ -85,8 +84,7 @@ def _front(run_dir: Path) -> tuple[list[tuple[str, float, float]], dict[str, Any
                    for n in info.front)
     records = RunDir(run_dir).records()
     spend = {**spend_summary(records), "pruned": sum(r.status == PRUNED for r in records),
-             "hypervolume": hypervolume([p[1:] for p in front], (0.0, 0.0),
-                                        ("maximize", "maximize")) if front else 0.0}
+             "hypervolume": info.hypervolume}
     return front, spend
 
 

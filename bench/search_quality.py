@@ -65,14 +65,15 @@ ES = "+es"  # arm suffix: early stopping on
 def run_one(space: dict[str, Any], arm: str, seed: int, trials: int, table: Path,
             out: Path) -> Path:
     """One replayed search of ``arm`` (a sampler name, with :data:`ES` for early stopping on);
-    a finished one is read back, not run again."""
+    one that finished (run.json says when) is read back, one cut short is resumed."""
     from stagebudget.replay import replay_trial
     from stagebudget.search import run_search
 
     sampler, early = arm.removesuffix(ES), arm.endswith(ES)
     name = f"{sampler}{'-es' if early else ''}-s{seed}"
-    if (out / "runs" / name / "run.json").is_file():
-        return out / "runs" / name
+    meta = out / "runs" / name / "run.json"
+    if meta.is_file() and "finished" in json.loads(meta.read_text()):
+        return meta.parent
     path = out / "spaces" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     stopping = {**(space.get("early_stopping") or {}), "enabled": early}
@@ -82,6 +83,7 @@ def run_one(space: dict[str, Any], arm: str, seed: int, trials: int, table: Path
                                     "reuse": {"enabled": False},
                                     "early_stopping": stopping}))
     return run_search(path, runs_dir=out / "runs", trials=trials, live=False,
+                      resume=meta.is_file(),
                       trial_fn=functools.partial(replay_trial, table=str(table.resolve())))
 
 

@@ -344,3 +344,17 @@ def test_the_overrun_guard_is_a_budget_setting(tmp_path):
     data["budget"]["overrun_guard"] = 0.5
     with pytest.raises(ConfigError, match="overrun_guard"):
         SearchSpace.load(write(tmp_path, data))
+
+
+def test_a_relative_prefix_cache_dir_is_resolved_once_against_the_space_file(tmp_path):
+    """Resolved at load, so the run's saved space, the checks and every trial agree on one
+    folder; it is an output, so it may lie outside the space file's folder."""
+    folder = tmp_path / "spaces"
+    folder.mkdir()
+    for given, want in (("prefixes", folder / "prefixes"), ("../cache", tmp_path / "cache"),
+                        (str(tmp_path / "abs"), tmp_path / "abs")):
+        space = SearchSpace.load(write(folder, {**BASE, "reuse": {"cache_dir": given}}))
+        assert space.reuse.cache_dir == str(want)
+        assert space.reuse.cache().root == want
+    assert SearchSpace.load(write(folder, {**BASE, "reuse": {"enabled": False}})).reuse.cache() \
+        is None

@@ -190,7 +190,8 @@ def test_reward_metrics_report_the_task_score_apart_from_the_shaped_reward():
 
     logs = [{"step": i + 1, "reward": 1.0 + i / 10, "frac_reward_zero_std": 0.25}
             for i in range(8)]
-    out = reward_metrics(logs, scores=[0.2, 0.2, 0.3, 0.3, 0.4, 0.4, 0.6, 0.6])
+    calls = [[(("t", 1), 1.0, s), (("t", 1), 1.0, s)] for s in (.2, .2, .3, .3, .4, .4, .6, .6)]
+    out = reward_metrics(logs, calls=calls)
     assert out["reward_first"] == pytest.approx(1.05) and out["reward_last"] == pytest.approx(1.65)
     assert out["score_first"] == pytest.approx(0.2) and out["score_last"] == pytest.approx(0.6)
     assert out["score_gain"] == pytest.approx(0.4) and out["zero_std_share"] == 0.25
@@ -256,7 +257,7 @@ def test_an_rl_stage_trains_on_its_prompts_in_the_stratified_order(loaded, monke
             seen.extend(dict.fromkeys(prompts))  # 4 completions per prompt, in order
             return inner(prompts=prompts, **kwargs)
 
-        reward.__name__, reward.scores, reward.calls = inner.__name__, inner.scores, inner.calls
+        reward.__name__, reward.calls = inner.__name__, inner.calls
         return reward
 
     monkeypatch.setattr(rl, "suite_reward", spying)

@@ -219,6 +219,24 @@ def _read_record(path: Path) -> TrialRecord | None:
     return record
 
 
+def charged_hours(record: TrialRecord) -> float:
+    """The device-hours a finished trial charged its search's budget: what it really trained
+    (``spent_device_hours``, reused prefixes not counted), else its device-hours; a COMPLETE or
+    PRUNED trial without either, its ledger's training so far; anything else nothing.
+
+    >>> charged_hours(TrialRecord(key="a", params={}, schedule={}, status=COMPLETE,
+    ...                           objectives={DEVICE_HOURS: 0.02}))
+    0.02
+    """
+    for value in (record.ledger.get(SPENT_DEVICE_HOURS), record.objectives.get(DEVICE_HOURS)):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    value = record.ledger.get(DEVICE_HOURS)
+    if record.status in (COMPLETE, PRUNED) and isinstance(value, int | float):
+        return float(value)
+    return 0.0
+
+
 def spend_summary(records: list[TrialRecord]) -> dict[str, float]:
     """What a run's trials cost: ``nominal_device_hours`` (each COMPLETE trial's schedule
     trained alone, what the per-trial budget limits), ``spent_device_hours`` (what was really
@@ -233,9 +251,9 @@ def spend_summary(records: list[TrialRecord]) -> dict[str, float]:
     for record in records:
         if record.status != COMPLETE:
             continue
-        hours = record.objectives.get(DEVICE_HOURS, record.ledger.get(DEVICE_HOURS, 0.0))
-        nominal += float(hours or 0.0)
-        spent += float(record.ledger.get(SPENT_DEVICE_HOURS, hours) or 0.0)
+        nominal += float(record.objectives.get(DEVICE_HOURS, record.ledger.get(DEVICE_HOURS, 0.0))
+                         or 0.0)
+        spent += charged_hours(record)
     return {"nominal_device_hours": nominal, "spent_device_hours": spent,
             "saved_share": 1.0 - spent / nominal if nominal > 0 else 0.0}
 

@@ -34,18 +34,17 @@ from stagebudget.errors import ConfigError, UserError
 from stagebudget.fileio import DISK_FULL, atomic_write_yaml, read_json
 from stagebudget.records import (
     COMPLETE,
-    DEVICE_HOURS,
     ERROR_ATTR,
     FAILED,
     INTERRUPTED,
     PRUNED,
     RUNNING,
-    SPENT_DEVICE_HOURS,
     RunDir,
+    charged_hours,
     is_interrupted,
     spend_summary,
 )
-from stagebudget.runs import ledger_hours, study_storage_url
+from stagebudget.runs import study_storage_url
 from stagebudget.space import SearchSpace, check_run_name, make_sampler
 from stagebudget.studystore import normalize_url, open_storage
 
@@ -298,11 +297,11 @@ class DriverLock:
             self._fh.close()
 
 
-def check_prefix_cache_dir(space: SearchSpace, base_dir: Path) -> None:
+def check_prefix_cache_dir(space: SearchSpace) -> None:
     """With reuse on, this machine must be able to create and write the prefix cache: else
     every trial would train alone and warn at every stage. Checked without writing anything
     (the nearest existing folder must be a writable directory)."""
-    cache = space.reuse.cache(base_dir)
+    cache = space.reuse.cache()
     if cache is None:
         return
     root = Path(cache.root)
@@ -419,7 +418,7 @@ def check_space(path: str | Path, *, trials: int | None = None, concurrency: int
             print(f"warning: {warning}", flush=True)
     if address is None:
         check_local_resources(space)
-        check_prefix_cache_dir(space, Path(path).parent)  # on a cluster: the nodes' storage
+        check_prefix_cache_dir(space)  # on a cluster: the nodes' storage
     else:
         check_cluster(address)
     make_sampler(space, space.trials)  # a bogus sampler option is an error now, not in Ray
@@ -539,21 +538,10 @@ def _resume_plan(run: RunDir, meta: dict[str, Any], lock: DriverLock, *, trials:
     seen = [t.system_attrs.get("fixed_params", t.params) for t in study.get_trials(deepcopy=False)]
     points = [p for _, p in space.reference_points()
               if space.references and not any(_same_params(p, s) for s in seen)]
-    prior = sum(_spent_hours(r) for r in run.records())
+    prior = sum(charged_hours(r) for r in run.records())
     remaining = space.trials - finished
     return SearchPlan(run, space, meta, store, remaining, points[:max(0, remaining)], prior,
                       lock=lock)
-
-
-def _spent_hours(record: Any) -> float:
-    """What a finished trial charged the search budget: its ledger's spent device-hours (reused
-    prefixes not counted), else its device-hours, else for a pruned one (no objectives) its
-    ledger's training time so far."""
-    if isinstance(record.ledger.get(SPENT_DEVICE_HOURS), int | float):
-        return float(record.ledger[SPENT_DEVICE_HOURS])
-    if isinstance(record.objectives.get(DEVICE_HOURS), int | float):
-        return float(record.objectives[DEVICE_HOURS])
-    return (ledger_hours(record.ledger) or 0.0) if record.status == PRUNED else 0.0
 
 
 def _space_name(space_path: Path) -> str:

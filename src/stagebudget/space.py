@@ -339,17 +339,14 @@ class ReuseSpec(Strict):
     cache_dir: str | None = None
     max_gb: float = Field(default=20.0, gt=0, allow_inf_nan=False)
 
-    def cache(self, base_dir: Path | str | None = None) -> Any:
-        """The :class:`~stagebudget.prefixcache.PrefixCache` to train with (None when off)."""
+    def cache(self) -> Any:
+        """The :class:`~stagebudget.prefixcache.PrefixCache` to train with (None when off).
+        A relative ``cache_dir`` was made absolute when the space file was loaded."""
         from stagebudget.prefixcache import PrefixCache
 
         if not self.enabled:
             return None
-        root = None
-        if self.cache_dir is not None:
-            root = Path(self.cache_dir).expanduser()
-            if not root.is_absolute() and base_dir is not None:
-                root = Path(base_dir) / root
+        root = Path(self.cache_dir).expanduser() if self.cache_dir is not None else None
         return PrefixCache(root, max_gb=self.max_gb)
 
 
@@ -537,6 +534,11 @@ class SearchSpace(Strict):
                 update={"scorer": f"{inside(file, 'tasks.scorer')}:{function}"})
         if self.cost_table:
             update["cost_table"] = inside(self.cost_table, "cost_table")
+        cache_dir = self.reuse.cache_dir
+        if cache_dir is not None and not Path(cache_dir).expanduser().is_absolute():
+            # an output folder, not an input: it may lie outside the space file's folder
+            update["reuse"] = self.reuse.model_copy(
+                update={"cache_dir": str((folder / cache_dir).resolve())})
         return self.model_copy(update=update) if update else self
 
     _source: str | None = None

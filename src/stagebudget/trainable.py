@@ -37,6 +37,7 @@ from stagebudget.records import (
     SPENT_DEVICE_HOURS,
     RunDir,
     TrialRecord,
+    charged_hours,
 )
 from stagebudget.schedule import identity
 from stagebudget.space import SearchSpace
@@ -143,7 +144,7 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
                      "final": True})
         return
     try:
-        prefix = space.reuse.cache(base_dir)
+        prefix = space.reuse.cache()
         result = fn(schedule, out_dir=run.trial_dir(key), report=reporter, device=device,
                     cost=cost, cache_dir=Path(cache_dir) if cache_dir else None,
                     base_dir=Path(base_dir) if base_dir else None,
@@ -175,7 +176,7 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     record.objectives, record.ledger = objectives, dict(getattr(result, "ledger", {}) or {})
     record.torch_threads = torch_threads()
     run.write_record(record)
-    spent = record.ledger.get(SPENT_DEVICE_HOURS, objectives.get(DEVICE_HOURS, 0.0))
+    spent = charged_hours(record)
     tune.report({**reporter.latest, **objectives, SPENT_DEVICE_HOURS: spent, "final": True})
 
 

@@ -103,8 +103,9 @@ PARTIAL_CREDIT = 0.5
 def suite_reward(suite: Any, partial: float | None = None) -> Callable[..., list[float | None]]:
     """A TRL reward function: ``suite.reward`` (the task's scorer + a format term) plus
     ``partial`` (default :data:`PARTIAL_CREDIT`) times the partial credit of tasks scored by
-    exact match. The task-score part of each call is kept on the function as ``scores``
-    (a list of per-call means), so a stage can report it apart from the shaping.
+    exact match. Every call's rows are kept on the function as ``calls`` (per completion: its
+    :func:`stratum`, reward and task score), so a stage can report the task score apart from
+    the shaping and compare like with like (:func:`reward_metrics`).
 
     TRL 1.16 calls it as ``f(prompts=, completions=, completion_ids=, answer=[...], task=[...],
     trainer_state=, ...)``, one list entry per completion; chat completions are lists of
@@ -114,7 +115,6 @@ def suite_reward(suite: Any, partial: float | None = None) -> Callable[..., list
     from stagebudget.tasks.scoring import extract, partial_credit
 
     weight = PARTIAL_CREDIT if partial is None else partial
-    score_means: list[float] = []
     calls: list[list[tuple[tuple[str, int], float, float]]] = []
 
     def reward(prompts: list[Any], completions: list[Any], answer: list[str], task: list[str],
@@ -126,14 +126,12 @@ def suite_reward(suite: Any, partial: float | None = None) -> Callable[..., list
             scores.append(suite.score(example, text))
             credit = partial_credit(suite.tasks[t].scorer, extract(suite.answer_mode, text), a)
             out.append(float(suite.reward(example, text)) + weight * credit)
-        score_means.append(sum(scores) / len(scores) if scores else 0.0)
         calls.append([(stratum(t, a), r, sc) for t, a, r, sc in zip(task, answer, out, scores,
                                                                   strict=True)])
         rewards: list[float | None] = list(out)  # TRL's type: None skips a reward
         return rewards
 
     reward.__name__ = REWARD_NAME
-    reward.scores = score_means  # type: ignore[attr-defined]
     reward.calls = calls  # type: ignore[attr-defined]
     return reward
 
@@ -157,8 +155,7 @@ def run_rl(ctx: StageContext) -> StageOutput:
             callbacks=stage_callbacks(ctx),
         )
     model, steps = train_and_merge(ctx, trainer)
-    metrics = reward_metrics(ctx.logs, scores=reward.scores,  # type: ignore[attr-defined]
-                             calls=reward.calls)  # type: ignore[attr-defined]
+    metrics = reward_metrics(ctx.logs, calls=reward.calls)  # type: ignore[attr-defined]
     return StageOutput(model=model, metrics=metrics, steps_done=steps)
 
 
@@ -200,22 +197,23 @@ def matched_gain(calls: list[list[tuple[Any, float, float]]], which: int = 1) ->
                for key in shared) / total
 
 
-def reward_metrics(logs: list[dict[str, Any]], scores: list[float] | None = None,
+def reward_metrics(logs: list[dict[str, Any]],
                    calls: list[list[tuple[Any, float, float]]] | None = None) -> dict[str, Any]:
     """Mean reward per logged step, the first vs the last quarter of the stage, and the share
     of GRPO groups whose completions all got the same reward (no signal for GRPO).
 
     ``reward_first``/``reward_last`` average the first/last quarter of the logged steps (at
-    least one step each), since one step's mean over a few prompts is noisy. ``scores`` (the
-    task-score part of the reward per step, without format term and partial credit) gives
-    ``score_first``/``score_last``/``score_gain`` the same way. ``calls`` (the reward's rows
-    per step) give ``reward_gain_matched``/``score_gain_matched`` (:func:`matched_gain`): the
-    same gains compared within prompts of equal task and answer length.
+    least one step each), since one step's mean over a few prompts is noisy. ``calls`` (the
+    reward's rows per step, :func:`suite_reward`) give ``score_first``/``score_last``/
+    ``score_gain`` the same way from each step's mean task score (without format term and
+    partial credit), and ``reward_gain_matched``/``score_gain_matched`` (:func:`matched_gain`):
+    the same gains compared within prompts of equal task and answer length.
     """
     rows = [r for r in logs if r.get("reward") is not None]
     rewards = [float(r["reward"]) for r in rows]
     first, last = _quarters(rewards)
-    score_first, score_last = _quarters(list(scores or []))
+    scores = [sum(row[2] for row in call) / len(call) for call in calls or [] if call]
+    score_first, score_last = _quarters(scores)
     return {
         "mean_reward": mean_of(rows, "reward"),
         "reward_first": first,

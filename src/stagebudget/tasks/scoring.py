@@ -111,6 +111,7 @@ def partial_credit(scorer: str, prediction: str | None, answer: str) -> float:
         return 0.0
     return float(SCORERS[dense](prediction, answer))
 
+
 Scorer = Callable[[str, str], float]
 EXTRACTIONS = ("full", "answer_tag", "last_line", "regex:PATTERN")
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
