@@ -109,14 +109,16 @@ def test_cpu_prices_follow_the_measured_tiny_model(cost):
     """The fitted cpu constants keep what was measured on the tiny model (2-core CPU): a LoRA
     SFT step costs more than a full fine-tuning one (the adapter's fixed cost dominates at this
     size), and a GRPO step's sampling scales with its rows, so half the prompts cost well under
-    a full step."""
+    a full step. Measured idle (cost.py): SFT full 0.076 s, LoRA r16 0.097 s; GRPO 8 prompts
+    0.180 s, 16 prompts ~0.32 s."""
     def step(kind: str, **kw) -> float:
         return cost.step_seconds(StageSpec(kind=kind, steps=1, **kw))
 
-    assert step("sft", lora_rank=16, batch_size=64) > step("sft", lora_rank=0, batch_size=64)
+    lora_sft = step("sft", lora_rank=16, batch_size=64)
+    assert lora_sft > step("sft", lora_rank=0, batch_size=64)
     full, half = step("rl", lora_rank=4, batch_size=16), step("rl", lora_rank=4, batch_size=8)
-    assert half < 0.8 * full
-    assert step("rl", lora_rank=4, batch_size=16) > 3 * step("sft", lora_rank=16, batch_size=64)
+    assert 0.5 * full < half < 0.8 * full
+    assert 1.6 * lora_sft < half < 2.2 * lora_sft
 
 
 def test_a_run_plans_with_its_frozen_cost_model_on_resume(tmp_path, monkeypatch):

@@ -27,17 +27,20 @@ from stagebudget.schedule import Schedule, StageSpec, TasksRef
 
 # Effective throughput and per-step overheads for the analytic fallback. They are rough on
 # purpose; calibrate replaces them with measured numbers for the hardware at hand. cpu: fitted
-# (2026-11-23) to the step times of builtin:tiny in the demo's trials (two trials at a time on
-# a 2-core CPU, one thread each): SFT batch 64 full fine-tuning 0.089 s and LoRA r16 0.111 s,
-# GRPO LoRA r4 with 8 completions of <= 14 tokens per prompt 0.372 s (16 prompts) and
-# ~0.21 s (8 prompts). A LoRA adapter costs a fixed time per step at this size (28 small
-# adapter modules, each a few extra operations forward and backward), more than its FLOPs say;
-# sampling pays ~5 ms per generated token whatever the batch (a forward call; a rough value,
-# not fitted: it matters for long completions in small batches) and runs its FLOPs at a
-# fraction of the training rate (``gen_flops_factor``, fitted to the two GRPO times). cuda: an H100.
+# (2026-11-24, within 7%) to the step times of builtin:tiny on an idle 2-core CPU, two trials
+# at a time, one thread each: in the demo's trials SFT batch 64 full fine-tuning 0.076 s and
+# LoRA r16 0.097 s, GRPO with 8 prompts x 8 completions of <= 14 tokens LoRA r4 0.180 s and r16
+# 0.190 s; GRPO with 16 prompts ~0.32 s (1.8x the 8-prompt step, measured side by side). (The
+# constants before, fitted on a loaded machine, priced the 8-prompt GRPO steps at 0.271/0.286 s,
+# so RL stages trained two thirds of the steps their share of the budget pays
+# for; search_spaces/paper_grid.cost.json keeps them for the replayed grid.) A LoRA adapter
+# costs a fixed time per step at this size (28 small adapter modules, each a few extra
+# operations forward and backward), more than its FLOPs say; sampling pays ~2 ms per generated
+# token whatever the batch (a forward call: it matters for long completions in small batches)
+# and runs its FLOPs at a fraction of the training rate (``gen_flops_factor``). cuda: an H100.
 _DEVICE = {
-    "cpu": {"flops": 5.2e10, "step_overhead": 0.037, "gen_token_overhead": 0.005,
-            "lora_step_overhead": 0.026, "gen_flops_factor": 6.2},
+    "cpu": {"flops": 4.04e10, "step_overhead": 0.01, "gen_token_overhead": 0.002,
+            "lora_step_overhead": 0.023, "gen_flops_factor": 4.5},
     "cuda": {"flops": 1.5e14, "step_overhead": 0.05, "gen_token_overhead": 0.015,
              "lora_step_overhead": 0.0, "gen_flops_factor": 1.0},
 }
