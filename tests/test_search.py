@@ -235,9 +235,10 @@ def test_a_search_of_fewer_trials_than_references_leaves_none_waiting(tmp_path: 
 
 
 def test_search_budget_stops_new_trials_and_is_recorded(tmp_path: Path) -> None:
-    # per-trial budget 0.008 h (the demo space); 0.02 h leaves room for two trials, not a third.
+    # per-trial budget 0.008 h; 0.02 h leaves room for two trials, not a third.
     # (Also the journal-file storage path, end to end.)
-    space = write_space(tmp_path, trials=6, concurrency=1, references=False)
+    space = write_space(tmp_path, trials=6, concurrency=1, references=False,
+                        budget={"per_trial_hours": 0.008})
     run_dir = run_search(space, name="budget", runs_dir=tmp_path / "runs", budget_hours=0.02,
                          storage=str(tmp_path / "journal.log"), live=False, trial_fn=FAST)
     meta = RunDir(run_dir).read_meta()
