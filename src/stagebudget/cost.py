@@ -30,10 +30,10 @@ from stagebudget.schedule import Schedule, StageSpec, TasksRef
 # (2026-11-24, within 7%) to the step times of builtin:tiny on an idle 2-core CPU, two trials
 # at a time, one thread each: in the demo's trials SFT batch 64 full fine-tuning 0.076 s and
 # LoRA r16 0.097 s, GRPO with 8 prompts x 8 completions of <= 14 tokens LoRA r4 0.180 s and r16
-# 0.190 s; GRPO with 16 prompts ~0.32 s (1.8x the 8-prompt step, measured side by side). (The
+# 0.190 s; GRPO with 16 prompts ~0.32 s (1.8x the 8-prompt step, measured side by side). The
 # constants before, fitted on a loaded machine, priced the 8-prompt GRPO steps at 0.271/0.286 s,
-# so RL stages trained two thirds of the steps their share of the budget pays
-# for; search_spaces/paper_grid.cost.json keeps them for the replayed grid.) A LoRA adapter
+# so an RL stage trained two thirds of the steps its share of the budget paid for
+# (search_spaces/paper_grid.cost.json keeps them for the replayed grid). A LoRA adapter
 # costs a fixed time per step at this size (28 small adapter modules, each a few extra
 # operations forward and backward), more than its FLOPs say; sampling pays ~2 ms per generated
 # token whatever the batch (a forward call: it matters for long completions in small batches)

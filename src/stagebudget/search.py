@@ -70,6 +70,11 @@ class SearchPlan:
     prior_hours: float = 0.0
     lock: Any = None
 
+    def __post_init__(self) -> None:
+        # Only the references that trials will ask for are enqueued: one enqueued and never
+        # asked (fewer trials than references) would stay WAITING in the study for good.
+        self.points = self.points[:max(0, self.remaining)]
+
 
 def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Path = Path("runs"),
                trials: int | None = None, budget_hours: float | None = None,
@@ -490,9 +495,7 @@ def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int
         shutil.rmtree(run.root, ignore_errors=True)
         raise
     points = [p for _, p in space.reference_points()] if space.references else []
-    # A search of fewer trials than references runs the first ones; an enqueued reference that
-    # is never asked would stay WAITING in the study for good.
-    return SearchPlan(run, space, meta, store, space.trials, points[:space.trials], lock=lock)
+    return SearchPlan(run, space, meta, store, space.trials, points, lock=lock)
 
 
 def _plan_resume(space_path: Path, *, name: str | None, runs_dir: Path, trials: int | None,
@@ -539,9 +542,7 @@ def _resume_plan(run: RunDir, meta: dict[str, Any], lock: DriverLock, *, trials:
     points = [p for _, p in space.reference_points()
               if space.references and not any(_same_params(p, s) for s in seen)]
     prior = sum(charged_hours(r) for r in run.records())
-    remaining = space.trials - finished
-    return SearchPlan(run, space, meta, store, remaining, points[:max(0, remaining)], prior,
-                      lock=lock)
+    return SearchPlan(run, space, meta, store, space.trials - finished, points, prior, lock=lock)
 
 
 def _space_name(space_path: Path) -> str:
