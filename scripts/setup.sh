@@ -13,5 +13,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "$TORCH_SPEC" -e ".[dev]"
+# constraints.txt pins every package that moves results (torch, transformers, trl, peft, optuna,
+# ray, datasets, accelerate, ...) to the versions the README's numbers were measured with;
+# STAGEBUDGET_UNPINNED=1 installs the newest versions pyproject.toml allows instead.
+if [ "${STAGEBUDGET_UNPINNED:-0}" = 1 ]; then
+  .venv/bin/python -m pip install -q "$TORCH_SPEC" -e ".[dev]"
+else
+  .venv/bin/python -m pip install -q -c constraints.txt "$TORCH_SPEC" -e ".[dev]"
+fi
 .venv/bin/python -c "import stagebudget, torch; print('stagebudget ready; torch', torch.__version__)"
