@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
 
 from stagebudget.basemodel import (
     CHARS,
+    SHIPPED_DIR,
     ModelRefError,
     build_base,
     build_tokenizer,
+    cache_problem,
     default_cache_dir,
     greedy_generate,
     load_model_and_tokenizer,
     resolve_base_model,
+    same_weights,
+    ship_base,
 )
 from stagebudget.tasks import load_suite, pretrain_corpus
 
@@ -50,8 +55,63 @@ def test_build_base_is_loadable_and_cached(tiny_base):
     start = time.perf_counter()
     again = build_base("test", cache_dir=tiny_base.parent)
     assert again == tiny_base and time.perf_counter() - start < 1.0
-    assert resolve_base_model("builtin:test", cache_dir=tiny_base.parent) == tiny_base
     assert resolve_base_model(str(tiny_base)) == tiny_base
+    assert resolve_base_model("builtin:test") == SHIPPED_DIR / "test"  # never the build
+
+
+@pytest.mark.parametrize("size", ["tiny", "test"])
+def test_the_builtin_bases_are_shipped_and_checked(size):
+    """builtin:SIZE is package data with the SHA-256s of its files in base_info.json: the same
+    bytes on every machine, nothing built."""
+    path = resolve_base_model(f"builtin:{size}")
+    assert path == SHIPPED_DIR / size and cache_problem(path) is None
+    info = json.loads((path / "base_info.json").read_text())
+    assert info["size"] == size and set(info["sha256"]) >= {"model.safetensors", "tokenizer.json"}
+    assert {"cpu_capability", "versions"} <= set(info["built_with"])
+
+
+def test_a_damaged_shipped_base_is_refused_and_a_missing_one_explained(tmp_path, monkeypatch):
+    from stagebudget import basemodel
+
+    shutil.copytree(SHIPPED_DIR / "test", tmp_path / "test")
+    monkeypatch.setattr(basemodel, "SHIPPED_DIR", tmp_path)
+    assert resolve_base_model("builtin:test") == tmp_path / "test"
+    weights = tmp_path / "test" / "model.safetensors"
+    good = weights.read_bytes()
+    header = 8 + int.from_bytes(good[:8], "little")
+    weights.write_bytes(good[:header] + b"\0" * (len(good) - header))  # zeroed weights
+    with pytest.raises(ModelRefError, match=r"shipped builtin:test .* is damaged .*checksum.*reinstall"):
+        resolve_base_model("builtin:test")
+    with pytest.raises(ModelRefError, match=r"builtin:tiny is not in this installation.*base build"):
+        resolve_base_model("builtin:tiny")
+
+
+def test_ship_base_replaces_the_shipped_copy_only_when_asked(tiny_base, tmp_path, monkeypatch):
+    from stagebudget import basemodel
+
+    monkeypatch.setattr(basemodel, "SHIPPED_DIR", tmp_path)
+    assert not same_weights(tiny_base, SHIPPED_DIR / "tiny")
+    shipped = ship_base(tiny_base, "test")
+    assert shipped == tmp_path / "test" and same_weights(shipped, tiny_base)
+    assert resolve_base_model("builtin:test") == shipped
+    assert not (shipped / "COMPLETE").exists()
+
+
+@pytest.mark.slow
+def test_the_shipped_tiny_base_scores_here_what_base_info_records():
+    """The shipped weights evaluated on this machine: within 2 standard errors of the ID/OOD
+    accuracy recorded where they were made (greedy decoding is deterministic per machine, but
+    other CPU kernels may flip a few near-ties)."""
+    from stagebudget.basemodel import EVAL_SIZES, _base_accuracy
+
+    path = resolve_base_model("builtin:tiny")
+    info = json.loads((path / "base_info.json").read_text())
+    model, tok = load_model_and_tokenizer(path)
+    now = _base_accuracy(model, tok, "tiny")
+    assert EVAL_SIZES["tiny"] == (1000, 1000)
+    for key in ("id", "ood"):
+        recorded, se = info[f"base_{key}_accuracy"], info[f"base_{key}_accuracy_se"]
+        assert abs(now[f"base_{key}_accuracy"] - recorded) <= 2 * se, (key, now, recorded)
 
 
 def test_default_cache_dir_env(monkeypatch, tmp_path):
@@ -86,8 +146,9 @@ def test_checking_a_cached_base_does_not_import_torch(tiny_base):
     code = ("import sys\n"
             "from pathlib import Path\n"
             "from stagebudget.basemodel import resolve_base_model\n"
-            "resolve_base_model('builtin:test', cache_dir=Path(sys.argv[1]), allow_build=False)\n"
+            "resolve_base_model('builtin:test')\n"
+            "resolve_base_model(sys.argv[1])\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
-    res = subprocess.run([sys.executable, "-c", code, str(tiny_base.parent)],
+    res = subprocess.run([sys.executable, "-c", code, str(tiny_base)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]

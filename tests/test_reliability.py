@@ -248,8 +248,8 @@ def test_corrupted_cached_base_model_is_detected_and_rebuilt(tmp_path):
     header = 8 + int.from_bytes(good[:8], "little")          # zeroed weights, header and size
     weights.write_bytes(good[:header] + b"\0" * (size - header))  # intact: only content differs
     assert "checksum" in cache_problem(path)
-    with pytest.raises(ModelRefError, match="is damaged"):  # never handed out silently
-        resolve_base_model("builtin:test", cache_dir=tmp_path, allow_build=False)
+    with pytest.raises(ModelRefError, match="does not match the checksum"):  # never handed out
+        resolve_base_model(str(path))
 
     messages: list[str] = []
     again = build_base("test", cache_dir=tmp_path, progress=messages.append)

@@ -25,6 +25,7 @@ from stagebudget.tune_adapter import (
     make_sampler,
     reference_name,
 )
+from stagebudget.version import numerics
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 FAST = functools.partial(fake_trial_fn, seconds=0.1)
@@ -186,6 +187,7 @@ def test_fake_search_end_to_end(tmp_path: Path) -> None:
     meta = run.read_meta()
     assert meta["study_name"].startswith("e2e-") and meta["trials_requested"] == 5
     assert meta["stopped_by_budget"] is False and meta["storage"].startswith("sqlite:///")
+    assert meta["numerics"] == numerics()  # CPU kernels and versions, compared on --resume
     assert SearchSpace.load(run.space).trials == 5           # the saved space reloads
     study = study_of(run_dir)
     states = [t.state for t in study.trials]

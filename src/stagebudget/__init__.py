@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from stagebudget.version import __version__
 
 if TYPE_CHECKING:
     from stagebudget.runs import load_run as load_run
@@ -46,4 +46,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'stagebudget' has no attribute {name!r}")
 
 
-__all__ = ["Schedule", "SearchSpace", "StageSpec", "TasksRef", "load_run", "run_schedule", "search"]
+__all__ = ["Schedule", "SearchSpace", "StageSpec", "TasksRef", "__version__", "load_run",
+           "run_schedule", "search"]

@@ -1,7 +1,11 @@
 """The small local base model: a character tokenizer and a Llama-style causal LM.
 
-Built from a config, pre-trained briefly on :func:`stagebudget.tasks.pretrain_corpus`
-and cached in a content-addressed directory, so each machine builds it once.
+``builtin:tiny`` and ``builtin:test`` are shipped as package data (``builtin_models/``) and
+loaded after a SHA-256 check, so every machine starts from the same bytes. They were made by
+:func:`build_base`: built from a config, pre-trained briefly on
+:func:`stagebudget.tasks.pretrain_corpus` into a content-addressed cache directory. That
+recipe is deterministic on one machine but not across CPUs (the kernels torch picks move where
+the skills form), which is why the result is shipped rather than rebuilt.
 torch and transformers are imported inside functions only.
 """
 
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from stagebudget.errors import UserError
+from stagebudget.version import numerics
 
 CODE_VERSION = "base-v3"
 COMPLETE_MARKER = "COMPLETE"
@@ -38,6 +43,8 @@ SIZES: dict[str, dict[str, Any]] = {
              "intermediate_size": 64, "steps": 30, "lr": 3e-3, "batch": 32},
 }
 EVAL_SIZES = {"tiny": (1000, 1000), "test": (30, 30)}
+# the built-in bases as shipped: package data, one directory per size (see shipped_base)
+SHIPPED_DIR = Path(__file__).resolve().parent / "builtin_models"
 
 
 class ModelRefError(UserError):
@@ -309,6 +316,7 @@ def _pretrain(size: str, seed: int, out: Path, say: Callable[[str], None]) -> di
         "size": size, "seed": seed, "params": sum(p.numel() for p in model.parameters()),
         "steps": steps, "train_seconds": round(seconds, 1), "code_version": CODE_VERSION,
         "heldout_lm_loss": round(_heldout_loss(model, tokenizer, seed), 4),
+        "built_with": {**numerics(), "threads": torch.get_num_threads()},
     }
     info.update(_base_accuracy(model, tokenizer, size))
     return info
@@ -420,29 +428,15 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[Any], max_new_toke
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_base_model(ref: str, cache_dir: Path | None = None, base_dir: Path | None = None,
-                       allow_build: bool = True) -> Path:
+def resolve_base_model(ref: str, base_dir: Path | None = None) -> Path:
     """Turn ``"builtin:tiny"``, ``"builtin:test"`` or a local directory into a model path.
 
-    Local directories must hold config.json, ``*.safetensors`` weights and a tokenizer.
-    Nothing is ever downloaded.
+    A built-in model is the one shipped inside the package (:func:`shipped_base`), the same
+    bytes on every machine; a local directory must hold config.json, ``*.safetensors`` weights
+    and a tokenizer. Nothing is ever built or downloaded here.
     """
     if ref.startswith("builtin:"):
-        size = ref.split(":", 1)[1]
-        if size not in SIZES:
-            raise ModelRefError(f"unknown built-in base model {ref!r}; allowed: "
-                                f"{', '.join('builtin:' + s for s in SIZES)}")
-        if not allow_build:
-            final = (Path(cache_dir) if cache_dir else default_cache_dir()) / _build_key(size, 0)
-            if not (final / COMPLETE_MARKER).is_file():
-                raise ModelRefError(f"{ref} is not built yet (expected {final}); build it first "
-                                    "with build_base or allow building")
-            problem = cache_problem(final)
-            if problem is not None:
-                raise ModelRefError(f"the cached {ref} at {final} is damaged ({problem}); "
-                                    f"rebuild it: stagebudget base build --size {size} --force")
-            return final
-        return build_base(size, cache_dir=cache_dir)
+        return shipped_base(ref.split(":", 1)[1])
     path = Path(ref).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path
@@ -455,7 +449,57 @@ def resolve_base_model(ref: str, cache_dir: Path | None = None, base_dir: Path |
         raise ModelRefError(f"base model directory {path} does not exist; pass a local "
                             "Hugging Face model directory or builtin:tiny")
     _check_model_dir(path)
+    problem = cache_problem(path) if (path / "base_info.json").is_file() else None
+    if problem is not None:  # a base stagebudget built: its files are checked like the shipped
+        raise ModelRefError(f"the base model at {path} is damaged ({problem}); rebuild it with "
+                            "`stagebudget base build --force`")
     return path
+
+
+def shipped_base(size: str) -> Path:
+    """The directory of the built-in base ``size`` shipped as package data, after checking its
+    files against the SHA-256s in its base_info.json (:func:`cache_problem`; no torch import).
+
+    The shipped bases were made by :func:`build_base` once; the recipe is not portable (CPU
+    kernels decide where the skills form, experiments/README.md), so no machine rebuilds them.
+    """
+    if size not in SIZES:
+        raise ModelRefError(f"unknown built-in base model builtin:{size}; allowed: "
+                            f"{', '.join('builtin:' + s for s in SIZES)}")
+    path = SHIPPED_DIR / size
+    if not (path / "base_info.json").is_file():
+        raise ModelRefError(
+            f"builtin:{size} is not in this installation (expected {path}); reinstall "
+            f"stagebudget, or build it with `stagebudget base build --size {size}` and pass the "
+            "directory it prints as base_model")
+    problem = cache_problem(path)
+    if problem is not None:
+        raise ModelRefError(f"the shipped builtin:{size} at {path} is damaged ({problem}); "
+                            "reinstall stagebudget (pip install --force-reinstall stagebudget)")
+    return path
+
+
+def ship_base(built: Path, size: str) -> Path:
+    """Replace the shipped ``builtin:size`` by the built base at ``built`` (maintainers only:
+    every number measured on the default changes with it)."""
+    problem = cache_problem(built)
+    if problem is not None:
+        raise ModelRefError(f"cannot ship {built}: {problem}")
+    target = SHIPPED_DIR / size
+    tmp = SHIPPED_DIR / f".{size}-new"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(built, tmp, ignore=shutil.ignore_patterns(COMPLETE_MARKER))
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)  # package data: readable by every user of the installation
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two base directories hold the same weights, config and tokenizer files."""
+    return weight_digests(a) == weight_digests(b)
 
 
 def _check_model_dir(path: Path) -> None:
@@ -483,5 +527,6 @@ def describe(path: Path) -> dict[str, Any]:
 
 __all__ = ["ModelRefError", "build_base", "build_tokenizer", "cache_problem",
            "default_cache_dir", "describe", "greedy_generate", "load_model", "load_model_and_tokenizer",
-           "load_tokenizer", "model_identity", "resolve_base_model"]
+           "load_tokenizer", "model_identity", "resolve_base_model", "same_weights", "ship_base",
+           "shipped_base"]
 

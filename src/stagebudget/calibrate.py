@@ -98,7 +98,6 @@ def calibrate(
     *,
     warmup: int = 1,
     out: Path | None = None,
-    cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
     tasks: str | None = None,
 ) -> CostModel:
@@ -116,7 +115,7 @@ def calibrate(
     kinds = stage_kinds() if kinds is None else kinds
     _check_args(kinds, ranks, steps, warmup)
     dev = resolve_device(device)
-    path = resolve_base_model(base_model, cache_dir=cache_dir)
+    path = resolve_base_model(base_model)
     suite = (load_suite(n_train=512, n_id_test=1, n_ood_test=1, seed=0) if tasks is None
              else load_suite(str(Path(tasks).expanduser().resolve())))
     say = progress or (lambda _msg: None)

@@ -262,15 +262,26 @@ def tasks(
 def base_build(
     size: Annotated[str, typer.Option(help="tiny (default) or test")] = "tiny",
     force: Annotated[bool, typer.Option(help="Rebuild even if cached")] = False,
+    ship: Annotated[bool, typer.Option(
+        help="Replace the shipped builtin:SIZE with this build (maintainers: every number "
+             "measured on the default changes)")] = False,
 ) -> None:
-    """Build (or reuse from the cache) the embedded base model."""
-    from stagebudget.basemodel import build_base
+    """Run the recipe that made the shipped base, into the cache (never replacing builtin:SIZE
+    unless --ship is given). Pass the printed directory as base_model to use the build."""
+    from stagebudget.basemodel import SHIPPED_DIR, build_base, same_weights, ship_base
 
     path = build_base(size=size, force=force, progress=lambda m: console.print(m))
     info = path / "base_info.json"
     console.print(f"base model: {path}")
     if info.is_file():
         console.print(info.read_text())
+    shipped = SHIPPED_DIR / size
+    if ship:
+        console.print(f"shipped as builtin:{size}: {ship_base(path, size)}")
+    elif (shipped / "base_info.json").is_file():
+        verdict = ("identical to" if same_weights(path, shipped)
+                   else "different from (this machine's kernels or versions differ)")
+        console.print(f"this build is {verdict} the shipped builtin:{size} ({shipped})")
 
 
 @cache_app.command("ls")

@@ -33,6 +33,7 @@ from stagebudget.prefixcache import END, EVAL, STEP, Entry, PrefixCache, context
 from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY, STANDARD_ERROR_OF
 from stagebudget.schedule import Schedule, StageSpec
 from stagebudget.stages.common import TrainingDiverged
+from stagebudget.version import numerics
 
 __all__ = ["BudgetGuardError", "TrainingDiverged", "TrialResult", "run_schedule"]
 
@@ -174,7 +175,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def _start(schedule: Schedule, out_dir: Path | None, device: str, cost: CostModel,
-           cache_dir: Path | None, base_dir: Path | None, report: Report | None,
+           base_dir: Path | None, report: Report | None,
            progress: Report | None, guard: float = OVERRUN_GUARD,
            prefix: PrefixCache | None = None) -> _Run:
     """Load the base model and the suite; open the run's outputs."""
@@ -186,7 +187,7 @@ def _start(schedule: Schedule, out_dir: Path | None, device: str, cost: CostMode
     # Every input is checked before anything is written: bad input leaves no files behind.
     suite = load_suite(**schedule.tasks.suite_args(), base_dir=base_dir)
     _emit(progress, "load", base_model=schedule.base_model)
-    path = resolve_base_model(schedule.base_model, cache_dir=cache_dir, base_dir=base_dir)
+    path = resolve_base_model(schedule.base_model, base_dir=base_dir)
     model, tokenizer = load_model_and_tokenizer(path, device=device,
                                                 trust_remote_code=schedule.trust_remote_code)
     for warning in check_model_tasks(tokenizer, suite, schedule.base_model):
@@ -210,21 +211,26 @@ def _start(schedule: Schedule, out_dir: Path | None, device: str, cost: CostMode
         context = run_context(schedule, path, suite, device)
         run.keys = stage_keys(context, schedule.stages)
         run.base_key = context_key(context)
+        changes = prefix.numerics_changes(context)
+        if changes:
+            logging.getLogger("stagebudget").warning(
+                "prefix cache %s holds stages of this base model, data and seed trained with "
+                "other numerics (%s); they are not reused, so these stages train again",
+                prefix.root, "; ".join(changes))
     return run
 
 
 def run_context(schedule: Schedule, model_path: Path, suite: Any, device: str) -> dict[str, Any]:
     """What every stage of ``schedule`` depends on besides the stage specs: the base model's
     content, the task data, the seed and this machine's numerics (device kind, torch threads,
-    package versions). Part of every prefix-cache key."""
+    CPU kernels, package versions). Part of every prefix-cache key."""
     import torch
 
     from stagebudget.basemodel import model_identity
-    from stagebudget.trainable import package_versions
 
     return {"base_model": model_identity(model_path), "data": suite.digest(),
             "seed": schedule.seed, "device": device.split(":")[0],
-            "threads": torch.get_num_threads(), "versions": package_versions(),
+            "threads": torch.get_num_threads(), **numerics(),
             "trust_remote_code": schedule.trust_remote_code}
 
 
@@ -389,7 +395,6 @@ def run_schedule(
     save_model: bool = False,
     device: str = "auto",
     cost: CostModel | None = None,
-    cache_dir: Path | None = None,
     base_dir: Path | None = None,
     progress: Report | None = None,
     guard: float = OVERRUN_GUARD,
@@ -419,7 +424,7 @@ def run_schedule(
     dev = resolve_device(device)
     _seed_everything(schedule.seed)
     cost_model = cost if cost is not None else default_cost_model(schedule.base_model, dev)
-    run = _start(schedule, out, dev, cost_model, cache_dir, base_dir, report, progress, guard,
+    run = _start(schedule, out, dev, cost_model, base_dir, report, progress, guard,
                  prefix_cache)
     run.checkpoint_steps = checkpoint_steps
     try:

@@ -6,7 +6,7 @@ steps of a stage are exactly the first k steps of a longer run of the same stage
 start from the longest prefix any trial has already trained and train only the rest.
 
 A stage's **key** hashes everything that decides what it trains: the base model's content, the
-task data, the seed, the numerics of this machine (device, torch threads, package versions),
+task data, the seed, the numerics of this machine (device, torch threads, CPU kernels, package versions),
 every earlier stage's full spec and this stage's spec without its step count (evaluation
 intervals excepted: they do not change training). Under a key live:
 
@@ -47,6 +47,7 @@ from typing import Any
 from stagebudget.basemodel import default_cache_dir
 from stagebudget.fileio import atomic_write_json
 from stagebudget.schedule import StageSpec
+from stagebudget.version import numerics_changes
 
 LOG = logging.getLogger("stagebudget")
 
@@ -54,6 +55,8 @@ MANIFEST = "MANIFEST.json"
 RECORDS = "records.json"
 CHECKPOINT = "checkpoint"
 MERGED = "merged"
+CONTEXTS = "contexts"  # one JSON per context ever used: why entries of other numerics are missed
+NUMERICS_FIELDS = frozenset({"cpu_capability", "versions"})
 STEP, END, EVAL = "step", "end", "eval"
 DEFAULT_MAX_GB = 20.0
 # Stage fields that do not change what trains: where a stage is measured (greedy decoding,
@@ -62,7 +65,7 @@ DEFAULT_MAX_GB = 20.0
 NOT_TRAINING = frozenset({"eval_interval"})
 # Bump when an entry's layout or what a stage trains changes (the reward, the data order, the
 # seeding...): older entries are then never hit. Releases also change keys (package versions).
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4  # 4: the CPU capability joined the context
 
 
 def default_prefix_cache_dir() -> Path:
@@ -202,6 +205,28 @@ class PrefixCache:
     def _touch(self, path: Path) -> None:
         with contextlib.suppress(OSError):
             os.utime(path / MANIFEST)  # last use, for least-recently-used eviction
+
+    def numerics_changes(self, context: dict[str, Any]) -> list[str]:
+        """Record ``context`` and say how the numerics (CPU kernels, package versions) of earlier
+        contexts of the same base model, data and seed differ from it: their entries are never
+        hit from here, and a user who sees stages train again should learn why."""
+        folder = self.root / CONTEXTS
+        mine = folder / f"{context_key(context)}.json"
+        with contextlib.suppress(OSError):
+            if not mine.is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(mine, context)
+        rest = {k: v for k, v in context.items() if k not in NUMERICS_FIELDS}
+        changes: list[str] = []
+        for path in sorted(folder.glob("*.json")):
+            try:
+                other = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if path != mine and {k: v for k, v in other.items()
+                                 if k not in NUMERICS_FIELDS} == rest:
+                changes += [c for c in numerics_changes(other, context) if c not in changes]
+        return changes
 
     # --- publishing ------------------------------------------------------------------------
     def publish(self, key: str, kind: str, steps: int, records: dict[str, Any],

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stagebudget import __version__
 from stagebudget.errors import ConfigError, UserError
 from stagebudget.fileio import DISK_FULL, atomic_write_yaml, read_json
 from stagebudget.records import (
@@ -47,6 +46,7 @@ from stagebudget.records import (
 from stagebudget.runs import study_storage_url
 from stagebudget.space import SearchSpace, check_run_name, make_sampler
 from stagebudget.studystore import normalize_url, open_storage
+from stagebudget.version import __version__, numerics, numerics_changes
 
 log = logging.getLogger(__name__)
 
@@ -486,7 +486,7 @@ def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int
             "objectives": [{"name": o.name, "direction": o.direction} for o in space.objectives],
             "trials_requested": space.trials, "search_budget_hours": space.budget.search_hours,
             "per_trial_hours": space.budget.per_trial_hours, "address": address,
-            "stopped_by_budget": False, "command": command_line(),
+            "stopped_by_budget": False, "command": command_line(), "numerics": numerics(),
         }
         run.write_meta(meta)
         atomic_write_yaml(run.space, space.model_dump(mode="json", exclude_none=True))
@@ -496,6 +496,17 @@ def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int
         raise
     points = [p for _, p in space.reference_points()] if space.references else []
     return SearchPlan(run, space, meta, store, space.trials, points, lock=lock)
+
+
+def warn_numerics_changed(meta: dict[str, Any]) -> list[str]:
+    """Warn when this machine's numerics differ from those run.json recorded at the start: the
+    trials run from here may then not match the earlier ones exactly. Returns the changes."""
+    changes = numerics_changes(meta["numerics"], numerics()) if meta.get("numerics") else []
+    if changes:
+        log.warning("resuming %s on other numerics than it started with (%s): trials run from "
+                    "here may differ from the earlier ones even for the same schedule",
+                    meta.get("name"), "; ".join(changes))
+    return changes
 
 
 def _plan_resume(space_path: Path, *, name: str | None, runs_dir: Path, trials: int | None,
@@ -534,6 +545,7 @@ def _resume_plan(run: RunDir, meta: dict[str, Any], lock: DriverLock, *, trials:
     mark_interrupted(study, run, [o.name for o in space.objectives])
     retry_interrupted(study)  # same params, same schedule: its checkpoints let it go on
     finished = finished_trials(study)
+    warn_numerics_changed(meta)
     meta.update(trials_requested=space.trials, search_budget_hours=space.budget.search_hours,
                 resumed=[*meta.get("resumed", []), time.time()])
     run.write_meta(meta)
@@ -649,20 +661,13 @@ def retry_interrupted(study: Any) -> list[int]:
 
 
 def _prepare_base_model(space: SearchSpace, space_file: str) -> None:
-    """Build/resolve the base model once, before trials run concurrently."""
+    """Check the base model once, before trials run concurrently."""
     try:
         from stagebudget.basemodel import resolve_base_model
     except ImportError:
         return
-    base_dir = Path(space_file).parent
-    if space.base_model.startswith("builtin:"):
-        try:
-            resolve_base_model(space.base_model, base_dir=base_dir, allow_build=False)
-        except ValueError:
-            print(f"building the base model {space.base_model} (first run only, cached after; "
-                  "about 1 min on 2 CPU cores)...", flush=True)
     try:
-        resolve_base_model(space.base_model, base_dir=base_dir)
+        resolve_base_model(space.base_model, base_dir=Path(space_file).parent)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 

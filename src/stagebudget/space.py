@@ -810,7 +810,7 @@ def _check_model(base_model: str, suite: Any, source: str | Path | None, base_di
     from stagebudget.chat import check_model_tasks, check_prompt_window, prompt_ids
 
     try:
-        path = resolve_base_model(base_model, base_dir=base_dir, allow_build=False)
+        path = resolve_base_model(base_model, base_dir=base_dir)
     except ValueError as exc:
         raise ConfigError(str(exc), source=source, field="base_model") from None
     check_model_files(path, source)

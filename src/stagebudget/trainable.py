@@ -17,7 +17,6 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +40,11 @@ from stagebudget.records import (
 )
 from stagebudget.schedule import identity
 from stagebudget.space import SearchSpace
+from stagebudget.version import package_versions
 
 TrialFn = Callable[..., Any]
 DEFAULT_TRIAL_FN = "stagebudget.pipeline:run_schedule"
 STEP_KEY = "timesteps_total"  # ray.tune.result.TIMESTEPS_TOTAL, without importing Ray here
-VERSIONED = ("stagebudget", "torch", "transformers", "trl", "peft", "ray", "optuna")
 
 
 def resolve_trial_fn(fn: TrialFn | str | None) -> TrialFn:
@@ -56,17 +55,6 @@ def resolve_trial_fn(fn: TrialFn | str | None) -> TrialFn:
         return fn
     module, _, attr = fn.partition(":")
     return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that decide a trial's result."""
-    out = {}
-    for name in VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
 
 
 class _Reporter:
@@ -118,7 +106,7 @@ def torch_threads() -> int | None:
 
 def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
                     trial_fn: TrialFn | str | None, cost: Any, device: str,
-                    cache_dir: str | None = None, base_dir: str | None = None) -> None:
+                    base_dir: str | None = None) -> None:
     """Train and measure one schedule (a Ray Tune function trainable).
 
     ``config`` is the sampled params (``{"sft.share": 0.25, ...}``); the rest comes from
@@ -146,8 +134,7 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     try:
         prefix = space.reuse.cache()
         result = fn(schedule, out_dir=run.trial_dir(key), report=reporter, device=device,
-                    cost=cost, cache_dir=Path(cache_dir) if cache_dir else None,
-                    base_dir=Path(base_dir) if base_dir else None,
+                    cost=cost, base_dir=Path(base_dir) if base_dir else None,
                     guard=space.budget.overrun_guard,
                     **({"prefix_cache": prefix,
                         "checkpoint_steps": space.checkpoint_steps(schedule, cost)}
