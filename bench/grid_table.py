@@ -35,6 +35,34 @@ def _order(schedule: Any) -> tuple[Any, ...]:
     return tuple((s.kind, s.lora_rank, s.learning_rate, s.steps) for s in schedule.stages)
 
 
+def spend_by_share(rows: list[dict[str, Any]]) -> list[tuple[float, int, float, float]]:
+    """Per SFT share: rows, mean measured training seconds of a schedule trained alone
+    (nominal) and mean planned seconds. A compute-matched grid spends alike at every share."""
+    from stagebudget.replay import NOMINAL
+
+    by: dict[float, list[dict[str, Any]]] = {}
+    for row in rows:
+        by.setdefault(float(row["params"].get("sft.share", 0.0)), []).append(row)
+    out = []
+    for share, group in sorted(by.items()):
+        measured = sum(r[NOMINAL] for r in group) / len(group) * 3600
+        planned = [r["planned_hours"] * 3600 for r in group if r.get("planned_hours")]
+        out.append((share, len(group), measured,
+                    sum(planned) / len(planned) if planned else float("nan")))
+    return out
+
+
+def print_spend(path: Path) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    table = spend_by_share(rows)
+    print("| SFT share | rows | measured training s | planned s |")
+    print("| --- | --- | --- | --- |")
+    for share, n, measured, planned in table:
+        print(f"| {share:.3f} | {n} | {measured:.1f} | {planned:.1f} |")
+    spread = [m for _, _, m, _ in table]
+    print(f"measured spread: max/min = {max(spread) / min(spread):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", type=Path, default=Path("search_spaces/paper_grid.yaml"))
@@ -43,7 +71,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per trial")
     parser.add_argument("--cache", type=Path, default=None,
                         help="prefix cache directory (default: beside --out)")
+    parser.add_argument("--summary", action="store_true",
+                        help="only print the measured training seconds per SFT share of --out")
     args = parser.parse_args()
+    if args.summary:
+        print_spend(args.out)
+        return
 
     import torch
 
@@ -91,6 +124,9 @@ def main() -> None:
                    ID_ACCURACY_SE: objectives.get(ID_ACCURACY_SE),
                    OOD_ACCURACY_SE: objectives.get(OOD_ACCURACY_SE),
                    NOMINAL: result.ledger["device_hours"],
+                   # what the cost model planned (load-free): measured / planned per SFT share
+                   # says whether the grid is compute-matched
+                   "planned_hours": cost.schedule_seconds(trial) / 3600.0,
                    SPENT_DEVICE_HOURS: result.ledger[SPENT_DEVICE_HOURS],
                    "eval_seconds": result.ledger["eval_seconds"],
                    # every measured point, so a replayed trial can be stopped early where it
@@ -102,6 +138,7 @@ def main() -> None:
                   f"OOD {row[OOD_ACCURACY]:.3f}  nominal {row[NOMINAL] * 3600:.1f}s spent "
                   f"{row[SPENT_DEVICE_HOURS] * 3600:.1f}s  ({time.perf_counter() - start:.0f}s)",
                   flush=True)
+    print_spend(args.out)
 
 
 if __name__ == "__main__":
