@@ -25,13 +25,32 @@ DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 State = optuna.trial.TrialState
 TRIALS = 6
 
+# The first trial to start finishes; every later one writes its first curve row and then waits
+# there to be killed, so the kill lands mid-trial whatever the timing (arguments are bound here:
+# the function runs on a Ray worker, whose sys.argv is not the driver's).
 DRIVER = """
-import functools, sys
+import functools, os, sys, time
 from pathlib import Path
 from stagebudget.search import run_search
 from stagebudget.fakes import fake_trial_fn
+
+def first_finishes_the_rest_hold(schedule, out_dir=None, *, report, first, calls, **kw):
+    try:
+        os.close(os.open(first, os.O_CREAT | os.O_EXCL))
+        hold = False
+    except FileExistsError:
+        hold = True
+
+    def report_and_hold(row):
+        report(row)
+        if hold:
+            time.sleep(600)  # longer than the test waits: only the kill ends this trial
+
+    return fake_trial_fn(schedule, out_dir, report=report_and_hold, seconds=0.4, calls=calls, **kw)
+
 run_search(sys.argv[1], name="res", runs_dir=Path(sys.argv[2]), live=False,
-           trial_fn=functools.partial(fake_trial_fn, seconds=2.0, calls=sys.argv[3]))
+           trial_fn=functools.partial(first_finishes_the_rest_hold, calls=sys.argv[3],
+                                      first=sys.argv[4]))
 """
 
 
@@ -44,19 +63,20 @@ def _calls(path: Path) -> list[dict]:
 
 
 def _start_and_kill(space: Path, runs: Path, log: Path, calls: Path) -> None:
-    """Run the driver in its own process group; SIGKILL the group once a trial completed while
-    a reference trial is training (so a reference is interrupted mid-trial)."""
+    """Run the driver in its own process group; SIGKILL the group once the first trial completed
+    and a reference trial has written its first curve row: every trial after the first holds
+    there until killed (DRIVER), so a reference is interrupted mid-trial, by construction."""
     run = RunDir(runs / "res")
 
     def mid_reference() -> bool:
         if not run.trials.is_dir():
             return False
-        started = {c["key"] for c in _calls(calls)}
         records = run.records()
         return any(r.status == "COMPLETE" for r in records) and any(
-            r.status == "RUNNING" and r.reference and r.key in started for r in records)
+            r.status == "RUNNING" and r.reference and run.curves(r.key) for r in records)
 
-    kill_driver_when(DRIVER, [str(space), str(runs), str(calls)], log, mid_reference)
+    kill_driver_when(DRIVER, [str(space), str(runs), str(calls), str(log.with_name("first"))],
+                     log, mid_reference)
 
 
 def test_killed_search_resumes_the_interrupted_trials_and_repeats_nothing(tmp_path: Path) -> None:

@@ -720,12 +720,14 @@ def make_sampler(space: SearchSpace, trials: int) -> Any:
 
     import optuna
 
+    from stagebudget.samplers import NSGAIISampler  # Optuna's, picklable (Tune pickles it)
+
     spec = space.sampler
     seed = spec.seed if spec.seed is not None else space.seed
     opts = dict(spec.options)
     samplers: dict[str, Callable[..., Any]] = {
         "tpe": optuna.samplers.TPESampler,
-        "nsga2": optuna.samplers.NSGAIISampler,
+        "nsga2": NSGAIISampler,
         "gp": optuna.samplers.GPSampler,
         "random": optuna.samplers.RandomSampler,
         "grid": optuna.samplers.GridSampler,

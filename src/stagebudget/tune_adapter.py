@@ -2,7 +2,7 @@
 :mod:`stagebudget.studystore`).
 
 Optuna samples (multi-objective), Ray Tune executes. Facts this module relies on (Ray 2.60,
-Optuna 5.0, read from the installed sources):
+Optuna 5.1, read from the installed sources):
 
 - ``OptunaSearch`` takes the metric/mode *lists*; ``TuneConfig`` gets neither (lists raise there).
 - ``OptunaSearch`` creates its study with ``load_if_exists=True``, so a resumed search attaches to
@@ -11,6 +11,9 @@ Optuna 5.0, read from the installed sources):
   Optuna trial becomes FAIL (never a score). Trials still running when an experiment is stopped
   get no ``on_trial_complete`` at all, which is why the search budget never *stops* running
   trials: :class:`BudgetLimiter` only refuses to start new ones.
+- Tune pickles the search algorithm, sampler included: into ``tuner.pkl`` when the Tuner is
+  built, and (``OptunaSearch.save``) into the searcher checkpoint at every experiment save. Every
+  sampler :func:`make_sampler` builds must pickle (:mod:`stagebudget.samplers`).
 - No Tune scheduler (ASHA, HyperBand) is used: with multi-objective OptunaSearch they record
   stopped trials as COMPLETE with half-trained scores.
 """
@@ -325,16 +328,11 @@ def _trial_error_text(trial: Any) -> str:
 
 
 # --- the Tuner ------------------------------------------------------------------------------------
-def build_tuner(trainable: Callable[..., Any], space: SearchSpace, *, run_dir: Path,
-                study_name: str, storage: Any, num_samples: int, concurrency: int,
-                points: Sequence[dict[str, Any]], limiter_kwargs: dict[str, Any],
-                callbacks: Sequence[tune.Callback] = (),
-                mlflow_uri: str | None = None) -> tuple[tune.Tuner, BudgetLimiter, StudySearch]:
-    """Assemble searcher (StudySearch -> ConcurrencyLimiter -> BudgetLimiter) and the Tuner.
-
-    ``trainable`` is already ``tune.with_parameters``-wrapped; resources are added here.
-    ``mlflow_uri`` also logs every trial to that MLflow tracking server (or store).
-    """
+def build_searcher(space: SearchSpace, *, run_dir: Path, study_name: str, storage: Any,
+                   num_samples: int, concurrency: int, points: Sequence[dict[str, Any]],
+                   limiter_kwargs: dict[str, Any]) -> tuple[BudgetLimiter, StudySearch]:
+    """The search algorithm Tune is handed (and pickles): StudySearch -> ConcurrencyLimiter ->
+    BudgetLimiter; returned with the StudySearch inside it."""
     search = StudySearch(
         space=space.optuna_space(), metric=metric_names(space), mode=modes(space),
         points_to_evaluate=list(points) or None, sampler=make_sampler(space, num_samples),
@@ -342,7 +340,22 @@ def build_tuner(trainable: Callable[..., Any], space: SearchSpace, *, run_dir: P
         run_dir=Path(run_dir),
     )
     limited = ConcurrencyLimiter(search, max_concurrent=concurrency)
-    budget = BudgetLimiter(limited, **limiter_kwargs)
+    return BudgetLimiter(limited, **limiter_kwargs), search
+
+
+def build_tuner(trainable: Callable[..., Any], space: SearchSpace, *, run_dir: Path,
+                study_name: str, storage: Any, num_samples: int, concurrency: int,
+                points: Sequence[dict[str, Any]], limiter_kwargs: dict[str, Any],
+                callbacks: Sequence[tune.Callback] = (),
+                mlflow_uri: str | None = None) -> tuple[tune.Tuner, BudgetLimiter, StudySearch]:
+    """Assemble the searcher (:func:`build_searcher`) and the Tuner.
+
+    ``trainable`` is already ``tune.with_parameters``-wrapped; resources are added here.
+    ``mlflow_uri`` also logs every trial to that MLflow tracking server (or store).
+    """
+    budget, search = build_searcher(
+        space, run_dir=run_dir, study_name=study_name, storage=storage, num_samples=num_samples,
+        concurrency=concurrency, points=points, limiter_kwargs=limiter_kwargs)
     res = space.resources_per_trial
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": res.cpu, "gpu": res.gpu}),
