@@ -27,6 +27,7 @@ DISTRIBUTIONS = {
     "sft.share": FloatDistribution(0.0, 1.0, step=0.125),
     "sft.lora_rank": CategoricalDistribution([8, 32]),
     "rl.lora_rank": CategoricalDistribution([4, 16]),
+    "sft.learning_rate": CategoricalDistribution([1e-3, 3e-3]),  # only trials that set sft_lr
 }
 
 
@@ -39,11 +40,13 @@ class FakeTrial:
     values: tuple[float, float] | None = None
     reference: str | None = None
     error: str | None = None
+    sft_lr: float | None = None  # searched SFT learning rate (unset: not searched, the default)
 
     @property
     def params(self) -> dict[str, Any]:
         return {"sft.share": self.share, "sft.lora_rank": self.sft_rank,
-                "rl.lora_rank": self.rl_rank}
+                "rl.lora_rank": self.rl_rank,
+                **({"sft.learning_rate": self.sft_lr} if self.sft_lr is not None else {})}
 
 
 TRIALS = (
@@ -68,7 +71,8 @@ def schedule_for(t: FakeTrial) -> Schedule:
     stages = []
     if t.share > 0:
         stages.append(StageSpec(kind="sft", steps=max(1, round(80 * t.share)),
-                                lora_rank=t.sft_rank, eval_interval=10))
+                                lora_rank=t.sft_rank, eval_interval=10,
+                                **({"learning_rate": t.sft_lr} if t.sft_lr is not None else {})))
     if t.share < 1:
         stages.append(StageSpec(kind="rl", steps=max(1, round(40 * (1 - t.share))),
                                 lora_rank=t.rl_rank, learning_rate=1e-3, batch_size=16,
@@ -119,7 +123,8 @@ def make_fake_run(root: Path, *, device_hours: bool = False, trials: tuple[FakeT
         values = None
         if t.values is not None:
             values = [*t.values, hours] if device_hours else list(t.values)
-        study.add_trial(create_trial(params=t.params, distributions=DISTRIBUTIONS, values=values,
+        dists = {k: DISTRIBUTIONS[k] for k in t.params}
+        study.add_trial(create_trial(params=t.params, distributions=dists, values=values,
                                      state=TrialState[OPTUNA_STATE.get(t.state, t.state)]))
         schedule = schedule_for(t)
         record = TrialRecord(

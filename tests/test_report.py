@@ -146,7 +146,8 @@ def test_error_bars_front_table_and_provenance(tmp_path: Path) -> None:
     assert traces["dominated"].error_y.visible
     header, *rows = front_table(front)
     assert header[2:] == ["steps ran / planned", "LoRA rank", "learning rate", "budget share",
-                          "id_accuracy ± SE", "ood_accuracy ± SE", "device-hours"]
+                          "id_accuracy ± SE", "ood_accuracy ± SE",
+                          "nominal device-hours (planned)", "measured device-seconds"]
     knee = next(r for r in rows if r[0] == "3")
     assert knee[1] == "knee"
     assert knee[2:6] == ["sft 40/40\nrl 20/20", "sft r8\nrl r16", "sft 0.0005\nrl 0.001",

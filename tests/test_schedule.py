@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from stagebudget.errors import ConfigError
-from stagebudget.schedule import Schedule, StageSpec, TasksRef
+from stagebudget.schedule import Schedule, StageSpec, TasksRef, label_fields
 
 
 def make() -> Schedule:
@@ -85,3 +85,32 @@ def test_export_wrapper_is_accepted(tmp_path):
 
     path.write_text(yaml.safe_dump({"schedule": make().to_dict(), "trl": {}}))
     assert Schedule.load(path) == make()
+
+
+def test_labels_show_every_setting_in_which_schedules_differ():
+    """Issue 21: two schedules differing only in the SFT learning rate were both labelled
+    `sft 409@r16`; a label shows every setting that differs, and omits those that do not."""
+    def sft(lr: float, **kw) -> Schedule:
+        return Schedule(stages=(StageSpec(kind="sft", steps=409, lora_rank=16, learning_rate=lr,
+                                          batch_size=64),), **kw)
+
+    a, b = sft(1e-3), sft(3e-3)
+    fields = label_fields([a, b])
+    assert fields == {"sft.learning_rate"}
+    assert [s.describe(fields) for s in (a, b)] == ["sft 409@r16 lr=1e-3", "sft 409@r16 lr=3e-3"]
+    assert a.describe() == "sft 409@r16"  # no context: steps and ranks only
+    # the planner's evaluation interval follows the steps: not a difference of its own
+    assert label_fields([a, a.model_copy(update={"stages": (
+        a.stages[0].model_copy(update={"eval_interval": 100}),)})]) == frozenset()
+    # a schedule without the stage does not make its settings differ; steps/ranks always show
+    rl = Schedule(stages=(StageSpec(kind="rl", steps=20, lora_rank=4),))
+    assert label_fields([a, a.model_copy(update={"seed": 1}), rl]) == {"seed"}
+    assert a.model_copy(update={"seed": 1}).describe({"seed"}) == "sft 409@r16, seed=1"
+    # a searched setting is shown even before two trials differ in it (stable labels)
+    assert label_fields([a], searched=["sft.learning_rate", "sft.share", "sft.lora_rank"]) == {
+        "sft.learning_rate"}
+    # an unset alpha follows the rank (not a difference); a set one is shown as trained
+    c = Schedule(stages=(StageSpec(kind="sft", steps=409, lora_rank=16, lora_alpha=8,
+                                   learning_rate=1e-3, batch_size=64),))
+    assert c.describe(label_fields([a, c])) == "sft 409@r16 alpha=8"
+    assert a.describe(label_fields([a, c])) == "sft 409@r16 alpha=32"

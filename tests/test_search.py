@@ -351,6 +351,38 @@ def test_a_schedule_already_trained_in_the_run_is_reused_not_retrained(tmp_path,
     assert len(finals) == 3
 
 
+def test_a_trial_records_its_planned_cost_beside_the_measured_one(tmp_path, monkeypatch) -> None:
+    """The nominal cost is what the cost model planned (load-free), recorded when the trial
+    starts; the measured device-hours (a stopwatch, slowed by load) stay in the ledger."""
+    from ray import tune
+
+    from stagebudget.records import RunDir, planned_hours
+    from stagebudget.schedule import Schedule
+    from stagebudget.trainable import trial_trainable
+
+    class Ctx:
+        def get_trial_id(self) -> str:
+            return "t_00001"
+
+    monkeypatch.setattr(tune, "report", lambda _: None)
+    monkeypatch.setattr(tune, "get_context", Ctx)
+
+    def slow(schedule, out_dir=None, *, report=None, **_):  # a busy machine: twice the time
+        result = fake_trial_fn(schedule, out_dir, report=report, seconds=0.0)
+        result.device_hours = 2 * schedule.budget_hours
+        return result
+
+    space = SearchSpace.load(DEMO)
+    cost = space.cost_model()
+    trial_trainable({"sft.share": 0.5, "sft.lora_rank": 16, "sft.learning_rate": 1e-3,
+                     "rl.lora_rank": 4}, space=space, run_dir=str(tmp_path), trial_fn=slow,
+                    cost=cost, device="cpu")
+    [record] = RunDir(tmp_path).records()
+    planned = cost.schedule_hours(Schedule.from_dict(record.schedule))
+    assert record.planned_device_hours == pytest.approx(planned) == planned_hours(record)
+    assert 0 < planned <= space.budget.per_trial_hours < record.objectives["device_hours"]
+
+
 def test_a_cluster_that_refuses_at_connect_leaves_no_run_directory(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the up-front probe, a refusal from ray.init still leaves nothing behind."""

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from fake_run import FRONT, FakeTrial, make_fake_run
+from fake_run import FRONT, FakeTrial, make_fake_run, standard_error
 from stagebudget.errors import RunError
+from stagebudget.records import RunDir
 from stagebudget.runs import Run, ledger_hours, load_run, params_key
 from stagebudget.status import front_table, render_status
 
@@ -138,3 +139,122 @@ def test_a_trial_cut_before_it_started_does_not_take_its_retrys_record(tmp_path:
     views = Run(tmp_path, meta, study).trials()
     assert [(v.number, v.record.key if v.record else None) for v in views] == [
         (0, None), (1, "retry")]
+
+
+# --- issue 21: labels that tell trials apart, the planned nominal cost, status --json ---------
+LR_TRIALS = (FakeTrial(1.0, 32, 4, values=(0.838, 0.348), sft_lr=1e-3),
+             FakeTrial(1.0, 32, 4, values=(0.828, 0.256), sft_lr=3e-3),
+             FakeTrial(0.5, 32, 4, state="RUNNING", sft_lr=1e-3))
+
+
+def test_status_labels_trials_that_differ_only_in_learning_rate_apart(tmp_path: Path) -> None:
+    run = load_run(make_fake_run(tmp_path / "lr", trials=LR_TRIALS))
+    labels = [r.schedule for r in run.status_rows()]
+    assert labels == ["sft 80@r32 lr=1e-3", "sft 80@r32 lr=3e-3",
+                      "sft 40@r32 lr=1e-3 -> rl 20@r4"]
+    text = rendered(run)
+    assert "sft 80@r32 lr=1e-3" in text and "sft 80@r32 lr=3e-3" in text
+    assert "bs=" not in text  # the same for every trial: left out
+    front = run.front(curves=False)
+    assert [p.label for p in front.points.values()] == labels[:2]  # the report's labels
+
+
+def test_tensorboard_run_names_label_trials_as_status_does(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from stagebudget.tune_adapter import TensorBoardCurves
+
+    root = make_fake_run(tmp_path / "lr", trials=LR_TRIALS)
+    views = load_run(root).trials()
+    search = SimpleNamespace(_ot_trials={v.record.key: SimpleNamespace(
+        number=v.number, params=v.params) for v in views})
+    curves = TensorBoardCurves(root, search)  # type: ignore[arg-type]
+    assert [curves._label(v.record.key) for v in views] == [
+        f"trial{v.number:03d} {v.label}" for v in views]
+
+
+def _planned_but_slow(root: Path) -> Path:
+    """Records as a loaded machine writes them: planned within the budget, measured over it."""
+    run_dir = RunDir(root)
+    for rec in run_dir.records():
+        if rec.status == "COMPLETE":
+            rec.planned_device_hours = 0.0115
+            rec.ledger = {**rec.ledger, "device_hours": 0.02, "train_seconds": 72.0,
+                          "spent_device_hours": 0.02}
+            run_dir.write_record(rec)
+    return root
+
+
+def test_nominal_cost_is_the_planned_cost_with_measured_seconds_beside(tmp_path: Path) -> None:
+    run = load_run(_planned_but_slow(make_fake_run(tmp_path / "slow")))
+    row = next(r for r in run.status_rows() if r.number == 3)
+    assert row.planned_hours == 0.0115 and row.planned_hours <= run.budget_hours
+    assert row.measured_seconds == pytest.approx(72.0)
+    text = rendered(run, width=240)
+    assert "nominal dev-h" in text and "(planned)" in text and "measured" in text
+    assert "0.0115" in text and "72.0" in text
+    assert "0.1035 device-hours nominal (planned by the cost model" in text  # 9 x 0.0115
+    assert "0.1800 measured" in text
+
+
+def test_planned_cost_of_older_records_comes_from_their_ledger() -> None:
+    from stagebudget.records import TrialRecord, planned_hours
+
+    old = TrialRecord.from_dict({"key": "a", "params": {}, "status": "COMPLETE",
+                                 "schedule": {"stages": [{"kind": "sft"}, {"kind": "rl"}]},
+                                 "ledger": {"device_hours": 0.02, "stages": [
+                                     {"planned_seconds": 30.0}, {"planned_seconds": 12.0}]}})
+    assert old.planned_device_hours is None and planned_hours(old) == pytest.approx(42 / 3600)
+    cut = TrialRecord(key="b", params={}, schedule=old.schedule,
+                      ledger={"stages": [{"planned_seconds": 30.0}]})  # pruned after one stage
+    assert planned_hours(cut) is None
+    assert planned_hours(TrialRecord(key="c", params={}, schedule={})) is None
+
+
+# `stagebudget status RUN --json` in its own process; then, on stderr, the heavy modules loaded
+STATUS_JSON = ("import sys; from stagebudget.cli import app; app(sys.argv[1:], "
+               "standalone_mode=False); sys.stderr.write('heavy=' + ','.join(m for m in "
+               "('torch', 'ray', 'trl', 'plotly') if m in sys.modules))")
+
+
+def _status_json(root: Path) -> tuple[dict, str]:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", STATUS_JSON, "status", str(root), "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.rstrip().endswith("heavy=")  # the read side stays light
+    return json.loads(result.stdout), result.stderr
+
+
+def test_status_json_on_a_half_finished_run(tmp_path: Path) -> None:
+    root = _planned_but_slow(make_fake_run(tmp_path / "fake", orphan=True,
+                                           standard_errors=True))
+    (root / "trials" / "broken").mkdir()
+    (root / "trials" / "broken" / "record.json").write_text("{trunc")
+    doc, stderr = _status_json(root)  # stdout parses as JSON: nothing else is printed there
+    assert "corrupted trial record" in stderr
+    assert doc["name"] == "fake" and doc["counts"]["COMPLETE"] == 9
+    assert doc["front"]["trials"] == FRONT and doc["front"]["knee"] == 3
+    trials = {t["number"]: t for t in doc["trials"]}
+    knee = trials[3]
+    assert knee["label"] == "sft 40@r8 -> rl 20@r16" and knee["state"] == "COMPLETE"
+    assert knee["params"] == {"sft.share": 0.5, "sft.lora_rank": 8, "rl.lora_rank": 16}
+    assert [s["kind"] for s in knee["stages"]] == ["sft", "rl"]
+    assert knee["stages"][0]["steps"] == 40 and knee["stages"][0]["learning_rate"] == 5e-4
+    assert knee["objectives"]["id_accuracy"] == {"value": 0.85, "se": standard_error(0.85)}
+    assert knee["nominal_device_hours"] == 0.0115
+    assert knee["measured_device_seconds"] == pytest.approx(72.0)
+    assert knee["spent_device_hours"] == 0.02 and knee["on_front"] and knee["knee"]
+    assert trials[6]["state"] == "FAILED" and trials[6]["note"].startswith("RuntimeError")
+    assert trials[7]["state"] == "RUNNING" and trials[7]["objectives"]["id_accuracy"] == {
+        "value": None, "se": None}
+    assert trials[None]["key"] == "orphan"
+    assert doc["cost"]["nominal_device_hours"] == pytest.approx(9 * 0.0115)
+
+
+def test_status_json_before_any_trial_completes(tmp_path: Path) -> None:
+    root = make_fake_run(tmp_path / "r", trials=(FakeTrial(0.5, 8, 4, state="RUNNING"),))
+    doc, _ = _status_json(root)
+    assert doc["front"] is None and [t["state"] for t in doc["trials"]] == ["RUNNING"]

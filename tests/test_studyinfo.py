@@ -42,6 +42,9 @@ def test_trial_attrs_from_a_record() -> None:
     assert attrs["steps_ran"] == "sft 40/40, rl 18/20"
     assert attrs["reference"] == "heuristic" and attrs["id_accuracy_se"] == 0.028
     assert "ood_accuracy_se" not in attrs  # absent in the record: left out, not invented
+    assert "planned_device_hours" not in attrs  # a ledger without plans: none invented
+    record.planned_device_hours = 0.0095
+    assert trial_attrs(record)["planned_device_hours"] == 0.0095  # the nominal cost
     assert steps_text(steps_ran(schedule, {})) == "sft 40/40, rl 20/20"
 
 

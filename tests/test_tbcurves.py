@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from stagebudget.fakes import fake_trial_fn
 from stagebudget.records import RunDir
-from stagebudget.schedule import Schedule
+from stagebudget.runs import load_run
 from stagebudget.search import run_search
 from stagebudget.tbcurves import run_folder, run_label, write_trial_events
 
@@ -60,11 +60,13 @@ def test_search_writes_one_event_run_per_trial(tmp_path: Path) -> None:
     meta = json.loads((run_dir / "run.json").read_text())
     study = optuna.load_study(study_name=meta["study_name"], storage=meta["storage"])
     by_key = {t.user_attrs["tune_trial_id"]: t.number for t in study.trials}
+    labels = {v.record.key: v.label for v in load_run(run_dir).trials() if v.record is not None}
+    assert all("lr=" in label for label in labels.values() if label.startswith("sft"))
     folders = sorted(p for p in (run_dir / "tensorboard").iterdir() if p.is_dir())
     assert len(folders) == 4
     for record in RunDir(run_dir).records():
-        label = run_label(by_key[record.key], Schedule.from_dict(record.schedule).describe(),
-                          record.reference)
+        # named as `status` labels the trial (the searched SFT learning rate included)
+        label = run_label(by_key[record.key], labels[record.key], record.reference)
         folder = run_dir / "tensorboard" / run_folder(label)
         assert folder in folders, (folder, folders)
         scalars = _scalars(folder)

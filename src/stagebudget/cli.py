@@ -118,16 +118,25 @@ def _describe_tasks(tasks: TasksRef) -> str:
 
 
 @app.command()
-def status(run: Annotated[Path, typer.Argument(help="Run directory, e.g. runs/demo")]) -> None:
+def status(
+    run: Annotated[Path, typer.Argument(help="Run directory, e.g. runs/demo")],
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print JSON: the trials (label, schedule, state, objectives ± SE, nominal "
+        "and spent cost) and the front; warnings go to stderr")] = False,
+) -> None:
     """Table of trials and the current Pareto front (works mid-run)."""
     from stagebudget.runs import load_run
-    from stagebudget.status import render_status
+    from stagebudget.status import render_status, status_document
 
     loaded = load_run(run)
-    render_status(loaded, console)
-    for path in loaded.dir.bad_records():
-        console.print(f"[yellow]warning:[/yellow] corrupted trial record {path} (skipped; its "
-                      "trial shows without schedule or curves)", highlight=False, soft_wrap=True)
+    if as_json:
+        sys.stdout.write(json.dumps(status_document(loaded), indent=2, allow_nan=False) + "\n")
+    else:
+        render_status(loaded, console)
+    for path in loaded.dir.bad_records():  # beside the JSON, never inside stdout's document
+        (err_console if as_json else console).print(
+            f"[yellow]warning:[/yellow] corrupted trial record {path} (skipped; its trial shows "
+            "without schedule or curves)", highlight=False, soft_wrap=True)
 
 
 @app.command()

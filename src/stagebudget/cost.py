@@ -240,6 +240,10 @@ class CostModel:
         """Planned training device-seconds of a whole schedule."""
         return sum(s.steps * self.step_seconds(s) for s in schedule.stages)
 
+    def schedule_hours(self, schedule: Schedule) -> float:
+        """Planned training device-hours of a whole schedule: its nominal, load-free cost."""
+        return float(self.schedule_seconds(schedule)) / 3600.0
+
 
 def _generations(spec: StageSpec) -> int:
     """Completions per prompt of a generating stage (filled in by its kind's defaults)."""

@@ -39,7 +39,8 @@ class TrialPoint:
     stage_shares: Mapping[str, float] = field(default_factory=dict)
     errors: Mapping[str, float] = field(default_factory=dict)
     steps: tuple[tuple[str, int, int], ...] = ()
-    device_hours: float | None = None
+    device_hours: float | None = None  # measured (timed) training of the schedule alone
+    planned_hours: float | None = None  # nominal: what the cost model planned (load-free)
 
 
 @dataclass(frozen=True)

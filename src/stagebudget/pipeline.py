@@ -30,7 +30,13 @@ from stagebudget.cost import CostModel, default_cost_model
 from stagebudget.fileio import atomic_write_json
 from stagebudget.ledger import OVERRUN_GUARD, BudgetClock, BudgetGuardError
 from stagebudget.prefixcache import END, EVAL, STEP, Entry, PrefixCache, context_key, stage_keys
-from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY, STANDARD_ERROR_OF
+from stagebudget.records import (
+    DEVICE_HOURS,
+    ID_ACCURACY,
+    OOD_ACCURACY,
+    PLANNED_DEVICE_HOURS,
+    STANDARD_ERROR_OF,
+)
 from stagebudget.schedule import Schedule, StageSpec
 from stagebudget.stages.common import TrainingDiverged
 from stagebudget.version import numerics
@@ -449,7 +455,7 @@ def _result(run: _Run) -> TrialResult:
     """Objectives, per-stage metrics and planned-vs-measured seconds of a finished run."""
     ledger = run.clock.ledger()
     final = run.last_eval or {ID_ACCURACY: math.nan, OOD_ACCURACY: math.nan}
-    planned_hours = run.cost.schedule_seconds(run.schedule) / 3600.0
+    planned_hours = run.cost.schedule_hours(run.schedule)
     stages = []
     for entry, metrics in zip(ledger["stages"], run.stage_metrics, strict=True):
         planned = entry["planned_seconds"]
@@ -473,7 +479,7 @@ def _result(run: _Run) -> TrialResult:
         "digest": run.schedule.digest(),
         "device": run.device,
         "cost_source": run.cost.source,
-        "planned_device_hours": planned_hours,
+        PLANNED_DEVICE_HOURS: planned_hours,
         "device_hours": ledger["device_hours"],
         "spent_device_hours": ledger["spent_device_hours"],
         "measured_over_planned": (ledger["device_hours"] / planned_hours

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from stagebudget.errors import RunError, UserError
 from stagebudget.fileio import atomic_write_json, read_json
@@ -32,7 +32,13 @@ STATUSES = (RUNNING, COMPLETE, FAILED, PRUNED)
 # Metric names reported to Ray and stored as objectives (constants, never retyped).
 ID_ACCURACY = "id_accuracy"
 OOD_ACCURACY = "ood_accuracy"
-DEVICE_HOURS = "device_hours"  # nominal: the schedule trained alone (reused prefixes included)
+# Measured training device-hours of the schedule trained alone (reused prefixes included): a
+# stopwatch, so it grows with the machine's load.
+DEVICE_HOURS = "device_hours"
+# Nominal cost: the device-hours the cost model planned for the schedule (load-free; what the
+# planner fitted into the per-trial budget). A record field; older records have it only in
+# their ledger's per-stage ``planned_seconds`` (see planned_hours).
+PLANNED_DEVICE_HOURS = "planned_device_hours"
 # What a trial really trained (reused prefixes excluded): the search budget is charged this.
 SPENT_DEVICE_HOURS = "spent_device_hours"
 # Standard errors of the objectives (in a record's objectives, curves and metrics.json).
@@ -89,6 +95,7 @@ class TrialRecord:
     pruned: dict[str, Any] | None = None  # where and why early stopping stopped it
     node: dict[str, str] = field(default_factory=dict)  # Ray node id and host it ran on
     torch_threads: int | None = None  # see TORCH_THREADS
+    planned_device_hours: float | None = None  # see PLANNED_DEVICE_HOURS
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -237,34 +244,76 @@ def charged_hours(record: TrialRecord) -> float:
     return 0.0
 
 
-def spend_summary(records: list[TrialRecord]) -> dict[str, float]:
-    """What a run's trials cost: ``nominal_device_hours`` (each COMPLETE trial's schedule
-    trained alone, what the per-trial budget limits), ``spent_device_hours`` (what was really
-    trained, reused prefixes counted once) and ``saved_share`` (1 - spent / nominal).
+def planned_hours(record: TrialRecord) -> float | None:
+    """The nominal (planned, load-free) device-hours of a trial's schedule: the record's
+    ``planned_device_hours``, else (records written before it existed) the sum of its ledger's
+    per-stage ``planned_seconds`` when the ledger covers every stage; else None.
 
-    >>> r = TrialRecord(key="a", params={}, schedule={}, status=COMPLETE,
-    ...                 objectives={DEVICE_HOURS: 0.02}, ledger={SPENT_DEVICE_HOURS: 0.005})
-    >>> spend_summary([r])["saved_share"]
-    0.75
+    >>> planned_hours(TrialRecord(key="a", params={}, schedule={"stages": [{}]},
+    ...                           ledger={"stages": [{"planned_seconds": 36.0}]}))
+    0.01
     """
-    nominal = spent = 0.0
+    value = record.planned_device_hours
+    if _is_number(value):
+        return float(value)
+    stages = record.ledger.get("stages") if isinstance(record.ledger, dict) else None
+    planned = [s.get("planned_seconds") for s in stages or () if isinstance(s, dict)]
+    seconds = [float(p) for p in planned if _is_number(p)]
+    wanted = (record.schedule or {}).get("stages") if isinstance(record.schedule, dict) else None
+    if not seconds or len(seconds) != len(planned) or len(seconds) != len(wanted or ()):
+        return None
+    return sum(seconds) / 3600.0
+
+
+def measured_hours(record: TrialRecord) -> float | None:
+    """Measured training device-hours of the schedule trained alone (reused prefixes
+    included): the objective, else the ledger's; None before anything was measured."""
+    for value in (record.objectives.get(DEVICE_HOURS), record.ledger.get(DEVICE_HOURS)):
+        if _is_number(value):
+            return float(value)
+    return None
+
+
+def _is_number(value: Any) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def spend_summary(records: list[TrialRecord]) -> dict[str, float]:
+    """What a run's COMPLETE trials cost: ``nominal_device_hours`` (planned by the cost model,
+    each schedule trained alone: what the per-trial budget limits; a record without a plan
+    counts its measured hours), ``measured_device_hours`` (the same schedules timed),
+    ``spent_device_hours`` (what was really trained, reused prefixes counted once) and
+    ``saved_share`` (1 - spent / measured).
+
+    >>> r = TrialRecord(key="a", params={}, schedule={}, status=COMPLETE, planned_device_hours=0.012,
+    ...                 objectives={DEVICE_HOURS: 0.02}, ledger={SPENT_DEVICE_HOURS: 0.005})
+    >>> s = spend_summary([r]); (s["nominal_device_hours"], s["saved_share"])
+    (0.012, 0.75)
+    """
+    nominal = measured = spent = 0.0
     for record in records:
         if record.status != COMPLETE:
             continue
-        nominal += float(record.objectives.get(DEVICE_HOURS, record.ledger.get(DEVICE_HOURS, 0.0))
-                         or 0.0)
+        timed = measured_hours(record) or 0.0
+        planned = planned_hours(record)
+        nominal += timed if planned is None else planned
+        measured += timed
         spent += charged_hours(record)
-    return {"nominal_device_hours": nominal, "spent_device_hours": spent,
-            "saved_share": 1.0 - spent / nominal if nominal > 0 else 0.0}
+    return {"nominal_device_hours": nominal, "measured_device_hours": measured,
+            "spent_device_hours": spent,
+            "saved_share": 1.0 - spent / measured if measured > 0 else 0.0}
 
 
 def describe_spend(spend: dict[str, float]) -> str:
     """One line on a run's cost (:func:`spend_summary`), as status and the report print it.
+    A summary saved by an older version (no ``measured_device_hours``) reads as before.
 
-    >>> describe_spend({"nominal_device_hours": 0.1, "spent_device_hours": 0.04,
-    ...                 "saved_share": 0.6})[-51:]
-    '0.0400 spent: 60% saved by reusing trained prefixes'
+    >>> describe_spend({"nominal_device_hours": 0.1, "measured_device_hours": 0.12,
+    ...                 "spent_device_hours": 0.048, "saved_share": 0.6})[-68:]
+    '0.1200 measured, 0.0480 spent: 60% saved by reusing trained prefixes'
     """
-    return (f"{spend['nominal_device_hours']:.4f} device-hours nominal (each schedule trained "
-            f"alone), {spend['spent_device_hours']:.4f} spent: {spend['saved_share']:.0%} saved "
-            "by reusing trained prefixes")
+    measured = spend.get("measured_device_hours")
+    timed = f"{measured:.4f} measured, " if measured is not None else ""
+    return (f"{spend['nominal_device_hours']:.4f} device-hours nominal (planned by the cost model, "
+            f"each schedule trained alone), {timed}{spend['spent_device_hours']:.4f} spent: "
+            f"{spend['saved_share']:.0%} saved by reusing trained prefixes")

@@ -203,17 +203,20 @@ def _with_se(value: float, se: float | None) -> str:
 
 def front_table(front: FrontInfo) -> list[list[str]]:
     """Rows (header first) of the front's schedules: steps that ran, ranks, learning rates,
-    shares, objectives ± SE, device-hours. A cell holds one line per stage."""
+    shares, objectives ± SE, the nominal cost (device-hours the cost model planned) and the
+    measured training device-seconds. A cell holds one line per stage."""
     names = [n for n in front.objective_names if n != DEVICE_HOURS]
     rows = [["trial", "", "steps ran / planned", "LoRA rank", "learning rate", "budget share",
-             *[f"{n} ± SE" for n in names], "device-hours"]]
+             *[f"{n} ± SE" for n in names], "nominal device-hours (planned)",
+             "measured device-seconds"]]
     for n in front.front:
         p = front.points[n]
         tags = ", ".join(t for t in ("knee" if n == front.knee else "", p.reference or "") if t)
         rows.append([
             str(n), tags, *_stage_cells(p),
             *[_with_se(front.value(n, name), p.errors.get(name)) for name in names],
-            f"{p.device_hours:.4f}" if p.device_hours is not None else "–",
+            f"{p.planned_hours:.4f}" if p.planned_hours is not None else "–",
+            f"{p.device_hours * 3600:.1f}" if p.device_hours is not None else "–",
         ])
     return rows
 

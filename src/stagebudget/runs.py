@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,8 @@ from stagebudget.records import (
     RunDir,
     TrialRecord,
 )
-from stagebudget.schedule import Schedule
+from stagebudget.records import planned_hours as record_planned_hours
+from stagebudget.schedule import Schedule, label_fields
 from stagebudget.space import resolve_rest
 from stagebudget.studyinfo import PRUNED_ATTR, steps_ran
 from stagebudget.studystore import JOURNAL_PREFIX, is_journal, journal_path, open_storage, redact
@@ -62,6 +63,9 @@ class TrialView:
     record: TrialRecord | None
     run_dir: RunDir
     attrs: dict[str, Any] = field(default_factory=dict)
+    # The settings the label shows beside steps and ranks: those that differ between the run's
+    # trials (see stagebudget.schedule.label_fields); set by Run.trials.
+    label_fields: frozenset[str] = frozenset()
 
     def _record_or_attr(self, field_name: str, attr: str) -> str | None:
         """A record field when the record has it, else the Optuna trial's attribute."""
@@ -119,6 +123,19 @@ class TrialView:
         return ledger_hours(self.record.ledger)
 
     @property
+    def planned_hours(self) -> float | None:
+        """The nominal cost: device-hours the cost model planned for the schedule (load-free,
+        what the per-trial budget limits); None for a record that never held a plan."""
+        return record_planned_hours(self.record) if self.record is not None else None
+
+    @property
+    def measured_seconds(self) -> float | None:
+        """Measured training device-seconds of the schedule trained alone (``device_hours``,
+        timed: a busy machine makes it larger than planned)."""
+        hours = self.device_hours
+        return None if hours is None else hours * 3600.0
+
+    @property
     def spent_hours(self) -> float | None:
         """Device-hours this trial really trained (less than ``device_hours`` when it started
         from a cached prefix or reused a finished twin)."""
@@ -152,9 +169,10 @@ class TrialView:
 
     @property
     def label(self) -> str:
-        """Short schedule summary, e.g. ``sft 40@r32 -> rl 20@r4``."""
+        """Short schedule summary, e.g. ``sft 40@r32 lr=1e-3 -> rl 20@r4``: steps and ranks,
+        plus every setting in which the run's trials differ (``label_fields``)."""
         if self.schedule is not None:
-            return self.schedule.describe()
+            return self.schedule.describe(self.label_fields)
         return ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()))
 
     @property
@@ -183,7 +201,12 @@ class TrialView:
 
 @dataclass(frozen=True)
 class StatusRow:
-    """One line of ``stagebudget status``."""
+    """One line of ``stagebudget status`` (and one trial of ``status --json``).
+
+    ``schedule`` is the label as the table shows it (with ``(reused KEY)``); ``label`` the bare
+    label. Costs: ``planned_hours`` is the nominal (cost-model) cost, ``measured_seconds`` the
+    timed training of the schedule alone, ``spent_hours`` what this trial really trained.
+    """
 
     number: int | None
     state: str
@@ -199,6 +222,15 @@ class StatusRow:
     id_se: float | None = None
     ood_se: float | None = None
     spent_hours: float | None = None
+    planned_hours: float | None = None
+    measured_seconds: float | None = None
+    key: str | None = None
+    label: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    stages: tuple[dict[str, Any], ...] = ()
+    values: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)
+    reused_from: str | None = None
 
 
 def ledger_hours(ledger: dict[str, Any]) -> float | None:
@@ -281,7 +313,9 @@ class Run:
         for queue in pool.values():
             views.extend(TrialView(None, rec.status, dict(rec.params), {}, rec, self.dir)
                          for rec in queue if rec.key not in taken)
-        return views
+        fields = label_fields((v.schedule for v in views),
+                              searched={k for v in views for k in v.params})
+        return [replace(v, label_fields=fields) for v in views]
 
     def front(self, ref_point: tuple[float, ...] | None = None, curves: bool = True) -> FrontInfo:
         """The Pareto front of the completed trials (see :func:`stagebudget.pareto.compute_front`),
@@ -312,7 +346,13 @@ class Run:
                 on_front=v.number in on_front, knee=v.number is not None and v.number == front.knee,
                 error=v.note,
                 id_se=_se(v, ID_ACCURACY), ood_se=_se(v, OOD_ACCURACY),
-                spent_hours=v.spent_hours,
+                spent_hours=v.spent_hours, planned_hours=v.planned_hours,
+                measured_seconds=v.measured_seconds,
+                key=v.record.key if v.record is not None else None, label=v.label,
+                params=dict(v.params),
+                stages=tuple(v.schedule.to_dict()["stages"]) if v.schedule is not None else (),
+                values=dict(v.values), errors=v.errors,
+                reused_from=v.record.reused_from if v.record is not None else None,
             )
             for v in self.trials()
         ]
@@ -430,5 +470,5 @@ def _point(view: TrialView, names: tuple[str, ...]) -> TrialPoint | None:
         number=view.number, values=values, reference=view.reference, sft_share=view.sft_share,
         label=view.label, schedule=view.record.schedule if view.record else None,
         stage_shares=view.stage_shares, errors=view.errors, steps=view.steps_ran,
-        device_hours=view.device_hours,
+        device_hours=view.device_hours, planned_hours=view.planned_hours,
     )

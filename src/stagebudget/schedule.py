@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -243,6 +243,107 @@ class Schedule(Strict):
         """The first stage of ``kind``, if any."""
         return next((s for s in self.stages if s.kind == kind), None)
 
-    def describe(self) -> str:
-        """Short human label, e.g. ``sft 40@r64 -> rl 120@r4``."""
-        return " -> ".join(f"{s.kind} {s.steps}@r{s.lora_rank}" for s in self.stages)
+    def describe(self, fields: Collection[str] = ()) -> str:
+        """Short human label, e.g. ``sft 40@r64 -> rl 120@r4``: kind, steps and rank of each
+        stage, plus the settings named in ``fields`` (see :func:`label_fields`), so that two
+        schedules that differ only in, say, the SFT learning rate are told apart.
+
+        >>> s = Schedule(stages=(StageSpec(kind="sft", steps=40, learning_rate=3e-3),))
+        >>> s.describe({"sft.learning_rate"})
+        'sft 40@r8 lr=3e-3'
+        """
+        parts = []
+        for key, spec in _keyed_stages(self.stages):
+            extra = "".join(f" {_short_name(f)}={_show(_shown(spec, f))}"
+                            for f in _stage_settings(spec) if f"{key}.{f}" in fields)
+            parts.append(f"{spec.kind} {spec.steps}@r{spec.lora_rank}{extra}")
+        top = [f"{_short_name(k)}={_show(v)}" for k, v in _schedule_settings(self).items()
+               if k in fields]
+        return " -> ".join(parts) + (f", {', '.join(top)}" if top else "")
+
+
+# What a label always shows of a stage (``sft 40@r8``); other settings only when they differ.
+LABEL_BASE_FIELDS = ("kind", "steps", "lora_rank")
+# Settings a difference in which does not need a label of its own (unless searched): the
+# planner derives the evaluation interval from the steps (cost.eval_interval_for), and it
+# decides when a stage is measured, not what it trains.
+LABEL_DERIVED_FIELDS = ("eval_interval",)
+# Short names of the settings a label shows (:meth:`Schedule.describe`); others keep their name.
+LABEL_NAMES = {"learning_rate": "lr", "batch_size": "bs", "lora_alpha": "alpha",
+               "lora_dropout": "dropout", "lora_target_modules": "targets",
+               "eval_interval": "eval_every", "num_generations": "generations",
+               "max_completion_length": "max_completion", "temperature": "temp",
+               "base_model": "base"}
+
+
+def label_fields(schedules: Iterable[Schedule | None], searched: Iterable[str] = ()) -> frozenset[str]:
+    """The settings a label must show to tell ``schedules`` apart: those whose value is not
+    the same in all of them (``sft.learning_rate``, ``seed``...), plus the searched Optuna
+    parameters that name a setting (``searched``: a run's param names), so that a trial's
+    label does not depend on which trials happen to exist yet. Steps and ranks are always
+    shown (:data:`LABEL_BASE_FIELDS`), derived settings only when searched
+    (:data:`LABEL_DERIVED_FIELDS`); None entries are skipped.
+
+    >>> a = Schedule(stages=(StageSpec(kind="sft", steps=40, learning_rate=1e-3),))
+    >>> sorted(label_fields([a, a.model_copy(update={"seed": 1})], searched=["sft.share"]))
+    ['seed']
+    """
+    flat = [_flat_settings(s) for s in schedules if s is not None]
+    keys = {k for f in flat for k in f}
+    # compared among the schedules that have the setting (an SFT-only schedule has no RL lr)
+    differ = {k for k in keys if k.rpartition(".")[2] not in LABEL_DERIVED_FIELDS
+              and len({json.dumps(f[k], sort_keys=True) for f in flat if k in f}) > 1}
+    known = keys | {f"{kind}.{name}" for kind in stage_kinds() for name in StageSpec.model_fields}
+    return frozenset(differ | (set(searched) & known)) - {
+        f"{kind}.{name}" for kind in stage_kinds() for name in LABEL_BASE_FIELDS}
+
+
+def _keyed_stages(stages: Iterable[StageSpec]) -> list[tuple[str, StageSpec]]:
+    """Stages keyed as Optuna params name them (``sft``); a repeated kind gets ``sft2``..."""
+    seen: dict[str, int] = {}
+    out = []
+    for spec in stages:
+        seen[spec.kind] = seen.get(spec.kind, 0) + 1
+        out.append((spec.kind if seen[spec.kind] == 1 else f"{spec.kind}{seen[spec.kind]}", spec))
+    return out
+
+
+def _stage_settings(spec: StageSpec) -> dict[str, Any]:
+    """A stage's settings as given (an unset alpha follows the rank: it differs only when set)."""
+    return {f: getattr(spec, f) for f in StageSpec.model_fields if f not in LABEL_BASE_FIELDS}
+
+
+def _shown(spec: StageSpec, name: str) -> Any:
+    """A stage setting as trained: alpha, dropout and targets with their defaults applied."""
+    effective = {"lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+                 "lora_target_modules": spec.lora_target_modules or LORA_TARGETS}
+    return effective.get(name, getattr(spec, name))
+
+
+def _schedule_settings(schedule: Schedule) -> dict[str, Any]:
+    """The schedule-wide settings (seed, base model, tasks...), without the display name."""
+    data = schedule.model_dump(mode="json", exclude={"stages", *IDENTITY_EXCLUDES})
+    tasks = data.pop("tasks", {}) or {}
+    return {**data, **{f"tasks.{k}": v for k, v in tasks.items()}}
+
+
+def _flat_settings(schedule: Schedule) -> dict[str, Any]:
+    stages = {f"{key}.{f}": v for key, spec in _keyed_stages(schedule.stages)
+              for f, v in _stage_settings(spec).items()}
+    return {**stages, **_schedule_settings(schedule)}
+
+
+def _short_name(name: str) -> str:
+    return LABEL_NAMES.get(name, name)
+
+
+def _show(value: Any) -> str:
+    """``1e-3`` for small or large floats, ``64`` for ints, ``default`` for an unset setting."""
+    if value is None:
+        return "default"
+    if isinstance(value, float) and value != 0 and not 1e-2 <= abs(value) < 1e4:
+        mantissa, exponent = f"{value:.3e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    if isinstance(value, list | tuple):
+        return "+".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)

@@ -779,7 +779,7 @@ def frozen_cost_model(run_root: Path, space: SearchSpace, device: str) -> Any:
 
 def _planner(space: SearchSpace, cost: Any) -> Callable[[dict[str, Any]], float]:
     def planned_hours(config: dict[str, Any]) -> float:
-        return float(cost.schedule_seconds(space.schedule_from_params(config, cost))) / 3600.0
+        return float(cost.schedule_hours(space.schedule_from_params(config, cost)))
     return planned_hours
 
 
@@ -794,11 +794,17 @@ def _stats(plan: SearchPlan, holder: dict[str, Any], running: int) -> Any:
 
 
 def _summarise(plan: SearchPlan, live: bool) -> None:
-    """Print the front read back from the study (the source of truth)."""
+    """Print the front read back from the study and the records (the source of truth), as
+    ``stagebudget status`` shows it: the same trial labels."""
     from rich.console import Console
 
-    from stagebudget.live import front_table
+    from stagebudget.runs import load_run
+    from stagebudget.status import front_table
 
-    study = _load_study(plan.storage, plan.meta["study_name"])
-    Console(highlight=False).print(front_table(study, [o.name for o in plan.space.objectives]))
+    front = load_run(plan.run.root).front(curves=False)
+    console = Console(highlight=False)
+    if front.empty:
+        console.print("no completed trial: no Pareto front")
+        return
+    console.print(front_table(front))
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 from rich.text import Text
@@ -31,13 +32,17 @@ def _with_se(value: float | None, se: float | None) -> str:
 
 
 def trials_table(rows: list[StatusRow], title: str = "trials") -> Table:
-    """The per-trial table: state, reference, schedule, SFT share, objectives, cost, front, error."""
+    """The per-trial table: state, reference, schedule, SFT share, objectives, cost (nominal:
+    planned by the cost model; measured: timed training, which grows with load; spent: what
+    this trial really trained), front, error."""
     table = Table(title=title, title_justify="left", header_style="bold")
     for name, kw in (("#", {"justify": "right"}), ("state", {"min_width": 8}), ("ref", {}),
-                     ("schedule", {"overflow": "fold", "min_width": 16}),
+                     ("schedule", {"overflow": "fold", "min_width": 24}),
                      ("sft share", {"justify": "right"}),
                      ("ID ± SE", {"justify": "right"}), ("OOD ± SE", {"justify": "right"}),
-                     ("dev-h", {"justify": "right"}), ("spent", {"justify": "right"}),
+                     ("nominal dev-h\n(planned)", {"justify": "right"}),
+                     ("measured\ndev-s", {"justify": "right"}),
+                     ("spent\ndev-h", {"justify": "right"}),
                      ("front", {"justify": "center"}),
                      ("error", {"overflow": "ellipsis", "max_width": 36, "no_wrap": True})):
         table.add_column(name, **kw)  # type: ignore[arg-type]
@@ -51,7 +56,8 @@ def trials_table(rows: list[StatusRow], title: str = "trials") -> Table:
             _fmt(r.sft_share, ".3g"),
             _with_se(r.id_accuracy, r.id_se),
             _with_se(r.ood_accuracy, r.ood_se),
-            _fmt(r.device_hours, ".4f"),
+            _fmt(r.planned_hours, ".4f"),
+            _fmt(r.measured_seconds, ".1f"),
             _fmt(r.spent_hours, ".4f"),
             Text(mark, style="bold green") if mark else "",
             Text(r.error or "", style="red"),
@@ -101,3 +107,51 @@ def render_status(run: Run, console: Console) -> None:
         console.print("no completed trial yet: the front appears once a trial completes")
         return
     console.print(front_table(front))
+
+
+def status_document(run: Run) -> dict[str, Any]:
+    """``status --json``: the run, its trials (label, schedule, state, objectives ± SE, nominal
+    and spent cost) and the front, as plain JSON-safe data (non-finite numbers become None).
+
+    >>> sorted(status_document(load_run("runs/demo")))  # doctest: +SKIP
+    ['budget_device_hours_per_trial', 'cost', 'counts', 'front', 'name', 'objectives', ...]
+    """
+    front = run.front(curves=False)
+    rows = run.status_rows(front)
+    return _json_safe({
+        "name": run.name, "run_dir": str(run.dir.root),
+        "trials_requested": run.meta.get("trials_requested"),
+        "budget_device_hours_per_trial": run.budget_hours,
+        "objectives": [{"name": n, "direction": d} for n, d in run.objectives],
+        "counts": front.counts,
+        "trials": [_trial_document(r, run.objective_names) for r in rows],
+        "front": {"trials": front.front, "knee": front.knee, "hypervolume": front.hypervolume,
+                  "reference_point": list(front.ref_point), "references": front.references}
+        if not front.empty else None,
+        "cost": spend_summary(run.dir.records()),
+    })
+
+
+def _trial_document(r: StatusRow, objective_names: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "number": r.number, "key": r.key, "state": r.state, "reference": r.reference,
+        "label": r.label, "params": r.params, "stages": list(r.stages),
+        "sft_share": r.sft_share,
+        "objectives": {n: {"value": r.values.get(n), "se": r.errors.get(n)}
+                       for n in objective_names},
+        "nominal_device_hours": r.planned_hours,  # planned by the cost model (load-free)
+        "measured_device_seconds": r.measured_seconds,
+        "spent_device_hours": r.spent_hours,
+        "reused_from": r.reused_from, "on_front": r.on_front, "knee": r.knee, "note": r.error,
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf as None and tuples as lists (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stagebudget import __version__
-from stagebudget.records import DEVICE_HOURS, ID_ACCURACY_SE, OOD_ACCURACY_SE, TrialRecord
+from stagebudget.records import (
+    DEVICE_HOURS,
+    ID_ACCURACY_SE,
+    OOD_ACCURACY_SE,
+    PLANNED_DEVICE_HOURS,
+    TrialRecord,
+    planned_hours,
+)
 
 if TYPE_CHECKING:
     from stagebudget.space import SearchSpace
@@ -77,6 +84,9 @@ def trial_attrs(record: TrialRecord) -> dict[str, Any]:
         value = record.objectives.get(key)
         if isinstance(value, int | float):
             attrs[key] = float(value)
+    planned = planned_hours(record)  # the nominal cost, beside the measured device_hours
+    if planned is not None:
+        attrs[PLANNED_DEVICE_HOURS] = planned
     if record.reference:
         attrs[REFERENCE_ATTR] = record.reference
     if record.reused_from:

@@ -77,12 +77,12 @@ class _Reporter:
 
 
 def _start_record(run: RunDir, key: str, params: dict[str, Any], schedule: dict[str, Any],
-                  reference: str | None) -> TrialRecord:
+                  reference: str | None, planned_hours: float | None = None) -> TrialRecord:
     previous = run.read_record(key)  # Tune is retrying this trial after a failure
     attempt = previous.attempt + 1 if previous is not None else 1
     record = TrialRecord(key=key, params=params, schedule=schedule, status=RUNNING,
                          reference=reference, versions=package_versions(), started=time.time(),
-                         attempt=attempt, node=this_node())
+                         attempt=attempt, node=this_node(), planned_device_hours=planned_hours)
     run.write_record(record)
     return record
 
@@ -123,7 +123,9 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     params = dict(config)
     reference = reference_name(params, space.reference_points())
     schedule = space.schedule_from_params(params, cost, name=reference or key)
-    record = _start_record(run, key, params, schedule.to_dict(), reference)
+    # The nominal cost: what the cost model planned (load-free), beside the measured ledger.
+    record = _start_record(run, key, params, schedule.to_dict(), reference,
+                           planned_hours=cost.schedule_hours(schedule))
     reporter = _Reporter(tune.report)
     twin = finished_twin(run, schedule.to_dict(), exclude=key) if space.reuse.enabled else None
     if twin is not None:

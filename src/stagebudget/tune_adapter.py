@@ -252,10 +252,13 @@ class TensorBoardCurves(tune.Callback):
         record = self.run.read_record(trial_id)
         schedule = trial_id
         if record is not None and record.schedule:
-            from stagebudget.schedule import Schedule
+            from stagebudget.schedule import Schedule, label_fields
 
             with contextlib.suppress(ValueError):
-                schedule = Schedule.from_dict(record.schedule).describe()
+                trained = Schedule.from_dict(record.schedule)
+                # the searched settings, as `status` labels the trial (stagebudget.runs)
+                fields = label_fields([trained], searched=getattr(ot_trial, "params", {}) or {})
+                schedule = trained.describe(fields)
         return run_label(getattr(ot_trial, "number", None), schedule,
                          record.reference if record is not None else None)
 
