@@ -54,7 +54,7 @@ SCRIPT_BODY = '''
 
 def load_base(ref: str, device: str):
     """The base model and its tokenizer (left padding, pad = EOS when it has none)."""
-    if ref.startswith("builtin:"):  # stagebudget's embedded model, built into its cache
+    if ref.startswith("builtin:"):  # stagebudget's embedded model, shipped inside the package
         from stagebudget.basemodel import resolve_base_model
 
         ref = str(resolve_base_model(ref))
