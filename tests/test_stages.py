@@ -174,6 +174,32 @@ def test_clock_charges_training_and_evaluation_apart():
     assert clock.past_guard()
 
 
+def test_a_reused_prefix_counts_on_the_guards_clock_not_the_load_it_was_trained_under():
+    """A prefix trained beside busy processes took 4x its planned wall time (its stopwatch
+    seconds), but only its planned CPU time per thread: a trial that reuses it must not pass the
+    guard for it (seen: 4 of 12 demo trials FAILED that way on a loaded machine)."""
+    now, cpu = [0.0], [0.0]
+    first = BudgetClock(10.0, timer=lambda: now[0], cpu_timer=lambda: cpu[0], threads=1)
+    first.begin_stage("sft", 0, planned_steps=5, planned_seconds=8.0)
+    with first.training():
+        now[0] += 32.0  # wall: 4x, under load
+        cpu[0] += 8.0   # CPU time per thread: as planned
+    assert first.stage_seconds()[0] == 32.0 and first.stage_guarded_seconds() == 8.0
+    again = BudgetClock(10.0, timer=lambda: now[0], cpu_timer=lambda: cpu[0], threads=1)
+    again.begin_stage("sft", 0, planned_steps=5, planned_seconds=8.0)
+    again.credit(5, 32.0, 0.0, guard_seconds=first.stage_guarded_seconds())
+    again.begin_stage("rl", 1, planned_steps=2, planned_seconds=2.0)
+    with again.training():
+        now[0] += 4.0
+        cpu[0] += 2.0
+    assert again.train_seconds() == 36.0       # nominal: what was measured, reuse included
+    assert again.guarded_seconds() == 10.0 and not again.past_guard()  # guard: 40 s
+    legacy = BudgetClock(10.0, timer=lambda: now[0], cpu_timer=lambda: cpu[0], threads=1)
+    legacy.begin_stage("sft", 0, planned_steps=5, planned_seconds=8.0)
+    legacy.credit(5, 41.0, 0.0)  # an entry without guard seconds: its stopwatch counts
+    assert legacy.past_guard()
+
+
 def test_gpu_seconds_count_devices_held():
     now = [0.0]
     clock = BudgetClock(None, device="cuda", gpus=2, timer=lambda: now[0])

@@ -62,6 +62,9 @@ class StageEntry:
     reused_steps: int = 0
     reused_train_seconds: float = 0.0
     reused_eval_seconds: float = 0.0
+    # the reused prefix on the guard's clock (CPU time per thread on a CPU): its stopwatch
+    # seconds were measured under whatever load the trial that trained it ran beside
+    reused_guard_seconds: float = 0.0
 
     @property
     def nominal_train_seconds(self) -> float:
@@ -112,12 +115,15 @@ class BudgetClock:
         self.stop()
         self.current.steps_done = steps_done
 
-    def credit(self, steps: int, train_seconds: float, eval_seconds: float) -> None:
+    def credit(self, steps: int, train_seconds: float, eval_seconds: float,
+               guard_seconds: float | None = None) -> None:
         """Credit the current stage with a reused prefix: ``steps`` already trained (by another
-        trial) for ``train_seconds`` of training and ``eval_seconds`` of evaluation."""
+        trial) for ``train_seconds`` of training and ``eval_seconds`` of evaluation, and
+        ``guard_seconds`` on the guard's clock (default: ``train_seconds``)."""
         entry = self.current
         entry.reused_steps = steps
         entry.reused_train_seconds, entry.reused_eval_seconds = train_seconds, eval_seconds
+        entry.reused_guard_seconds = train_seconds if guard_seconds is None else guard_seconds
 
     @property
     def current(self) -> StageEntry:
@@ -217,13 +223,23 @@ class BudgetClock:
 
     def guarded_seconds(self) -> float:
         """What the guard compares with its limit: nominal training seconds, counted on a CPU
-        as the process's CPU time per thread (load-independent), else as the stopwatch."""
+        as the process's CPU time per thread (load-independent), else as the stopwatch; a reused
+        prefix counts what it used on the same clock."""
+        return sum(self._guarded(s) for s in self.stages)
+
+    def stage_guarded_seconds(self) -> float:
+        """:meth:`guarded_seconds` of the current stage alone (what a cache entry records)."""
+        return self._guarded(self.current)
+
+    def _guarded(self, entry: StageEntry) -> float:
         if self._cpu_timer is None:
-            return self.train_seconds()
-        cpu = sum(s.cpu_seconds for s in self.stages)
-        if self._cpu_since is not None:
+            running = (self._device_seconds(self._timer() - self._running_since)
+                       if self._running_since is not None and entry is self.current else 0.0)
+            return entry.nominal_train_seconds + running
+        cpu = entry.cpu_seconds
+        if self._cpu_since is not None and entry is self.current:
             cpu += float(self._cpu_timer()) - self._cpu_since
-        return cpu / self.threads + sum(s.reused_train_seconds for s in self.stages)
+        return cpu / self.threads + entry.reused_guard_seconds
 
     def past_guard(self) -> bool:
         """True once training has used more than the overrun guard allows."""

@@ -286,7 +286,8 @@ def _replay(run: _Run, index: int, records: dict[str, Any]) -> None:
                "planned_seconds": run.planned_seconds(cached["step"])}
         run.curves.add(row)
         run.last_eval = _accuracies(row)
-    run.clock.credit(records["steps"], records["train_seconds"], records["eval_seconds"])
+    run.clock.credit(records["steps"], records["train_seconds"], records["eval_seconds"],
+                     records.get("guard_seconds"))
 
 
 def _stage_records(run: _Run, index: int, steps: int, logs: list[dict[str, Any]],
@@ -296,7 +297,7 @@ def _stage_records(run: _Run, index: int, steps: int, logs: list[dict[str, Any]]
     return {"steps": steps, "rows": [r for r in run.curves.rows if r["stage_index"] == index],
             "logs": [r for r in logs if r.get("step", 0) <= steps],
             "train_seconds": train, "eval_seconds": evaluation, "start_seconds": start_seconds,
-            **extra}
+            "guard_seconds": run.clock.stage_guarded_seconds(), **extra}
 
 
 def _checkpoint_publisher(run: _Run, index: int, logs: list[dict[str, Any]],
