@@ -36,7 +36,8 @@ def landscape(run_dir: Path) -> dict[str, Any]:
     points = front.points
     ids = [p.values[0] for p in points.values()]
     oods = [p.values[1] for p in points.values()]
-    schedules = {json.dumps(points[n].schedule, sort_keys=True) for n in front.front}
+    schedules = {json.dumps({k: v for k, v in (points[n].schedule or {}).items() if k != "name"},
+                            sort_keys=True) for n in front.front}  # a twin counts once
     hi_id = max(front.front, key=lambda n: points[n].values[0])
     hi_ood = max(front.front, key=lambda n: points[n].values[1])
 
