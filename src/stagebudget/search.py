@@ -608,11 +608,15 @@ def mark_interrupted(study: Any, run: RunDir, objectives: list[str]) -> int:
 
 def finished_trials(study: Any) -> int:
     """Trials that count toward ``trials``: COMPLETE, PRUNED, and FAIL other than interrupted
-    (an interrupted trial is run again on ``--resume``, so its retry is what counts)."""
+    (an interrupted trial is run again on ``--resume``, so its retry is what counts) and other
+    than twins (told an earlier trial's result, they took no trial slot)."""
     from optuna.trial import TrialState
 
+    from stagebudget.studyinfo import is_twin
+
     done = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-    return sum(not is_interrupted(t) for t in study.get_trials(deepcopy=False, states=done))
+    return sum(not is_interrupted(t) and not is_twin(t)
+               for t in study.get_trials(deepcopy=False, states=done))
 
 
 RETRY_OF_ATTR = "retry_of"
@@ -722,6 +726,7 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
             trainable, space, run_dir=plan.run.root, study_name=plan.meta["study_name"],
             storage=plan.storage, num_samples=plan.remaining, concurrency=space.concurrency,
             points=plan.points, callbacks=[callback], mlflow_uri=plan.meta.get("mlflow"),
+            cost=cost,
             limiter_kwargs={
                 "budget_hours": space.budget.search_hours,
                 "per_trial_hours": space.budget.per_trial_hours,

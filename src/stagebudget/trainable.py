@@ -139,7 +139,7 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     reporter = _Reporter(tune.report)
     twin = finished_twin(run, schedule.to_dict(), exclude=key) if space.reuse.enabled else None
     if twin is not None:
-        _reuse(run, record, twin)
+        reuse_twin(run, record, twin)
         tune.report({**reporter.latest, **record.objectives, SPENT_DEVICE_HOURS: 0.0,
                      "final": True})
         return
@@ -219,7 +219,7 @@ def finished_twin(run: RunDir, schedule: dict[str, Any], exclude: str) -> TrialR
     return None
 
 
-def _reuse(run: RunDir, record: TrialRecord, twin: TrialRecord) -> None:
+def reuse_twin(run: RunDir, record: TrialRecord, twin: TrialRecord) -> None:
     """Complete ``record`` with ``twin``'s measurements; its curves are copied, nothing trains.
 
     The objectives keep the twin's device-hours: a schedule is charged its full cost, what it
