@@ -444,3 +444,31 @@ def test_a_twin_of_a_running_trial_waits_and_is_told_how_it_ended(tmp_path: Path
     assert twin.state.name == ends
     if scores:
         assert twin.values == [0.7, 0.3]
+
+
+def test_the_console_names_the_runs_tensorboard_folder_not_rays_nor_token_auth(
+        tmp_path: Path) -> None:
+    """Ray's "To visualize your results with TensorBoard" hint points into its temporary
+    session folder and its token-auth notice is noise: neither is printed by a search (in a
+    fresh process, as the CLI runs it); it names RUN/tensorboard instead, and Tune still writes
+    its own JSON/CSV results."""
+    import subprocess
+    import sys
+
+    space = write_space(tmp_path, trials=2, concurrency=1)
+    script = ("import functools, sys; from stagebudget.fakes import fake_trial_fn; "
+              "from stagebudget.search import run_search; "
+              "print(run_search(sys.argv[1], name='quiet', runs_dir=sys.argv[2], live=False, "
+              "trial_fn=functools.partial(fake_trial_fn, seconds=0.1)))")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    proc = subprocess.run([sys.executable, "-c", script, str(space), str(tmp_path / "runs")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    assert "To visualize your results with TensorBoard" not in out
+    assert "Token authentication is enabled" not in out
+    assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in out
+    tune_dir = run_dir / "tune"
+    assert list(tune_dir.rglob("result.json")) and list(tune_dir.rglob("progress.csv"))
+    assert not list(tune_dir.rglob("events.out.tfevents*"))

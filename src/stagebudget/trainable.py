@@ -83,7 +83,7 @@ class _Reporter:
         if row.get("device_seconds") is not None:
             self.latest[DEVICE_HOURS] = float(row["device_seconds"]) / 3600.0
         if isinstance(row.get("global_step"), int):
-            # Ray's own loggers (TensorBoard under tune/, MLflow) plot against this key.
+            # Ray's own loggers (MLflow, the JSON/CSV results under tune/) plot against this key.
             self.latest[STEP_KEY] = row["global_step"]
         self.report({**row, **self.latest, "final": False})
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
@@ -467,7 +468,9 @@ def build_tuner(trainable: Callable[..., Any], space: SearchSpace, *, run_dir: P
             name=TUNE_DIR_NAME, storage_path=str(Path(run_dir).resolve()),
             failure_config=tune.FailureConfig(max_failures=space.max_retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=0, callbacks=[RecordKeeper(run_dir), TensorBoardCurves(run_dir, search),
+            # Tune's own CSV/JSON loggers, not its TensorBoard one (see search.TUNE_ENV)
+            verbose=0, callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
+                                  RecordKeeper(run_dir), TensorBoardCurves(run_dir, search),
                                   *([mlflow_callback(mlflow_uri, run_dir, search)]
                                     if mlflow_uri else []), *callbacks],
         ),
