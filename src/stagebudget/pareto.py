@@ -253,7 +253,8 @@ def compute_front(
         points={p.number: p for p in ordered},
         front=front,
         dominated=[p.number for p in distinct if p.number not in front_set],
-        references={p.reference: p.number for p in distinct if p.reference},
+        # a reference that repeats an earlier trial's schedule is read off that trial
+        references={p.reference: twins.get(p.number, p.number) for p in ordered if p.reference},
         ref_point=ref,
         hypervolume=history[-1][1] if history else 0.0,
         hv_history=history,
