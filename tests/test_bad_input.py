@@ -247,6 +247,35 @@ def test_validate_prints_task_warnings_after_the_summary(tmp_path, capsys):
     assert out.index("is valid") < out.index("warning:")
 
 
+def test_characters_the_builtin_tokenizer_lacks_are_named_by_validate_and_search(tmp_path,
+                                                                                 capsys):
+    """`é` and `😀` become <unk> in the built-in character tokenizer: validate and search (both
+    check_space) warn before any compute, naming the file, the line, the field and each
+    character; plain ASCII rows give no such warning."""
+    from stagebudget.cli import main
+
+    rows = [("1+1=", "2", "train"), ("caf\u00e9:\U0001F600=", "2", "train"),
+            ("1+2=", "3", "id_test"), ("3+3=", "\u00e9", "ood_test")]
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": p, "answer": a, "split": s}) + "\n"
+                             for p, a, s in rows))
+    path = space_file(tmp_path, tasks={"source": "tasks.jsonl"})
+    warnings: list[str] = []
+    check_space(path, warn=warnings.append)  # what `search` runs first
+    (text,) = [w for w in warnings if "lacks" in w]
+    assert str(tasks.resolve()) in text and "2 field(s)" in text
+    assert "line 2 prompt: 'é' (U+00E9), '😀' (U+1F600)" in text
+    assert "line 4 answer: 'é' (U+00E9)" in text and "printable ASCII" in text
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", str(path)])
+    assert exit_.value.code == 0 and "line 2 prompt: 'é'" in capsys.readouterr().out
+    tasks.write_text("".join(json.dumps({"prompt": p, "answer": "2", "split": s}) + "\n"
+                             for p, _, s in [rows[0], rows[0], rows[2], rows[3]]))
+    warnings.clear()
+    check_space(path, warn=warnings.append)
+    assert not [w for w in warnings if "lacks" in w]
+
+
 # --- a huge prompt is refused before compute, naming file, line, length and limit -------------
 def _huge_task_file(tmp_path: Path, chars: int = 1_000_000) -> Path:
     rows = [("1+1=", "2", "train"), ("x" * chars + "=", "4", "train"), ("1+2=", "3", "id_test"),

@@ -28,6 +28,28 @@ def test_greedy_completions_match_generate_row_for_row(tiny_base):
     assert greedy_completions(model, tok, [], n_new) == []
 
 
+def test_the_decoder_passes_the_cache_by_its_new_name_with_the_same_completions(tiny_base,
+                                                                              monkeypatch):
+    """transformers 5.24 renamed forward's ``past_key_values`` to ``cache`` (the old name warns
+    and goes in 5.40): the new name gives bit-identical completions and no FutureWarning."""
+    import warnings
+
+    import stagebudget.evaluate as ev
+
+    model, tok = load_model_and_tokenizer(tiny_base)
+    suite = load_suite(n_train=10, n_id_test=30, n_ood_test=30)
+    prompts = [e.prompt for e in suite.id_test + suite.ood_test]
+    n_new = max_new_tokens_for(suite, tok)
+    assert ev.cache_kwarg(model) == "cache"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        got = greedy_completions(model, tok, prompts, n_new, batch_size=16)
+    monkeypatch.setattr(ev, "cache_kwarg", lambda m: "past_key_values")  # the old call
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        old = greedy_completions(model, tok, prompts, n_new, batch_size=16)
+    assert got == old
+
+
 def test_evaluate_reports_each_accuracy_with_its_standard_error(tiny_base):
     model, tok = load_model_and_tokenizer(tiny_base)
     suite = load_suite(n_train=10, n_id_test=40, n_ood_test=30)

@@ -133,6 +133,21 @@ def test_compute_front_invariants() -> None:
     assert info.knee in info.front
 
 
+def test_a_schedule_trained_twice_is_one_point_of_the_front() -> None:
+    """Twins (different params, one schedule: the RL rank at SFT share 1) are shown once: the
+    first trial stays on the front, the later one is listed as its twin and adds no HV step."""
+    sft = {"stages": [{"kind": "sft", "steps": 40, "lora_rank": 16}], "seed": 0}
+    other = {"stages": [{"kind": "sft", "steps": 20, "lora_rank": 16}], "seed": 0}
+    pts = [TrialPoint(0, (0.9, 0.2), schedule={**sft, "name": "t0"}),
+           TrialPoint(1, (0.3, 0.8), schedule=other),
+           TrialPoint(2, (0.9, 0.2), schedule={**sft, "name": "t2"}, reference="sft_only"),
+           TrialPoint(3, (0.1, 0.1))]  # no schedule known: never a twin
+    info = compute_front(pts, ["id", "ood"], MAX2)
+    assert info.front == [1, 0] and info.dominated == [3] and info.twins == {2: 0}
+    assert 2 in info.points and len(info.hv_history) == 3
+    assert info.references == {"sft_only": 0}  # read off the trial that trained it
+
+
 def test_compute_front_empty() -> None:
     info = compute_front([], ["id_accuracy", "ood_accuracy"], MAX2, counts={"RUNNING": 2})
     assert info.empty and info.front == [] and info.knee is None and info.hypervolume == 0.0

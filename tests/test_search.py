@@ -400,3 +400,109 @@ def test_a_cluster_that_refuses_at_connect_leaves_no_run_directory(tmp_path: Pat
         run_search(space, name="c", runs_dir=tmp_path / "runs", address="10.0.0.1:6379",
                    live=False, trial_fn=FAST)
     assert not (tmp_path / "runs" / "c").exists()
+
+
+# --- twins: params that plan a schedule this search has trained, or is training -------------
+SFT_ONLY = {"sft.share": 1.0, "sft.lora_rank": 16, "sft.learning_rate": 1e-3}
+DISTINCT = {"sft.share": 0.5, "sft.lora_rank": 16, "sft.learning_rate": 1e-3, "rl.lora_rank": 4}
+
+
+def _twin_search(tmp_path: Path) -> tuple[object, SearchSpace, object]:
+    """A StudySearch over the demo space whose first three asks are: SFT only with RL rank 4,
+    its twin with RL rank 16 (RL gets no budget, so the rank changes nothing), a new one."""
+    from stagebudget.tune_adapter import StudySearch, metric_names, modes, planned_schedule
+
+    space = SearchSpace.load(DEMO)
+    cost = space.cost_model()
+    search = StudySearch(
+        space=space.optuna_space(), metric=metric_names(space), mode=modes(space),
+        points_to_evaluate=[{**SFT_ONLY, "rl.lora_rank": 4}, {**SFT_ONLY, "rl.lora_rank": 16},
+                            DISTINCT],
+        sampler=optuna.samplers.RandomSampler(seed=0), study_name="twins", run_dir=tmp_path,
+        schedule_of=functools.partial(planned_schedule, space, cost))
+    return search, space, cost
+
+
+def _finish(run: RunDir, key: str, params: dict, space: SearchSpace, cost: object,
+            objectives: dict | None) -> None:
+    from stagebudget.records import TrialRecord
+
+    schedule = space.schedule_from_params(params, cost, name=key).to_dict()  # type: ignore[arg-type]
+    run.write_record(TrialRecord(key=key, params=params, schedule=schedule,
+                                 status="COMPLETE" if objectives else "FAILED",
+                                 objectives=objectives or {}))
+
+
+def test_a_twin_of_a_finished_trial_is_told_its_result_and_takes_no_trial(tmp_path: Path) -> None:
+    from stagebudget.live import collect_stats, study_front
+    from stagebudget.search import finished_trials
+
+    search, space, cost = _twin_search(tmp_path)
+    run = RunDir(tmp_path)
+    first = {**SFT_ONLY, "rl.lora_rank": 4}
+    assert search.suggest("a") == first  # type: ignore[attr-defined]
+    scores = {"id_accuracy": 0.7, "ood_accuracy": 0.3}
+    _finish(run, "a", first, space, cost, scores)
+    search.on_trial_complete("a", result=scores)  # type: ignore[attr-defined]
+    # the twin is told a's result; the same Tune trial gets the next, new schedule
+    assert search.suggest("b") == DISTINCT  # type: ignore[attr-defined]
+    study = search.study  # type: ignore[attr-defined]
+    a, twin, b = study.get_trials(deepcopy=False)
+    assert twin.state == optuna.trial.TrialState.COMPLETE and twin.values == a.values
+    assert twin.user_attrs["twin_of"] == 0 and twin.params["rl.lora_rank"] == 16
+    assert b.state == optuna.trial.TrialState.RUNNING and b.user_attrs["tune_trial_id"] == "b"
+    record = run.read_record(twin.user_attrs["tune_trial_id"])
+    assert record is not None and record.reused_from == "a" and record.objectives == scores
+    # it took no slot (a resume counts one finished trial) and is on the live front once
+    assert finished_trials(study) == 1
+    names = ["id_accuracy", "ood_accuracy"]
+    assert collect_stats(study, names, requested=3, running=1, spent_hours=0.0,
+                         budget_hours=None).done == 1
+    assert len(study_front(study, names).points) == 1
+
+
+@pytest.mark.parametrize("ends", ["COMPLETE", "FAIL"])
+def test_a_twin_of_a_running_trial_waits_and_is_told_how_it_ended(tmp_path: Path,
+                                                                  ends: str) -> None:
+    search, space, cost = _twin_search(tmp_path)
+    first = {**SFT_ONLY, "rl.lora_rank": 4}
+    assert search.suggest("a") == first  # type: ignore[attr-defined]
+    assert search.suggest("b") == DISTINCT  # type: ignore[attr-defined]  # not a second a
+    study = search.study  # type: ignore[attr-defined]
+    twin = study.get_trials(deepcopy=False)[1]
+    assert twin.state == optuna.trial.TrialState.RUNNING and twin.user_attrs["twin_of"] == 0
+    scores = {"id_accuracy": 0.7, "ood_accuracy": 0.3} if ends == "COMPLETE" else None
+    _finish(RunDir(tmp_path), "a", first, space, cost, scores)
+    search.on_trial_complete("a", result=scores, error=scores is None)  # type: ignore[attr-defined]
+    twin = study.get_trials(deepcopy=False)[1]
+    assert twin.state.name == ends
+    if scores:
+        assert twin.values == [0.7, 0.3]
+
+
+def test_the_console_names_the_runs_tensorboard_folder_not_rays_nor_token_auth(
+        tmp_path: Path) -> None:
+    """Ray's "To visualize your results with TensorBoard" hint points into its temporary
+    session folder and its token-auth notice is noise: neither is printed by a search (in a
+    fresh process, as the CLI runs it); it names RUN/tensorboard instead, and Tune still writes
+    its own JSON/CSV results."""
+    import subprocess
+    import sys
+
+    space = write_space(tmp_path, trials=2, concurrency=1)
+    script = ("import functools, sys; from stagebudget.fakes import fake_trial_fn; "
+              "from stagebudget.search import run_search; "
+              "print(run_search(sys.argv[1], name='quiet', runs_dir=sys.argv[2], live=False, "
+              "trial_fn=functools.partial(fake_trial_fn, seconds=0.1)))")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    proc = subprocess.run([sys.executable, "-c", script, str(space), str(tmp_path / "runs")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    assert "To visualize your results with TensorBoard" not in out
+    assert "Token authentication is enabled" not in out
+    assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in out
+    tune_dir = run_dir / "tune"
+    assert list(tune_dir.rglob("result.json")) and list(tune_dir.rglob("progress.csv"))
+    assert not list(tune_dir.rglob("events.out.tfevents*"))

@@ -77,6 +77,20 @@ def greedy_completions(model: Any, tokenizer: Any, prompts: list[Any], max_new_t
     return out
 
 
+def cache_kwarg(model: Any) -> str:
+    """The name a model's ``forward`` takes its key/value cache by: ``cache`` in transformers
+    >= 5.24 (``past_key_values`` still works there with a FutureWarning and goes in 5.40), else
+    ``past_key_values`` (older transformers, remote-code models). A peft wrapper passes it on."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _decode_batch(model: Any, rows: list[list[int]], max_new_tokens: int, pad: int,
                   stops: list[int]) -> list[list[int]]:
     """Greedy new tokens of left-padded ``rows`` (each up to and including its stop token)."""
@@ -90,11 +104,12 @@ def _decode_batch(model: Any, rows: list[list[int]], max_new_tokens: int, pad: i
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     stop_ids = torch.tensor(stops, device=device)
     cache = DynamicCache(config=model.config)
+    cache_kw = cache_kwarg(model)
     new: list[list[int]] = [[] for _ in rows]
     alive = torch.arange(len(rows), device=device)
     for t in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       use_cache=True, **{cache_kw: cache}).logits[:, -1]
         nxt = logits.argmax(-1)
         for row, tok in zip(alive.tolist(), nxt.tolist(), strict=True):
             new[row].append(tok)

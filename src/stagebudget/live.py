@@ -19,6 +19,7 @@ from rich.table import Table
 
 from stagebudget.pareto import FrontInfo, TrialPoint, compute_front
 from stagebudget.records import ID_ACCURACY, OOD_ACCURACY, is_interrupted
+from stagebudget.studyinfo import REUSED_ATTR, is_twin
 
 
 @dataclass
@@ -50,10 +51,11 @@ def _fmt(v: float | None) -> str:
 
 def collect_stats(study: Any, objective_names: list[str], *, requested: int, running: int,
                   spent_hours: float, budget_hours: float | None) -> SearchStats:
-    """Read counts and bests from the Optuna study (the source of truth)."""
+    """Read counts and bests from the Optuna study (the source of truth). A twin told its
+    original's result took no trial slot and is not counted as done."""
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
+    trials = [t for t in study.get_trials(deepcopy=False) if not is_twin(t)]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     stats = SearchStats(requested=requested, running=running, spent_hours=spent_hours,
                         budget_hours=budget_hours,
@@ -71,12 +73,14 @@ def collect_stats(study: Any, objective_names: list[str], *, requested: int, run
 
 def study_front(study: Any, objective_names: list[str]) -> FrontInfo:
     """The front of the study's completed trials, by :func:`~stagebudget.pareto.compute_front`
-    (the one front every view uses: status, report, export, the live panel and the summary)."""
+    (the one front every view uses: status, report, export, the live panel and the summary).
+    A trial that reused a twin's measurements repeats a schedule already in the study (the
+    study holds no schedules; records do, see :func:`~stagebudget.pareto.twins_of`): left out."""
     directions = [d.name.lower() for d in study.directions]
     points = [TrialPoint(number=t.number, values=tuple(t.values))
               for t in study.get_trials(deepcopy=False)
               if t.state.name == "COMPLETE" and t.values is not None
-              and all(math.isfinite(v) for v in t.values)]
+              and all(math.isfinite(v) for v in t.values) and REUSED_ATTR not in t.user_attrs]
     return compute_front(points, objective_names, directions)
 
 

@@ -1,6 +1,7 @@
 """Pareto fronts, hypervolume and the knee: computed once, as plain objects, for plots to draw.
 
-Light on purpose (numpy only, no plotly/optuna): ``stagebudget status`` and ``export`` use it.
+Light on purpose (numpy and the schedule model, no plotly/optuna): ``stagebudget status`` and
+``export`` use it.
 
 >>> non_dominated([(0.9, 0.2), (0.5, 0.5), (0.4, 0.4)], ["maximize", "maximize"])
 [0, 1]
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from stagebudget.records import ID_ACCURACY, OOD_ACCURACY
+from stagebudget.schedule import identity
 
 DIRECTIONS = ("maximize", "minimize")
 PointsLike = Sequence[Sequence[float]] | np.ndarray
@@ -62,6 +64,9 @@ class FrontInfo:
 
     ``front`` lists non-dominated trial numbers sorted by the first objective; ``hv_history``
     pairs a count of completed trials (in trial-number order) with the hypervolume of those.
+    ``twins`` maps a trial that repeats an earlier trial's schedule to that trial: it stays in
+    ``points`` (it is a completed trial) but is on neither ``front`` nor ``dominated``, and adds
+    no step to ``hv_history``, so each distinct schedule is shown once.
     """
 
     objective_names: tuple[str, ...]
@@ -76,6 +81,7 @@ class FrontInfo:
     knee: int | None
     counts: dict[str, int] = field(default_factory=dict)
     curves: dict[int, CurveSeries] = field(default_factory=dict)
+    twins: dict[int, int] = field(default_factory=dict)
 
     def value(self, number: int, name: str) -> float:
         """Objective ``name`` of trial ``number``."""
@@ -222,15 +228,19 @@ def compute_front(
 ) -> FrontInfo:
     """Front, dominated set, references, hypervolume (and its history) and knee of ``points``.
 
-    ``points`` are completed trials; the history adds them in trial-number order.
+    ``points`` are completed trials; the history adds them in trial-number order. Points with
+    the same schedule (:func:`~stagebudget.schedule.identity`) are one point, the first by
+    trial number; the later ones are listed in ``twins``.
     """
     if len(objective_names) != len(directions):
         raise ValueError("objective_names and directions must have the same length")
     ordered = sorted(points, key=lambda p: p.number)
-    values = [p.values for p in ordered]
+    twins = twins_of(ordered)
+    distinct = [p for p in ordered if p.number not in twins]
+    values = [p.values for p in distinct]
     ref = tuple(ref_point) if ref_point is not None else default_ref_point(values, directions)
     idx = non_dominated(values, directions) if values else []
-    front_pts = [ordered[i] for i in idx]
+    front_pts = [distinct[i] for i in idx]
     front_pts.sort(key=lambda p: (p.values[0], p.number))
     front = [p.number for p in front_pts]
     history = [
@@ -243,14 +253,38 @@ def compute_front(
         directions=tuple(directions),
         points={p.number: p for p in ordered},
         front=front,
-        dominated=[p.number for p in ordered if p.number not in front_set],
-        references={p.reference: p.number for p in ordered if p.reference},
+        dominated=[p.number for p in distinct if p.number not in front_set],
+        # a reference that repeats an earlier trial's schedule is read off that trial
+        references={p.reference: twins.get(p.number, p.number) for p in ordered if p.reference},
         ref_point=ref,
         hypervolume=history[-1][1] if history else 0.0,
         hv_history=history,
         knee=front[knee] if knee is not None else None,
         counts=dict(counts or {}),
+        twins=twins,
     )
+
+
+def twins_of(points: Sequence[TrialPoint]) -> dict[int, int]:
+    """``{later trial: first trial}`` for points whose schedules are the same trained model
+    (different params can plan one schedule: an RL rank when RL gets no budget). Points
+    without a schedule are never twins.
+
+    >>> a = {"stages": [{"kind": "sft", "steps": 5}], "name": "a"}
+    >>> twins_of([TrialPoint(0, (1.0,), schedule=a), TrialPoint(3, (1.0,), schedule={**a, "name": "b"})])
+    {3: 0}
+    """
+    first: dict[str, int] = {}
+    out: dict[int, int] = {}
+    for p in sorted(points, key=lambda p: p.number):
+        if not p.schedule:
+            continue
+        key = identity(p.schedule)
+        if key in first:
+            out[p.number] = first[key]
+        else:
+            first[key] = p.number
+    return out
 
 
 def curve_series(number: int, rows: Sequence[Mapping[str, Any]]) -> CurveSeries:

@@ -92,6 +92,8 @@ def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Pat
     Ray (or joins ``address``) and shuts it down at the end.
     """
     _check_flags(name, Path(runs_dir))
+    if address is None:
+        choose_local_ray_auth()
     if mlflow is not None:
         check_mlflow(mlflow)
     plan = (_plan_resume if resume else _plan_new)(
@@ -620,11 +622,15 @@ def mark_interrupted(study: Any, run: RunDir, objectives: list[str]) -> int:
 
 def finished_trials(study: Any) -> int:
     """Trials that count toward ``trials``: COMPLETE, PRUNED, and FAIL other than interrupted
-    (an interrupted trial is run again on ``--resume``, so its retry is what counts)."""
+    (an interrupted trial is run again on ``--resume``, so its retry is what counts) and other
+    than twins (told an earlier trial's result, they took no trial slot)."""
     from optuna.trial import TrialState
 
+    from stagebudget.studyinfo import is_twin
+
     done = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-    return sum(not is_interrupted(t) for t in study.get_trials(deepcopy=False, states=done))
+    return sum(not is_interrupted(t) and not is_twin(t)
+               for t in study.get_trials(deepcopy=False, states=done))
 
 
 RETRY_OF_ATTR = "retry_of"
@@ -672,6 +678,15 @@ def _prepare_base_model(space: SearchSpace, space_file: str) -> None:
         raise UserError(str(exc)) from None
 
 
+def choose_local_ray_auth() -> None:
+    """Ray turns token authentication on for a new local cluster and warns that it did unless
+    ``RAY_AUTH_MODE`` says so; say so, with the same mode, while Ray can still read it (its
+    config is read once, when ``ray`` is first imported: later it would refuse its own token).
+    A user's own ``RAY_AUTH_MODE`` wins; a process that imported Ray already keeps the notice."""
+    if "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def _init_ray(address: str | None, space: SearchSpace) -> str | None:
     """Start (or join) Ray; return the session directory of a private local Ray."""
     import ray
@@ -701,6 +716,7 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
 
     from stagebudget.live import Display, LiveDisplay, ProgressCallback
     from stagebudget.studyinfo import annotate_study
+    from stagebudget.tbcurves import TENSORBOARD_DIR
     from stagebudget.trainable import trial_trainable
     from stagebudget.tune_adapter import build_tuner
 
@@ -727,13 +743,15 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
             trainable, space, run_dir=plan.run.root, study_name=plan.meta["study_name"],
             storage=plan.storage, num_samples=plan.remaining, concurrency=space.concurrency,
             points=plan.points, callbacks=[callback], mlflow_uri=plan.meta.get("mlflow"),
+            cost=cost,
             limiter_kwargs={
                 "budget_hours": space.budget.search_hours,
                 "per_trial_hours": space.budget.per_trial_hours,
                 "planned_hours": _planner(space, cost), "prior_hours": plan.prior_hours})
         holder.update(limiter=limiter, study=search.study)
         annotate_study(search.study, space, plan.run.root, plan.meta)
-        with display, _plain_sigint():
+        print(f"curves: tensorboard --logdir {plan.run.root / TENSORBOARD_DIR}", flush=True)
+        with display, _tune_env():
             tuner.fit()
             display.update(_stats(plan, holder, 0), force=True)
     finally:
@@ -742,20 +760,33 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
     return bool(limiter.stopped_by_budget)
 
 
+# Tune settings read from the environment when ``fit`` starts (Ray's documented variables).
+TUNE_ENV = {
+    # Ctrl-C raises KeyboardInterrupt in the driver instead of Ray Tune's own handler (which
+    # ends the experiment as if it had finished and prints a ``Tuner.restore`` hint that does
+    # not apply): the search then settles the run for ``--resume`` and exits non-zero.
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",
+    # No automatic loggers: build_tuner passes Tune's CSV and JSON loggers itself and leaves out
+    # its TensorBoard logger, whose mere presence prints "To visualize your results with
+    # TensorBoard, run: tensorboard --logdir <Ray's temporary session folder>". The curves are
+    # in RUN/tensorboard/ (stagebudget.tbcurves), which the search names instead.
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+}
+
+
 @contextlib.contextmanager
-def _plain_sigint() -> Iterator[None]:
-    """Ctrl-C raises KeyboardInterrupt in the driver instead of Ray Tune's own handler (which
-    ends the experiment as if it had finished and prints a ``Tuner.restore`` hint that does not
-    apply): the search then settles the run for ``--resume`` and exits non-zero."""
-    old = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+def _tune_env() -> Iterator[None]:
+    """:data:`TUNE_ENV` set while Tune runs, the previous values restored after."""
+    old = {k: os.environ.get(k) for k in TUNE_ENV}
+    os.environ.update(TUNE_ENV)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-        else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = old
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 COST_FILE = "cost.json"

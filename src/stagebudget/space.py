@@ -800,7 +800,7 @@ def check_inputs(base_model: str, tasks: TasksRef, source: str | Path | None,
                 "as plain text or use a local model directory whose tokenizer has one",
                 source=source, field="tasks")
         _check_builtin_window(base_model, suite, source, generation)
-        return warnings
+        return warnings + builtin_vocab_warnings(suite, base_model)
     return warnings + _check_model(base_model, suite, source, base_dir, trust_remote_code,
                                    generation)
 
@@ -846,6 +846,33 @@ def generated_tokens(stages: Any) -> int:
             value = info.defaults.get("max_completion_length", 0)
         most = max(most, int(_high(value)))
     return most
+
+
+def builtin_vocab_warnings(suite: Any, base_model: str, shown: int = 5) -> list[str]:
+    """One warning naming the task file, lines and characters the built-in character
+    tokenizer lacks (it covers printable ASCII, ``basemodel.CHARS``): it reads each as
+    ``<unk>``, so such a prompt loses them and such an answer can never be written."""
+    from stagebudget.basemodel import CHARS
+
+    known = set(CHARS)
+    hits: list[tuple[int | None, str, str]] = []
+    for ex in (*suite.train, *suite.id_test, *suite.ood_test):
+        for field_name in ("prompt", "answer", "completion"):
+            value = getattr(ex, field_name)
+            missing = "".join(dict.fromkeys(c for c in value or "" if c not in known))
+            if missing:
+                hits.append((ex.line, field_name, missing))
+    if not hits:
+        return []
+    hits.sort(key=lambda h: (h[0] is None, h[0] or 0))
+    where = "; ".join(f"line {line} {name}: " + ", ".join(f"{c!r} (U+{ord(c):04X})" for c in chars)
+                      for line, name, chars in hits[:shown])
+    more = f" (and {len(hits) - shown} more)" if len(hits) > shown else ""
+    return [f"{suite.path or 'the task file'}: {len(hits)} field(s) hold characters the "
+            f"tokenizer of {base_model} lacks{more}: {where}. It knows printable ASCII only "
+            "(' ' to '~') and reads any other character as <unk>: a prompt loses it, an answer "
+            "with it can never be generated. Rewrite those rows, or use a local model directory "
+            "whose tokenizer covers them"]
 
 
 def _check_builtin_window(base_model: str, suite: Any, source: str | Path | None,

@@ -43,6 +43,15 @@ RUN_DIR_ATTR = "run_dir"
 SPACE_ATTR = "space"
 SPACE_FILE_ATTR = "space_file"
 PRUNED_ATTR = "pruned"
+REUSED_ATTR = "reused_from"  # the record key of the trial whose measurements this one reused
+# On a trial told its twin's result without a Tune trial (the Optuna number of the trial that
+# trained the schedule): it cost nothing, so it is no trial slot (see tune_adapter.StudySearch).
+TWIN_ATTR = "twin_of"
+
+
+def is_twin(trial: Any) -> bool:
+    """An Optuna trial told the result of an earlier trial of the same schedule, never run."""
+    return TWIN_ATTR in trial.user_attrs
 
 
 def steps_ran(schedule: dict[str, Any], ledger: dict[str, Any]) -> list[tuple[str, int, int]]:
@@ -90,7 +99,7 @@ def trial_attrs(record: TrialRecord) -> dict[str, Any]:
     if record.reference:
         attrs[REFERENCE_ATTR] = record.reference
     if record.reused_from:
-        attrs["reused_from"] = record.reused_from
+        attrs[REUSED_ATTR] = record.reused_from
     if record.pruned:
         from stagebudget.earlystop import describe
 

@@ -71,7 +71,7 @@ class _Reporter:
         if row.get("device_seconds") is not None:
             self.latest[DEVICE_HOURS] = float(row["device_seconds"]) / 3600.0
         if isinstance(row.get("global_step"), int):
-            # Ray's own loggers (TensorBoard under tune/, MLflow) plot against this key.
+            # Ray's own loggers (MLflow, the JSON/CSV results under tune/) plot against this key.
             self.latest[STEP_KEY] = row["global_step"]
         self.report({**row, **self.latest, "final": False})
 
@@ -129,7 +129,7 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     reporter = _Reporter(tune.report)
     twin = finished_twin(run, schedule.to_dict(), exclude=key) if space.reuse.enabled else None
     if twin is not None:
-        _reuse(run, record, twin)
+        reuse_twin(run, record, twin)
         tune.report({**reporter.latest, **record.objectives, SPENT_DEVICE_HOURS: 0.0,
                      "final": True})
         return
@@ -208,7 +208,7 @@ def finished_twin(run: RunDir, schedule: dict[str, Any], exclude: str) -> TrialR
     return None
 
 
-def _reuse(run: RunDir, record: TrialRecord, twin: TrialRecord) -> None:
+def reuse_twin(run: RunDir, record: TrialRecord, twin: TrialRecord) -> None:
     """Complete ``record`` with ``twin``'s measurements; its curves are copied, nothing trains.
 
     The objectives keep the twin's device-hours: a schedule is charged its full cost, what it

@@ -16,18 +16,25 @@ Optuna 5.1, read from the installed sources):
   sampler :func:`make_sampler` builds must pickle (:mod:`stagebudget.samplers`).
 - No Tune scheduler (ASHA, HyperBand) is used: with multi-objective OptunaSearch they record
   stopped trials as COMPLETE with half-trained scores.
+- Different params can plan one schedule (an RL rank when RL gets no budget, a rank at a share
+  of 0; samplers also re-propose points). :class:`StudySearch` never hands such a twin to Tune:
+  it tells the Optuna trial the result already measured (``study.tell``), or holds it until the
+  trial training that schedule ends, and asks the sampler again for the same Tune trial.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
@@ -36,14 +43,16 @@ from stagebudget.records import (
     DEVICE_HOURS,
     ERROR_ATTR,
     FAILED,
+    PRUNED,
     PRUNED_FLAG,
     SPENT_DEVICE_HOURS,
     TUNE_ID_ATTR,
     RunDir,
     TrialRecord,
 )
+from stagebudget.schedule import identity
 from stagebudget.space import SearchSpace, make_sampler
-from stagebudget.studyinfo import REFERENCE_ATTR, annotate_trial, trial_attrs
+from stagebudget.studyinfo import REFERENCE_ATTR, TWIN_ATTR, annotate_trial, trial_attrs
 from stagebudget.tbcurves import CurveWriter, run_label, write_trial_events
 
 log = logging.getLogger(__name__)
@@ -62,27 +71,125 @@ def metric_names(space: SearchSpace) -> list[str]:
     return [o.name for o in space.objectives]
 
 
+def planned_schedule(space: SearchSpace, cost: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """The dict of the schedule ``params`` plan (module level: Tune pickles the searcher)."""
+    return space.schedule_from_params(params, cost).to_dict()
+
+
+MAX_TWIN_ASKS = 32  # a sampler that keeps proposing known schedules gets a trial after this
 
 
 class StudySearch(OptunaSearch):
     """``OptunaSearch`` that tags each Optuna trial with its Tune trial id (and reference name),
-    so the study, Tune and the trial records join on one key."""
+    so the study, Tune and the trial records join on one key, and that spends no Tune trial on
+    a schedule this search has already trained or is training.
+
+    ``schedule_of`` plans params into a schedule's dict (``None``: twins are not looked for).
+    A proposed twin of a COMPLETE trial is told that trial's objectives at once, with a record
+    that reused them (:func:`~stagebudget.trainable.reuse_twin`); a twin of a running trial
+    waits, RUNNING, and is told the same when that trial ends (FAIL or PRUNED if it did).
+    Either way the sampler learns the result, the twin is marked :data:`TWIN_ATTR` (it takes
+    no trial slot) and the sampler is asked again for this Tune trial.
+    """
 
     def __init__(self, *args: Any, references: Sequence[tuple[str, dict[str, Any]]] = (),
-                 run_dir: Path | None = None, **kwargs: Any) -> None:
+                 run_dir: Path | None = None,
+                 schedule_of: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._references = list(references)
         self._run = RunDir(Path(run_dir)) if run_dir is not None else None
+        self._schedule_of = schedule_of
+        self._training: dict[str, str] = {}  # schedule identity -> Tune trial training it
+        self._waiting: dict[str, list[tuple[Any, dict[str, Any]]]] = {}  # Tune id -> twins
 
     def suggest(self, trial_id: str) -> dict | None:
-        config = super().suggest(trial_id)
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and config:
-            ot_trial.set_user_attr(TUNE_ID_ATTR, trial_id)
-            name = reference_name(ot_trial.params, self._references)
-            if name:
-                ot_trial.set_user_attr(REFERENCE_ATTR, name)
-        return config
+        for attempt in range(1, MAX_TWIN_ASKS + 1):
+            config = super().suggest(trial_id)
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is None or not config:
+                return config
+            schedule = self._planned(ot_trial.params)
+            if schedule is None or attempt == MAX_TWIN_ASKS or not self._settle_twin(
+                    ot_trial, schedule):
+                if attempt == MAX_TWIN_ASKS and schedule is not None:
+                    log.warning("the sampler proposed %d known schedules in a row; trial %d "
+                                "runs the next one as it is", attempt - 1, ot_trial.number)
+                self._start(trial_id, ot_trial, schedule)
+                return config
+            del self._ot_trials[trial_id]  # told or waiting: ask again for this Tune trial
+        return None  # not reached: the last attempt always starts its trial
+
+    def _start(self, trial_id: str, ot_trial: Any, schedule: dict[str, Any] | None) -> None:
+        ot_trial.set_user_attr(TUNE_ID_ATTR, trial_id)
+        name = reference_name(ot_trial.params, self._references)
+        if name:
+            ot_trial.set_user_attr(REFERENCE_ATTR, name)
+        if schedule is not None:
+            self._training.setdefault(identity(schedule), trial_id)
+
+    def _planned(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        if self._schedule_of is None or self._run is None:
+            return None
+        try:
+            return self._schedule_of(params)
+        except Exception:  # the trial itself fails and says why
+            return None
+
+    def _settle_twin(self, ot_trial: Any, schedule: dict[str, Any]) -> bool:
+        """Tell (or hold) ``ot_trial`` when its schedule is trained or training; else False."""
+        running = self._training.get(identity(schedule))
+        if running is not None:
+            ot_trial.set_user_attr(TWIN_ATTR, self._ot_trials[running].number)
+            self._waiting.setdefault(running, []).append((ot_trial, schedule))
+            return True
+        return self._tell_twin(ot_trial, schedule)
+
+    def _tell_twin(self, ot_trial: Any, schedule: dict[str, Any]) -> bool:
+        """Complete ``ot_trial`` with the measurements of a finished trial of ``schedule``, if
+        any: a record that reused them, then Optuna's own record of a known result (``tell``
+        with the values). False when no trial of the run finished this schedule."""
+        from stagebudget.trainable import finished_twin, reuse_twin
+
+        twin = finished_twin(self._run, schedule, exclude="") if self._run else None
+        if self._run is None or twin is None:
+            return False
+        key = f"twin{ot_trial.number:05d}"
+        params = dict(ot_trial.params)
+        record = TrialRecord(key=key, params=params, schedule={**schedule, "name": key},
+                             reference=reference_name(params, self._references),
+                             started=time.time())
+        reuse_twin(self._run, record, twin)
+        number = self._number_of(twin.key)
+        ot_trial.set_user_attr(TWIN_ATTR, number)
+        ot_trial.set_user_attr(TUNE_ID_ATTR, key)  # the record's key, as for Tune's trials
+        annotate_trial(ot_trial.set_user_attr, record)
+        self.study.tell(ot_trial, [float(twin.objectives[m]) for m in self.metric])
+        log.info("trial %d plans the schedule of trial %s: told its result, nothing trained",
+                 ot_trial.number, number)
+        return True
+
+    def _number_of(self, key: str) -> int | None:
+        if key in self._ot_trials:
+            return int(self._ot_trials[key].number)
+        return next((t.number for t in self.study.get_trials(deepcopy=False)
+                     if t.user_attrs.get(TUNE_ID_ATTR) == key), None)
+
+    def _release(self, trial_id: str) -> None:
+        """``trial_id`` ended: settle the twins that waited for it, as it ended."""
+        from optuna.trial import TrialState
+
+        self._training = {k: v for k, v in self._training.items() if v != trial_id}
+        for ot_trial, schedule in self._waiting.pop(trial_id, []):
+            if self._tell_twin(ot_trial, schedule):
+                continue
+            record = self._run.read_record(trial_id) if self._run else None
+            if record is not None and record.status == PRUNED:
+                self.study.tell(ot_trial, state=TrialState.PRUNED)
+            else:
+                ot_trial.set_user_attr(ERROR_ATTR, f"the trial of its schedule ({trial_id}) "
+                                                   "did not complete")
+                self.study.tell(ot_trial, state=TrialState.FAIL)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
@@ -94,6 +201,7 @@ class StudySearch(OptunaSearch):
             if ot_trial is not None:
                 ot_trial.set_user_attr(ERROR_ATTR, str(result[DETERMINISTIC_FAILURE]))
             super().on_trial_complete(trial_id, result=None, error=True)
+            self._release(trial_id)
             return
         if ot_trial is not None and self._run is not None:
             try:
@@ -102,8 +210,9 @@ class StudySearch(OptunaSearch):
                 log.warning("could not describe Optuna trial of %s: %s", trial_id, exc)
         if result and result.get(PRUNED_FLAG) and not error:
             super().on_trial_complete(trial_id, result=None, error=False)  # Ray tells PRUNED
-            return
-        super().on_trial_complete(trial_id, result=result, error=error)
+        else:
+            super().on_trial_complete(trial_id, result=result, error=error)
+        self._release(trial_id)
 
     @property
     def study(self) -> Any:
@@ -333,14 +442,18 @@ def _trial_error_text(trial: Any) -> str:
 # --- the Tuner ------------------------------------------------------------------------------------
 def build_searcher(space: SearchSpace, *, run_dir: Path, study_name: str, storage: Any,
                    num_samples: int, concurrency: int, points: Sequence[dict[str, Any]],
-                   limiter_kwargs: dict[str, Any]) -> tuple[BudgetLimiter, StudySearch]:
+                   limiter_kwargs: dict[str, Any],
+                   cost: Any = None) -> tuple[BudgetLimiter, StudySearch]:
     """The search algorithm Tune is handed (and pickles): StudySearch -> ConcurrencyLimiter ->
-    BudgetLimiter; returned with the StudySearch inside it."""
+    BudgetLimiter; returned with the StudySearch inside it. With ``cost`` (the run's cost model)
+    and reuse on, twins of trained schedules take no trial."""
+    twins = cost is not None and space.reuse.enabled
     search = StudySearch(
         space=space.optuna_space(), metric=metric_names(space), mode=modes(space),
         points_to_evaluate=list(points) or None, sampler=make_sampler(space, num_samples),
         storage=storage, study_name=study_name, references=space.reference_points(),
         run_dir=Path(run_dir),
+        schedule_of=functools.partial(planned_schedule, space, cost) if twins else None,
     )
     limited = ConcurrencyLimiter(search, max_concurrent=concurrency)
     return BudgetLimiter(limited, **limiter_kwargs), search
@@ -350,15 +463,17 @@ def build_tuner(trainable: Callable[..., Any], space: SearchSpace, *, run_dir: P
                 study_name: str, storage: Any, num_samples: int, concurrency: int,
                 points: Sequence[dict[str, Any]], limiter_kwargs: dict[str, Any],
                 callbacks: Sequence[tune.Callback] = (),
-                mlflow_uri: str | None = None) -> tuple[tune.Tuner, BudgetLimiter, StudySearch]:
+                mlflow_uri: str | None = None,
+                cost: Any = None) -> tuple[tune.Tuner, BudgetLimiter, StudySearch]:
     """Assemble the searcher (:func:`build_searcher`) and the Tuner.
 
     ``trainable`` is already ``tune.with_parameters``-wrapped; resources are added here.
-    ``mlflow_uri`` also logs every trial to that MLflow tracking server (or store).
+    ``mlflow_uri`` also logs every trial to that MLflow tracking server (or store); ``cost``
+    lets twins of trained schedules take no trial (:func:`build_searcher`).
     """
     budget, search = build_searcher(
         space, run_dir=run_dir, study_name=study_name, storage=storage, num_samples=num_samples,
-        concurrency=concurrency, points=points, limiter_kwargs=limiter_kwargs)
+        concurrency=concurrency, points=points, limiter_kwargs=limiter_kwargs, cost=cost)
     res = space.resources_per_trial
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": res.cpu, "gpu": res.gpu}),
@@ -371,7 +486,9 @@ def build_tuner(trainable: Callable[..., Any], space: SearchSpace, *, run_dir: P
             name=TUNE_DIR_NAME, storage_path=str(Path(run_dir).resolve()),
             failure_config=tune.FailureConfig(max_failures=space.max_retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=0, callbacks=[RecordKeeper(run_dir), TensorBoardCurves(run_dir, search),
+            # Tune's own CSV/JSON loggers, not its TensorBoard one (see search.TUNE_ENV)
+            verbose=0, callbacks=[CSVLoggerCallback(), JsonLoggerCallback(),
+                                  RecordKeeper(run_dir), TensorBoardCurves(run_dir, search),
                                   *([mlflow_callback(mlflow_uri, run_dir, search)]
                                     if mlflow_uri else []), *callbacks],
         ),
