@@ -63,6 +63,31 @@ def print_spend(path: Path) -> None:
     print(f"measured spread: max/min = {max(spread) / min(spread):.3f}")
 
 
+def check_spend(space: Any, cost: Any, base_dir: Path, ranks: tuple[int, int]) -> None:
+    """Train one schedule per SFT share alone (no prefix cache, seed 0, SFT/RL ranks ``ranks``)
+    and print its measured training seconds (stopwatch and CPU time per thread) beside the
+    planned ones: whether trials of every share spend their budget alike."""
+    import os
+
+    from stagebudget.pipeline import run_schedule
+
+    seen = {}
+    for params in grid_points(space):
+        if (params.get("sft.lora_rank"), params.get("rl.lora_rank")) == ranks:
+            seen.setdefault(params["sft.share"], params)
+    print("| SFT share | schedule | planned s | stopwatch s | CPU s per thread | stopwatch / planned |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for share, params in sorted(seen.items()):
+        schedule = space.schedule_from_params(params, cost)
+        load = os.getloadavg()[0]
+        result = run_schedule(schedule, base_dir=base_dir, device="cpu", cost=cost)
+        planned = cost.schedule_seconds(schedule)
+        wall = sum(s["train_seconds"] for s in result.ledger["stages"])
+        cpu = sum(s["cpu_seconds"] for s in result.ledger["stages"])
+        print(f"| {share:.3f} | {schedule.describe()} | {planned:.1f} | {wall:.1f} | {cpu:.1f} "
+              f"| {wall / planned:.2f} (load {load:.1f}) |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", type=Path, default=Path("search_spaces/paper_grid.yaml"))
@@ -73,6 +98,8 @@ def main() -> None:
                         help="prefix cache directory (default: beside --out)")
     parser.add_argument("--summary", action="store_true",
                         help="only print the measured training seconds per SFT share of --out")
+    parser.add_argument("--check-spend", nargs=2, type=int, metavar=("SFT_RANK", "RL_RANK"),
+                        help="train one schedule per SFT share alone and print its spend")
     args = parser.parse_args()
     if args.summary:
         print_spend(args.out)
@@ -96,6 +123,9 @@ def main() -> None:
     space = SearchSpace.load(args.space)
     cost = space.cost_model("cpu")
     base_dir = args.space.resolve().parent
+    if args.check_spend:
+        check_spend(space, cost, base_dir, tuple(args.check_spend))
+        return
     cache = PrefixCache(args.cache or args.out.with_suffix(".cache"))
     done = set()
     if args.out.is_file():

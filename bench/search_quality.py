@@ -176,6 +176,8 @@ def main() -> None:
     truth = mean_values(load_table(str(args.table)))
     true_hv = hypervolume(list(truth.values()), REF_POINT, DIRECTIONS)
     space = yaml.safe_load(args.space.read_text())
+    if space.get("cost_table"):  # the written spaces live elsewhere: name the table absolutely
+        space["cost_table"] = str((args.space.parent / space["cost_table"]).resolve())
     grid_size = math.prod(len(v) for v in SearchSpace.load(args.space).grid_space().values())
     arms = [*args.samplers, *(f"{s}{ES}" for s in args.early_stopping)]
     start = time.perf_counter()
