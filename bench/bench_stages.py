@@ -66,9 +66,9 @@ def main() -> None:
 
     import torch
 
-    from stagebudget.basemodel import resolve_base_model
     from stagebudget.calibrate import RL_COMPLETION, RL_GENERATIONS, RL_PROMPTS, SFT_BATCH, calibrate
     from stagebudget.cost import CostModel, ModelShape
+    from stagebudget.modelref import resolve_base_model
     from stagebudget.schedule import StageSpec
     from stagebudget.tasks import load_suite
 

@@ -54,10 +54,11 @@ def build_model(out: Path, shape: dict[str, int], seed: int = 0) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stagebudget.basemodel import _config_dict, build_tokenizer
+    from stagebudget.basemodel import build_tokenizer
+    from stagebudget.modelref import config_dict
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**{**_config_dict("tiny"), **shape})  # token ids: the built-in model's
+    config = LlamaConfig(**{**config_dict("tiny"), **shape})  # token ids: the built-in model's
     model = LlamaForCausalLM(config)
     model.save_pretrained(str(out), safe_serialization=True)
     build_tokenizer(out)

@@ -80,15 +80,15 @@ def main() -> None:
 
     import torch
 
-    from stagebudget.pipeline import run_schedule
-    from stagebudget.prefixcache import PrefixCache
-    from stagebudget.records import (
+    from stagebudget.names import (
         ID_ACCURACY,
         ID_ACCURACY_SE,
         OOD_ACCURACY,
         OOD_ACCURACY_SE,
         SPENT_DEVICE_HOURS,
     )
+    from stagebudget.pipeline import run_schedule
+    from stagebudget.prefixcache import PrefixCache
     from stagebudget.replay import NOMINAL, replay_key
     from stagebudget.space import SearchSpace
 

@@ -64,10 +64,10 @@ def space_document(base: str, budget_hours: float, n_train: int, n_test: int) ->
 
 def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     """Write the space, the schedule it plans, and the plain script; build the base model."""
-    from stagebudget.basemodel import resolve_base_model
     from stagebudget.export import stage_export
     from stagebudget.exportscript import render_script
-    from stagebudget.records import TORCH_THREADS
+    from stagebudget.modelref import resolve_base_model
+    from stagebudget.names import TORCH_THREADS
     from stagebudget.space import SearchSpace
 
     resolve_base_model(args.base)  # built once here, outside every timed run

@@ -74,7 +74,8 @@ def _search(space: Path, out: Path, trials: int, concurrency: int) -> tuple[Path
 def _front(run_dir: Path) -> tuple[list[tuple[str, float, float]], dict[str, Any]]:
     """The front as (schedule identity, ID, OOD), and the run's spend summary (with the count
     of pruned trials and the front's hypervolume)."""
-    from stagebudget.records import PRUNED, RunDir, spend_summary
+    from stagebudget.names import PRUNED
+    from stagebudget.rundir import RunDir, spend_summary
     from stagebudget.runs import load_run
     from stagebudget.schedule import identity
 

@@ -42,9 +42,10 @@ def trajectory(run_dir: Path, truth: dict[str, tuple[float, float]],
                true_hv: float) -> list[tuple[int, float, float]]:
     """(k, nominal device-hours so far, found hypervolume / true) after each of the first k
     trials, in trial-number order, on the table's true values."""
+    from stagebudget.names import COMPLETE, PRUNED, SPENT_DEVICE_HOURS
     from stagebudget.pareto import hypervolume
-    from stagebudget.records import COMPLETE, PRUNED, SPENT_DEVICE_HOURS, RunDir
     from stagebudget.replay import replay_key
+    from stagebudget.rundir import RunDir
 
     records = [r for r in RunDir(run_dir).records() if r.status in (COMPLETE, PRUNED)]
     records.sort(key=lambda r: r.started)

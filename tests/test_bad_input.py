@@ -320,8 +320,8 @@ def test_prompt_at_the_window_edge_passes_one_more_is_refused(tmp_path):
     # builtin:test has 128 positions; the space's RL stage writes up to its default
     # max_completion_length after a prompt (more than evaluation's longest answer + 2), so a
     # prompt may be 128 - that many tokens: BOS + the rest in characters.
-    from stagebudget.basemodel import MAX_LEN
     from stagebudget.kinds import get_kind
+    from stagebudget.modelref import MAX_LEN
 
     fits = MAX_LEN - get_kind("rl").defaults["max_completion_length"] - 1  # characters
     for chars, ok in ((fits, True), (fits + 1, False)):
@@ -338,7 +338,8 @@ def test_prompt_at_the_window_edge_passes_one_more_is_refused(tmp_path):
 def test_builtin_token_count_matches_the_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    from stagebudget.basemodel import build_tokenizer, builtin_token_count
+    from stagebudget.basemodel import build_tokenizer
+    from stagebudget.modelref import builtin_token_count
 
     build_tokenizer(tmp_path)
     tok = AutoTokenizer.from_pretrained(str(tmp_path))
@@ -349,7 +350,7 @@ def test_builtin_token_count_matches_the_tokenizer(tmp_path):
 
 
 def test_local_model_window_read_from_its_config(tmp_path):
-    from stagebudget.basemodel import position_window
+    from stagebudget.modelref import position_window
 
     model = _model_dir(tmp_path)
     assert position_window(str(model)) is None

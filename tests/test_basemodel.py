@@ -8,20 +8,17 @@ import time
 
 import pytest
 
-from stagebudget.basemodel import (
+from stagebudget.basemodel import build_base, build_tokenizer, greedy_generate, load_model_and_tokenizer
+from stagebudget.modelref import (
     CHARS,
     SHIPPED_DIR,
     ModelRefError,
-    build_base,
-    build_tokenizer,
     cache_problem,
-    default_cache_dir,
-    greedy_generate,
-    load_model_and_tokenizer,
     resolve_base_model,
     same_weights,
     ship_base,
 )
+from stagebudget.paths import default_cache_dir
 from stagebudget.tasks import load_suite, pretrain_corpus
 
 
@@ -71,10 +68,10 @@ def test_the_builtin_bases_are_shipped_and_checked(size):
 
 
 def test_a_damaged_shipped_base_is_refused_and_a_missing_one_explained(tmp_path, monkeypatch):
-    from stagebudget import basemodel
+    from stagebudget import modelref
 
     shutil.copytree(SHIPPED_DIR / "test", tmp_path / "test")
-    monkeypatch.setattr(basemodel, "SHIPPED_DIR", tmp_path)
+    monkeypatch.setattr(modelref, "SHIPPED_DIR", tmp_path)
     assert resolve_base_model("builtin:test") == tmp_path / "test"
     weights = tmp_path / "test" / "model.safetensors"
     good = weights.read_bytes()
@@ -87,9 +84,9 @@ def test_a_damaged_shipped_base_is_refused_and_a_missing_one_explained(tmp_path,
 
 
 def test_ship_base_replaces_the_shipped_copy_only_when_asked(tiny_base, tmp_path, monkeypatch):
-    from stagebudget import basemodel
+    from stagebudget import modelref
 
-    monkeypatch.setattr(basemodel, "SHIPPED_DIR", tmp_path)
+    monkeypatch.setattr(modelref, "SHIPPED_DIR", tmp_path)
     assert not same_weights(tiny_base, SHIPPED_DIR / "tiny")
     shipped = ship_base(tiny_base, "test")
     assert shipped == tmp_path / "test" and same_weights(shipped, tiny_base)

@@ -20,7 +20,7 @@ import optuna
 import pytest
 import yaml
 
-from stagebudget.records import RunDir
+from stagebudget.rundir import RunDir
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -20,7 +20,7 @@ def test_builtin_shape_is_the_built_model(size):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stagebudget.basemodel import _config_dict
+    from stagebudget.modelref import config_dict as _config_dict
 
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**_config_dict(size)))

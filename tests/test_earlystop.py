@@ -12,10 +12,11 @@ import pytest
 import yaml
 
 from runhelpers import DEMO
-from stagebudget.earlystop import StageGate, TrialPruned, describe, dominates, value_at
+from stagebudget.earlystop import StageGate, TrialPruned, dominates, value_at
 from stagebudget.errors import ConfigError
 from stagebudget.fakes import fake_trial_fn
-from stagebudget.records import RunDir, TrialRecord
+from stagebudget.rundir import RunDir, TrialRecord
+from stagebudget.rundir import describe_pruned as describe
 from stagebudget.runs import load_run
 from stagebudget.search import run_search
 from stagebudget.space import SearchSpace

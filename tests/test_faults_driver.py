@@ -21,7 +21,7 @@ import pytest
 from runhelpers import demo_space
 from stagebudget.errors import BudgetError, ConfigError, RunError, UserError
 from stagebudget.fakes import fake_trial_fn
-from stagebudget.records import RunDir
+from stagebudget.rundir import RunDir
 from stagebudget.search import DriverLock, finished_trials, run_search
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
@@ -40,7 +40,7 @@ def _study(run: RunDir) -> optuna.Study:
 
 def _slots(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The trials that took a trial slot: not twins told an earlier trial's known result."""
-    from stagebudget.studyinfo import is_twin
+    from stagebudget.rundir import is_twin
 
     return [t for t in study.trials if not is_twin(t)]
 
@@ -142,7 +142,7 @@ def test_deterministic_failures_are_not_retried(tmp_path: Path) -> None:
 
 
 def test_our_exceptions_survive_pickling() -> None:
-    from stagebudget.basemodel import ModelRefError
+    from stagebudget.modelref import ModelRefError
     from stagebudget.stages.common import TrainingDiverged
     from stagebudget.tasks import TaskFileError
 

@@ -15,7 +15,7 @@ import yaml
 
 from stagebudget.errors import UserError
 from stagebudget.fakes import fake_trial_fn
-from stagebudget.records import RunDir
+from stagebudget.rundir import RunDir
 from stagebudget.search import run_search
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"

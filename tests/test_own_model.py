@@ -188,7 +188,7 @@ class _Recorder:
 @pytest.mark.slow
 def test_real_user_validate_search_export_train(own, tmp_path, monkeypatch, capsys):
     from stagebudget import basemodel
-    from stagebudget.records import RunDir
+    from stagebudget.rundir import RunDir
     from stagebudget.search import run_search
 
     data = yaml.safe_load((own / "space.yaml").read_text())

@@ -276,7 +276,8 @@ def test_a_repeated_search_reuses_every_stage_and_reaches_the_same_front(tmp_pat
     import yaml
 
     from runhelpers import DEMO
-    from stagebudget.records import COMPLETE, RunDir
+    from stagebudget.names import COMPLETE
+    from stagebudget.rundir import RunDir
     from stagebudget.search import run_search
 
     data = yaml.safe_load(DEMO.read_text())

@@ -21,7 +21,7 @@ from fake_run import FRONT, make_fake_run
 from stagebudget import cli
 from stagebudget.errors import ConfigError, RunError, UserError
 from stagebudget.fileio import atomic_write_json
-from stagebudget.records import RunDir, TrialRecord
+from stagebudget.rundir import RunDir, TrialRecord
 from stagebudget.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,13 +221,8 @@ def test_torn_curve_lines_are_ignored(tmp_path):
 
 # ---------------------------------------------------------------- 4. corrupted cached base model
 def test_corrupted_cached_base_model_is_detected_and_rebuilt(tmp_path):
-    from stagebudget.basemodel import (
-        ModelRefError,
-        build_base,
-        cache_problem,
-        load_model_and_tokenizer,
-        resolve_base_model,
-    )
+    from stagebudget.basemodel import build_base, load_model_and_tokenizer
+    from stagebudget.modelref import ModelRefError, cache_problem, resolve_base_model
 
     path = build_base("test", cache_dir=tmp_path)
     weights = path / "model.safetensors"

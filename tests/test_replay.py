@@ -82,7 +82,8 @@ def test_early_stopping_prunes_a_replayed_trial_at_its_stage_end_and_charges_the
 def test_a_grid_table_replays_through_the_real_search(tmp_path, tiny_base):
     """Train a 2 x 2 grid for real (grid_table.py), then run a search whose trials are looked
     up in it: every trial completes with a table row's values, in seconds per trial."""
-    from stagebudget.records import COMPLETE, RunDir
+    from stagebudget.names import COMPLETE
+    from stagebudget.rundir import RunDir
     from stagebudget.search import run_search
 
     space = tmp_path / "grid.yaml"

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from stagebudget.export import export, exported_threads
-from stagebudget.records import ID_ACCURACY, OOD_ACCURACY, RunDir
+from stagebudget.names import ID_ACCURACY, OOD_ACCURACY
+from stagebudget.rundir import RunDir
 from stagebudget.runs import load_run
 from stagebudget.search import run_search
 

@@ -18,7 +18,7 @@ import yaml
 
 from runhelpers import demo_space, kill_driver_when
 from stagebudget.fakes import fake_trial_fn
-from stagebudget.records import RunDir
+from stagebudget.rundir import RunDir
 from stagebudget.search import run_search
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
@@ -184,7 +184,7 @@ def test_resume_of_a_finished_search_runs_nothing(tmp_path: Path) -> None:
 
 
 def test_mark_interrupted_keeps_finished_work_and_fails_the_rest(tmp_path: Path) -> None:
-    from stagebudget.records import TrialRecord
+    from stagebudget.rundir import TrialRecord
     from stagebudget.search import mark_interrupted
 
     study = optuna.create_study(directions=["maximize", "maximize"],

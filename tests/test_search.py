@@ -15,7 +15,7 @@ import yaml
 from runhelpers import demo_space
 from stagebudget.errors import ConfigError, UserError
 from stagebudget.fakes import fake_trial_fn
-from stagebudget.records import RunDir
+from stagebudget.rundir import RunDir
 from stagebudget.schedule import Schedule
 from stagebudget.search import check_local_resources, check_space, run_search
 from stagebudget.space import SearchSpace
@@ -311,7 +311,7 @@ def test_a_schedule_already_trained_in_the_run_is_reused_not_retrained(tmp_path,
     """Different params that plan the same schedule (RL rank with no RL budget) train once."""
     from ray import tune
 
-    from stagebudget.records import RunDir
+    from stagebudget.rundir import RunDir
     from stagebudget.trainable import trial_trainable
 
     ids = iter(["t_00001", "t_00002", "t_00003"])
@@ -356,7 +356,7 @@ def test_a_trial_records_its_planned_cost_beside_the_measured_one(tmp_path, monk
     starts; the measured device-hours (a stopwatch, slowed by load) stay in the ledger."""
     from ray import tune
 
-    from stagebudget.records import RunDir, planned_hours
+    from stagebudget.rundir import RunDir, planned_hours
     from stagebudget.schedule import Schedule
     from stagebudget.trainable import trial_trainable
 
@@ -425,7 +425,7 @@ def _twin_search(tmp_path: Path) -> tuple[object, SearchSpace, object]:
 
 def _finish(run: RunDir, key: str, params: dict, space: SearchSpace, cost: object,
             objectives: dict | None) -> None:
-    from stagebudget.records import TrialRecord
+    from stagebudget.rundir import TrialRecord
 
     schedule = space.schedule_from_params(params, cost, name=key).to_dict()  # type: ignore[arg-type]
     run.write_record(TrialRecord(key=key, params=params, schedule=schedule,

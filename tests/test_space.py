@@ -337,7 +337,7 @@ def test_relative_and_absolute_model_paths_share_one_cost_table(tmp_path, monkey
 def test_the_overrun_guard_is_a_budget_setting(tmp_path):
     """budget.overrun_guard reaches the trial (default ledger.OVERRUN_GUARD); below 1 is refused
     with the field named."""
-    from stagebudget.ledger import OVERRUN_GUARD
+    from stagebudget.cost import OVERRUN_GUARD
 
     assert SearchSpace.load(write(tmp_path, BASE)).budget.overrun_guard == OVERRUN_GUARD
     data = json.loads(json.dumps(BASE))

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from fake_run import FRONT, FakeTrial, make_fake_run, standard_error
 from stagebudget.errors import RunError
-from stagebudget.records import RunDir
+from stagebudget.rundir import RunDir
 from stagebudget.runs import Run, ledger_hours, load_run, params_key
 from stagebudget.status import front_table, render_status
 
@@ -120,7 +120,8 @@ def test_a_trial_cut_before_it_started_does_not_take_its_retrys_record(tmp_path:
     trial id, not the params, joins the retry to its record (export of the knee failed)."""
     import optuna
 
-    from stagebudget.records import COMPLETE, TUNE_ID_ATTR, RunDir, TrialRecord
+    from stagebudget.names import COMPLETE, TUNE_ID_ATTR
+    from stagebudget.rundir import RunDir, TrialRecord
 
     dist = {"sft.share": optuna.distributions.FloatDistribution(0, 1)}
     study = optuna.create_study(directions=["maximize", "maximize"])
@@ -198,7 +199,7 @@ def test_nominal_cost_is_the_planned_cost_with_measured_seconds_beside(tmp_path:
 
 
 def test_planned_cost_of_older_records_comes_from_their_ledger() -> None:
-    from stagebudget.records import TrialRecord, planned_hours
+    from stagebudget.rundir import TrialRecord, planned_hours
 
     old = TrialRecord.from_dict({"key": "a", "params": {}, "status": "COMPLETE",
                                  "schedule": {"stages": [{"kind": "sft"}, {"kind": "rl"}]},

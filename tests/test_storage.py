@@ -24,7 +24,7 @@ from runhelpers import demo_space, kill_driver_when
 from stagebudget.cli import app
 from stagebudget.errors import RunError, UserError
 from stagebudget.fakes import fake_trial_fn
-from stagebudget.records import RunDir
+from stagebudget.rundir import RunDir
 from stagebudget.runs import load_run
 from stagebudget.search import run_search
 from stagebudget.studystore import normalize_url, open_storage, redact

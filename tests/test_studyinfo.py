@@ -19,9 +19,9 @@ import yaml
 
 from stagebudget import __version__
 from stagebudget.fakes import fake_trial_fn
-from stagebudget.records import TrialRecord
+from stagebudget.rundir import TrialRecord, steps_ran, steps_text
 from stagebudget.search import run_search
-from stagebudget.studyinfo import steps_ran, steps_text, trial_attrs
+from stagebudget.studyinfo import trial_attrs
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 NAMES = ["id_accuracy", "ood_accuracy"]

@@ -13,7 +13,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stagebudget.fakes import fake_trial_fn
-from stagebudget.records import RunDir
+from stagebudget.rundir import RunDir
 from stagebudget.runs import load_run
 from stagebudget.search import run_search
 from stagebudget.tbcurves import run_folder, run_label, write_trial_events

@@ -108,7 +108,7 @@ def calibrate(
     device)``; returns the calibrated :class:`CostModel`. ``tasks`` (a JSONL task file) times
     the steps on your own prompts and answers instead of the built-in suite's.
     """
-    from stagebudget.basemodel import resolve_base_model
+    from stagebudget.modelref import resolve_base_model
     from stagebudget.stages.common import resolve_device
     from stagebudget.tasks import load_suite
 
@@ -203,7 +203,7 @@ def calibrate_space(space_file: Path, *, steps: int = 3, warmup: int = 1, out: P
     import json
     import multiprocessing
 
-    from stagebudget.basemodel import resolve_base_model
+    from stagebudget.modelref import resolve_base_model
     from stagebudget.space import SearchSpace
     from stagebudget.stages.common import resolve_device
 

@@ -277,7 +277,8 @@ def base_build(
 ) -> None:
     """Run the recipe that made the shipped base, into the cache (never replacing builtin:SIZE
     unless --ship is given). Pass the printed directory as base_model to use the build."""
-    from stagebudget.basemodel import SHIPPED_DIR, build_base, same_weights, ship_base
+    from stagebudget.basemodel import build_base
+    from stagebudget.modelref import SHIPPED_DIR, same_weights, ship_base
 
     path = build_base(size=size, force=force, progress=lambda m: console.print(m))
     info = path / "base_info.json"

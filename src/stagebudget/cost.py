@@ -25,6 +25,12 @@ from stagebudget.fileio import atomic_write_json, read_json
 from stagebudget.kinds import get_kind, stage_kinds
 from stagebudget.schedule import Schedule, StageSpec, TasksRef
 
+# A trial may use this many times its budget before it is stopped as a runaway. A busy machine
+# slows steps 2-3x (two trials beside two busy processes on 2 cores: ~2.5x), and such a trial must
+# still finish: the guard is for a cost model that is wrong by more than load explains.
+OVERRUN_GUARD = 4.0
+
+
 # Effective throughput and per-step overheads for the analytic fallback. They are rough on
 # purpose; calibrate replaces them with measured numbers for the hardware at hand. cpu: fitted
 # (2026-11-24, within 7%) to the step times of builtin:tiny on an idle 2-core CPU, two trials
@@ -80,12 +86,12 @@ class ModelShape:
 
     @staticmethod
     def builtin(size: str) -> ModelShape:
-        """Shape of a built-in base model, from the config :mod:`stagebudget.basemodel` builds."""
-        from stagebudget.basemodel import SIZES, _config_dict
+        """Shape of a built-in base model, from the config :mod:`stagebudget.modelref` gives."""
+        from stagebudget.modelref import SIZES, config_dict
 
         if size not in SIZES:
             raise ConfigError(f"unknown built-in model size {size!r}; allowed: {', '.join(SIZES)}")
-        return ModelShape.from_config(_config_dict(size))
+        return ModelShape.from_config(config_dict(size))
 
     @staticmethod
     def from_config(cfg: Mapping[str, Any]) -> ModelShape:

@@ -5,16 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from stagebudget.basemodel import default_cache_dir as cache_root
-
-
-def model_key(base_model: str) -> str:
-    """``builtin:...`` as is; a local directory as its absolute path, so ``./m``, ``m`` and
-    ``/abs/m`` name the same table whether calibrate, validate or search resolved them."""
-    if base_model.startswith("builtin:"):
-        return base_model
-    path = Path(base_model).expanduser()
-    return str(path.resolve()) if path.exists() else base_model
+from stagebudget.modelref import model_key
+from stagebudget.paths import default_cache_dir as cache_root
 
 
 def default_table_path(base_model: str, device: str) -> Path:

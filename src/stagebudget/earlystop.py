@@ -32,16 +32,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from stagebudget.records import (
-    COMPLETE,
-    ID_ACCURACY,
-    OOD_ACCURACY,
-    STANDARD_ERROR_OF,
-    RunDir,
-)
-
-COMPARED = (ID_ACCURACY, OOD_ACCURACY)  # objectives a boundary decision may compare
-PLANNED = "planned_seconds"
+from stagebudget.names import COMPLETE, STANDARD_ERROR_OF
+from stagebudget.rundir import COMPARED, PLANNED, RunDir, describe_pruned, is_finite_number
 
 
 class TrialPruned(Exception):
@@ -63,7 +55,7 @@ def dominates(a: dict[str, Any], b: dict[str, Any], directions: dict[str, str],
     never dominates; a missing standard error counts as 0."""
     strict = False
     for name, direction in directions.items():
-        if not _finite(a.get(name)) or not _finite(b.get(name)):
+        if not is_finite_number(a.get(name)) or not is_finite_number(b.get(name)):
             return False
         diff = float(a[name]) - float(b[name])
         if direction == "minimize":
@@ -82,7 +74,7 @@ def value_at(rows: list[dict[str, Any]], planned_seconds: float) -> dict[str, An
     best: dict[str, Any] | None = None
     for row in rows:
         p = row.get(PLANNED)
-        if not _finite(p) or float(p) > planned_seconds + 1e-9:  # type: ignore[arg-type]
+        if not is_finite_number(p) or float(p) > planned_seconds + 1e-9:  # type: ignore[arg-type]
             continue
         if best is None or float(p) >= best[PLANNED]:  # type: ignore[arg-type]
             best = row
@@ -110,7 +102,7 @@ class StageGate:
 
     def __call__(self, index: int, row: dict[str, Any]) -> None:
         planned = row.get(PLANNED)
-        if not self.directions or not isinstance(planned, int | float) or not _finite(planned):
+        if not self.directions or not isinstance(planned, int | float) or not is_finite_number(planned):
             return
         for key, rows in self.completed.items():
             other = value_at(rows, float(planned))
@@ -121,40 +113,13 @@ class StageGate:
                     "dominated_by": key, "compared_with": len(self.completed),
                     "at": _values(row), "by": _values(other),
                 }
-                raise TrialPruned(describe(info), info)
-
-
-def describe(info: dict[str, Any]) -> str:
-    """One line for status and the study: ``pruned after stage 0 (sft, step 40): trial X had
-    ID 0.810/OOD 0.400 vs 0.620/0.310 at 12.0 planned s (margin 2 SE, 3 compared)``. Fields a
-    (hand-edited or older) record lacks are left out."""
-    at, by = info.get("at") or {}, info.get("by") or {}
-    short = {ID_ACCURACY: "ID", OOD_ACCURACY: "OOD"}
-    names = [n for n in COMPARED if _finite(at.get(n)) and _finite(by.get(n))]
-    text = (f"pruned after stage {info.get('stage_index', '?')} ({info.get('stage', '?')}, "
-            f"step {info.get('step', '?')})")
-    if info.get("dominated_by"):
-        text += f": trial {info['dominated_by']}"
-        if names:
-            text += (" had " + "/".join(f"{short[n]} {by[n]:.3f}" for n in names) + " vs "
-                     + "/".join(f"{at[n]:.3f}" for n in names))
-        else:
-            text += " was ahead"
-    if _finite(info.get(PLANNED)):
-        text += f" at {info[PLANNED]:.1f} planned s"
-    if _finite(info.get("margin_se")):
-        text += f" (margin {info['margin_se']:g} SE, {info.get('compared_with', '?')} compared)"
-    return text
+                raise TrialPruned(describe_pruned(info), info)
 
 
 def _values(row: dict[str, Any]) -> dict[str, float]:
     keys = (*COMPARED, *STANDARD_ERROR_OF.values(), PLANNED)
-    return {k: float(row[k]) for k in keys if _finite(row.get(k))}
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return {k: float(row[k]) for k in keys if is_finite_number(row.get(k))}
 
 
 def _se(value: Any) -> float:
-    return float(value) if _finite(value) and value > 0 else 0.0
+    return float(value) if is_finite_number(value) and value > 0 else 0.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from stagebudget.records import ID_ACCURACY, ID_ACCURACY_SE, OOD_ACCURACY, OOD_ACCURACY_SE
+from stagebudget.names import ID_ACCURACY, ID_ACCURACY_SE, OOD_ACCURACY, OOD_ACCURACY_SE
 
 EVAL_BATCH = 256
 

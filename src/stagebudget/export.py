@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from stagebudget.errors import RunError, UserError
 from stagebudget.exportscript import render_script
 from stagebudget.fileio import atomic_write_text, atomic_write_yaml, read_yaml
-from stagebudget.records import FAILED, ID_ACCURACY, OOD_ACCURACY, RUNNING, TORCH_THREADS
+from stagebudget.names import FAILED, ID_ACCURACY, OOD_ACCURACY, RUNNING, TORCH_THREADS
 from stagebudget.schedule import StageSpec
 from stagebudget.stages.mapping import config_class, lora_kwargs, precision_kwargs, trl_config_kwargs
 

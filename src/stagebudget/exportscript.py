@@ -18,8 +18,8 @@ from __future__ import annotations
 import pprint
 from typing import Any
 
-from stagebudget import __version__
-from stagebudget.records import TORCH_THREADS
+from stagebudget.names import TORCH_THREADS
+from stagebudget.version import __version__
 
 SCRIPT_HEAD = '''#!/usr/bin/env python3
 """Train {label} with plain TRL + PEFT, stage by stage, then measure ID/OOD accuracy.

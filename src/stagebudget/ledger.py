@@ -31,10 +31,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# A trial may use this many times its budget before it is stopped as a runaway. A busy machine
-# slows steps 2-3x (two trials beside two busy processes on 2 cores: ~2.5x), and such a trial must
-# still finish: the guard is for a cost model that is wrong by more than load explains.
-OVERRUN_GUARD = 4.0
+from stagebudget.cost import OVERRUN_GUARD
 
 
 class BudgetGuardError(RuntimeError):

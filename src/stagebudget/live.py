@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from stagebudget.names import ID_ACCURACY, OOD_ACCURACY, REUSED_ATTR
 from stagebudget.pareto import FrontInfo, TrialPoint, compute_front
-from stagebudget.records import ID_ACCURACY, OOD_ACCURACY, is_interrupted
-from stagebudget.studyinfo import REUSED_ATTR, is_twin
+from stagebudget.rundir import is_interrupted, is_twin
 
 
 @dataclass

@@ -26,17 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stagebudget.cost import CostModel, default_cost_model
+from stagebudget.cost import OVERRUN_GUARD, CostModel, default_cost_model
 from stagebudget.fileio import atomic_write_json
-from stagebudget.ledger import OVERRUN_GUARD, BudgetClock, BudgetGuardError
-from stagebudget.prefixcache import END, EVAL, STEP, Entry, PrefixCache, context_key, stage_keys
-from stagebudget.records import (
+from stagebudget.ledger import BudgetClock, BudgetGuardError
+from stagebudget.names import (
     DEVICE_HOURS,
     ID_ACCURACY,
     OOD_ACCURACY,
     PLANNED_DEVICE_HOURS,
     STANDARD_ERROR_OF,
 )
+from stagebudget.prefixcache import END, EVAL, STEP, Entry, PrefixCache, context_key, stage_keys
 from stagebudget.schedule import Schedule, StageSpec
 from stagebudget.stages.common import TrainingDiverged
 from stagebudget.version import numerics
@@ -185,9 +185,10 @@ def _start(schedule: Schedule, out_dir: Path | None, device: str, cost: CostMode
            progress: Report | None, guard: float = OVERRUN_GUARD,
            prefix: PrefixCache | None = None) -> _Run:
     """Load the base model and the suite; open the run's outputs."""
-    from stagebudget.basemodel import load_model_and_tokenizer, resolve_base_model
+    from stagebudget.basemodel import load_model_and_tokenizer
     from stagebudget.chat import check_model_tasks
     from stagebudget.evaluate import max_new_tokens_for
+    from stagebudget.modelref import resolve_base_model
     from stagebudget.tasks import load_suite
 
     # Every input is checked before anything is written: bad input leaves no files behind.
@@ -232,7 +233,7 @@ def run_context(schedule: Schedule, model_path: Path, suite: Any, device: str) -
     CPU kernels, package versions). Part of every prefix-cache key."""
     import torch
 
-    from stagebudget.basemodel import model_identity
+    from stagebudget.modelref import model_identity
 
     return {"base_model": model_identity(model_path), "data": suite.digest(),
             "seed": schedule.seed, "device": device.split(":")[0],

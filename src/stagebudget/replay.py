@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from stagebudget.errors import DeterministicError
-from stagebudget.records import (
+from stagebudget.names import (
     DEVICE_HOURS,
     ID_ACCURACY,
     ID_ACCURACY_SE,

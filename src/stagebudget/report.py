@@ -20,18 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stagebudget.fileio import atomic_write_text
+from stagebudget.names import COMPLETE, DEVICE_HOURS, FAILED, ID_ACCURACY, OOD_ACCURACY, PRUNED, RUNNING
 from stagebudget.pareto import FrontInfo, TrialPoint
-from stagebudget.records import (
-    COMPLETE,
-    DEVICE_HOURS,
-    FAILED,
-    ID_ACCURACY,
-    OOD_ACCURACY,
-    PRUNED,
-    RUNNING,
-    describe_spend,
-    spend_summary,
-)
+from stagebudget.rundir import describe_spend, spend_summary
 
 if TYPE_CHECKING:
     from stagebudget.runs import Run

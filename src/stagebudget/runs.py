@@ -22,8 +22,7 @@ from typing import Any
 
 from stagebudget.errors import ConfigError, RunError, UserError
 from stagebudget.fileio import read_yaml
-from stagebudget.pareto import FrontInfo, TrialPoint, compute_front, curve_series
-from stagebudget.records import (
+from stagebudget.names import (
     COMPLETE,
     DEVICE_HOURS,
     ERROR_ATTR,
@@ -31,19 +30,19 @@ from stagebudget.records import (
     ID_ACCURACY,
     OOD_ACCURACY,
     PRUNED,
+    PRUNED_ATTR,
     RUNNING,
     SPENT_DEVICE_HOURS,
     STANDARD_ERROR_OF,
     TUNE_ID_ATTR,
     WAITING,
-    RunDir,
-    TrialRecord,
 )
-from stagebudget.records import planned_hours as record_planned_hours
+from stagebudget.pareto import FrontInfo, TrialPoint, compute_front, curve_series
+from stagebudget.rundir import RunDir, TrialRecord, describe_pruned, steps_ran
+from stagebudget.rundir import planned_hours as record_planned_hours
 from stagebudget.schedule import Schedule, label_fields
 from stagebudget.space import resolve_rest
-from stagebudget.studyinfo import PRUNED_ATTR, steps_ran
-from stagebudget.studystore import JOURNAL_PREFIX, is_journal, journal_path, open_storage, redact
+from stagebudget.studystore import open_storage, redact, study_storage_url
 
 STATES = (COMPLETE, RUNNING, WAITING, PRUNED, FAILED)
 
@@ -155,9 +154,7 @@ class TrialView:
     def pruned(self) -> str | None:
         """Where and why early stopping stopped a PRUNED trial (record first, then the study)."""
         if self.record is not None and self.record.pruned:
-            from stagebudget.earlystop import describe
-
-            return describe(self.record.pruned)
+            return describe_pruned(self.record.pruned)
         value = self.attrs.get(PRUNED_ATTR)
         return str(value) if value else None
 
@@ -405,45 +402,6 @@ def params_key(params: dict[str, Any]) -> str:
 
 def _ordered_records(records: list[TrialRecord]) -> list[TrialRecord]:
     return sorted(records, key=lambda r: (r.started is None, r.started or 0.0, r.key))
-
-
-def study_storage_url(storage: Any, run_dir: RunDir) -> str:
-    """The study storage URL of a run (see :meth:`RunDir.storage_url`), checked: a SQLite file
-    must exist and be SQLite (Optuna would otherwise create or write into it)."""
-    if not isinstance(storage, str) or not storage:
-        raise RunError(f"{run_dir.meta} has no `storage` (an Optuna storage URL)")
-    if is_journal(storage):
-        path = journal_path(storage)
-        moved = run_dir.root / path.name
-        if not path.is_file() and moved.is_file():  # the run directory was moved or copied
-            return JOURNAL_PREFIX + str(moved.resolve())
-        return storage
-    storage = run_dir.storage_url(storage)
-    if not storage.startswith("sqlite:///"):
-        return storage
-    db = Path(storage.removeprefix("sqlite:///"))
-    if db.is_file():
-        _check_sqlite(db, run_dir)
-        return storage
-    # Never let Optuna create an empty database in place of a missing one.
-    raise RunError(f"the study database {db} (from {run_dir.meta}) does not exist")
-
-
-SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-def _check_sqlite(db: Path, run_dir: RunDir) -> None:
-    """A study file that is empty or not SQLite is a clear error (Optuna would write into it)."""
-    try:
-        with db.open("rb") as fh:
-            head = fh.read(len(SQLITE_MAGIC))
-    except OSError as exc:
-        raise RunError(f"cannot read the study database {db}: {exc.strerror or exc}") from None
-    if head != SQLITE_MAGIC:
-        what = "is empty" if not head else "is not an SQLite database"
-        raise RunError(f"the study database {db} (from {run_dir.meta}) {what}; it is corrupted "
-                       "or was overwritten. The trial records in trials/ are intact, but fronts "
-                       "and exports need the study: restore study.db from a backup")
 
 
 def _objectives(meta: dict[str, Any], source: Path) -> list[tuple[str, str]]:

@@ -31,21 +31,10 @@ from typing import Any
 
 from stagebudget.errors import ConfigError, UserError
 from stagebudget.fileio import DISK_FULL, atomic_write_yaml, read_json
-from stagebudget.records import (
-    COMPLETE,
-    ERROR_ATTR,
-    FAILED,
-    INTERRUPTED,
-    PRUNED,
-    RUNNING,
-    RunDir,
-    charged_hours,
-    is_interrupted,
-    spend_summary,
-)
-from stagebudget.runs import study_storage_url
+from stagebudget.names import COMPLETE, ERROR_ATTR, FAILED, INTERRUPTED, PRUNED, RUNNING
+from stagebudget.rundir import RunDir, charged_hours, is_interrupted, spend_summary
 from stagebudget.space import SearchSpace, check_run_name, make_sampler
-from stagebudget.studystore import normalize_url, open_storage
+from stagebudget.studystore import normalize_url, open_storage, study_storage_url
 from stagebudget.version import __version__, numerics, numerics_changes
 
 log = logging.getLogger(__name__)
@@ -595,7 +584,7 @@ def mark_interrupted(study: Any, run: RunDir, objectives: list[str]) -> int:
     """
     from optuna.trial import TrialState
 
-    from stagebudget.records import TUNE_ID_ATTR
+    from stagebudget.names import TUNE_ID_ATTR
     from stagebudget.studyinfo import annotate_trial
 
     storage = study._storage
@@ -626,7 +615,7 @@ def finished_trials(study: Any) -> int:
     than twins (told an earlier trial's result, they took no trial slot)."""
     from optuna.trial import TrialState
 
-    from stagebudget.studyinfo import is_twin
+    from stagebudget.rundir import is_twin
 
     done = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
     return sum(not is_interrupted(t) and not is_twin(t)
@@ -669,7 +658,7 @@ def retry_interrupted(study: Any) -> list[int]:
 def _prepare_base_model(space: SearchSpace, space_file: str) -> None:
     """Check the base model once, before trials run concurrently."""
     try:
-        from stagebudget.basemodel import resolve_base_model
+        from stagebudget.modelref import resolve_base_model
     except ImportError:
         return
     try:

@@ -31,12 +31,11 @@ from pydantic import (
     model_validator,
 )
 
-from stagebudget.cost import Budget, CostModel, ModelShape, default_cost_model, plan_schedule
+from stagebudget.cost import OVERRUN_GUARD, Budget, CostModel, ModelShape, default_cost_model, plan_schedule
 from stagebudget.errors import BudgetError, ConfigError, UserError, from_pydantic
 from stagebudget.fileio import read_json, read_yaml, safetensors_problem
 from stagebudget.kinds import get_kind, kind_only_fields, stage_kinds
-from stagebudget.ledger import OVERRUN_GUARD
-from stagebudget.records import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY
+from stagebudget.names import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY
 from stagebudget.schedule import BUILTIN_SIZES, Schedule, StageSpec, Strict, TasksRef
 from stagebudget.tasks.scoring import is_scorer_file
 
@@ -808,8 +807,9 @@ def check_inputs(base_model: str, tasks: TasksRef, source: str | Path | None,
 def _check_model(base_model: str, suite: Any, source: str | Path | None, base_dir: Path | None,
                  trust_remote_code: bool, generation: int = 0) -> list[str]:
     """A local model's files, then its tokenizer against the suite's prompts."""
-    from stagebudget.basemodel import load_tokenizer, position_window, resolve_base_model
+    from stagebudget.basemodel import load_tokenizer
     from stagebudget.chat import check_model_tasks, check_prompt_window, prompt_ids
+    from stagebudget.modelref import position_window, resolve_base_model
 
     try:
         path = resolve_base_model(base_model, base_dir=base_dir)
@@ -850,9 +850,9 @@ def generated_tokens(stages: Any) -> int:
 
 def builtin_vocab_warnings(suite: Any, base_model: str, shown: int = 5) -> list[str]:
     """One warning naming the task file, lines and characters the built-in character
-    tokenizer lacks (it covers printable ASCII, ``basemodel.CHARS``): it reads each as
+    tokenizer lacks (it covers printable ASCII, ``modelref.CHARS``): it reads each as
     ``<unk>``, so such a prompt loses them and such an answer can never be written."""
-    from stagebudget.basemodel import CHARS
+    from stagebudget.modelref import CHARS
 
     known = set(CHARS)
     hits: list[tuple[int | None, str, str]] = []
@@ -878,8 +878,8 @@ def builtin_vocab_warnings(suite: Any, base_model: str, shown: int = 5) -> list[
 def _check_builtin_window(base_model: str, suite: Any, source: str | Path | None,
                           generation: int = 0) -> None:
     """A built-in model's window against the suite's longest prompts (no model is loaded)."""
-    from stagebudget.basemodel import builtin_token_count, position_window
     from stagebudget.chat import check_prompt_window
+    from stagebudget.modelref import builtin_token_count, position_window
 
     try:
         check_prompt_window(suite, position_window(base_model), builtin_token_count,

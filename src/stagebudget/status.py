@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
+from stagebudget.names import COMPLETE, FAILED, PRUNED, RUNNING, WAITING
 from stagebudget.pareto import FrontInfo
-from stagebudget.records import COMPLETE, FAILED, PRUNED, RUNNING, WAITING, describe_spend, spend_summary
+from stagebudget.rundir import describe_spend, spend_summary
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -19,61 +19,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stagebudget import __version__
-from stagebudget.records import (
+from stagebudget.names import (
     DEVICE_HOURS,
     ID_ACCURACY_SE,
+    LR_ATTR,
     OOD_ACCURACY_SE,
     PLANNED_DEVICE_HOURS,
-    TrialRecord,
-    planned_hours,
+    PRUNED_ATTR,
+    RECORD_ATTR,
+    REFERENCE_ATTR,
+    REUSED_ATTR,
+    RUN_DIR_ATTR,
+    SCHEDULE_ATTR,
+    SPACE_ATTR,
+    SPACE_FILE_ATTR,
+    STEPS_ATTR,
+    VERSION_ATTR,
 )
+from stagebudget.rundir import TrialRecord, describe_pruned, planned_hours, steps_ran, steps_text
+from stagebudget.version import __version__
 
 if TYPE_CHECKING:
     from stagebudget.space import SearchSpace
-
-# Attribute names (study user attrs and trial user attrs), written once.
-SCHEDULE_ATTR = "schedule"
-STEPS_ATTR = "steps_ran"
-LR_ATTR = "learning_rates"
-RECORD_ATTR = "record"
-REFERENCE_ATTR = "reference"
-VERSION_ATTR = "stagebudget_version"
-RUN_DIR_ATTR = "run_dir"
-SPACE_ATTR = "space"
-SPACE_FILE_ATTR = "space_file"
-PRUNED_ATTR = "pruned"
-REUSED_ATTR = "reused_from"  # the record key of the trial whose measurements this one reused
-# On a trial told its twin's result without a Tune trial (the Optuna number of the trial that
-# trained the schedule): it cost nothing, so it is no trial slot (see tune_adapter.StudySearch).
-TWIN_ATTR = "twin_of"
-
-
-def is_twin(trial: Any) -> bool:
-    """An Optuna trial told the result of an earlier trial of the same schedule, never run."""
-    return TWIN_ATTR in trial.user_attrs
-
-
-def steps_ran(schedule: dict[str, Any], ledger: dict[str, Any]) -> list[tuple[str, int, int]]:
-    """``(kind, steps done, steps planned)`` per stage: done from the ledger when it says,
-    else the planned steps (a trial that reused a twin, or a fake)."""
-    stages = schedule.get("stages") or [] if isinstance(schedule, dict) else []
-    spent = ledger.get("stages") if isinstance(ledger, dict) else None
-    spent = spent if isinstance(spent, list) else []
-    out = []
-    for i, stage in enumerate(stages):
-        planned = int(stage.get("steps", 0))
-        entry = spent[i] if i < len(spent) and isinstance(spent[i], dict) else {}
-        done = entry.get("steps_done")
-        out.append((str(stage.get("kind")), int(done) if isinstance(done, int) else planned,
-                    planned))
-    return out
-
-
-def steps_text(steps: list[tuple[str, int, int]]) -> str:
-    """``sft 40/40, rl 18/20`` (done/planned)."""
-    return ", ".join(f"{kind} {done}/{planned}" for kind, done, planned in steps)
-
 
 def trial_attrs(record: TrialRecord) -> dict[str, Any]:
     """The Optuna user attributes of one trial, from its record (missing fields left out)."""
@@ -101,9 +68,7 @@ def trial_attrs(record: TrialRecord) -> dict[str, Any]:
     if record.reused_from:
         attrs[REUSED_ATTR] = record.reused_from
     if record.pruned:
-        from stagebudget.earlystop import describe
-
-        attrs[PRUNED_ATTR] = describe(record.pruned)
+        attrs[PRUNED_ATTR] = describe_pruned(record.pruned)
     return attrs
 
 

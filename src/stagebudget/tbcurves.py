@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from stagebudget.records import ID_ACCURACY, OOD_ACCURACY
+from stagebudget.names import ID_ACCURACY, OOD_ACCURACY
 
 TENSORBOARD_DIR = "tensorboard"
 SCALARS = (ID_ACCURACY, OOD_ACCURACY, "train_loss", "reward", "device_seconds")

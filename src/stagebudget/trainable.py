@@ -23,7 +23,7 @@ from typing import Any
 from stagebudget.earlystop import StageGate, TrialPruned
 from stagebudget.errors import DeterministicError, UserError
 from stagebudget.fileio import atomic_write_text, read_json
-from stagebudget.records import (
+from stagebudget.names import (
     COMPLETE,
     DETERMINISTIC_FAILURE,
     DEVICE_HOURS,
@@ -34,10 +34,8 @@ from stagebudget.records import (
     PRUNED_FLAG,
     RUNNING,
     SPENT_DEVICE_HOURS,
-    RunDir,
-    TrialRecord,
-    charged_hours,
 )
+from stagebudget.rundir import RunDir, TrialRecord, charged_hours
 from stagebudget.schedule import identity
 from stagebudget.space import SearchSpace
 from stagebudget.version import package_versions

@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from stagebudget.records import ID_ACCURACY, OOD_ACCURACY
+from stagebudget.names import ID_ACCURACY, OOD_ACCURACY
 from stagebudget.schedule import Schedule
 
 

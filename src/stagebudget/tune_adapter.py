@@ -38,21 +38,22 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from stagebudget.records import (
+from stagebudget.names import (
     DETERMINISTIC_FAILURE,
     DEVICE_HOURS,
     ERROR_ATTR,
     FAILED,
     PRUNED,
     PRUNED_FLAG,
+    REFERENCE_ATTR,
     SPENT_DEVICE_HOURS,
     TUNE_ID_ATTR,
-    RunDir,
-    TrialRecord,
+    TWIN_ATTR,
 )
+from stagebudget.rundir import RunDir, TrialRecord
 from stagebudget.schedule import identity
 from stagebudget.space import SearchSpace, make_sampler
-from stagebudget.studyinfo import REFERENCE_ATTR, TWIN_ATTR, annotate_trial, trial_attrs
+from stagebudget.studyinfo import annotate_trial, trial_attrs
 from stagebudget.tbcurves import CurveWriter, run_label, write_trial_events
 
 log = logging.getLogger(__name__)

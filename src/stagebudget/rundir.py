@@ -18,57 +18,34 @@ work on a finished or a half-finished run.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
 
 from stagebudget.errors import RunError, UserError
 from stagebudget.fileio import atomic_write_json, read_json
+from stagebudget.names import (
+    COMPLETE,
+    DEVICE_HOURS,
+    ERROR_ATTR,
+    ID_ACCURACY,
+    INTERRUPTED,
+    OOD_ACCURACY,
+    PRUNED,
+    RUNNING,
+    SPENT_DEVICE_HOURS,
+    TWIN_ATTR,
+)
 
 TOOL = "stagebudget"
-# Trial statuses as records (and stagebudget's views of Optuna trials) spell them.
-RUNNING, COMPLETE, FAILED, PRUNED, WAITING = "RUNNING", "COMPLETE", "FAILED", "PRUNED", "WAITING"
-STATUSES = (RUNNING, COMPLETE, FAILED, PRUNED)
-# Metric names reported to Ray and stored as objectives (constants, never retyped).
-ID_ACCURACY = "id_accuracy"
-OOD_ACCURACY = "ood_accuracy"
-# Measured training device-hours of the schedule trained alone (reused prefixes included): a
-# stopwatch, so it grows with the machine's load.
-DEVICE_HOURS = "device_hours"
-# Nominal cost: the device-hours the cost model planned for the schedule (load-free; what the
-# planner fitted into the per-trial budget). A record field; older records have it only in
-# their ledger's per-stage ``planned_seconds`` (see planned_hours).
-PLANNED_DEVICE_HOURS = "planned_device_hours"
-# What a trial really trained (reused prefixes excluded): the search budget is charged this.
-SPENT_DEVICE_HOURS = "spent_device_hours"
-# Standard errors of the objectives (in a record's objectives, curves and metrics.json).
-ID_ACCURACY_SE = "id_accuracy_se"
-OOD_ACCURACY_SE = "ood_accuracy_se"
-STANDARD_ERROR_OF = {ID_ACCURACY: ID_ACCURACY_SE, OOD_ACCURACY: OOD_ACCURACY_SE}
 RECORD_FILE = "record.json"
-# Reported (with the error text) by a trial that failed deterministically: recorded FAIL, not
-# retried (see trainable.trial_trainable and tune_adapter.StudySearch).
-DETERMINISTIC_FAILURE = "deterministic_failure"
-# The Optuna user attribute that holds why stagebudget failed a trial (the record's `error`).
-ERROR_ATTR = "error"
-# The Optuna user attribute that holds the Ray trial id, which is also the record's key.
-TUNE_ID_ATTR = "tune_trial_id"
-# The error of a trial a killed (or Ctrl-C'ed) driver left running: `--resume` runs it again.
-INTERRUPTED = "interrupted"
-# Reported (with why) by a trial that early stopping stopped at a stage boundary: recorded
-# PRUNED, never COMPLETE with partial scores (see stagebudget.earlystop).
-PRUNED_FLAG = "pruned"
 
 
 def is_interrupted(trial: Any) -> bool:
     """An Optuna trial that a killed or interrupted driver cut short: FAIL with error
     "interrupted" (not a failure of its own; ``--resume`` runs it again)."""
     return bool(trial.state.name == "FAIL" and trial.user_attrs.get(ERROR_ATTR) == INTERRUPTED)
-
-
-# The torch intra-op thread count a trial trained with: CPU results depend on it bit for bit
-# (reduction order), so the record, the export and `stagebudget train` carry it.
-TORCH_THREADS = "torch_threads"
 
 
 @dataclass
@@ -317,3 +294,61 @@ def describe_spend(spend: dict[str, float]) -> str:
     return (f"{spend['nominal_device_hours']:.4f} device-hours nominal (planned by the cost model, "
             f"each schedule trained alone), {timed}{spend['spent_device_hours']:.4f} spent: "
             f"{spend['saved_share']:.0%} saved by reusing trained prefixes")
+
+
+def is_twin(trial: Any) -> bool:
+    """An Optuna trial told the result of an earlier trial of the same schedule, never run."""
+    return TWIN_ATTR in trial.user_attrs
+
+
+def steps_ran(schedule: dict[str, Any], ledger: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """``(kind, steps done, steps planned)`` per stage: done from the ledger when it says,
+    else the planned steps (a trial that reused a twin, or a fake)."""
+    stages = schedule.get("stages") or [] if isinstance(schedule, dict) else []
+    spent = ledger.get("stages") if isinstance(ledger, dict) else None
+    spent = spent if isinstance(spent, list) else []
+    out = []
+    for i, stage in enumerate(stages):
+        planned = int(stage.get("steps", 0))
+        entry = spent[i] if i < len(spent) and isinstance(spent[i], dict) else {}
+        done = entry.get("steps_done")
+        out.append((str(stage.get("kind")), int(done) if isinstance(done, int) else planned,
+                    planned))
+    return out
+
+
+def steps_text(steps: list[tuple[str, int, int]]) -> str:
+    """``sft 40/40, rl 18/20`` (done/planned)."""
+    return ", ".join(f"{kind} {done}/{planned}" for kind, done, planned in steps)
+
+
+# What early stopping compared at a stage boundary, and where (see earlystop.StageGate).
+COMPARED = (ID_ACCURACY, OOD_ACCURACY)  # objectives a boundary decision may compare
+PLANNED = "planned_seconds"
+
+
+def describe_pruned(info: dict[str, Any]) -> str:
+    """One line for status and the study: ``pruned after stage 0 (sft, step 40): trial X had
+    ID 0.810/OOD 0.400 vs 0.620/0.310 at 12.0 planned s (margin 2 SE, 3 compared)``. Fields a
+    (hand-edited or older) record lacks are left out."""
+    at, by = info.get("at") or {}, info.get("by") or {}
+    short = {ID_ACCURACY: "ID", OOD_ACCURACY: "OOD"}
+    names = [n for n in COMPARED if is_finite_number(at.get(n)) and is_finite_number(by.get(n))]
+    text = (f"pruned after stage {info.get('stage_index', '?')} ({info.get('stage', '?')}, "
+            f"step {info.get('step', '?')})")
+    if info.get("dominated_by"):
+        text += f": trial {info['dominated_by']}"
+        if names:
+            text += (" had " + "/".join(f"{short[n]} {by[n]:.3f}" for n in names) + " vs "
+                     + "/".join(f"{at[n]:.3f}" for n in names))
+        else:
+            text += " was ahead"
+    if is_finite_number(info.get(PLANNED)):
+        text += f" at {info[PLANNED]:.1f} planned s"
+    if is_finite_number(info.get("margin_se")):
+        text += f" (margin {info['margin_se']:g} SE, {info.get('compared_with', '?')} compared)"
+    return text
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
