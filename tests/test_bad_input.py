@@ -13,7 +13,8 @@ import yaml
 
 from stagebudget.errors import ConfigError, RunError, UserError
 from stagebudget.schedule import Schedule
-from stagebudget.search import check_space, run_search
+from stagebudget.search import run_search
+from stagebudget.searchchecks import check_space
 from stagebudget.space import SearchSpace
 
 GOOD = {
@@ -180,7 +181,7 @@ def test_damaged_local_model_named_before_compute(tmp_path, damage):
 
 
 def test_intact_local_model_passes_the_file_checks(tmp_path):
-    from stagebudget.space import check_model_files
+    from stagebudget.spaceinputs import check_model_files
 
     check_model_files(_model_dir(tmp_path), "space.yaml")
 

@@ -21,8 +21,10 @@ import pytest
 from runhelpers import demo_space
 from stagebudget.errors import BudgetError, ConfigError, RunError, UserError
 from stagebudget.fakes import fake_trial_fn
+from stagebudget.raysession import DriverLock
+from stagebudget.resume import finished_trials
 from stagebudget.rundir import RunDir
-from stagebudget.search import DriverLock, finished_trials, run_search
+from stagebudget.search import run_search
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 State = optuna.trial.TrialState
@@ -232,7 +234,7 @@ def test_disk_full_mid_run_is_one_paragraph_and_resumes(tmp_path: Path) -> None:
 def test_resume_ends_the_ray_processes_a_killed_driver_left(tmp_path: Path) -> None:
     """`kill -9` of the driver alone leaves Ray's DashboardAgent/RuntimeEnvAgent running; the
     next driver of the run (holding its lock, so the old one is gone) ends them."""
-    from stagebudget.search import _alive, _uses_session
+    from stagebudget.raysession import _alive, _uses_session
 
     space = _space(tmp_path, trials=2)
     runs = tmp_path / "runs"

@@ -142,7 +142,7 @@ def test_killed_search_resumes_the_interrupted_trials_and_repeats_nothing(tmp_pa
 
 
 def test_retries_are_enqueued_once_and_only_real_outcomes_count(tmp_path: Path) -> None:
-    from stagebudget.search import finished_trials, retry_interrupted
+    from stagebudget.resume import finished_trials, retry_interrupted
 
     study = optuna.create_study(directions=["maximize", "maximize"],
                                 storage=f"sqlite:///{tmp_path / 's.db'}")
@@ -184,8 +184,8 @@ def test_resume_of_a_finished_search_runs_nothing(tmp_path: Path) -> None:
 
 
 def test_mark_interrupted_keeps_finished_work_and_fails_the_rest(tmp_path: Path) -> None:
+    from stagebudget.resume import mark_interrupted
     from stagebudget.rundir import TrialRecord
-    from stagebudget.search import mark_interrupted
 
     study = optuna.create_study(directions=["maximize", "maximize"],
                                 storage=f"sqlite:///{tmp_path / 's.db'}")

@@ -17,7 +17,8 @@ from stagebudget.errors import ConfigError, UserError
 from stagebudget.fakes import fake_trial_fn
 from stagebudget.rundir import RunDir
 from stagebudget.schedule import Schedule
-from stagebudget.search import check_local_resources, check_space, run_search
+from stagebudget.search import run_search
+from stagebudget.searchchecks import check_local_resources, check_space
 from stagebudget.space import SearchSpace
 from stagebudget.studystore import open_storage
 from stagebudget.tune_adapter import (
@@ -388,18 +389,20 @@ def test_a_cluster_that_refuses_at_connect_leaves_no_run_directory(tmp_path: Pat
     """Past the up-front probe, a refusal from ray.init still leaves nothing behind."""
     import ray
 
-    import stagebudget.search as search_mod
+    import stagebudget.searchchecks as checks_mod
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379")
 
-    monkeypatch.setattr(search_mod, "check_cluster", lambda address: None)
+    probed: list[str] = []
+    monkeypatch.setattr(checks_mod, "check_cluster", probed.append)
     monkeypatch.setattr(ray, "init", refuse)
     space = write_space(tmp_path, trials=1, concurrency=1, references=False)
     with pytest.raises(UserError, match=r"cannot connect to the Ray cluster at --address 10\.0\.0\.1:6379"):
         run_search(space, name="c", runs_dir=tmp_path / "runs", address="10.0.0.1:6379",
                    live=False, trial_fn=FAST)
     assert not (tmp_path / "runs" / "c").exists()
+    assert probed == ["10.0.0.1:6379"]  # the up-front probe was the one patched
 
 
 # --- twins: params that plan a schedule this search has trained, or is training -------------
@@ -435,7 +438,7 @@ def _finish(run: RunDir, key: str, params: dict, space: SearchSpace, cost: objec
 
 def test_a_twin_of_a_finished_trial_is_told_its_result_and_takes_no_trial(tmp_path: Path) -> None:
     from stagebudget.live import collect_stats, study_front
-    from stagebudget.search import finished_trials
+    from stagebudget.resume import finished_trials
 
     search, space, cost = _twin_search(tmp_path)
     run = RunDir(tmp_path)

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from stagebudget.errors import ConfigError
-from stagebudget.space import Dist, SearchSpace, to_optuna
+from stagebudget.space import SearchSpace
+from stagebudget.spacedims import Dist, to_optuna
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))

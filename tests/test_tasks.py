@@ -209,7 +209,7 @@ def test_pretrain_corpus_balances_variants():
     draws are rejected more often (a prompt must hold a codon or residue whose meaning differs)."""
     from collections import Counter
 
-    from stagebudget.tasks import OOD_WEIGHT
+    from stagebudget.tasks.corpus import OOD_WEIGHT
 
     counts = Counter(t.split(":", 1)[0] for t in pretrain_corpus(seed=0, n=6000) if ":" in t)
     for id_rule, ood_rule in (("tl1", "tl2"), ("tl11", "tl4"), ("ch7", "ch5"), ("ch8", "ch11")):

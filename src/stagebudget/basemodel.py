@@ -33,6 +33,7 @@ from stagebudget.modelref import (
     cache_problem,
     config_dict,
     describe,
+    load_tokenizer,
     model_identity,
     resolve_base_model,
     same_weights,
@@ -262,17 +263,6 @@ def load_model(path: Path, device: str = "cpu", trust_remote_code: bool = False)
     model: Any = AutoModelForCausalLM.from_pretrained(
         str(path), use_safetensors=True, trust_remote_code=trust_remote_code)
     return model.to(device)
-
-
-def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
-    """The tokenizer of a local model directory, left-padding, with a pad token."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer
 
 
 def greedy_generate(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int,

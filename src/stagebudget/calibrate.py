@@ -144,8 +144,8 @@ def measured_seq_len(model_path: Path, suite: Any) -> int:
 
     The planner scales the table by a stage's ``max_length`` against this length.
     """
-    from stagebudget.basemodel import load_tokenizer
     from stagebudget.chat import longest_sft_example
+    from stagebudget.modelref import load_tokenizer
 
     return longest_sft_example(load_tokenizer(model_path), suite)
 

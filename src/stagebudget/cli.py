@@ -79,7 +79,7 @@ def validate(
 ) -> None:
     """Check a search space (every check `search` runs before it starts) and print it with its
     cheapest and most expensive schedules."""
-    from stagebudget.search import check_space
+    from stagebudget.searchchecks import check_space
 
     warnings: list[str] = []
     s = check_space(space, warn=warnings.append)
@@ -190,7 +190,8 @@ def train(
     """Train one schedule end to end and measure ID/OOD at every evaluation point."""
     from stagebudget.export import exported_threads
     from stagebudget.schedule import Schedule
-    from stagebudget.space import DEVICE, check_inputs, generated_tokens
+    from stagebudget.space import DEVICE
+    from stagebudget.spaceinputs import check_inputs, generated_tokens
     from stagebudget.trainview import train_with_progress
 
     if not DEVICE.fullmatch(device):

@@ -253,3 +253,14 @@ def model_key(base_model: str) -> str:
         return base_model
     path = Path(base_model).expanduser()
     return str(path.resolve()) if path.exists() else base_model
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a local model directory, left-padding, with a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer

@@ -13,37 +13,38 @@ and a fresh Tuner runs only the trials still missing, attached to the same study
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import math
 import os
 import shlex
 import shutil
-import signal
-import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stagebudget.errors import ConfigError, UserError
+from stagebudget.errors import UserError
 from stagebudget.fileio import DISK_FULL, atomic_write_yaml, read_json
-from stagebudget.names import COMPLETE, ERROR_ATTR, FAILED, INTERRUPTED, PRUNED, RUNNING
-from stagebudget.rundir import RunDir, charged_hours, is_interrupted, spend_summary
-from stagebudget.space import SearchSpace, check_run_name, make_sampler
+from stagebudget.raysession import DriverLock, choose_local_ray_auth, init_ray, reap_ray_session, tune_env
+from stagebudget.resume import (
+    finished_trials,
+    load_study,
+    mark_interrupted,
+    retry_interrupted,
+    same_params,
+    warn_numerics_changed,
+)
+from stagebudget.rundir import RunDir, charged_hours, spend_summary
+from stagebudget.searchchecks import check_mlflow, check_space
+from stagebudget.space import SearchSpace, check_run_name
 from stagebudget.studystore import normalize_url, open_storage, study_storage_url
-from stagebudget.version import __version__, numerics, numerics_changes
+from stagebudget.version import __version__, numerics
 
 log = logging.getLogger(__name__)
 
 TrialFn = Callable[..., Any] | str
-
-
-class ClusterError(UserError):
-    """The Ray cluster named by ``--address`` cannot be used."""
 
 
 @dataclass
@@ -126,21 +127,6 @@ def _drive(plan: SearchPlan, *, resume: bool, address: str | None, live: bool,
     return plan.run.root
 
 
-def check_mlflow(uri: str) -> None:
-    """``--mlflow URI`` needs the mlflow package (Ray's MLflowLoggerCallback uses it)."""
-    try:
-        import mlflow
-    except ImportError:
-        raise UserError(f"--mlflow {uri!r} needs MLflow: pip install mlflow (or mlflow-skinny), "
-                        "or leave --mlflow out") from None
-    try:  # reach the tracking store now, not after the run directory exists
-        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"--mlflow {uri!r}: MLflow cannot use this tracking URI: {first} "
-                        "(e.g. sqlite:///mlflow.db or http://HOST:5000)") from None
-
-
 def _settle_study(plan: SearchPlan, attempts: int = 5) -> int | None:
     """Mark what Ctrl-C left RUNNING (:func:`mark_interrupted`); the finished trials' count.
 
@@ -154,7 +140,7 @@ def _settle_study(plan: SearchPlan, attempts: int = 5) -> int | None:
 
     for attempt in range(attempts):
         try:
-            study = _load_study(plan.storage, plan.meta["study_name"])
+            study = load_study(plan.storage, plan.meta["study_name"])
             return mark_interrupted(study, plan.run, [o.name for o in plan.space.objectives])
         except StorageInternalError as exc:
             log.warning("settling the study after Ctrl-C failed (%s); retrying", exc)
@@ -206,230 +192,6 @@ def _disk_full(plan: SearchPlan, exc: BaseException) -> UserError:
         f"stopped; finished trials are kept. Free some space, then continue with: stagebudget "
         f"search {plan.meta['space_file']} --name {plan.run.root.name} --runs-dir "
         f"{plan.run.root.parent} --resume")
-
-
-def reap_ray_session(meta: dict[str, Any]) -> list[int]:
-    """End the processes of the private local Ray a killed driver left behind (its
-    DashboardAgent, RuntimeEnvAgent, raylet...): those whose command line names the session
-    directory recorded in run.json, on this host. Call only while holding the run's
-    :class:`DriverLock` (the driver that started that Ray is then gone). Returns the pids ended.
-    """
-    session, host = meta.get("ray_session_dir"), meta.get("ray_host")
-    proc = Path("/proc")
-    if not session or host != os.uname().nodename or not proc.is_dir():
-        return []
-    mine = {os.getpid(), os.getppid()}
-    pids = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) in mine:
-            continue
-        if _uses_session(entry, session):
-            pids.append(int(entry.name))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + 3
-        while sig == signal.SIGTERM and time.monotonic() < deadline and any(map(_alive, pids)):
-            time.sleep(0.1)
-    if pids:
-        log.info("ended %d processes left by the killed driver's Ray (%s)", len(pids), session)
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    """Running (not gone, not a zombie waiting for a parent that never reaps it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-def _uses_session(proc_entry: Path, session: str) -> bool:
-    """Whether a /proc entry belongs to the Ray session: its command line names the session
-    directory, or (agents retitle themselves, e.g. ``ray::DashboardAgent``) it holds a log file
-    open there."""
-    try:
-        if session.encode() in (proc_entry / "cmdline").read_bytes():
-            return True
-        for fd in (proc_entry / "fd").iterdir():
-            with contextlib.suppress(OSError):
-                if os.readlink(fd).startswith(session + os.sep):
-                    return True
-    except OSError:  # gone, or not ours to read
-        return False
-    return False
-
-
-class DriverLock:
-    """One driver per run: an exclusive ``flock`` on ``RUN/.driver.lock`` for the whole search
-    or resume. The kernel drops it when the process dies, so a killed driver never blocks a
-    resume; a second driver on a live run is refused, naming the one that holds it."""
-
-    def __init__(self, run: RunDir) -> None:
-        import fcntl
-
-        self.path = run.root / ".driver.lock"
-        self._fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release
-        try:
-            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._fh.seek(0)
-            holder = self._fh.read().strip() or "another process"
-            self._fh.close()
-            raise UserError(
-                f"run {run.root} is being driven right now by {holder}; one driver per run: "
-                "wait for it to finish (or stop it), then resume with --resume") from None
-        self._fh.seek(0)
-        self._fh.truncate()
-        self._fh.write(f"stagebudget pid {os.getpid()} on {os.uname().nodename}, started "
-                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        self._fh.flush()
-
-    def release(self) -> None:
-        """Drop the lock (closing the file releases the flock)."""
-        if not self._fh.closed:
-            self._fh.close()
-
-
-def check_prefix_cache_dir(space: SearchSpace) -> None:
-    """With reuse on, this machine must be able to create and write the prefix cache: else
-    every trial would train alone and warn at every stage. Checked without writing anything
-    (the nearest existing folder must be a writable directory)."""
-    cache = space.reuse.cache()
-    if cache is None:
-        return
-    root = Path(cache.root)
-    existing = next((p for p in (root, *root.parents) if p.exists()), None)
-    problem = None
-    if existing is None or not existing.is_dir():
-        problem = f"{existing} is not a directory"
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        problem = f"{existing} is not writable by this user"
-    if problem is not None:
-        raise ConfigError(
-            f"the prefix cache directory {root} cannot be used: {problem}. Give reuse.cache_dir "
-            "a directory this user can write (or set $STAGEBUDGET_PREFIX_CACHE), or turn reuse "
-            "off with reuse: {enabled: false}", source=space._source, field="reuse.cache_dir")
-
-
-def check_local_resources(space: SearchSpace) -> None:
-    """``concurrency`` trials at once must fit this machine's CPUs (and GPUs)."""
-    res, n = space.resources_per_trial, space.concurrency
-    cpus = os.cpu_count() or 1
-    where = f"{space._source}: " if space._source else ""
-    if n * res.cpu > cpus:
-        raise UserError(
-            f"{where}concurrency x resources_per_trial.cpu = {n} x {res.cpu:g} = "
-            f"{n * res.cpu:g} CPUs, but this machine has {cpus}; lower `concurrency` (--concurrency) or "
-            "`resources_per_trial.cpu`, or give --address of a Ray cluster")
-    if res.gpu > 0:
-        gpus = _local_gpus()
-        if n * res.gpu > gpus:
-            raise UserError(
-                f"{where}concurrency x resources_per_trial.gpu = {n} x {res.gpu:g} = "
-                f"{n * res.gpu:g} GPUs, but this machine has {gpus}; lower `concurrency` or "
-                "`resources_per_trial.gpu` (fractions such as 0.5 share a GPU)")
-
-
-def check_cluster(address: str) -> None:
-    """Before anything is written: a ``host:port`` address must answer, and let this driver in.
-
-    Without this, Ray retries an unreachable address for 40 s and an authentication refusal for
-    20 s, then raises with a traceback. ``ray://`` (Ray Client), ``auto`` and ``local`` are left
-    to Ray.
-    """
-    host, sep, port = address.rpartition(":")
-    if "://" in address or not sep or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
-    except OSError as exc:
-        raise ClusterError(
-            f"cannot reach a Ray cluster at --address {address}: nothing accepts connections on "
-            f"{host}:{port} ({exc.strerror or exc}). Give the address that `ray start --head` "
-            "printed (host:6379 by default), or leave --address out to run on this machine; "
-            "nothing was written") from None
-    from ray._raylet import GcsClient  # type: ignore[attr-defined]
-    from ray.exceptions import AuthenticationError
-
-    try:
-        with _quiet_stderr():  # Ray's C++ client logs the refusal on stderr as well
-            GcsClient(address=address, cluster_id=None)
-    except AuthenticationError:
-        mode = os.environ.get("RAY_AUTH_MODE")
-        now = f"RAY_AUTH_MODE is {mode!r}" if mode else "RAY_AUTH_MODE is not set"
-        raise ClusterError(
-            f"the Ray cluster at --address {address} refused this driver: it uses token "
-            f"authentication and {now} here, or the token differs. Set RAY_AUTH_MODE=token and "
-            "give the cluster's token: copy the head's ~/.ray/auth_token to this machine (or "
-            "point RAY_AUTH_TOKEN_PATH at a copy, or set RAY_AUTH_TOKEN); every node started "
-            "with `ray start` needs the same two settings. Nothing was written") from None
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence file descriptor 2 (C++ log lines) for the duration of the block."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _local_gpus() -> int:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip()])
-    try:
-        import torch
-
-        return int(torch.cuda.device_count())
-    except ImportError:
-        return 0
-
-
-def check_space(path: str | Path, *, trials: int | None = None, concurrency: int | None = None,
-                budget_hours: float | None = None, address: str | None = None,
-                warn: Callable[[str], None] | None = None) -> SearchSpace:
-    """Every check on a space, as ``validate`` and ``search`` both run it: the file and its
-    feasibility at every corner, task files and a local model, this machine's resources, the
-    sampler and its options, and the search budget. Nothing is written and Ray is not started.
-    ``trials``, ``concurrency`` and ``budget_hours`` are the CLI overrides; ``warn`` receives
-    the input checks' warnings (default: printed as ``warning: ...``).
-    """
-    if budget_hours is not None and not (math.isfinite(budget_hours) and budget_hours > 0):
-        raise UserError(f"--budget-hours must be a positive number of device-hours, got "
-                        f"{budget_hours}")
-    space = SearchSpace.load(path, trials=trials, concurrency=concurrency)
-    for warning in space.check_inputs():
-        if warn is not None:
-            warn(warning)
-        else:
-            print(f"warning: {warning}", flush=True)
-    if address is None:
-        check_local_resources(space)
-        check_prefix_cache_dir(space)  # on a cluster: the nodes' storage
-    else:
-        check_cluster(address)
-    make_sampler(space, space.trials)  # a bogus sampler option is an error now, not in Ray
-    if budget_hours is not None:
-        budget = space.budget.model_copy(update={"search_hours": budget_hours})
-        source = space._source
-        space = space.model_copy(update={"budget": budget})
-        space._source = source
-    search, per_trial = space.budget.search_hours, space.budget.per_trial_hours
-    if search is not None and search < per_trial:
-        raise UserError(
-            f"{path}: the search budget ({search:g} device-hours, --budget-hours or "
-            f"budget.search_hours) is smaller than one trial's budget (budget.per_trial_hours = "
-            f"{per_trial:g}), so no trial could start; give at least {per_trial:g}")
-    return space
 
 
 def command_line() -> str:
@@ -489,17 +251,6 @@ def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int
     return SearchPlan(run, space, meta, store, space.trials, points, lock=lock)
 
 
-def warn_numerics_changed(meta: dict[str, Any]) -> list[str]:
-    """Warn when this machine's numerics differ from those run.json recorded at the start: the
-    trials run from here may then not match the earlier ones exactly. Returns the changes."""
-    changes = numerics_changes(meta["numerics"], numerics()) if meta.get("numerics") else []
-    if changes:
-        log.warning("resuming %s on other numerics than it started with (%s): trials run from "
-                    "here may differ from the earlier ones even for the same schedule",
-                    meta.get("name"), "; ".join(changes))
-    return changes
-
-
 def _plan_resume(space_path: Path, *, name: str | None, runs_dir: Path, trials: int | None,
                  budget_hours: float | None, concurrency: int | None, address: str | None,
                  storage: str | None) -> SearchPlan:
@@ -532,7 +283,7 @@ def _resume_plan(run: RunDir, meta: dict[str, Any], lock: DriverLock, *, trials:
                         budget_hours=budget_hours or meta.get("search_budget_hours"),
                         address=address)
     store = open_storage(study_storage_url(meta.get("storage"), run))  # a copied run: its own
-    study = _load_study(store, meta["study_name"])
+    study = load_study(store, meta["study_name"])
     mark_interrupted(study, run, [o.name for o in space.objectives])
     retry_interrupted(study)  # same params, same schedule: its checkpoints let it go on
     finished = finished_trials(study)
@@ -543,7 +294,7 @@ def _resume_plan(run: RunDir, meta: dict[str, Any], lock: DriverLock, *, trials:
     # Enqueued trials not yet asked (WAITING) keep their params in system_attrs["fixed_params"].
     seen = [t.system_attrs.get("fixed_params", t.params) for t in study.get_trials(deepcopy=False)]
     points = [p for _, p in space.reference_points()
-              if space.references and not any(_same_params(p, s) for s in seen)]
+              if space.references and not any(same_params(p, s) for s in seen)]
     prior = sum(charged_hours(r) for r in run.records())
     return SearchPlan(run, space, meta, store, space.trials - finished, points, prior, lock=lock)
 
@@ -556,105 +307,6 @@ def _without_tool(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if k != "tool"}
 
 
-def _load_study(storage: Any, study_name: str) -> Any:
-    import optuna
-
-    try:
-        return optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        raise UserError(f"study {study_name!r} not found in its storage; the run directory's "
-                        "run.json and study storage do not match") from None
-
-
-def _same_params(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    from stagebudget.tune_adapter import reference_name
-
-    return reference_name(b, [("x", a)]) is not None
-
-
-def mark_interrupted(study: Any, run: RunDir, objectives: list[str]) -> int:
-    """Settle what a killed driver left RUNNING; return the finished trials afterwards (see
-    :func:`finished_trials`: interrupted ones are not finished).
-
-    A trial whose record is COMPLETE finished before the driver died but was never told to the
-    study: it is told now with the record's objectives (kept, not re-run); one whose record is
-    PRUNED is told PRUNED. Any other RUNNING study trial becomes FAIL with error "interrupted"
-    (``--resume`` runs it again, see :func:`retry_interrupted`), and RUNNING records become
-    FAILED with that error.
-    """
-    from optuna.trial import TrialState
-
-    from stagebudget.names import TUNE_ID_ATTR
-    from stagebudget.studyinfo import annotate_trial
-
-    storage = study._storage
-    records = {r.key: r for r in run.records()}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        rec = records.get(t.user_attrs.get(TUNE_ID_ATTR, ""))
-        if rec and rec.status in (COMPLETE, PRUNED):
-            annotate_trial(functools.partial(storage.set_trial_user_attr, t._trial_id), rec)
-        if rec and rec.status == COMPLETE and all(o in rec.objectives for o in objectives):
-            values = [float(rec.objectives[o]) for o in objectives]
-            storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, values)
-            continue
-        if rec and rec.status == PRUNED:
-            storage.set_trial_state_values(t._trial_id, TrialState.PRUNED)
-            continue
-        storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, INTERRUPTED)  # before: FAIL is final
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    for record in records.values():
-        if record.status == RUNNING:
-            record.status, record.error, record.finished = FAILED, INTERRUPTED, time.time()
-            run.write_record(record)
-    return finished_trials(study)
-
-
-def finished_trials(study: Any) -> int:
-    """Trials that count toward ``trials``: COMPLETE, PRUNED, and FAIL other than interrupted
-    (an interrupted trial is run again on ``--resume``, so its retry is what counts) and other
-    than twins (told an earlier trial's result, they took no trial slot)."""
-    from optuna.trial import TrialState
-
-    from stagebudget.rundir import is_twin
-
-    done = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-    return sum(not is_interrupted(t) and not is_twin(t)
-               for t in study.get_trials(deepcopy=False, states=done))
-
-
-RETRY_OF_ATTR = "retry_of"
-
-
-def retry_interrupted(study: Any) -> list[int]:
-    """Enqueue every interrupted trial not yet retried, with the same params (so the same
-    schedule); return the numbers of the trials retried.
-
-    The retry is a WAITING trial that the searcher asks first, marked the way Optuna's own
-    ``RetryHeartbeatStaleTrialCallback`` marks one (system attrs ``failed_trial`` and
-    ``retry_history``), plus a ``retry_of`` user attribute for the dashboard. Idempotent: a
-    driver killed again before it asked the retry leaves it WAITING, and nothing is added twice.
-    """
-    import optuna
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    out = []
-    for t in trials:
-        if not is_interrupted(t) or t.number in retried:
-            continue
-        history = [*t.system_attrs.get("retry_history", []), t.number]
-        study.add_trial(optuna.trial.create_trial(
-            state=TrialState.WAITING, params=t.params, distributions=t.distributions,
-            user_attrs={RETRY_OF_ATTR: t.number},
-            system_attrs={"failed_trial": history[0], "retry_history": history}))
-        out.append(t.number)
-    if out:
-        log.info("running again the %d trials the last driver left unfinished: %s", len(out),
-                 ", ".join(map(str, out)))
-    return out
-
-
 def _prepare_base_model(space: SearchSpace, space_file: str) -> None:
     """Check the base model once, before trials run concurrently."""
     try:
@@ -665,36 +317,6 @@ def _prepare_base_model(space: SearchSpace, space_file: str) -> None:
         resolve_base_model(space.base_model, base_dir=Path(space_file).parent)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-
-
-def choose_local_ray_auth() -> None:
-    """Ray turns token authentication on for a new local cluster and warns that it did unless
-    ``RAY_AUTH_MODE`` says so; say so, with the same mode, while Ray can still read it (its
-    config is read once, when ``ray`` is first imported: later it would refuse its own token).
-    A user's own ``RAY_AUTH_MODE`` wins; a process that imported Ray already keeps the notice."""
-    if "ray" not in sys.modules:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-
-def _init_ray(address: str | None, space: SearchSpace) -> str | None:
-    """Start (or join) Ray; return the session directory of a private local Ray."""
-    import ray
-
-    if address is None:
-        # "local" always starts a private Ray: a bare ray.init() would join any cluster that
-        # `ray start` left running on this machine.
-        ctx = ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                       log_to_driver=False, ignore_reinit_error=True, configure_logging=False)
-        info = getattr(ctx, "address_info", None) or {}
-        return str(info.get("session_dir") or "") or None
-    else:
-        try:
-            ray.init(address=address, log_to_driver=False, ignore_reinit_error=True,
-                     configure_logging=False)
-        except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
-            raise ClusterError(f"cannot connect to the Ray cluster at --address {address}: "
-                               f"{str(exc).splitlines()[0]}") from None
-    return None
 
 
 def _execute(plan: SearchPlan, *, address: str | None, live: bool,
@@ -723,7 +345,7 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
     # A caller that started Ray itself (a benchmark running many searches, a notebook on a
     # cluster) keeps it: the search neither starts nor shuts it down.
     owns_ray = not ray.is_initialized()
-    session = _init_ray(address, space) if owns_ray else None
+    session = init_ray(address, space) if owns_ray else None
     if session:  # so that a resume after a killed driver can end this Ray's leftover processes
         plan.meta.update(ray_session_dir=session, ray_host=os.uname().nodename)
         plan.run.write_meta(_without_tool(plan.meta))
@@ -740,42 +362,13 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
         holder.update(limiter=limiter, study=search.study)
         annotate_study(search.study, space, plan.run.root, plan.meta)
         print(f"curves: tensorboard --logdir {plan.run.root / TENSORBOARD_DIR}", flush=True)
-        with display, _tune_env():
+        with display, tune_env():
             tuner.fit()
             display.update(_stats(plan, holder, 0), force=True)
     finally:
         if owns_ray:
             ray.shutdown()  # for an external cluster this only disconnects the driver
     return bool(limiter.stopped_by_budget)
-
-
-# Tune settings read from the environment when ``fit`` starts (Ray's documented variables).
-TUNE_ENV = {
-    # Ctrl-C raises KeyboardInterrupt in the driver instead of Ray Tune's own handler (which
-    # ends the experiment as if it had finished and prints a ``Tuner.restore`` hint that does
-    # not apply): the search then settles the run for ``--resume`` and exits non-zero.
-    "TUNE_DISABLE_SIGINT_HANDLER": "1",
-    # No automatic loggers: build_tuner passes Tune's CSV and JSON loggers itself and leaves out
-    # its TensorBoard logger, whose mere presence prints "To visualize your results with
-    # TensorBoard, run: tensorboard --logdir <Ray's temporary session folder>". The curves are
-    # in RUN/tensorboard/ (stagebudget.tbcurves), which the search names instead.
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-}
-
-
-@contextlib.contextmanager
-def _tune_env() -> Iterator[None]:
-    """:data:`TUNE_ENV` set while Tune runs, the previous values restored after."""
-    old = {k: os.environ.get(k) for k in TUNE_ENV}
-    os.environ.update(TUNE_ENV)
-    try:
-        yield
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 COST_FILE = "cost.json"

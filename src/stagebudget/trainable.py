@@ -35,6 +35,7 @@ from stagebudget.names import (
     RUNNING,
     SPENT_DEVICE_HOURS,
 )
+from stagebudget.prefixcache import checkpoint_steps
 from stagebudget.rundir import RunDir, TrialRecord, charged_hours
 from stagebudget.schedule import identity
 from stagebudget.space import SearchSpace
@@ -137,7 +138,7 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
                     cost=cost, base_dir=Path(base_dir) if base_dir else None,
                     guard=space.budget.overrun_guard,
                     **({"prefix_cache": prefix,
-                        "checkpoint_steps": space.checkpoint_steps(schedule, cost)}
+                        "checkpoint_steps": checkpoint_steps(space, schedule, cost)}
                        if prefix is not None else {}),
                     **_early_stopping(run, space, key, reference))
         objectives = {k: float(v) for k, v in result.objectives().items()}

@@ -52,7 +52,8 @@ from stagebudget.names import (
 )
 from stagebudget.rundir import RunDir, TrialRecord
 from stagebudget.schedule import identity
-from stagebudget.space import SearchSpace, make_sampler
+from stagebudget.space import SearchSpace
+from stagebudget.spacesampler import make_sampler
 from stagebudget.studyinfo import annotate_trial, trial_attrs
 from stagebudget.tbcurves import CurveWriter, run_label, write_trial_events
 
