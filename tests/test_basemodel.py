@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from stagebudget.basemodel import build_base, build_tokenizer, greedy_generate, load_model_and_tokenizer
 from stagebudget.modelref import (
     CHARS,
     SHIPPED_DIR,
@@ -20,6 +19,12 @@ from stagebudget.modelref import (
 )
 from stagebudget.paths import default_cache_dir
 from stagebudget.tasks import load_suite, pretrain_corpus
+from stagebudget.training.model import (
+    build_base,
+    build_tokenizer,
+    greedy_generate,
+    load_model_and_tokenizer,
+)
 
 
 def test_tokenizer_adds_bos_and_round_trips(tmp_path):
@@ -99,7 +104,7 @@ def test_the_shipped_tiny_base_scores_here_what_base_info_records():
     """The shipped weights evaluated on this machine: within 2 standard errors of the ID/OOD
     accuracy recorded where they were made (greedy decoding is deterministic per machine, but
     other CPU kernels may flip a few near-ties)."""
-    from stagebudget.basemodel import EVAL_SIZES, _base_accuracy
+    from stagebudget.training.model import EVAL_SIZES, _base_accuracy
 
     path = resolve_base_model("builtin:tiny")
     info = json.loads((path / "base_info.json").read_text())

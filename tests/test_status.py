@@ -11,9 +11,9 @@ from rich.console import Console
 
 from fake_run import FRONT, FakeTrial, make_fake_run, standard_error
 from stagebudget.errors import RunError
+from stagebudget.results.run import Run, ledger_hours, load_run, params_key
+from stagebudget.results.status import front_table, render_status
 from stagebudget.rundir import RunDir
-from stagebudget.runs import Run, ledger_hours, load_run, params_key
-from stagebudget.status import front_table, render_status
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_status_labels_trials_that_differ_only_in_learning_rate_apart(tmp_path: 
 def test_tensorboard_run_names_label_trials_as_status_does(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from stagebudget.tune_adapter import TensorBoardCurves
+    from stagebudget.searching.tune_adapter import TensorBoardCurves
 
     root = make_fake_run(tmp_path / "lr", trials=LR_TRIALS)
     views = load_run(root).trials()

@@ -325,7 +325,7 @@ def test_a_scorer_that_raises_fails_at_load_not_mid_training(tmp_path):
 
 
 def test_the_grpo_reward_scores_chat_completions_with_the_task_scorer(tmp_path):
-    from stagebudget.stages.rl import suite_reward
+    from stagebudget.training.stages.rl import suite_reward
 
     suite = load_suite(str(_write_rows(tmp_path / "t.jsonl", CHAT_ROWS)),
                        scorer="per_position", answer="answer_tag")
@@ -339,7 +339,7 @@ def test_the_grpo_reward_scores_chat_completions_with_the_task_scorer(tmp_path):
 
 
 def test_the_grpo_reward_gives_partial_credit_to_exact_match_tasks():
-    from stagebudget.stages.rl import PARTIAL_CREDIT, suite_reward
+    from stagebudget.training.stages.rl import PARTIAL_CREDIT, suite_reward
 
     suite = load_suite(names=["translate"], n_train=5, n_id_test=5, n_ood_test=5)
     ex = next(e for e in suite.train if len(e.answer) >= 2)

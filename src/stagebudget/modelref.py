@@ -3,7 +3,7 @@ bases (package data under ``builtin_models/``), model-directory checks and conte
 the keys cost tables are filed under.
 
 :func:`resolve_base_model` turns ``builtin:tiny`` or a local directory into a checked path; the
-code that builds, pre-trains and loads models is in :mod:`stagebudget.basemodel`.
+code that builds, pre-trains and loads models is in :mod:`stagebudget.training.model`.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ TUNE_ID_ATTR = "tune_trial_id"
 # The error of a trial a killed (or Ctrl-C'ed) driver left running: `--resume` runs it again.
 INTERRUPTED = "interrupted"
 # Reported (with why) by a trial that early stopping stopped at a stage boundary: recorded
-# PRUNED, never COMPLETE with partial scores (see stagebudget.earlystop).
+# PRUNED, never COMPLETE with partial scores (see stagebudget.searching.earlystop).
 PRUNED_FLAG = "pruned"
 
 

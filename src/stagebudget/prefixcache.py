@@ -42,17 +42,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from stagebudget.errors import UserError
 from stagebudget.fileio import atomic_write_json
 from stagebudget.paths import default_prefix_cache_dir
-from stagebudget.schedule import Schedule, StageSpec
+from stagebudget.schedule import StageSpec
 from stagebudget.version import numerics_changes
-
-if TYPE_CHECKING:
-    from stagebudget.cost import CostModel
-    from stagebudget.space import SearchSpace
 
 LOG = logging.getLogger("stagebudget")
 
@@ -308,23 +303,4 @@ def _last_used(path: Path) -> float:
         return 0.0
 
 
-
-def checkpoint_steps(space: SearchSpace, schedule: Schedule, cost: CostModel) -> list[list[int]]:
-    """For each stage of ``schedule``, the step counts this space can plan for the same
-    stage after the same earlier stages (every point ``space.feasibility_params()`` plans): the
-    prefixes other trials are likely to ask for, where a trial should leave a checkpoint.
-    """
-    by_key: dict[str, set[int]] = {}
-    for params in space.feasibility_params():
-        try:
-            planned = space.schedule_from_params(params, cost)
-        except (ValueError, UserError):
-            continue
-        for key, stage in zip(stage_keys({}, planned.stages), planned.stages, strict=True):
-            by_key.setdefault(key, set()).add(stage.steps)
-    return [sorted(s for s in by_key.get(key, ()) if s < stage.steps)
-            for key, stage in zip(stage_keys({}, schedule.stages), schedule.stages,
-                                  strict=True)]
-
-
-__all__ = ["DEFAULT_MAX_GB", "Entry", "PrefixCache", "checkpoint_steps", "context_key", "stage_keys"]
+__all__ = ["DEFAULT_MAX_GB", "Entry", "PrefixCache", "context_key", "stage_keys"]

@@ -423,7 +423,7 @@ def load_suite(source: str = "builtin", names: Sequence[str] = (), n_train: int 
     name of SCORERS or ``package.module:function`` (default "exact"), ``answer`` an
     extraction of EXTRACTIONS (default "full"); the scorer is imported and called on one
     example here, so a broken one fails before any compute. ``max_new_tokens`` caps
-    evaluation generation (default: see :func:`stagebudget.evaluate.max_new_tokens_for`).
+    evaluation generation (default: see :func:`stagebudget.training.evaluate.max_new_tokens_for`).
     """
     if source == "builtin":
         for label, value in (("n_train", n_train), ("n_id_test", n_id_test),
