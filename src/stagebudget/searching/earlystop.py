@@ -32,11 +32,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from stagebudget.errors import StagebudgetError
 from stagebudget.names import COMPLETE, STANDARD_ERROR_OF
 from stagebudget.rundir import COMPARED, PLANNED, RunDir, describe_pruned, is_finite_number
 
 
-class TrialPruned(Exception):
+class TrialPruned(StagebudgetError):
     """Raised from ``stage_end`` to stop a trial at a stage boundary; ``info`` says where and
     which completed trial dominated it there."""
 

@@ -31,10 +31,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from stagebudget.errors import StagebudgetError
 from stagebudget.plan.cost import OVERRUN_GUARD
 
 
-class BudgetGuardError(RuntimeError):
+class BudgetGuardError(RuntimeError, StagebudgetError):
     """A trial used more than its overrun guard allows; it was stopped and is not scored."""
 
     def __init__(self, message: str) -> None:  # one argument: survives pickling (Ray)
