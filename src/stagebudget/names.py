@@ -6,7 +6,6 @@ from __future__ import annotations
 
 # Trial statuses as records (and stagebudget's views of Optuna trials) spell them.
 RUNNING, COMPLETE, FAILED, PRUNED, WAITING = "RUNNING", "COMPLETE", "FAILED", "PRUNED", "WAITING"
-STATUSES = (RUNNING, COMPLETE, FAILED, PRUNED)
 # Metric names reported to Ray and stored as objectives (constants, never retyped).
 ID_ACCURACY = "id_accuracy"
 OOD_ACCURACY = "ood_accuracy"

@@ -110,10 +110,6 @@ class RunDir:
         return self.root / "trials"
 
     @property
-    def exports(self) -> Path:
-        return self.root / "exports"
-
-    @property
     def report(self) -> Path:
         return self.root / "report.html"
 

@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 SPLITS = ("train", "id_test", "ood_test")
-MAX_CHARS = 64  # prompt + answer must fit the base model's context
 FORMAT_BONUS = 0.1
 ROLES = ("system", "user", "assistant")
 # A prompt is plain text or a list of chat messages ``[{"role": ..., "content": ...}]``
