@@ -17,7 +17,8 @@ from stagebudget.results.run import load_run
 from stagebudget.rundir import RunDir, TrialRecord
 from stagebudget.rundir import describe_pruned as describe
 from stagebudget.searching.driver import run_search
-from stagebudget.searching.earlystop import StageGate, TrialPruned, dominates, value_at
+from stagebudget.searching.earlystop import StageGate, dominates, value_at
+from stagebudget.searching.earlystop import StagePruned as TrialPruned
 from stagebudget.space.schema import SearchSpace
 from stagebudget.testing.fakes import fake_trial_fn
 

@@ -55,7 +55,8 @@ def test_early_stopping_prunes_a_replayed_trial_at_its_stage_end_and_charges_the
     """A row with curves replays them: each stage's end row goes to ``stage_end``, so the
     early-stopping gate decides as in a real trial, and a pruned trial is charged the nominal
     seconds up to the boundary."""
-    from stagebudget.searching.earlystop import StageGate, TrialPruned
+    from stagebudget.searching.earlystop import StageGate
+    from stagebudget.searching.earlystop import StagePruned as TrialPruned
 
     weak = Schedule(stages=(StageSpec(kind="sft", steps=10), StageSpec(kind="rl", steps=5)))
     table = tmp_path / "table.jsonl"

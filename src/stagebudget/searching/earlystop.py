@@ -10,7 +10,7 @@ A completed trial dominates by ``margin_se`` standard errors when it is better o
 objective by at least ``margin_se`` standard errors of the difference, ``sqrt(se_a² + se_b²)``
 (rows carry ``id_accuracy_se`` / ``ood_accuracy_se``); with a margin of 0 it is plain Pareto
 dominance. The compared objectives are the space's accuracy objectives; the budget point is the
-same for both, so device-hours are not compared. The trial then raises :class:`TrialPruned`; the
+same for both, so device-hours are not compared. The trial then raises :class:`StagePruned`; the
 trainable records it PRUNED (the Optuna trial too), never COMPLETE with partial scores.
 
 Which trials are "completed" is a snapshot taken when the trial starts (the records COMPLETE in
@@ -37,9 +37,10 @@ from stagebudget.names import COMPLETE, STANDARD_ERROR_OF
 from stagebudget.rundir import COMPARED, PLANNED, RunDir, describe_pruned, is_finite_number
 
 
-class TrialPruned(StagebudgetError):
+class StagePruned(StagebudgetError):
     """Raised from ``stage_end`` to stop a trial at a stage boundary; ``info`` says where and
-    which completed trial dominated it there."""
+    which completed trial dominated it there. (Named apart from ``optuna.TrialPruned``: this one
+    is caught by the trainable, never by Optuna.)"""
 
     def __init__(self, message: str, info: dict[str, Any]) -> None:
         super().__init__(message, info)
@@ -114,7 +115,7 @@ class StageGate:
                     "dominated_by": key, "compared_with": len(self.completed),
                     "at": _values(row), "by": _values(other),
                 }
-                raise TrialPruned(describe_pruned(info), info)
+                raise StagePruned(describe_pruned(info), info)
 
 
 def _values(row: dict[str, Any]) -> dict[str, float]:

@@ -36,7 +36,7 @@ from stagebudget.names import (
 )
 from stagebudget.rundir import RunDir, TrialRecord, charged_hours
 from stagebudget.schedule import identity
-from stagebudget.searching.earlystop import StageGate, TrialPruned
+from stagebudget.searching.earlystop import StageGate, StagePruned
 from stagebudget.space.points import checkpoint_steps
 from stagebudget.space.schema import SearchSpace
 from stagebudget.version import package_versions
@@ -142,7 +142,7 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
                        if prefix is not None else {}),
                     **_early_stopping(run, space, key, reference))
         objectives = {k: float(v) for k, v in result.objectives().items()}
-    except TrialPruned as exc:
+    except StagePruned as exc:
         # Stopped at a stage boundary: PRUNED with where and why, never partial scores. The
         # searcher tells Optuna PRUNED when it sees the flag; the spend so far is charged.
         record_pruned(run, record, exc)
@@ -180,7 +180,7 @@ def _early_stopping(run: RunDir, space: SearchSpace, key: str,
     return {"stage_end": StageGate.snapshot(run, objectives, spec.margin_se, exclude=key)}
 
 
-def record_pruned(run: RunDir, record: TrialRecord, exc: TrialPruned) -> None:
+def record_pruned(run: RunDir, record: TrialRecord, exc: StagePruned) -> None:
     """Mark ``record`` PRUNED: where and why in ``pruned``, the spend so far in ``ledger``
     (from the trial's ledger.json), no objectives."""
     record.status, record.finished = PRUNED, time.time()
