@@ -20,7 +20,7 @@ def plain_loop_seconds(model_path, suite, batch: int, steps: int) -> float:
     """Median seconds per step of a hand-written full fine-tuning loop: the floor TRL pays over."""
     import torch
 
-    from stagebudget.basemodel import load_model_and_tokenizer
+    from stagebudget.training.model import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(model_path)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
@@ -43,7 +43,7 @@ def generation_seconds(model_path, suite, prompts: int, gens: int, new_tokens: i
     """Median seconds to sample ``prompts x gens`` completions: the floor a GRPO step pays."""
     import torch
 
-    from stagebudget.basemodel import load_model_and_tokenizer
+    from stagebudget.training.model import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(model_path)
     batch = [e.prompt for e in suite.train[:prompts] for _ in range(gens)]
@@ -66,11 +66,17 @@ def main() -> None:
 
     import torch
 
-    from stagebudget.basemodel import resolve_base_model
-    from stagebudget.calibrate import RL_COMPLETION, RL_GENERATIONS, RL_PROMPTS, SFT_BATCH, calibrate
-    from stagebudget.cost import CostModel, ModelShape
+    from stagebudget.modelref import resolve_base_model
+    from stagebudget.plan.cost import CostModel, ModelShape
     from stagebudget.schedule import StageSpec
     from stagebudget.tasks import load_suite
+    from stagebudget.training.calibrate import (
+        RL_COMPLETION,
+        RL_GENERATIONS,
+        RL_PROMPTS,
+        SFT_BATCH,
+        calibrate,
+    )
 
     torch.manual_seed(0)
     path = resolve_base_model(args.base)

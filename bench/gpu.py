@@ -54,10 +54,11 @@ def build_model(out: Path, shape: dict[str, int], seed: int = 0) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stagebudget.basemodel import _config_dict, build_tokenizer
+    from stagebudget.modelref import config_dict
+    from stagebudget.training.model import build_tokenizer
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**{**_config_dict("tiny"), **shape})  # token ids: the built-in model's
+    config = LlamaConfig(**{**config_dict("tiny"), **shape})  # token ids: the built-in model's
     model = LlamaForCausalLM(config)
     model.save_pretrained(str(out), safe_serialization=True)
     build_tokenizer(out)
@@ -162,8 +163,8 @@ def plain_trl(model_dir: Path, suite: Any, spec: Any, device: str, out: Path) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-    from stagebudget.stages.mapping import lora_kwargs, precision_kwargs, trl_config_kwargs
-    from stagebudget.stages.rl import suite_reward
+    from stagebudget.training.stages.rl import suite_reward
+    from stagebudget.trlconfig import lora_kwargs, precision_kwargs, trl_config_kwargs
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     tok.padding_side = "left"
@@ -193,8 +194,8 @@ def stagebudget_stage(model_dir: Path, tasks: Any, spec: Any, device: str,
                       out: Path) -> dict[str, float]:
     """The stage as stagebudget trains it (``run_schedule``): seconds per step of its training
     (evaluation excluded, as its ledger measures it)."""
-    from stagebudget.pipeline import run_schedule
     from stagebudget.schedule import Schedule
+    from stagebudget.training.pipeline import run_schedule
 
     schedule = Schedule(base_model=str(model_dir), tasks=tasks, stages=(spec,), seed=0)
     with generation_timer() as spent:
@@ -259,7 +260,7 @@ def run_cli(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[str, 
     `stagebudget search` on the device (wall time, peak memory)."""
     import yaml
 
-    from stagebudget.space import SearchSpace
+    from stagebudget.space.schema import SearchSpace
 
     data = space_document(str(model_dir), args.budget_hours, 4000, args.n_test)
     data.update(device=args.device, resources_per_trial={"cpu": 1, "gpu": 1})

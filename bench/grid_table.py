@@ -38,7 +38,7 @@ def _order(schedule: Any) -> tuple[Any, ...]:
 def spend_by_share(rows: list[dict[str, Any]]) -> list[tuple[float, int, float, float]]:
     """Per SFT share: rows, mean measured training seconds of a schedule trained alone
     (nominal) and mean planned seconds. A compute-matched grid spends alike at every share."""
-    from stagebudget.replay import NOMINAL
+    from stagebudget.searching.replay import NOMINAL
 
     by: dict[float, list[dict[str, Any]]] = {}
     for row in rows:
@@ -107,17 +107,17 @@ def main() -> None:
 
     import torch
 
-    from stagebudget.pipeline import run_schedule
-    from stagebudget.prefixcache import PrefixCache
-    from stagebudget.records import (
+    from stagebudget.names import (
         ID_ACCURACY,
         ID_ACCURACY_SE,
         OOD_ACCURACY,
         OOD_ACCURACY_SE,
         SPENT_DEVICE_HOURS,
     )
-    from stagebudget.replay import NOMINAL, replay_key
-    from stagebudget.space import SearchSpace
+    from stagebudget.prefixcache import PrefixCache
+    from stagebudget.searching.replay import NOMINAL, replay_key
+    from stagebudget.space.schema import SearchSpace
+    from stagebudget.training.pipeline import run_schedule
 
     torch.set_num_threads(args.threads)
     space = SearchSpace.load(args.space)

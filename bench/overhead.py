@@ -64,11 +64,11 @@ def space_document(base: str, budget_hours: float, n_train: int, n_test: int) ->
 
 def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     """Write the space, the schedule it plans, and the plain script; build the base model."""
-    from stagebudget.basemodel import resolve_base_model
-    from stagebudget.export import stage_export
-    from stagebudget.exportscript import render_script
-    from stagebudget.records import TORCH_THREADS
-    from stagebudget.space import SearchSpace
+    from stagebudget.modelref import resolve_base_model
+    from stagebudget.names import TORCH_THREADS
+    from stagebudget.results.export import stage_export
+    from stagebudget.results.exportscript import render_script
+    from stagebudget.space.schema import SearchSpace
 
     resolve_base_model(args.base)  # built once here, outside every timed run
     space_file = work / "space.yaml"
@@ -154,7 +154,7 @@ def trial_split(metrics: dict[str, Any], wall: float) -> dict[str, float]:
 def import_seconds(env: dict[str, str]) -> float:
     """A fresh interpreter's start plus the imports a trial needs (torch, transformers, TRL,
     PEFT, stagebudget's pipeline), measured from outside."""
-    code = "import stagebudget.pipeline, trl, peft, torch, transformers"
+    code = "import stagebudget.training.pipeline, trl, peft, torch, transformers"
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
     return time.perf_counter() - start
@@ -228,7 +228,7 @@ def report(summary: dict[str, Any], import_s: float) -> str:
     lines += ["", f"Search driver outside its trial (Ray start, Tune, study, shutdown): "
               f"{summary['search_split']['driver_s']:.1f} s, of which "
               f"{summary['search_split']['before_trial_s']:.1f} s before the trial started. A "
-              f"fresh interpreter importing torch/transformers/TRL/PEFT/stagebudget.pipeline: "
+              f"fresh interpreter importing torch/transformers/TRL/PEFT/stagebudget.training.pipeline: "
               f"{import_s:.1f} s.",
               f"Objectives: {json.dumps(summary['objectives'])}"]
     return "\n".join(lines)

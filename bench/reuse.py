@@ -63,7 +63,7 @@ def _variant(space_file: Path, out: Path, reuse: bool, early: bool = False) -> P
 
 
 def _search(space: Path, out: Path, trials: int, concurrency: int) -> tuple[Path, float]:
-    from stagebudget.search import run_search
+    from stagebudget.searching.driver import run_search
 
     start = time.perf_counter()
     run = run_search(space, runs_dir=out / "runs", trials=trials, concurrency=concurrency,
@@ -74,8 +74,9 @@ def _search(space: Path, out: Path, trials: int, concurrency: int) -> tuple[Path
 def _front(run_dir: Path) -> tuple[list[tuple[str, float, float]], dict[str, Any]]:
     """The front as (schedule identity, ID, OOD), and the run's spend summary (with the count
     of pruned trials and the front's hypervolume)."""
-    from stagebudget.records import PRUNED, RunDir, spend_summary
-    from stagebudget.runs import load_run
+    from stagebudget.names import PRUNED
+    from stagebudget.results.run import load_run
+    from stagebudget.rundir import RunDir, spend_summary
     from stagebudget.schedule import identity
 
     run = load_run(run_dir)

@@ -42,9 +42,10 @@ def trajectory(run_dir: Path, truth: dict[str, tuple[float, float]],
                true_hv: float) -> list[tuple[int, float, float]]:
     """(k, nominal device-hours so far, found hypervolume / true) after each of the first k
     trials, in trial-number order, on the table's true values."""
+    from stagebudget.names import COMPLETE, PRUNED, SPENT_DEVICE_HOURS
     from stagebudget.pareto import hypervolume
-    from stagebudget.records import COMPLETE, PRUNED, SPENT_DEVICE_HOURS, RunDir
-    from stagebudget.replay import replay_key
+    from stagebudget.rundir import RunDir
+    from stagebudget.searching.replay import replay_key
 
     records = [r for r in RunDir(run_dir).records() if r.status in (COMPLETE, PRUNED)]
     records.sort(key=lambda r: r.started)
@@ -66,8 +67,8 @@ def run_one(space: dict[str, Any], arm: str, seed: int, trials: int, table: Path
             out: Path) -> Path:
     """One replayed search of ``arm`` (a sampler name, with :data:`ES` for early stopping on);
     one that finished (run.json says when) is read back, one cut short is resumed."""
-    from stagebudget.replay import replay_trial
-    from stagebudget.search import run_search
+    from stagebudget.searching.driver import run_search
+    from stagebudget.searching.replay import replay_trial
 
     sampler, early = arm.removesuffix(ES), arm.endswith(ES)
     name = f"{sampler}{'-es' if early else ''}-s{seed}"
@@ -170,8 +171,8 @@ def main() -> None:
     import ray
 
     from stagebudget.pareto import hypervolume
-    from stagebudget.replay import load_table, mean_values
-    from stagebudget.space import SearchSpace
+    from stagebudget.searching.replay import load_table, mean_values
+    from stagebudget.space.schema import SearchSpace
 
     truth = mean_values(load_table(str(args.table)))
     true_hv = hypervolume(list(truth.values()), REF_POINT, DIRECTIONS)

@@ -26,8 +26,8 @@ def main() -> None:
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/sampler_comparison"))
     args = ap.parse_args()
 
-    from stagebudget.runs import load_run
-    from stagebudget.search import run_search
+    from stagebudget.results.run import load_run
+    from stagebudget.searching.driver import run_search
 
     data = yaml.safe_load(args.space.read_text())
     args.runs_dir.mkdir(parents=True, exist_ok=True)

@@ -55,8 +55,8 @@ ARMS: dict[str, list[tuple[str, int, dict[str, Any]]]] = {
 def run_arm(name: str, seed: int, out: Path, sft: dict[str, Any], rl: dict[str, Any],
             tasks: dict[str, Any]) -> dict[str, Any]:
     """Train one arm with ``seed`` and return its curve rows and RL statistics."""
-    from stagebudget.pipeline import run_schedule
     from stagebudget.schedule import Schedule, StageSpec, TasksRef
+    from stagebudget.training.pipeline import run_schedule
 
     stages = []
     for kind, steps, overrides in ARMS[name]:

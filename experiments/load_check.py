@@ -23,8 +23,8 @@ def _spin() -> None:
 
 
 def _train(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from stagebudget.pipeline import run_schedule
     from stagebudget.schedule import Schedule, StageSpec, TasksRef
+    from stagebudget.training.pipeline import run_schedule
 
     schedule = Schedule(
         tasks=TasksRef(n_train=8000, n_id_test=1000, n_ood_test=1000),

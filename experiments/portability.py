@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def landscape(run_dir: Path) -> dict[str, Any]:
     """The landscape criteria of one finished demo run, from its study and records."""
-    from stagebudget.runs import load_run
+    from stagebudget.results.run import load_run
 
     run = load_run(run_dir)
     front = run.front(ref_point=(0.0, 0.0), curves=False)

@@ -23,7 +23,7 @@ def _own_prefix_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     """Directory of the test-sized base model, built once per test session."""
-    from stagebudget.basemodel import build_base
+    from stagebudget.training.model import build_base
 
     return build_base("test", cache_dir=tmp_path_factory.mktemp("base_cache"))
 

@@ -18,7 +18,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from stagebudget.fileio import atomic_write_yaml
-from stagebudget.records import RunDir, TrialRecord
+from stagebudget.rundir import RunDir, TrialRecord
 from stagebudget.schedule import Schedule, StageSpec
 
 BUDGET_HOURS = 0.012

@@ -13,8 +13,9 @@ import yaml
 
 from stagebudget.errors import ConfigError, RunError, UserError
 from stagebudget.schedule import Schedule
-from stagebudget.search import check_space, run_search
-from stagebudget.space import SearchSpace
+from stagebudget.searching.driver import run_search
+from stagebudget.searching.preflight import check_space
+from stagebudget.space.schema import SearchSpace
 
 GOOD = {
     "name": "t",
@@ -128,7 +129,7 @@ def test_non_utf8_space_file(tmp_path):
 
 
 def test_non_utf8_run_json(tmp_path):
-    from stagebudget.runs import load_run
+    from stagebudget.results.run import load_run
 
     (tmp_path / "run.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
     with pytest.raises(RunError, match=r"run\.json.*UTF-8"):
@@ -180,7 +181,7 @@ def test_damaged_local_model_named_before_compute(tmp_path, damage):
 
 
 def test_intact_local_model_passes_the_file_checks(tmp_path):
-    from stagebudget.space import check_model_files
+    from stagebudget.space.inputs import check_model_files
 
     check_model_files(_model_dir(tmp_path), "space.yaml")
 
@@ -320,8 +321,8 @@ def test_prompt_at_the_window_edge_passes_one_more_is_refused(tmp_path):
     # builtin:test has 128 positions; the space's RL stage writes up to its default
     # max_completion_length after a prompt (more than evaluation's longest answer + 2), so a
     # prompt may be 128 - that many tokens: BOS + the rest in characters.
-    from stagebudget.basemodel import MAX_LEN
     from stagebudget.kinds import get_kind
+    from stagebudget.modelref import MAX_LEN
 
     fits = MAX_LEN - get_kind("rl").defaults["max_completion_length"] - 1  # characters
     for chars, ok in ((fits, True), (fits + 1, False)):
@@ -338,7 +339,8 @@ def test_prompt_at_the_window_edge_passes_one_more_is_refused(tmp_path):
 def test_builtin_token_count_matches_the_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    from stagebudget.basemodel import build_tokenizer, builtin_token_count
+    from stagebudget.modelref import builtin_token_count
+    from stagebudget.training.model import build_tokenizer
 
     build_tokenizer(tmp_path)
     tok = AutoTokenizer.from_pretrained(str(tmp_path))
@@ -349,7 +351,7 @@ def test_builtin_token_count_matches_the_tokenizer(tmp_path):
 
 
 def test_local_model_window_read_from_its_config(tmp_path):
-    from stagebudget.basemodel import position_window
+    from stagebudget.modelref import position_window
 
     model = _model_dir(tmp_path)
     assert position_window(str(model)) is None

@@ -8,21 +8,23 @@ import time
 
 import pytest
 
-from stagebudget.basemodel import (
+from stagebudget.modelref import (
     CHARS,
     SHIPPED_DIR,
     ModelRefError,
-    build_base,
-    build_tokenizer,
     cache_problem,
-    default_cache_dir,
-    greedy_generate,
-    load_model_and_tokenizer,
     resolve_base_model,
     same_weights,
     ship_base,
 )
+from stagebudget.paths import default_cache_dir
 from stagebudget.tasks import load_suite, pretrain_corpus
+from stagebudget.training.model import (
+    build_base,
+    build_tokenizer,
+    greedy_generate,
+    load_model_and_tokenizer,
+)
 
 
 def test_tokenizer_adds_bos_and_round_trips(tmp_path):
@@ -71,10 +73,10 @@ def test_the_builtin_bases_are_shipped_and_checked(size):
 
 
 def test_a_damaged_shipped_base_is_refused_and_a_missing_one_explained(tmp_path, monkeypatch):
-    from stagebudget import basemodel
+    from stagebudget import modelref
 
     shutil.copytree(SHIPPED_DIR / "test", tmp_path / "test")
-    monkeypatch.setattr(basemodel, "SHIPPED_DIR", tmp_path)
+    monkeypatch.setattr(modelref, "SHIPPED_DIR", tmp_path)
     assert resolve_base_model("builtin:test") == tmp_path / "test"
     weights = tmp_path / "test" / "model.safetensors"
     good = weights.read_bytes()
@@ -87,9 +89,9 @@ def test_a_damaged_shipped_base_is_refused_and_a_missing_one_explained(tmp_path,
 
 
 def test_ship_base_replaces_the_shipped_copy_only_when_asked(tiny_base, tmp_path, monkeypatch):
-    from stagebudget import basemodel
+    from stagebudget import modelref
 
-    monkeypatch.setattr(basemodel, "SHIPPED_DIR", tmp_path)
+    monkeypatch.setattr(modelref, "SHIPPED_DIR", tmp_path)
     assert not same_weights(tiny_base, SHIPPED_DIR / "tiny")
     shipped = ship_base(tiny_base, "test")
     assert shipped == tmp_path / "test" and same_weights(shipped, tiny_base)
@@ -102,7 +104,7 @@ def test_the_shipped_tiny_base_scores_here_what_base_info_records():
     """The shipped weights evaluated on this machine: within 2 standard errors of the ID/OOD
     accuracy recorded where they were made (greedy decoding is deterministic per machine, but
     other CPU kernels may flip a few near-ties)."""
-    from stagebudget.basemodel import EVAL_SIZES, _base_accuracy
+    from stagebudget.training.model import EVAL_SIZES, _base_accuracy
 
     path = resolve_base_model("builtin:tiny")
     info = json.loads((path / "base_info.json").read_text())

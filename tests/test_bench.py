@@ -19,7 +19,7 @@ import overhead  # noqa: E402
 
 
 def test_overhead_space_pins_the_demo_to_one_point(tmp_path: Path) -> None:
-    from stagebudget.space import SearchSpace
+    from stagebudget.space.schema import SearchSpace
 
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(overhead.space_document("builtin:test", 0.002, 100, 20)))

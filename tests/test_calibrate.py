@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from stagebudget.calibrate import calibrate, calibration_spec
-from stagebudget.cost import CostModel, ModelShape
 from stagebudget.errors import UserError
+from stagebudget.plan.cost import CostModel, ModelShape
 from stagebudget.schedule import StageSpec
+from stagebudget.training.calibrate import calibrate, calibration_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,7 +38,7 @@ def test_calibrate_fills_and_saves_the_table(tiny_base, tmp_path):
 
 
 def test_calibrate_writes_the_default_table_path(tiny_base, tmp_path, monkeypatch):
-    from stagebudget.costtable import default_table_path
+    from stagebudget.plan.costtable import default_table_path
 
     monkeypatch.setenv("STAGEBUDGET_CACHE", str(tmp_path))
     calibrate(str(tiny_base), device="cpu", kinds=("cpt",), ranks=(4,), steps=1)
@@ -65,7 +65,7 @@ def test_calibrate_rejects_bad_arguments(kwargs, match):
 def test_rl_cost_scales_with_measured_completion_lengths():
     """A table entry that measured short completions plans RL steps by those lengths: a longer
     maximum costs no more when completions stop early anyway."""
-    from stagebudget.cost import CostModel, ModelShape
+    from stagebudget.plan.cost import CostModel, ModelShape
     from stagebudget.schedule import StageSpec
 
     entry = {"kind": "rl", "rank": 4, "batch": 16, "num_generations": 8,
@@ -88,7 +88,7 @@ def test_calibrating_a_space_times_its_own_shapes_at_its_concurrency(tmp_path, t
 
     import yaml
 
-    from stagebudget.calibrate import calibrate_space
+    from stagebudget.training.calibrate import calibrate_space
 
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({

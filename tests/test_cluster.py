@@ -20,7 +20,7 @@ import optuna
 import pytest
 import yaml
 
-from stagebudget.records import RunDir
+from stagebudget.rundir import RunDir
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -91,8 +91,8 @@ def test_search_on_a_two_node_cluster(tmp_path: Path, monkeypatch: pytest.Monkey
         driver = (
             "import functools, sys\n"
             "from pathlib import Path\n"
-            "from stagebudget.search import run_search\n"
-            "from stagebudget.fakes import fake_trial_fn\n"
+            "from stagebudget.searching.driver import run_search\n"
+            "from stagebudget.testing.fakes import fake_trial_fn\n"
             "print(run_search(Path(sys.argv[1]), name='cluster', runs_dir=Path(sys.argv[2]),\n"
             "      address=sys.argv[3], live=False,\n"
             "      trial_fn=functools.partial(fake_trial_fn, seconds=3)))\n"

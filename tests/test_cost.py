@@ -4,8 +4,15 @@ import itertools
 
 import pytest
 
-from stagebudget.cost import MIN_EVAL_POINTS, PLAN_FILL, Budget, CostModel, ModelShape, plan_schedule
 from stagebudget.errors import BudgetError
+from stagebudget.plan.cost import (
+    MIN_EVAL_POINTS,
+    PLAN_FILL,
+    Budget,
+    CostModel,
+    ModelShape,
+    plan_schedule,
+)
 from stagebudget.schedule import StageSpec
 
 
@@ -20,7 +27,7 @@ def test_builtin_shape_is_the_built_model(size):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stagebudget.basemodel import _config_dict
+    from stagebudget.modelref import config_dict as _config_dict
 
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**_config_dict(size)))
@@ -125,9 +132,9 @@ def test_a_run_plans_with_its_frozen_cost_model_on_resume(tmp_path, monkeypatch)
     """RUN/cost.json freezes the cost model (analytic constants included): after the built-in
     constants change, the run still plans the schedules it planned when it started."""
     from runhelpers import demo_space
-    from stagebudget import cost as cost_module
-    from stagebudget.search import COST_FILE, frozen_cost_model
-    from stagebudget.space import SearchSpace
+    from stagebudget.plan import cost as cost_module
+    from stagebudget.searching.driver import COST_FILE, frozen_cost_model
+    from stagebudget.space.schema import SearchSpace
 
     space = SearchSpace.load(demo_space(tmp_path))
     params = {"sft.share": 0.5, "sft.lora_rank": 16, "sft.learning_rate": 1e-3, "rl.lora_rank": 4}

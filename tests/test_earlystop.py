@@ -12,13 +12,15 @@ import pytest
 import yaml
 
 from runhelpers import DEMO
-from stagebudget.earlystop import StageGate, TrialPruned, describe, dominates, value_at
 from stagebudget.errors import ConfigError
-from stagebudget.fakes import fake_trial_fn
-from stagebudget.records import RunDir, TrialRecord
-from stagebudget.runs import load_run
-from stagebudget.search import run_search
-from stagebudget.space import SearchSpace
+from stagebudget.results.run import load_run
+from stagebudget.rundir import RunDir, TrialRecord
+from stagebudget.rundir import describe_pruned as describe
+from stagebudget.searching.driver import run_search
+from stagebudget.searching.earlystop import StageGate, dominates, value_at
+from stagebudget.searching.earlystop import StagePruned as TrialPruned
+from stagebudget.space.schema import SearchSpace
+from stagebudget.testing.fakes import fake_trial_fn
 
 State = optuna.trial.TrialState
 BOTH = {"id_accuracy": "maximize", "ood_accuracy": "maximize"}
@@ -99,7 +101,7 @@ def test_early_stopping_is_off_by_default_and_checked_in_the_space(tmp_path: Pat
 
 
 def test_only_sampled_trials_of_a_space_that_enables_it_get_a_gate(tmp_path: Path) -> None:
-    from stagebudget.trainable import _early_stopping
+    from stagebudget.searching.trainable import _early_stopping
 
     run = RunDir(tmp_path)
     data = yaml.safe_load(DEMO.read_text())
@@ -117,9 +119,9 @@ def test_only_sampled_trials_of_a_space_that_enables_it_get_a_gate(tmp_path: Pat
 @pytest.mark.usefixtures("one_thread")
 def test_the_real_pipeline_stops_at_a_stage_boundary_and_keeps_the_spend(tiny_base,
                                                                         tmp_path: Path) -> None:
-    from stagebudget.cost import CostModel, ModelShape
-    from stagebudget.pipeline import run_schedule
+    from stagebudget.plan.cost import CostModel, ModelShape
     from stagebudget.schedule import Schedule, StageSpec, TasksRef
+    from stagebudget.training.pipeline import run_schedule
 
     schedule = Schedule(base_model=str(tiny_base), tasks=TasksRef(n_train=64, n_id_test=8,
                                                                    n_ood_test=8), stages=(
@@ -201,7 +203,7 @@ def test_dominated_trials_are_pruned_and_the_sampler_carries_on(sampler: str, co
 
 def _resume_runs_nothing_and_charges_the_pruned_spend(tmp_path: Path, run) -> None:
     """Pruned trials are finished (nothing left for a resume), and what they spent counts."""
-    from stagebudget.search import _plan_resume
+    from stagebudget.searching.driver import _plan_resume
 
     plan = _plan_resume(run.dir.space, name=run.dir.root.name, runs_dir=run.dir.root.parent,
                         trials=None, budget_hours=None, concurrency=None, address=None,

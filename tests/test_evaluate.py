@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from stagebudget.basemodel import greedy_generate, load_model_and_tokenizer
-from stagebudget.evaluate import evaluate, greedy_completions, max_new_tokens_for
 from stagebudget.tasks import load_suite
+from stagebudget.training.evaluate import evaluate, greedy_completions, max_new_tokens_for
+from stagebudget.training.model import greedy_generate, load_model_and_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +34,7 @@ def test_the_decoder_passes_the_cache_by_its_new_name_with_the_same_completions(
     and goes in 5.40): the new name gives bit-identical completions and no FutureWarning."""
     import warnings
 
-    import stagebudget.evaluate as ev
+    import stagebudget.training.evaluate as ev
 
     model, tok = load_model_and_tokenizer(tiny_base)
     suite = load_suite(n_train=10, n_id_test=30, n_ood_test=30)

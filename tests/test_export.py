@@ -10,8 +10,8 @@ import yaml
 
 from fake_run import FakeTrial, make_fake_run
 from stagebudget.errors import RunError, UserError
-from stagebudget.export import export, lora_kwargs, resolve_pick, trl_config_kwargs
-from stagebudget.runs import Run, load_run
+from stagebudget.results.export import export, lora_kwargs, resolve_pick, trl_config_kwargs
+from stagebudget.results.run import Run, load_run
 from stagebudget.schedule import Schedule, StageSpec
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from stagebudget.export import stage_export
-from stagebudget.exportscript import render_script
+from stagebudget.results.export import stage_export
+from stagebudget.results.exportscript import render_script
 from stagebudget.schedule import Schedule, StageSpec, TasksRef
 
 SCHEDULE = Schedule(

@@ -20,9 +20,11 @@ import pytest
 
 from runhelpers import demo_space
 from stagebudget.errors import BudgetError, ConfigError, RunError, UserError
-from stagebudget.fakes import fake_trial_fn
-from stagebudget.records import RunDir
-from stagebudget.search import DriverLock, finished_trials, run_search
+from stagebudget.rundir import RunDir
+from stagebudget.searching.driver import run_search
+from stagebudget.searching.raysession import DriverLock
+from stagebudget.searching.resume import finished_trials
+from stagebudget.testing.fakes import fake_trial_fn
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 State = optuna.trial.TrialState
@@ -40,7 +42,7 @@ def _study(run: RunDir) -> optuna.Study:
 
 def _slots(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The trials that took a trial slot: not twins told an earlier trial's known result."""
-    from stagebudget.studyinfo import is_twin
+    from stagebudget.rundir import is_twin
 
     return [t for t in study.trials if not is_twin(t)]
 
@@ -83,8 +85,8 @@ def test_second_driver_on_a_live_run_is_refused(tmp_path: Path) -> None:
 DRIVER = """
 import functools, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
-import stagebudget.search as search
-from stagebudget.fakes import fake_trial_fn
+import stagebudget.searching.driver as search
+from stagebudget.testing.fakes import fake_trial_fn
 from stagebudget.cli import main
 real = search.run_search
 search.run_search = functools.partial(
@@ -142,9 +144,9 @@ def test_deterministic_failures_are_not_retried(tmp_path: Path) -> None:
 
 
 def test_our_exceptions_survive_pickling() -> None:
-    from stagebudget.basemodel import ModelRefError
-    from stagebudget.stages.common import TrainingDiverged
+    from stagebudget.modelref import ModelRefError
     from stagebudget.tasks import TaskFileError
+    from stagebudget.training.stages.common import TrainingDiverged
 
     errors = [TrainingDiverged("sft", 0, 3, float("nan")), UserError("x"), RunError("r"),
               BudgetError("b"), ConfigError("bad", source="s.yaml", field="f"),
@@ -174,11 +176,17 @@ def test_disk_full_before_start_leaves_nothing_and_says_so(tmp_path: Path, monke
         run_search(space, name="full", runs_dir=tmp_path / "runs", live=False, trial_fn=FAST)
     assert err.value.errno == errno.ENOSPC and err.value.filename.endswith("run.json")
     assert not (tmp_path / "runs" / "full").exists()
-    monkeypatch.setattr("stagebudget.search.run_search", functools.partial(
-        run_search, trial_fn=FAST))
+    calls: list[object] = []
+
+    def fast_search(*args, **kwargs):
+        calls.append(args)
+        return run_search(*args, trial_fn=FAST, **kwargs)
+
+    monkeypatch.setattr("stagebudget.searching.driver.run_search", fast_search)
     with pytest.raises(SystemExit) as exit_:
         main(["search", str(space), "--runs-dir", str(tmp_path / "runs"), "--no-live"])
     assert exit_.value.code == 2
+    assert len(calls) == 1  # the CLI ran the patched search
     text = capsys.readouterr().err
     assert "No space left on device" in text and "run.json" in text and "Traceback" not in text
 
@@ -186,8 +194,8 @@ def test_disk_full_before_start_leaves_nothing_and_says_so(tmp_path: Path, monke
 FILL_DRIVER = """
 import functools, subprocess, sys, threading, time
 from pathlib import Path
-from stagebudget.fakes import fake_trial_fn
-import stagebudget.search as search
+from stagebudget.testing.fakes import fake_trial_fn
+import stagebudget.searching.driver as search
 from stagebudget.cli import main
 runs = Path(sys.argv[2])
 def fill():  # the disk fills up while the first trial runs
@@ -232,7 +240,7 @@ def test_disk_full_mid_run_is_one_paragraph_and_resumes(tmp_path: Path) -> None:
 def test_resume_ends_the_ray_processes_a_killed_driver_left(tmp_path: Path) -> None:
     """`kill -9` of the driver alone leaves Ray's DashboardAgent/RuntimeEnvAgent running; the
     next driver of the run (holding its lock, so the old one is gone) ends them."""
-    from stagebudget.search import _alive, _uses_session
+    from stagebudget.searching.raysession import _alive, _uses_session
 
     space = _space(tmp_path, trials=2)
     runs = tmp_path / "runs"

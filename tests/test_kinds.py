@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from stagebudget.cost import Budget, CostModel, ModelShape, plan_schedule
 from stagebudget.errors import ConfigError
 from stagebudget.kinds import (
     StageKindInfo,
@@ -16,10 +15,11 @@ from stagebudget.kinds import (
     stage_kinds,
     unregister_stage_kind,
 )
+from stagebudget.plan.cost import Budget, CostModel, ModelShape, plan_schedule
 from stagebudget.schedule import Schedule, StageSpec
-from stagebudget.space import SearchSpace
-from stagebudget.stages import STAGES, get_stage
-from stagebudget.stages.mapping import config_class, lora_kwargs, trl_config_kwargs
+from stagebudget.space.schema import SearchSpace
+from stagebudget.training.stages import STAGES, get_stage
+from stagebudget.trlconfig import config_class, lora_kwargs, trl_config_kwargs
 
 
 def toy_runner(ctx):  # pragma: no cover - looked up, not run
@@ -44,7 +44,7 @@ def test_builtin_kinds_in_stage_order():
 def test_duplicate_registration_is_refused():
     with pytest.raises(ValueError, match="already registered"):
         register_stage_kind(StageKindInfo(name="sft", order=1, runner="x:y", trl_config="z"))
-    assert get_kind("sft").runner == "stagebudget.stages.sft:run_sft"
+    assert get_kind("sft").runner == "stagebudget.training.stages.sft:run_sft"
 
 
 def test_a_toy_kind_is_one_registration(tmp_path, toy_kind):

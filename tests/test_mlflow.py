@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from stagebudget.errors import UserError
-from stagebudget.fakes import fake_trial_fn
-from stagebudget.records import RunDir
-from stagebudget.search import run_search
+from stagebudget.rundir import RunDir
+from stagebudget.searching.driver import run_search
+from stagebudget.testing.fakes import fake_trial_fn
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 

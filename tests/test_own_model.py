@@ -43,7 +43,7 @@ def own(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(own: Path) -> tuple[Any, Any]:
-    from stagebudget.basemodel import load_model_and_tokenizer
+    from stagebudget.training.model import load_model_and_tokenizer
 
     return load_model_and_tokenizer(own / "model")
 
@@ -101,7 +101,7 @@ def test_a_prompt_that_merges_with_its_answer_is_reported_once_naming_an_example
 
 
 def test_generation_stops_at_a_stop_token_the_model_declares(model_and_tokenizer):
-    from stagebudget.basemodel import greedy_generate
+    from stagebudget.training.model import greedy_generate
 
     model, tok = model_and_tokenizer
     prompt = [{"role": "user", "content": "Reverse complement of ACGTA"}]
@@ -187,9 +187,9 @@ class _Recorder:
 
 @pytest.mark.slow
 def test_real_user_validate_search_export_train(own, tmp_path, monkeypatch, capsys):
-    from stagebudget import basemodel
-    from stagebudget.records import RunDir
-    from stagebudget.search import run_search
+    from stagebudget.rundir import RunDir
+    from stagebudget.searching.driver import run_search
+    from stagebudget.training import model as basemodel
 
     data = yaml.safe_load((own / "space.yaml").read_text())
     data.update(name="own-e2e", budget={"per_trial_hours": 0.05})  # generous: load varies
@@ -258,8 +258,8 @@ def _assert_tokens_seen(recorder: _Recorder) -> None:
 
 def test_calibrating_a_relative_model_path_on_own_tasks_is_found_by_the_space(
         own, tmp_path, monkeypatch, one_thread):
-    from stagebudget.calibrate import calibrate
-    from stagebudget.space import SearchSpace
+    from stagebudget.space.schema import SearchSpace
+    from stagebudget.training.calibrate import calibrate
 
     monkeypatch.setenv("STAGEBUDGET_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(own)
@@ -278,9 +278,9 @@ def test_calibrating_a_relative_model_path_on_own_tasks_is_found_by_the_space(
 
 @pytest.mark.slow
 def test_hundreds_of_tokens_plan_and_run(own, tmp_path, one_thread):
-    from stagebudget.cost import Budget, default_cost_model, plan_schedule
-    from stagebudget.pipeline import run_schedule
+    from stagebudget.plan.cost import Budget, default_cost_model, plan_schedule
     from stagebudget.schedule import TasksRef
+    from stagebudget.training.pipeline import run_schedule
 
     tasks = TasksRef(source=str(own / "tasks.jsonl"), scorer=f"{own / SCORER}",
                      answer="answer_tag", max_new_tokens=300)

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from stagebudget.cost import CostModel, ModelShape
-from stagebudget.pipeline import TrainingDiverged, TrialResult, run_schedule
+from stagebudget.plan.cost import CostModel, ModelShape
 from stagebudget.schedule import Schedule, StageSpec, TasksRef
+from stagebudget.training.pipeline import TrainingDiverged, TrialResult, run_schedule
 
 TASKS = TasksRef(n_train=64, n_id_test=8, n_ood_test=8)
 COST = CostModel.analytic(ModelShape.builtin("test"))
@@ -105,7 +105,7 @@ def test_same_seed_same_metrics(two_runs):
 def test_planned_steps_are_the_contract_and_the_guard_stops_a_runaway(tiny_base, tmp_path):
     """A schedule trains all its planned steps even when they take longer than its budget (the
     overrun is recorded); past the guard the trial is stopped and fails, never scored."""
-    from stagebudget.ledger import BudgetGuardError
+    from stagebudget.training.clock import BudgetGuardError
 
     stages = (StageSpec(kind="sft", steps=6, lora_rank=4, batch_size=8, eval_interval=10_000),)
     over = _schedule(tiny_base, budget_hours=1e-7, stages=stages)
@@ -131,7 +131,7 @@ def test_planned_steps_are_the_contract_and_the_guard_stops_a_runaway(tiny_base,
 
 
 def test_nan_loss_raises_training_diverged(tiny_base, tmp_path, monkeypatch):
-    import stagebudget.basemodel as basemodel
+    import stagebudget.training.model as basemodel
 
     real_load = basemodel.load_model_and_tokenizer
 
@@ -199,7 +199,7 @@ def test_a_trial_process_does_not_import_mlflow(tiny_base, tmp_path):
     assert importlib.util.find_spec("mlflow") is not None  # the dev extra installs it
     code = (
         "import sys\n"
-        "from stagebudget.pipeline import run_schedule\n"
+        "from stagebudget.training.pipeline import run_schedule\n"
         "from stagebudget.schedule import Schedule, StageSpec, TasksRef\n"
         f"s = Schedule(base_model={str(tiny_base)!r}, tasks=TasksRef(n_train=16, n_id_test=4,"
         " n_ood_test=4), stages=(StageSpec(kind='rl', steps=1, lora_rank=2, batch_size=2,"

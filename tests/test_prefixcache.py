@@ -122,7 +122,7 @@ def _schedule(sft_steps: int, rl_steps: int | None = None, lr: float = 3e-3) -> 
 
 
 def _train(schedule: Schedule, out: Path, cache: PrefixCache | None):
-    from stagebudget.pipeline import run_schedule
+    from stagebudget.training.pipeline import run_schedule
 
     return run_schedule(schedule, out, prefix_cache=cache, save_model=True, device="cpu")
 
@@ -276,8 +276,9 @@ def test_a_repeated_search_reuses_every_stage_and_reaches_the_same_front(tmp_pat
     import yaml
 
     from runhelpers import DEMO
-    from stagebudget.records import COMPLETE, RunDir
-    from stagebudget.search import run_search
+    from stagebudget.names import COMPLETE
+    from stagebudget.rundir import RunDir
+    from stagebudget.searching.driver import run_search
 
     data = yaml.safe_load(DEMO.read_text())
     data.update(base_model="builtin:test", trials=3, concurrency=1, references=False,
@@ -314,7 +315,7 @@ def test_every_stage_starts_from_the_same_random_state(tmp_path, tiny_base, one_
 
     import torch
 
-    import stagebudget.stages as stages
+    import stagebudget.training.stages as stages
 
     seen: list[tuple[str, str]] = []
     real = stages.get_stage

@@ -21,8 +21,8 @@ from fake_run import FRONT, make_fake_run
 from stagebudget import cli
 from stagebudget.errors import ConfigError, RunError, UserError
 from stagebudget.fileio import atomic_write_json
-from stagebudget.records import RunDir, TrialRecord
-from stagebudget.runs import load_run
+from stagebudget.results.run import load_run
+from stagebudget.rundir import RunDir, TrialRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "stagebudget"
@@ -53,8 +53,8 @@ def test_out_of_memory_trial_is_failed_with_its_message_never_scored(tmp_path, m
                                                                       make_error):
     from ray import tune
 
-    from stagebudget.space import SearchSpace
-    from stagebudget.trainable import trial_trainable
+    from stagebudget.searching.trainable import trial_trainable
+    from stagebudget.space.schema import SearchSpace
 
     reports: list[dict] = []
     monkeypatch.setattr(tune, "get_context", lambda: _Context())
@@ -79,7 +79,7 @@ def test_out_of_memory_trial_is_failed_with_its_message_never_scored(tmp_path, m
 
 def test_failure_is_recorded_even_when_the_record_cannot_be_saved(tmp_path, monkeypatch):
     """A full disk while recording a failure must not hide the trial's own error."""
-    from stagebudget import trainable
+    from stagebudget.searching import trainable
 
     run = RunDir(tmp_path)
     record = TrialRecord(key="t1", params=dict(PARAMS), schedule={})
@@ -171,14 +171,14 @@ def test_cli_export_on_full_or_read_only_disk_exits_2(tmp_path, monkeypatch, cap
 
 
 def test_cli_turns_a_refused_file_operation_into_one_paragraph(tmp_path, monkeypatch, capsys):
-    import stagebudget.status
+    import stagebudget.results.status
 
     run = make_fake_run(tmp_path / "run")
 
     def refuse(*_a, **_k):
         raise PermissionError(errno.EACCES, "Permission denied", "/srv/runs/x/report.html")
 
-    monkeypatch.setattr(stagebudget.status, "render_status", refuse)
+    monkeypatch.setattr(stagebudget.results.status, "render_status", refuse)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["status", str(run)])
     assert exit_info.value.code == 2
@@ -221,13 +221,8 @@ def test_torn_curve_lines_are_ignored(tmp_path):
 
 # ---------------------------------------------------------------- 4. corrupted cached base model
 def test_corrupted_cached_base_model_is_detected_and_rebuilt(tmp_path):
-    from stagebudget.basemodel import (
-        ModelRefError,
-        build_base,
-        cache_problem,
-        load_model_and_tokenizer,
-        resolve_base_model,
-    )
+    from stagebudget.modelref import ModelRefError, cache_problem, resolve_base_model
+    from stagebudget.training.model import build_base, load_model_and_tokenizer
 
     path = build_base("test", cache_dir=tmp_path)
     weights = path / "model.safetensors"
@@ -286,7 +281,7 @@ def test_study_db_that_is_not_a_database_is_a_run_error(tmp_path, content, needl
 # ---------------------------------------------------------------- 6. safety
 def test_yaml_python_tags_are_rejected_and_never_executed(tmp_path):
     from stagebudget.schedule import Schedule
-    from stagebudget.space import SearchSpace
+    from stagebudget.space.schema import SearchSpace
 
     marker = tmp_path / "pwned"
     hostile = f'!!python/object/apply:os.system ["touch {marker}"]\n'

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stagebudget.replay import ReplayMiss, load_table, mean_values, replay_key, replay_trial
 from stagebudget.schedule import Schedule, StageSpec
+from stagebudget.searching.replay import ReplayMiss, load_table, mean_values, replay_key, replay_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,8 @@ def test_early_stopping_prunes_a_replayed_trial_at_its_stage_end_and_charges_the
     """A row with curves replays them: each stage's end row goes to ``stage_end``, so the
     early-stopping gate decides as in a real trial, and a pruned trial is charged the nominal
     seconds up to the boundary."""
-    from stagebudget.earlystop import StageGate, TrialPruned
+    from stagebudget.searching.earlystop import StageGate
+    from stagebudget.searching.earlystop import StagePruned as TrialPruned
 
     weak = Schedule(stages=(StageSpec(kind="sft", steps=10), StageSpec(kind="rl", steps=5)))
     table = tmp_path / "table.jsonl"
@@ -82,8 +83,9 @@ def test_early_stopping_prunes_a_replayed_trial_at_its_stage_end_and_charges_the
 def test_a_grid_table_replays_through_the_real_search(tmp_path, tiny_base):
     """Train a 2 x 2 grid for real (grid_table.py), then run a search whose trials are looked
     up in it: every trial completes with a table row's values, in seconds per trial."""
-    from stagebudget.records import COMPLETE, RunDir
-    from stagebudget.search import run_search
+    from stagebudget.names import COMPLETE
+    from stagebudget.rundir import RunDir
+    from stagebudget.searching.driver import run_search
 
     space = tmp_path / "grid.yaml"
     space.write_text(yaml.safe_dump({

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from fake_run import FRONT, FakeTrial, make_fake_run, standard_error
-from stagebudget import report
-from stagebudget.report import (
+from stagebudget.results import report
+from stagebudget.results.report import (
     curves_figure,
     front_figure,
     front_table,
@@ -19,7 +19,7 @@ from stagebudget.report import (
     write_pngs,
     write_report,
 )
-from stagebudget.runs import Run, load_run
+from stagebudget.results.run import Run, load_run
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +82,11 @@ def test_report_before_any_trial_completes(tmp_path: Path) -> None:
 
 
 def test_png_skipped_without_a_browser(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(report, "find_browser", lambda: None)
+    looked: list[bool] = []
+    monkeypatch.setattr(report, "find_browser", lambda: looked.append(True))
     messages: list[str] = []
     assert write_pngs({}, tmp_path / "r.html", messages.append) == []
+    assert looked == [True]  # the patched lookup was the one asked
     assert "PNG export skipped: no Chromium/Chrome found" in messages[0]
 
 

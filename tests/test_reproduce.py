@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stagebudget.export import export, exported_threads
-from stagebudget.records import ID_ACCURACY, OOD_ACCURACY, RunDir
-from stagebudget.runs import load_run
-from stagebudget.search import run_search
+from stagebudget.names import ID_ACCURACY, OOD_ACCURACY
+from stagebudget.results.export import export, exported_threads
+from stagebudget.results.run import load_run
+from stagebudget.rundir import RunDir
+from stagebudget.searching.driver import run_search
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 

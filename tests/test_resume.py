@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from runhelpers import demo_space, kill_driver_when
-from stagebudget.fakes import fake_trial_fn
-from stagebudget.records import RunDir
-from stagebudget.search import run_search
+from stagebudget.rundir import RunDir
+from stagebudget.searching.driver import run_search
+from stagebudget.testing.fakes import fake_trial_fn
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 State = optuna.trial.TrialState
@@ -31,8 +31,8 @@ TRIALS = 6
 DRIVER = """
 import functools, os, sys, time
 from pathlib import Path
-from stagebudget.search import run_search
-from stagebudget.fakes import fake_trial_fn
+from stagebudget.searching.driver import run_search
+from stagebudget.testing.fakes import fake_trial_fn
 
 def first_finishes_the_rest_hold(schedule, out_dir=None, *, report, first, calls, **kw):
     try:
@@ -142,7 +142,7 @@ def test_killed_search_resumes_the_interrupted_trials_and_repeats_nothing(tmp_pa
 
 
 def test_retries_are_enqueued_once_and_only_real_outcomes_count(tmp_path: Path) -> None:
-    from stagebudget.search import finished_trials, retry_interrupted
+    from stagebudget.searching.resume import finished_trials, retry_interrupted
 
     study = optuna.create_study(directions=["maximize", "maximize"],
                                 storage=f"sqlite:///{tmp_path / 's.db'}")
@@ -184,8 +184,8 @@ def test_resume_of_a_finished_search_runs_nothing(tmp_path: Path) -> None:
 
 
 def test_mark_interrupted_keeps_finished_work_and_fails_the_rest(tmp_path: Path) -> None:
-    from stagebudget.records import TrialRecord
-    from stagebudget.search import mark_interrupted
+    from stagebudget.rundir import TrialRecord
+    from stagebudget.searching.resume import mark_interrupted
 
     study = optuna.create_study(directions=["maximize", "maximize"],
                                 storage=f"sqlite:///{tmp_path / 's.db'}")
@@ -215,7 +215,7 @@ def test_mark_interrupted_keeps_finished_work_and_fails_the_rest(tmp_path: Path)
 REAL_DRIVER = """
 import sys
 from pathlib import Path
-from stagebudget.search import run_search
+from stagebudget.searching.driver import run_search
 run_search(sys.argv[1], name="real", runs_dir=Path(sys.argv[2]), live=False)
 """
 

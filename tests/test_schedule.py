@@ -37,8 +37,8 @@ def test_frozen_and_hashable():
 
 def test_one_identity_decides_same_trained_model(tmp_path):
     """digest and trial reuse (finished_twin) agree: a display name is not identity."""
-    from stagebudget.records import RunDir, TrialRecord
-    from stagebudget.trainable import finished_twin
+    from stagebudget.rundir import RunDir, TrialRecord
+    from stagebudget.searching.trainable import finished_twin
 
     a, b = make().model_copy(update={"name": "a"}), make().model_copy(update={"name": "b"})
     assert a.digest() == b.digest()

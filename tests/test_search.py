@@ -14,17 +14,14 @@ import yaml
 
 from runhelpers import demo_space
 from stagebudget.errors import ConfigError, UserError
-from stagebudget.fakes import fake_trial_fn
-from stagebudget.records import RunDir
+from stagebudget.rundir import RunDir
 from stagebudget.schedule import Schedule
-from stagebudget.search import check_local_resources, check_space, run_search
-from stagebudget.space import SearchSpace
+from stagebudget.searching.driver import run_search
+from stagebudget.searching.preflight import check_local_resources, check_space
+from stagebudget.searching.tune_adapter import BudgetLimiter, make_sampler, reference_name
+from stagebudget.space.schema import SearchSpace
 from stagebudget.studystore import open_storage
-from stagebudget.tune_adapter import (
-    BudgetLimiter,
-    make_sampler,
-    reference_name,
-)
+from stagebudget.testing.fakes import fake_trial_fn
 from stagebudget.version import numerics
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
@@ -288,7 +285,7 @@ def test_real_small_search_end_to_end(tmp_path: Path) -> None:
 def test_live_stats_and_front_table_read_the_study() -> None:
     from rich.console import Console
 
-    from stagebudget.live import collect_stats, front_table, render_stats
+    from stagebudget.searching.live import collect_stats, front_table, render_stats
 
     study = optuna.create_study(directions=["maximize", "maximize"])
     for values in ([0.9, 0.3], [0.3, 0.8], [0.5, 0.5], [0.4, 0.4]):
@@ -311,8 +308,8 @@ def test_a_schedule_already_trained_in_the_run_is_reused_not_retrained(tmp_path,
     """Different params that plan the same schedule (RL rank with no RL budget) train once."""
     from ray import tune
 
-    from stagebudget.records import RunDir
-    from stagebudget.trainable import trial_trainable
+    from stagebudget.rundir import RunDir
+    from stagebudget.searching.trainable import trial_trainable
 
     ids = iter(["t_00001", "t_00002", "t_00003"])
 
@@ -356,9 +353,9 @@ def test_a_trial_records_its_planned_cost_beside_the_measured_one(tmp_path, monk
     starts; the measured device-hours (a stopwatch, slowed by load) stay in the ledger."""
     from ray import tune
 
-    from stagebudget.records import RunDir, planned_hours
+    from stagebudget.rundir import RunDir, planned_hours
     from stagebudget.schedule import Schedule
-    from stagebudget.trainable import trial_trainable
+    from stagebudget.searching.trainable import trial_trainable
 
     class Ctx:
         def get_trial_id(self) -> str:
@@ -388,18 +385,20 @@ def test_a_cluster_that_refuses_at_connect_leaves_no_run_directory(tmp_path: Pat
     """Past the up-front probe, a refusal from ray.init still leaves nothing behind."""
     import ray
 
-    import stagebudget.search as search_mod
+    import stagebudget.searching.preflight as checks_mod
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379")
 
-    monkeypatch.setattr(search_mod, "check_cluster", lambda address: None)
+    probed: list[str] = []
+    monkeypatch.setattr(checks_mod, "check_cluster", probed.append)
     monkeypatch.setattr(ray, "init", refuse)
     space = write_space(tmp_path, trials=1, concurrency=1, references=False)
     with pytest.raises(UserError, match=r"cannot connect to the Ray cluster at --address 10\.0\.0\.1:6379"):
         run_search(space, name="c", runs_dir=tmp_path / "runs", address="10.0.0.1:6379",
                    live=False, trial_fn=FAST)
     assert not (tmp_path / "runs" / "c").exists()
+    assert probed == ["10.0.0.1:6379"]  # the up-front probe was the one patched
 
 
 # --- twins: params that plan a schedule this search has trained, or is training -------------
@@ -410,7 +409,7 @@ DISTINCT = {"sft.share": 0.5, "sft.lora_rank": 16, "sft.learning_rate": 1e-3, "r
 def _twin_search(tmp_path: Path) -> tuple[object, SearchSpace, object]:
     """A StudySearch over the demo space whose first three asks are: SFT only with RL rank 4,
     its twin with RL rank 16 (RL gets no budget, so the rank changes nothing), a new one."""
-    from stagebudget.tune_adapter import StudySearch, metric_names, modes, planned_schedule
+    from stagebudget.searching.tune_adapter import StudySearch, metric_names, modes, planned_schedule
 
     space = SearchSpace.load(DEMO)
     cost = space.cost_model()
@@ -425,7 +424,7 @@ def _twin_search(tmp_path: Path) -> tuple[object, SearchSpace, object]:
 
 def _finish(run: RunDir, key: str, params: dict, space: SearchSpace, cost: object,
             objectives: dict | None) -> None:
-    from stagebudget.records import TrialRecord
+    from stagebudget.rundir import TrialRecord
 
     schedule = space.schedule_from_params(params, cost, name=key).to_dict()  # type: ignore[arg-type]
     run.write_record(TrialRecord(key=key, params=params, schedule=schedule,
@@ -434,8 +433,8 @@ def _finish(run: RunDir, key: str, params: dict, space: SearchSpace, cost: objec
 
 
 def test_a_twin_of_a_finished_trial_is_told_its_result_and_takes_no_trial(tmp_path: Path) -> None:
-    from stagebudget.live import collect_stats, study_front
-    from stagebudget.search import finished_trials
+    from stagebudget.searching.live import collect_stats, study_front
+    from stagebudget.searching.resume import finished_trials
 
     search, space, cost = _twin_search(tmp_path)
     run = RunDir(tmp_path)
@@ -490,8 +489,8 @@ def test_the_console_names_the_runs_tensorboard_folder_not_rays_nor_token_auth(
     import sys
 
     space = write_space(tmp_path, trials=2, concurrency=1)
-    script = ("import functools, sys; from stagebudget.fakes import fake_trial_fn; "
-              "from stagebudget.search import run_search; "
+    script = ("import functools, sys; from stagebudget.testing.fakes import fake_trial_fn; "
+              "from stagebudget.searching.driver import run_search; "
               "print(run_search(sys.argv[1], name='quiet', runs_dir=sys.argv[2], live=False, "
               "trial_fn=functools.partial(fake_trial_fn, seconds=0.1)))")
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from stagebudget.errors import ConfigError
-from stagebudget.space import Dist, SearchSpace, to_optuna
+from stagebudget.space.dims import Dist, to_optuna
+from stagebudget.space.schema import SearchSpace
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -257,8 +258,8 @@ def test_steps_must_be_whole_and_not_negative(tmp_path):
 
 
 def test_lora_settings_per_stage_fixed_or_searched(tmp_path):
-    from stagebudget.cost import CostModel, ModelShape
-    from stagebudget.stages.mapping import lora_kwargs
+    from stagebudget.plan.cost import CostModel, ModelShape
+    from stagebudget.trlconfig import lora_kwargs
 
     data = bad(stages__sft__lora_target_modules={"type": "categorical",
                                                  "choices": ["all-linear", "q_proj,v_proj"]},
@@ -326,7 +327,7 @@ def test_chat_tasks_with_the_builtin_model_are_refused_before_compute(tmp_path):
 
 
 def test_relative_and_absolute_model_paths_share_one_cost_table(tmp_path, monkeypatch):
-    from stagebudget.costtable import default_table_path
+    from stagebudget.plan.costtable import default_table_path
 
     (tmp_path / "m").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -337,7 +338,7 @@ def test_relative_and_absolute_model_paths_share_one_cost_table(tmp_path, monkey
 def test_the_overrun_guard_is_a_budget_setting(tmp_path):
     """budget.overrun_guard reaches the trial (default ledger.OVERRUN_GUARD); below 1 is refused
     with the field named."""
-    from stagebudget.ledger import OVERRUN_GUARD
+    from stagebudget.plan.cost import OVERRUN_GUARD
 
     assert SearchSpace.load(write(tmp_path, BASE)).budget.overrun_guard == OVERRUN_GUARD
     data = json.loads(json.dumps(BASE))

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from stagebudget.ledger import BudgetClock
 from stagebudget.schedule import StageSpec
-from stagebudget.stages import STAGES, StageContext, lora_config, merge
 from stagebudget.tasks import Example
+from stagebudget.training.clock import BudgetClock
+from stagebudget.training.stages import STAGES, StageContext, lora_config, merge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,7 +83,7 @@ def _spec(kind: str, rank: int, steps: int = 3) -> StageSpec:
 
 @pytest.fixture
 def loaded(tiny_base):
-    from stagebudget.basemodel import load_model_and_tokenizer
+    from stagebudget.training.model import load_model_and_tokenizer
 
     return load_model_and_tokenizer(tiny_base)
 
@@ -212,7 +212,7 @@ def test_gpu_seconds_count_devices_held():
 
 
 def test_reward_metrics_report_the_task_score_apart_from_the_shaped_reward():
-    from stagebudget.stages.rl import reward_metrics
+    from stagebudget.training.stages.rl import reward_metrics
 
     logs = [{"step": i + 1, "reward": 1.0 + i / 10, "frac_reward_zero_std": 0.25}
             for i in range(8)]
@@ -226,7 +226,7 @@ def test_reward_metrics_report_the_task_score_apart_from_the_shaped_reward():
 
 def test_matched_gain_ignores_which_prompts_a_quarter_drew():
     """Prompts drawn in a harder mix late in a stage do not read as the model getting worse."""
-    from stagebudget.stages.rl import matched_gain, reward_metrics
+    from stagebudget.training.stages.rl import matched_gain, reward_metrics
 
     easy, hard = ("charge", 4), ("translate", 5)
     # the model does not change: easy prompts always score 1, hard ones 0; the early steps
@@ -249,7 +249,7 @@ def test_rl_prompts_come_in_every_stretch_in_proportion():
     import random
     from collections import Counter
 
-    from stagebudget.stages.rl import stratified_order
+    from stagebudget.training.stages.rl import stratified_order
 
     rng = random.Random(5)
     strata = [rng.choice([("charge", 4), ("translate", 2), ("translate", 9), ("rare", 1)])
@@ -268,8 +268,8 @@ def test_rl_prompts_come_in_every_stretch_in_proportion():
 
 def test_an_rl_stage_trains_on_its_prompts_in_the_stratified_order(loaded, monkeypatch):
     """GRPO keeps the order the stage drew (no shuffle of its own), and the order is exported."""
-    from stagebudget.stages import rl
-    from stagebudget.stages.mapping import trl_config_kwargs
+    from stagebudget.training.stages import rl
+    from stagebudget.trlconfig import trl_config_kwargs
 
     model, tokenizer = loaded
     suite = ToySuite()

@@ -11,9 +11,9 @@ from rich.console import Console
 
 from fake_run import FRONT, FakeTrial, make_fake_run, standard_error
 from stagebudget.errors import RunError
-from stagebudget.records import RunDir
-from stagebudget.runs import Run, ledger_hours, load_run, params_key
-from stagebudget.status import front_table, render_status
+from stagebudget.results.run import Run, ledger_hours, load_run, params_key
+from stagebudget.results.status import front_table, render_status
+from stagebudget.rundir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,8 @@ def test_a_trial_cut_before_it_started_does_not_take_its_retrys_record(tmp_path:
     trial id, not the params, joins the retry to its record (export of the knee failed)."""
     import optuna
 
-    from stagebudget.records import COMPLETE, TUNE_ID_ATTR, RunDir, TrialRecord
+    from stagebudget.names import COMPLETE, TUNE_ID_ATTR
+    from stagebudget.rundir import RunDir, TrialRecord
 
     dist = {"sft.share": optuna.distributions.FloatDistribution(0, 1)}
     study = optuna.create_study(directions=["maximize", "maximize"])
@@ -162,7 +163,7 @@ def test_status_labels_trials_that_differ_only_in_learning_rate_apart(tmp_path: 
 def test_tensorboard_run_names_label_trials_as_status_does(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from stagebudget.tune_adapter import TensorBoardCurves
+    from stagebudget.searching.tune_adapter import TensorBoardCurves
 
     root = make_fake_run(tmp_path / "lr", trials=LR_TRIALS)
     views = load_run(root).trials()
@@ -198,7 +199,7 @@ def test_nominal_cost_is_the_planned_cost_with_measured_seconds_beside(tmp_path:
 
 
 def test_planned_cost_of_older_records_comes_from_their_ledger() -> None:
-    from stagebudget.records import TrialRecord, planned_hours
+    from stagebudget.rundir import TrialRecord, planned_hours
 
     old = TrialRecord.from_dict({"key": "a", "params": {}, "status": "COMPLETE",
                                  "schedule": {"stages": [{"kind": "sft"}, {"kind": "rl"}]},

@@ -23,19 +23,19 @@ import pgserver
 from runhelpers import demo_space, kill_driver_when
 from stagebudget.cli import app
 from stagebudget.errors import RunError, UserError
-from stagebudget.fakes import fake_trial_fn
-from stagebudget.records import RunDir
-from stagebudget.runs import load_run
-from stagebudget.search import run_search
+from stagebudget.results.run import load_run
+from stagebudget.rundir import RunDir
+from stagebudget.searching.driver import run_search
 from stagebudget.studystore import normalize_url, open_storage, redact
+from stagebudget.testing.fakes import fake_trial_fn
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 TRIALS = 5
 DRIVER = """
 import functools, sys
 from pathlib import Path
-from stagebudget.search import run_search
-from stagebudget.fakes import fake_trial_fn
+from stagebudget.searching.driver import run_search
+from stagebudget.testing.fakes import fake_trial_fn
 run_search(sys.argv[1], name="st", runs_dir=Path(sys.argv[2]), storage=sys.argv[3] or None,
            live=False, trial_fn=functools.partial(fake_trial_fn, seconds=2.0))
 """

@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 from stagebudget import __version__
-from stagebudget.fakes import fake_trial_fn
-from stagebudget.records import TrialRecord
-from stagebudget.search import run_search
-from stagebudget.studyinfo import steps_ran, steps_text, trial_attrs
+from stagebudget.rundir import TrialRecord, steps_ran, steps_text
+from stagebudget.searching.driver import run_search
+from stagebudget.searching.study_attrs import trial_attrs
+from stagebudget.testing.fakes import fake_trial_fn
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 NAMES = ["id_accuracy", "ood_accuracy"]

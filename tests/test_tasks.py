@@ -209,7 +209,7 @@ def test_pretrain_corpus_balances_variants():
     draws are rejected more often (a prompt must hold a codon or residue whose meaning differs)."""
     from collections import Counter
 
-    from stagebudget.tasks import OOD_WEIGHT
+    from stagebudget.tasks.corpus import OOD_WEIGHT
 
     counts = Counter(t.split(":", 1)[0] for t in pretrain_corpus(seed=0, n=6000) if ":" in t)
     for id_rule, ood_rule in (("tl1", "tl2"), ("tl11", "tl4"), ("ch7", "ch5"), ("ch8", "ch11")):
@@ -325,7 +325,7 @@ def test_a_scorer_that_raises_fails_at_load_not_mid_training(tmp_path):
 
 
 def test_the_grpo_reward_scores_chat_completions_with_the_task_scorer(tmp_path):
-    from stagebudget.stages.rl import suite_reward
+    from stagebudget.training.stages.rl import suite_reward
 
     suite = load_suite(str(_write_rows(tmp_path / "t.jsonl", CHAT_ROWS)),
                        scorer="per_position", answer="answer_tag")
@@ -339,7 +339,7 @@ def test_the_grpo_reward_scores_chat_completions_with_the_task_scorer(tmp_path):
 
 
 def test_the_grpo_reward_gives_partial_credit_to_exact_match_tasks():
-    from stagebudget.stages.rl import PARTIAL_CREDIT, suite_reward
+    from stagebudget.training.stages.rl import PARTIAL_CREDIT, suite_reward
 
     suite = load_suite(names=["translate"], n_train=5, n_id_test=5, n_ood_test=5)
     ex = next(e for e in suite.train if len(e.answer) >= 2)

@@ -12,11 +12,11 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stagebudget.fakes import fake_trial_fn
-from stagebudget.records import RunDir
-from stagebudget.runs import load_run
-from stagebudget.search import run_search
-from stagebudget.tbcurves import run_folder, run_label, write_trial_events
+from stagebudget.results.run import load_run
+from stagebudget.rundir import RunDir
+from stagebudget.searching.driver import run_search
+from stagebudget.searching.tbcurves import run_folder, run_label, write_trial_events
+from stagebudget.testing.fakes import fake_trial_fn
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 

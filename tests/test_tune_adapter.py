@@ -11,10 +11,10 @@ import optuna
 import pytest
 import ray.cloudpickle
 
-from stagebudget.samplers import NSGAIISampler
-from stagebudget.space import SAMPLERS, SearchSpace
+from stagebudget.searching.tune_adapter import build_searcher
+from stagebudget.space.nsga2 import NSGAIISampler
+from stagebudget.space.schema import SAMPLERS, SearchSpace
 from stagebudget.studystore import open_storage
-from stagebudget.tune_adapter import build_searcher
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 

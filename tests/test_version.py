@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from stagebudget.prefixcache import PrefixCache, context_key
-from stagebudget.search import warn_numerics_changed
+from stagebudget.searching.resume import warn_numerics_changed
 from stagebudget.version import numerics, numerics_changes, package_versions
 
 

@@ -11,13 +11,13 @@ import pytest
 import yaml
 from rich.console import Console
 
-from stagebudget.export import export
-from stagebudget.fakes import fake_trial_fn
-from stagebudget.report import write_report
-from stagebudget.runs import load_run
+from stagebudget.results.export import export
+from stagebudget.results.report import write_report
+from stagebudget.results.run import load_run
+from stagebudget.results.status import render_status
 from stagebudget.schedule import Schedule
-from stagebudget.search import run_search
-from stagebudget.status import render_status
+from stagebudget.searching.driver import run_search
+from stagebudget.testing.fakes import fake_trial_fn
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 

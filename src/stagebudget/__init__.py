@@ -18,21 +18,21 @@ from typing import TYPE_CHECKING, Any
 from stagebudget.version import __version__
 
 if TYPE_CHECKING:
-    from stagebudget.runs import load_run as load_run
-    from stagebudget.search import run_search as search
+    from stagebudget.results.run import load_run as load_run
+    from stagebudget.searching.driver import run_search as search
 
 
 def __getattr__(name: str) -> Any:
     if name == "search":
-        from stagebudget.search import run_search
+        from stagebudget.searching.driver import run_search
 
         return run_search
     if name == "load_run":
-        from stagebudget.runs import load_run
+        from stagebudget.results.run import load_run
 
         return load_run
     if name in ("train", "run_schedule"):
-        from stagebudget.pipeline import run_schedule
+        from stagebudget.training.pipeline import run_schedule
 
         return run_schedule
     if name in ("Schedule", "StageSpec", "TasksRef"):
@@ -40,7 +40,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(schedule, name)
     if name == "SearchSpace":
-        from stagebudget.space import SearchSpace
+        from stagebudget.space.schema import SearchSpace
 
         return SearchSpace
     raise AttributeError(f"module 'stagebudget' has no attribute {name!r}")

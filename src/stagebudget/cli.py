@@ -58,7 +58,7 @@ def search(
         help="Also log every trial to this MLflow tracking URI (needs mlflow)")] = None,
 ) -> None:
     """Run a budgeted multi-objective search (Optuna samples, Ray Tune runs the trials)."""
-    from stagebudget.search import SearchInterrupted, run_search
+    from stagebudget.searching.driver import SearchInterrupted, run_search
 
     try:
         run_dir = run_search(
@@ -79,7 +79,7 @@ def validate(
 ) -> None:
     """Check a search space (every check `search` runs before it starts) and print it with its
     cheapest and most expensive schedules."""
-    from stagebudget.search import check_space
+    from stagebudget.searching.preflight import check_space
 
     warnings: list[str] = []
     s = check_space(space, warn=warnings.append)
@@ -125,8 +125,8 @@ def status(
         "and spent cost) and the front; warnings go to stderr")] = False,
 ) -> None:
     """Table of trials and the current Pareto front (works mid-run)."""
-    from stagebudget.runs import load_run
-    from stagebudget.status import render_status, status_document
+    from stagebudget.results.run import load_run
+    from stagebudget.results.status import render_status, status_document
 
     loaded = load_run(run)
     if as_json:
@@ -148,8 +148,8 @@ def pareto(
     png: Annotated[bool, typer.Option(help="Also write PNGs (needs a browser engine)")] = False,
 ) -> None:
     """Write the self-contained HTML Pareto report of a run."""
-    from stagebudget.report import write_report
-    from stagebudget.runs import load_run
+    from stagebudget.results.report import write_report
+    from stagebudget.results.run import load_run
 
     path = write_report(load_run(run), out, png=png)
     console.print(f"report: {path}")
@@ -168,9 +168,9 @@ def export(
 ) -> None:
     """Export a front schedule: a file `stagebudget train` re-runs, its TRL/PEFT configs, and a
     stand-alone TRL + PEFT script beside it (same name, .py)."""
-    from stagebudget.export import export as do_export
-    from stagebudget.export import script_path
-    from stagebudget.runs import load_run
+    from stagebudget.results.export import export as do_export
+    from stagebudget.results.export import script_path
+    from stagebudget.results.run import load_run
 
     path = do_export(load_run(run), pick, out)
     console.print(f"exported: {path}   re-run with: stagebudget train {path} -o OUTDIR")
@@ -188,10 +188,11 @@ def train(
         "else torch's default)")] = None,
 ) -> None:
     """Train one schedule end to end and measure ID/OOD at every evaluation point."""
-    from stagebudget.export import exported_threads
+    from stagebudget.results.export import exported_threads
     from stagebudget.schedule import Schedule
-    from stagebudget.space import DEVICE, check_inputs, generated_tokens
-    from stagebudget.trainview import train_with_progress
+    from stagebudget.space.inputs import check_inputs, generated_tokens
+    from stagebudget.space.schema import DEVICE
+    from stagebudget.training.progress import train_with_progress
 
     if not DEVICE.fullmatch(device):
         raise UserError(f"--device {device!r} is not a device; allowed: auto, cpu, cuda, "
@@ -224,8 +225,8 @@ def calibrate(
              "its concurrency (saved to -o, else its cost_table, else the default table)")] = None,
 ) -> None:
     """Time a few real steps of each stage kind and save the cost table the planner uses."""
-    from stagebudget.calibrate import calibrate as do_calibrate
-    from stagebudget.calibrate import calibrate_space
+    from stagebudget.training.calibrate import calibrate as do_calibrate
+    from stagebudget.training.calibrate import calibrate_space
 
     if space is not None:
         cost = calibrate_space(space, out=out, progress=console.print)
@@ -277,7 +278,8 @@ def base_build(
 ) -> None:
     """Run the recipe that made the shipped base, into the cache (never replacing builtin:SIZE
     unless --ship is given). Pass the printed directory as base_model to use the build."""
-    from stagebudget.basemodel import SHIPPED_DIR, build_base, same_weights, ship_base
+    from stagebudget.modelref import SHIPPED_DIR, same_weights, ship_base
+    from stagebudget.training.model import build_base
 
     path = build_base(size=size, force=force, progress=lambda m: console.print(m))
     info = path / "base_info.json"

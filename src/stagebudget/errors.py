@@ -1,4 +1,5 @@
-"""User-facing errors.
+"""stagebudget's errors: every exception stagebudget raises derives from :class:`StagebudgetError`
+(as every Optuna exception derives from ``OptunaError``), so one ``except`` catches them all.
 
 Every mistake in user input becomes a :class:`UserError` whose message says which file and which
 field is wrong, what was given and what is allowed. The CLI prints it as one paragraph and exits
@@ -12,7 +13,12 @@ from pathlib import Path
 from typing import Any
 
 
-class DeterministicError(Exception):
+class StagebudgetError(Exception):
+    """The root of every exception stagebudget raises (``SearchInterrupted`` excepted: it is a
+    ``KeyboardInterrupt``, which ``except Exception`` must not catch)."""
+
+
+class DeterministicError(StagebudgetError):
     """A failure that a retry cannot change (same input, same result): a trial that raises one
     is recorded FAILED at once, never retried. Our exceptions also survive pickling (Ray sends
     them between processes), so each class with extra constructor arguments defines

@@ -85,15 +85,15 @@ def kind_only_fields() -> tuple[str, ...]:
 # Measured workable on the embedded default suite (see FINDINGS): 8 generations per prompt,
 # 12 completion tokens, no KL term, sampling at temperature 1.
 register_stage_kind(StageKindInfo(
-    name="cpt", order=0, runner="stagebudget.stages.cpt:run_cpt", trl_config="trl.SFTConfig",
+    name="cpt", order=0, runner="stagebudget.training.stages.cpt:run_cpt", trl_config="trl.SFTConfig",
     first_only=True,
     trl_args={"completion_only_loss": False, "dataset_text_field": "text"}))
 register_stage_kind(StageKindInfo(
-    name="sft", order=10, runner="stagebudget.stages.sft:run_sft", trl_config="trl.SFTConfig",
+    name="sft", order=10, runner="stagebudget.training.stages.sft:run_sft", trl_config="trl.SFTConfig",
     trl_args={"completion_only_loss": True}))
 register_stage_kind(StageKindInfo(
-    name="rl", order=20, runner="stagebudget.stages.rl:run_rl", trl_config="trl.GRPOConfig",
+    name="rl", order=20, runner="stagebudget.training.stages.rl:run_rl", trl_config="trl.GRPOConfig",
     generates=True, uses_max_length=False,
     defaults={"num_generations": 8, "max_completion_length": 12, "beta": 0.0, "temperature": 1.0},
-    # prompts come in the stage's own stratified order (stagebudget.stages.rl.rl_rows)
+    # prompts come in the stage's own stratified order (stagebudget.training.stages.rl.rl_rows)
     trl_args={"shuffle_dataset": False}))

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from stagebudget.records import ID_ACCURACY, OOD_ACCURACY
+from stagebudget.names import ID_ACCURACY, OOD_ACCURACY
 from stagebudget.schedule import identity
 
 DIRECTIONS = ("maximize", "minimize")

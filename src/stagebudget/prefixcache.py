@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stagebudget.basemodel import default_cache_dir
 from stagebudget.fileio import atomic_write_json
+from stagebudget.paths import default_prefix_cache_dir
 from stagebudget.schedule import StageSpec
 from stagebudget.version import numerics_changes
 
@@ -66,13 +66,6 @@ NOT_TRAINING = frozenset({"eval_interval"})
 # Bump when an entry's layout or what a stage trains changes (the reward, the data order, the
 # seeding...): older entries are then never hit. Releases also change keys (package versions).
 CACHE_FORMAT = 4  # 4: the CPU capability joined the context
-
-
-def default_prefix_cache_dir() -> Path:
-    """``$STAGEBUDGET_PREFIX_CACHE``, else ``<stagebudget cache>/prefixes`` (under
-    ``$STAGEBUDGET_CACHE`` or ``~/.cache/stagebudget``)."""
-    env = os.environ.get("STAGEBUDGET_PREFIX_CACHE")
-    return Path(env).expanduser() if env else default_cache_dir() / "prefixes"
 
 
 def _digest(value: Any) -> str:
@@ -310,5 +303,4 @@ def _last_used(path: Path) -> float:
         return 0.0
 
 
-__all__ = ["DEFAULT_MAX_GB", "Entry", "PrefixCache", "context_key", "default_prefix_cache_dir",
-           "stage_keys"]
+__all__ = ["DEFAULT_MAX_GB", "Entry", "PrefixCache", "context_key", "stage_keys"]

@@ -15,9 +15,12 @@ Optuna is imported inside the functions, so importing this module stays light.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stagebudget.errors import UserError
+from stagebudget.errors import RunError, UserError
+
+if TYPE_CHECKING:
+    from stagebudget.rundir import RunDir
 
 JOURNAL_PREFIX = "journal:"
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
@@ -95,3 +98,42 @@ def redact(url: str) -> str:
         return url
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}"
+
+
+def study_storage_url(storage: Any, run_dir: RunDir) -> str:
+    """The study storage URL of a run (see :meth:`RunDir.storage_url`), checked: a SQLite file
+    must exist and be SQLite (Optuna would otherwise create or write into it)."""
+    if not isinstance(storage, str) or not storage:
+        raise RunError(f"{run_dir.meta} has no `storage` (an Optuna storage URL)")
+    if is_journal(storage):
+        path = journal_path(storage)
+        moved = run_dir.root / path.name
+        if not path.is_file() and moved.is_file():  # the run directory was moved or copied
+            return JOURNAL_PREFIX + str(moved.resolve())
+        return storage
+    storage = run_dir.storage_url(storage)
+    if not storage.startswith("sqlite:///"):
+        return storage
+    db = Path(storage.removeprefix("sqlite:///"))
+    if db.is_file():
+        _check_sqlite(db, run_dir)
+        return storage
+    # Never let Optuna create an empty database in place of a missing one.
+    raise RunError(f"the study database {db} (from {run_dir.meta}) does not exist")
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _check_sqlite(db: Path, run_dir: RunDir) -> None:
+    """A study file that is empty or not SQLite is a clear error (Optuna would write into it)."""
+    try:
+        with db.open("rb") as fh:
+            head = fh.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise RunError(f"cannot read the study database {db}: {exc.strerror or exc}") from None
+    if head != SQLITE_MAGIC:
+        what = "is empty" if not head else "is not an SQLite database"
+        raise RunError(f"the study database {db} (from {run_dir.meta}) {what}; it is corrupted "
+                       "or was overwritten. The trial records in trials/ are intact, but fronts "
+                       "and exports need the study: restore study.db from a backup")

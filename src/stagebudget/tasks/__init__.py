@@ -19,8 +19,8 @@ from typing import Any
 
 from stagebudget.errors import UserError
 from stagebudget.schedule import BUILTIN_SIZES
-from stagebudget.tasks import data
 from stagebudget.tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS, BuiltinTask
+from stagebudget.tasks.corpus import pretrain_corpus
 from stagebudget.tasks.scoring import (
     EXTRACTIONS,
     SCORERS,
@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 SPLITS = ("train", "id_test", "ood_test")
-MAX_CHARS = 64  # prompt + answer must fit the base model's context
 FORMAT_BONUS = 0.1
 ROLES = ("system", "user", "assistant")
 # A prompt is plain text or a list of chat messages ``[{"role": ..., "content": ...}]``
@@ -423,7 +422,7 @@ def load_suite(source: str = "builtin", names: Sequence[str] = (), n_train: int 
     name of SCORERS or ``package.module:function`` (default "exact"), ``answer`` an
     extraction of EXTRACTIONS (default "full"); the scorer is imported and called on one
     example here, so a broken one fails before any compute. ``max_new_tokens`` caps
-    evaluation generation (default: see :func:`stagebudget.evaluate.max_new_tokens_for`).
+    evaluation generation (default: see :func:`stagebudget.training.evaluate.max_new_tokens_for`).
     """
     if source == "builtin":
         for label, value in (("n_train", n_train), ("n_id_test", n_id_test),
@@ -475,51 +474,3 @@ def _configure_scoring(suite: TaskSuite, source: str, answer: str | None,
                 check_scorer(info.scorer, suite.scorer(task), example.answer, example.answer)
     except ScorerError as exc:
         raise TaskFileError(f"{where}: {exc}") from None
-
-
-# ---------------------------------------------------------------- pre-training corpus
-RAW_SOURCES = ("ecoli_genome", "cdip_genome", "hgc_genome", "ecoli_cds", "myco_cds",
-               "proteome", "ecoli_prot")
-
-
-# Shares of the default tasks in the pre-training corpus: translation (four genetic codes) is
-# learnt several times slower than the base-by-base strand and charge rules, so it gets more.
-# Each OOD rule variant is seen this many times as often as each ID variant: the base knows the
-# OOD rules well and the ID rules less, so SFT on ID has room to learn and OOD has something to
-# lose (the trade-off the tool navigates needs both; chosen for that, not for a result).
-OOD_WEIGHT = 2.0
-PRETRAIN_WEIGHTS = tuple(2.0 if name == "translate" else 1.0 for name in DEFAULT_TASKS)
-
-
-def pretrain_corpus(seed: int = 0, n: int = 30000) -> list[str]:
-    """Texts for base pre-training (and cpt): raw sequence chunks and task examples.
-
-    About 5% raw 16-30 char chunks of real DNA and protein, 90% default-task examples
-    and 5% other built-in tasks, each task under ALL its variants (ID and OOD rules, equally often),
-    drawn from the train pool only, as ``prompt + answer`` strings.
-    """
-    rng = random.Random(f"{seed}:pretrain")
-    n_raw, n_default = n // 20, int(n * 0.9)
-    texts = [_raw_chunk(rng) for _ in range(n_raw)]
-    others = [t for t in BUILTIN_TASKS if t not in DEFAULT_TASKS]
-    for count, pool_names, weights in ((n_default, DEFAULT_TASKS, PRETRAIN_WEIGHTS),
-                                       (n - n_raw - n_default, others, None)):
-        for _ in range(count):
-            task = BUILTIN_TASKS[rng.choices(pool_names, weights)[0]]
-            variants = (*task.id_variants, *task.ood_variants)
-            idx = rng.choices(range(len(variants)),
-                              [1.0] * len(task.id_variants) + [OOD_WEIGHT] * len(task.ood_variants))[0]
-            got = None
-            while got is None:  # redraw the same variant: OOD draws are rejected more often
-                got = task.draw(rng, variants[idx], "train", idx >= len(task.id_variants))
-            texts.append(got[0] + got[1])
-    rng.shuffle(texts)
-    return texts
-
-
-def _raw_chunk(rng: random.Random) -> str:
-    recs = data.pool(rng.choice(RAW_SOURCES), "train")
-    rec = recs[rng.randrange(len(recs))]
-    length = min(len(rec), rng.randint(16, 30))
-    start = rng.randrange(len(rec) - length + 1)
-    return rec[start:start + length]

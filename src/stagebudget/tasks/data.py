@@ -15,6 +15,8 @@ from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
 
+from stagebudget.errors import StagebudgetError
+
 BLOCK = 240  # genome blocks: windows never cross a block, so pools stay disjoint
 TEST_POOL_PERCENT = 20
 
@@ -37,7 +39,7 @@ SOURCES: dict[str, tuple[str, str, str]] = {
 }
 
 
-class DataMissingError(RuntimeError):
+class DataMissingError(RuntimeError, StagebudgetError):
     """A packaged sequence file could not be found in the installed wheels."""
 
 

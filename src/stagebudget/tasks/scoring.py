@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stagebudget.errors import StagebudgetError
+
 NONE_MARK = "-"  # how an empty set is written in set-valued answers
 
 
@@ -117,7 +119,7 @@ EXTRACTIONS = ("full", "answer_tag", "last_line", "regex:PATTERN")
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
-class ScorerError(ValueError):
+class ScorerError(ValueError, StagebudgetError):
     """A scorer or an answer setting cannot be used; the message names it and the fix."""
 
 

@@ -1,0 +1,1 @@
+"""Planning: the cost model and calibrated cost tables that turn a budget into step counts."""

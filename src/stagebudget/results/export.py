@@ -1,0 +1,197 @@
+"""Export one trial of a run: its schedule (re-runnable) plus the equivalent TRL/PEFT settings.
+
+The file's ``schedule:`` key is what ``stagebudget train FILE`` reads (see ``Schedule.load``);
+``trl:`` lists, per stage, the ``trl.SFTConfig``/``trl.GRPOConfig`` arguments (for the machine
+kind the trial trained on, ``device:``) and the ``peft.LoraConfig`` kwargs a user can take to
+their own pipeline, read from the one mapping that training uses
+(:mod:`stagebudget.trlconfig`). Beside it, ``FILE.py`` trains the schedule in plain TRL +
+PEFT (see :mod:`stagebudget.results.exportscript`). Nothing heavy is imported.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stagebudget.errors import RunError, UserError
+from stagebudget.fileio import atomic_write_text, atomic_write_yaml, read_yaml
+from stagebudget.names import FAILED, ID_ACCURACY, OOD_ACCURACY, RUNNING, TORCH_THREADS
+from stagebudget.results.exportscript import render_script
+from stagebudget.schedule import StageSpec
+from stagebudget.trlconfig import config_class, lora_kwargs, precision_kwargs, trl_config_kwargs
+
+if TYPE_CHECKING:
+    from stagebudget.pareto import FrontInfo
+    from stagebudget.results.run import Run
+
+PICK_FORMS = ("knee", "max-ood", "max-id", "ood-at-id=X (e.g. ood-at-id=0.9)", "trial=N")
+__all__ = ["config_class", "export", "export_document", "exported_threads", "lora_kwargs",
+           "precision_kwargs", "resolve_pick", "stage_export", "trl_config_kwargs"]
+
+
+def resolve_pick(front: FrontInfo, pick: str, states: dict[int, str] | None = None) -> int:
+    """The trial number ``pick`` selects among the completed trials of ``front``.
+
+    Raises :class:`RunError` when nothing is complete, :class:`UserError` for an unknown pick or
+    one that matches no trial (saying why and what is available).
+    """
+    text = pick.strip().lower()
+    match = re.fullmatch(r"(knee|max-ood|max-id|ood-at-id=(?P<x>.+)|trial=(?P<n>.+))", text)
+    if match is None:
+        raise UserError(f"unknown pick {pick!r}; allowed forms: {', '.join(PICK_FORMS)}")
+    if front.empty:
+        n = dict(front.counts)
+        raise RunError(
+            f"no completed trial to export yet ({n.get(RUNNING, 0)} running, "
+            f"{n.get(FAILED, 0)} failed); wait for one to complete"
+        )
+    if match["n"] is not None:
+        return _pick_trial(front, match["n"], states or {})
+    if text == "knee":
+        return front.knee if front.knee is not None else front.front[0]
+    if text in ("max-id", "max-ood"):
+        return _best(front, ID_ACCURACY if text == "max-id" else OOD_ACCURACY,
+                     front.points.keys(), pick)
+    return _ood_at_id(front, match["x"], pick)
+
+
+def _need(front: FrontInfo, name: str, pick: str) -> None:
+    if name not in front.objective_names:
+        raise UserError(f"pick {pick!r} needs the objective {name!r}, but this run's objectives "
+                        f"are {', '.join(front.objective_names)}")
+
+
+def _best(front: FrontInfo, name: str, numbers: Any, pick: str) -> int:
+    """Best trial by ``name`` (ties: better other objectives by front order, then lower number)."""
+    _need(front, name, pick)
+    sign = 1.0 if front.directions[front.objective_names.index(name)] == "maximize" else -1.0
+    return max(sorted(numbers), key=lambda n: (sign * front.value(n, name), n in front.front, -n))
+
+
+def _ood_at_id(front: FrontInfo, raw: str, pick: str) -> int:
+    try:
+        floor = float(raw)
+    except ValueError:
+        raise UserError(f"pick {pick!r}: {raw!r} is not a number; e.g. ood-at-id=0.9") from None
+    _need(front, ID_ACCURACY, pick)
+    _need(front, OOD_ACCURACY, pick)
+    eligible = [n for n in front.points if front.value(n, ID_ACCURACY) >= floor - 1e-12]
+    if not eligible:
+        top = _best(front, ID_ACCURACY, front.points.keys(), pick)
+        best = front.value(top, ID_ACCURACY)
+        raise UserError(
+            f"no completed trial reaches ID accuracy >= {floor:g}; the best ID accuracy is "
+            f"{best:.4g} (trial {top}): lower the threshold (e.g. ood-at-id={best:.3g}) or use "
+            "max-id"
+        )
+    return _best(front, OOD_ACCURACY, eligible, pick)
+
+
+def _pick_trial(front: FrontInfo, raw: str, states: dict[int, str]) -> int:
+    try:
+        number = int(raw)
+    except ValueError:
+        raise UserError(f"trial={raw!r}: give an Optuna trial number, e.g. trial=3") from None
+    if number in front.points:
+        return number
+    done = ", ".join(map(str, sorted(front.points)))
+    why = (f"trial {number} is {states[number]}, not complete" if number in states
+           else f"there is no trial {number} in this run")
+    knee = f"; the knee is trial {front.knee}" if front.knee is not None else ""
+    raise UserError(f"{why}; completed trials: {done}{knee}")
+
+
+def export_document(run: Run, number: int, pick: str, front: FrontInfo) -> dict[str, Any]:
+    """The exported mapping for trial ``number`` of ``run`` (schedule, trl, objectives, source)."""
+    view = next((t for t in run.trials() if t.number == number), None)
+    schedule = view.schedule if view is not None else None
+    if view is None or schedule is None:
+        raise RunError(
+            f"trial {number} has no readable trial record in {run.dir.trials} (record.json with "
+            "a schedule), so its schedule cannot be exported"
+        )
+    objectives = dict(zip(front.objective_names, front.points[number].values, strict=True))
+    if view.record is not None:
+        extra = {k: v for k, v in view.record.objectives.items() if k not in objectives}
+        objectives.update(extra)
+    device = _trained_device(view.record)
+    stages = [stage_export(spec, i, schedule.seed, device) for i, spec in enumerate(schedule.stages)]
+    source = {"run": run.name, "run_dir": str(run.dir.root), "study": run.study.study_name,
+              "trial": number, "pick": pick, "reference": view.reference,
+              "params": view.params, "on_front": number in front.front}
+    if view.record is not None:
+        source["record"] = view.record.key
+    document: dict[str, Any] = {"schedule": schedule.to_dict(), "trl": stages, "device": device,
+                                "objectives": objectives, "source": source}
+    threads = getattr(view.record, TORCH_THREADS, None)
+    if threads:  # CPU results depend on it bit for bit: `train` and the script use it
+        document[TORCH_THREADS] = int(threads)
+    return document
+
+
+def exported_threads(path: Path) -> int | None:
+    """The ``torch_threads`` an export file says its trial trained with (None: not given, e.g.
+    a hand-written schedule). A value that is not a positive integer is a :class:`UserError`."""
+    data = read_yaml(path)
+    value = data.get(TORCH_THREADS) if isinstance(data, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{path}: field `{TORCH_THREADS}` must be a positive integer (the torch "
+                        f"thread count the trial trained with), but got {value!r}; fix it or "
+                        "remove it to use torch's default")
+    return value
+
+
+def stage_export(spec: StageSpec, index: int, seed: int, device: str) -> dict[str, Any]:
+    """One stage as TRL/PEFT settings that construct and train on ``device``'s machine kind:
+    ``config(output_dir=..., **args)``, ``LoraConfig(**peft)`` (None: full fine-tuning)."""
+    from stagebudget.trlconfig import MIN_CORPUS
+
+    entry = {"stage": spec.kind, "index": index, "config": config_class(spec),
+             "args": {**trl_config_kwargs(spec, seed=seed), **precision_kwargs(device)},
+             "peft": lora_kwargs(spec)}
+    if spec.kind == "cpt":  # texts in one pass of the stage, as stagebudget trains it
+        entry["corpus_size"] = max(MIN_CORPUS, spec.steps * spec.batch_size)
+    return entry
+
+
+def _trained_device(record: Any) -> str:
+    """``cuda`` or ``cpu``: the machine kind the trial trained on (its ledger says)."""
+    device = str((getattr(record, "ledger", None) or {}).get("device") or "cpu")
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def export(run: Run, pick: str, out: Path) -> Path:
+    """Write the trial ``pick`` selects as a YAML file (atomically) and return its path.
+
+    ``out`` may be a file path or an existing directory (the file is then named after the run
+    and trial). ``stagebudget train`` re-runs the ``schedule:`` it holds exactly.
+    """
+    front = run.front(curves=False)
+    states = {t.number: t.state for t in run.trials() if t.number is not None}
+    number = resolve_pick(front, pick, states)
+    document = export_document(run, number, pick, front)
+    out = Path(out)
+    if out.is_dir():
+        out = out / f"{run.name}-trial{number}.yaml"
+    atomic_write_yaml(out, document)
+    atomic_write_text(script_path(out), render_script(document, device=document["device"],
+                                                      base_model=_local_base(run, document)))
+    return out
+
+
+def script_path(out: Path) -> Path:
+    """Where the stand-alone TRL script of the export ``out`` goes: ``best.yaml`` -> ``best.py``."""
+    return out.with_suffix(".py")
+
+
+def _local_base(run: Run, document: dict[str, Any]) -> str | None:
+    """A relative local base-model path made absolute (relative to the run's space file)."""
+    base = str(document["schedule"].get("base_model", ""))
+    if not base or base.startswith("builtin:") or Path(base).is_absolute():
+        return None
+    space_file = run.meta.get("space_file")
+    root = Path(space_file).parent if isinstance(space_file, str) and space_file else Path.cwd()
+    return str((root / base).resolve())

@@ -1,0 +1,190 @@
+"""The stand-alone training script an export writes beside its YAML: plain TRL + PEFT.
+
+The script trains the exported schedule stage by stage (``SFTTrainer`` for cpt/sft,
+``GRPOTrainer`` for rl, each stage with its own LoRA adapter merged into the weights before the
+next stage attaches its own), then measures ID and OOD accuracy by greedy decoding. stagebudget
+is used only for the task data (``load_suite``, ``pretrain_corpus``), the RL reward
+(``suite_reward``) and, for a built-in base model, the path of its cache. With the same seed it
+measures what ``stagebudget train`` measures for the same schedule.
+
+Rendering is string work only (nothing heavy is imported here).
+
+>>> "SFTTrainer" in render_script({"schedule": {"stages": []}, "trl": [], "source": {}})
+True
+"""
+
+from __future__ import annotations
+
+import pprint
+from typing import Any
+
+from stagebudget.names import TORCH_THREADS
+from stagebudget.version import __version__
+
+SCRIPT_HEAD = '''#!/usr/bin/env python3
+"""Train {label} with plain TRL + PEFT, stage by stage, then measure ID/OOD accuracy.
+
+Exported by stagebudget {version} from {origin}. Each stage trains its own LoRA adapter (or the
+full model at rank 0), which is merged into the weights before the next stage begins. stagebudget
+is used only for the task data, the RL reward and the built-in base model's cache path.
+`stagebudget train` on the exported YAML trains the same schedule and, with the same seed and
+torch thread count, measures the same ID/OOD.
+
+    python {{this file}} --out DIR [--save-model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+
+from stagebudget.stages.rl import rl_rows, suite_reward  # RL prompt order and reward
+from stagebudget.tasks import load_suite, pretrain_corpus  # the task data
+
+'''
+
+SCRIPT_BODY = '''
+
+def load_base(ref: str, device: str):
+    """The base model and its tokenizer (left padding, pad = EOS when it has none)."""
+    if ref.startswith("builtin:"):  # stagebudget's embedded model, shipped inside the package
+        from stagebudget.basemodel import resolve_base_model
+
+        ref = str(resolve_base_model(ref))
+    model = AutoModelForCausalLM.from_pretrained(ref, use_safetensors=True,
+                                                 trust_remote_code=TRUST_REMOTE_CODE)
+    tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=TRUST_REMOTE_CODE)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.to(device), tokenizer
+
+
+def stage_dataset(stage: dict, suite, tokenizer) -> Dataset:
+    """cpt: raw text; sft: prompt/completion (answer + EOS); rl: prompts with answer and task,
+    in stagebudget's stratified order (the config does not shuffle them)."""
+    if stage["stage"] == "cpt":
+        return Dataset.from_list([{"text": t}
+                                  for t in pretrain_corpus(seed=SEED, n=stage["corpus_size"])])
+    if stage["stage"] == "sft":
+        return Dataset.from_list([{"prompt": e.prompt, "completion": e.answer + tokenizer.eos_token}
+                                  for e in suite.train])
+    return Dataset.from_list(rl_rows(suite.train, SEED))
+
+
+def train_stage(model, tokenizer, suite, stage: dict, out: Path):
+    """One stage with TRL, its adapter merged into the returned plain model."""
+    peft_config = LoraConfig(**stage["peft"]) if stage["peft"] else None
+    args = {**stage["args"], "output_dir": str(out / f"stage{stage['index']}-{stage['stage']}")}
+    if args.get("bf16") and not torch.cuda.is_bf16_supported():
+        args["bf16"] = False  # a GPU without bf16 trains in fp32, as stagebudget does
+    if stage["stage"] == "rl":
+        trainer = GRPOTrainer(model=model, reward_funcs=[suite_reward(suite)],
+                              args=GRPOConfig(**args),
+                              train_dataset=stage_dataset(stage, suite, tokenizer),
+                              processing_class=tokenizer, peft_config=peft_config)
+    else:
+        trainer = SFTTrainer(model=model, args=SFTConfig(**args),
+                             train_dataset=stage_dataset(stage, suite, tokenizer),
+                             processing_class=tokenizer, peft_config=peft_config)
+    trainer.train()
+    model = trainer.model
+    if isinstance(model, PeftModel):  # TRL refuses a PeftModel with a new peft_config
+        model = model.merge_and_unload()
+    return model.eval()
+
+
+def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256):
+    """Greedy completions, cut at EOS, special tokens removed."""
+    model.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True)
+        enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+        for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[:row.index(tokenizer.eos_token_id)]
+            out.append(tokenizer.decode(row, skip_special_tokens=True))
+    return out
+
+
+def accuracy(model, tokenizer, suite, examples) -> float:
+    """Mean score of greedy answers (the longest test answer + 2 new tokens at most)."""
+    if not examples:
+        return 0.0
+    longest = max(len(e.answer) for e in (*suite.id_test, *suite.ood_test))
+    preds = greedy(model, tokenizer, [e.prompt for e in examples], longest + 2)
+    return sum(suite.score(e, p) for e, p in zip(examples, preds)) / len(examples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("trained-trl"), help="output directory")
+    parser.add_argument("--save-model", action="store_true", help="save the final merged model")
+    parser.add_argument("--base-model", default=BASE_MODEL, help="builtin:NAME or a local directory")
+    opts = parser.parse_args()
+    if TORCH_THREADS:  # CPU float sums depend on the thread count: train as the trial did
+        torch.set_num_threads(TORCH_THREADS)
+    set_seed(SEED)
+    model, tokenizer = load_base(opts.base_model, DEVICE)
+    suite = load_suite(**TASKS)
+    for stage in STAGES:
+        model = train_stage(model, tokenizer, suite, stage, opts.out)
+    metrics = {"id_accuracy": accuracy(model, tokenizer, suite, suite.id_test),
+               "ood_accuracy": accuracy(model, tokenizer, suite, suite.ood_test)}
+    opts.out.mkdir(parents=True, exist_ok=True)
+    (opts.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if opts.save_model:
+        model.save_pretrained(str(opts.out / "model"), safe_serialization=True)
+        tokenizer.save_pretrained(str(opts.out / "model"))
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def _literal(value: Any) -> str:
+    return pprint.pformat(value, indent=1, width=96, sort_dicts=False)
+
+
+def render_script(document: dict[str, Any], *, base_model: str | None = None,
+                  device: str = "cpu") -> str:
+    """The Python source of the stand-alone script for an export ``document`` (see
+    :func:`stagebudget.results.export.export_document`). ``base_model`` overrides the schedule's (an
+    absolute path for a local model)."""
+    schedule = document["schedule"]
+    source = document.get("source") or {}
+    tasks = dict(schedule.get("tasks") or {})
+    suite = {"source": tasks.get("source", "builtin"), "names": list(tasks.get("names") or []),
+             **{k: tasks[k] for k in ("n_train", "n_id_test", "n_ood_test", "seed", "scorer")
+                if k in tasks}}
+    label = " -> ".join(f"{s['kind']} {s['steps']}@r{s.get('lora_rank', 8)}"
+                        for s in schedule.get("stages", [])) or "a schedule"
+    origin = (f"run {source.get('run')!r}, trial {source.get('trial')} "
+              f"(pick {source.get('pick')!r})" if source else "a schedule")
+    head = SCRIPT_HEAD.format(label=label, version=__version__, origin=origin)
+    constants = "\n".join([
+        f"BASE_MODEL = {base_model or schedule.get('base_model', 'builtin:tiny')!r}",
+        f"DEVICE = {device!r}  # the machine kind the run trained on",
+        f"SEED = {int(schedule.get('seed', 0))!r}",
+        f"TRUST_REMOTE_CODE = {bool(schedule.get('trust_remote_code', False))!r}"
+        "  # run the model's own code (only if the schedule said so)",
+        f"TORCH_THREADS = {document.get(TORCH_THREADS)!r}"
+        "  # torch threads the trial trained with (None: torch's default)",
+        f"TASKS = {_literal(suite)}",
+        f"STAGES = {_literal(document['trl'])}",
+    ])
+    return head + constants + "\n" + SCRIPT_BODY

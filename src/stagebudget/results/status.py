@@ -1,0 +1,158 @@
+"""``stagebudget status RUN``: one row per trial, then the front, readable while a run goes on."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from rich.table import Table
+from rich.text import Text
+
+from stagebudget.names import COMPLETE, FAILED, PRUNED, RUNNING, WAITING
+from stagebudget.pareto import FrontInfo
+from stagebudget.rundir import describe_spend, spend_summary
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from stagebudget.results.run import Run, StatusRow
+
+STATE_STYLE = {COMPLETE: "green", RUNNING: "yellow", WAITING: "dim", PRUNED: "magenta",
+               FAILED: "red"}
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _with_se(value: float | None, se: float | None) -> str:
+    """``0.712 ±.014``: an accuracy with its standard error, when the record has one."""
+    if se is None or value is None:
+        return _fmt(value)
+    return f"{value:.3f} ±{format(se, '.3f').lstrip('0')}"
+
+
+def trials_table(rows: list[StatusRow], title: str = "trials") -> Table:
+    """The per-trial table: state, reference, schedule, SFT share, objectives, cost (nominal:
+    planned by the cost model; measured: timed training, which grows with load; spent: what
+    this trial really trained), front, error."""
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for name, kw in (("#", {"justify": "right"}), ("state", {"min_width": 8}), ("ref", {}),
+                     ("schedule", {"overflow": "fold", "min_width": 24}),
+                     ("sft share", {"justify": "right"}),
+                     ("ID ± SE", {"justify": "right"}), ("OOD ± SE", {"justify": "right"}),
+                     ("nominal dev-h\n(planned)", {"justify": "right"}),
+                     ("measured\ndev-s", {"justify": "right"}),
+                     ("spent\ndev-h", {"justify": "right"}),
+                     ("front", {"justify": "center"}),
+                     ("error", {"overflow": "ellipsis", "max_width": 36, "no_wrap": True})):
+        table.add_column(name, **kw)  # type: ignore[arg-type]
+    for r in rows:
+        mark = "✓ knee" if r.knee else ("✓" if r.on_front else "")
+        table.add_row(
+            "–" if r.number is None else str(r.number),
+            Text(r.state, style=STATE_STYLE.get(r.state, "")),
+            r.reference or "",
+            r.schedule,
+            _fmt(r.sft_share, ".3g"),
+            _with_se(r.id_accuracy, r.id_se),
+            _with_se(r.ood_accuracy, r.ood_se),
+            _fmt(r.planned_hours, ".4f"),
+            _fmt(r.measured_seconds, ".1f"),
+            _fmt(r.spent_hours, ".4f"),
+            Text(mark, style="bold green") if mark else "",
+            Text(r.error or "", style="red"),
+            style="dim" if r.state not in (COMPLETE, RUNNING) else None,
+        )
+    return table
+
+
+def front_table(front: FrontInfo) -> Table:
+    """The front: its trials (by the first objective), the knee, and the hypervolume."""
+    ref = ", ".join(f"{v:.3g}" for v in front.ref_point)
+    caption = (f"hypervolume {front.hypervolume:.4f} (reference point {ref}); "
+               f"knee: {'trial ' + str(front.knee) if front.knee is not None else '–'}")
+    table = Table(title=f"Pareto front ({len(front.front)} of {len(front.points)} completed)",
+                  title_justify="left", caption=caption, caption_justify="left",
+                  header_style="bold")
+    table.add_column("#", justify="right")
+    for name, direction in zip(front.objective_names, front.directions, strict=True):
+        table.add_column(f"{name} {'↑' if direction == 'maximize' else '↓'}", justify="right")
+    table.add_column("sft share", justify="right")
+    table.add_column("schedule", overflow="fold")
+    table.add_column("", justify="left")
+    for number in front.front:
+        p = front.points[number]
+        notes = [n for n in ("knee" if number == front.knee else "", p.reference or "") if n]
+        table.add_row(str(number), *(f"{v:.4g}" for v in p.values), _fmt(p.sft_share, ".3g"),
+                      p.label, ", ".join(notes))
+    return table
+
+
+def render_status(run: Run, console: Console) -> None:
+    """Print the trials table and the front summary of ``run`` (finished or not)."""
+    front = run.front(curves=False)
+    c = front.counts
+    budget = run.budget_hours
+    console.print(
+        f"[bold]{run.name}[/bold]  {c.get(COMPLETE, 0)} complete, {c.get(RUNNING, 0)} "
+        f"running, {c.get('FAILED', 0)} failed, {c.get('PRUNED', 0)} pruned"
+        f" of {run.meta.get('trials_requested', '?')} requested"
+        + (f"; budget {budget:.4g} device-hours per trial" if budget is not None else "")
+    )
+    console.print(trials_table(run.status_rows(front)))
+    spend = spend_summary(run.dir.records())
+    if spend["nominal_device_hours"] > 0:
+        console.print(f"cost: {describe_spend(spend)}")
+    if front.empty:
+        console.print("no completed trial yet: the front appears once a trial completes")
+        return
+    console.print(front_table(front))
+
+
+def status_document(run: Run) -> dict[str, Any]:
+    """``status --json``: the run, its trials (label, schedule, state, objectives ± SE, nominal
+    and spent cost) and the front, as plain JSON-safe data (non-finite numbers become None).
+
+    >>> sorted(status_document(load_run("runs/demo")))  # doctest: +SKIP
+    ['budget_device_hours_per_trial', 'cost', 'counts', 'front', 'name', 'objectives', ...]
+    """
+    front = run.front(curves=False)
+    rows = run.status_rows(front)
+    return _json_safe({
+        "name": run.name, "run_dir": str(run.dir.root),
+        "trials_requested": run.meta.get("trials_requested"),
+        "budget_device_hours_per_trial": run.budget_hours,
+        "objectives": [{"name": n, "direction": d} for n, d in run.objectives],
+        "counts": front.counts,
+        "trials": [_trial_document(r, run.objective_names) for r in rows],
+        "front": {"trials": front.front, "knee": front.knee, "hypervolume": front.hypervolume,
+                  "reference_point": list(front.ref_point), "references": front.references}
+        if not front.empty else None,
+        "cost": spend_summary(run.dir.records()),
+    })
+
+
+def _trial_document(r: StatusRow, objective_names: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "number": r.number, "key": r.key, "state": r.state, "reference": r.reference,
+        "label": r.label, "params": r.params, "stages": list(r.stages),
+        "sft_share": r.sft_share,
+        "objectives": {n: {"value": r.values.get(n), "se": r.errors.get(n)}
+                       for n in objective_names},
+        "nominal_device_hours": r.planned_hours,  # planned by the cost model (load-free)
+        "measured_device_seconds": r.measured_seconds,
+        "spent_device_hours": r.spent_hours,
+        "reused_from": r.reused_from, "on_front": r.on_front, "knee": r.knee, "note": r.error,
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf as None and tuples as lists (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

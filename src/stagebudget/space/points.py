@@ -1,0 +1,130 @@
+"""Points of a search space planned before anything trains: every probed combination
+(:func:`feasibility_params`), the feasibility check over them, and the reference schedules.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from stagebudget.errors import BudgetError, ConfigError, UserError
+from stagebudget.prefixcache import stage_keys
+from stagebudget.space.dims import Dist
+
+if TYPE_CHECKING:
+    from stagebudget.plan.cost import CostModel
+    from stagebudget.schedule import Schedule
+    from stagebudget.space.schema import SearchSpace
+
+
+def _point(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in params.items())
+
+
+def _capacity(rank: Any) -> float:
+    """Adapter capacity of a rank: 0 means full fine-tuning, the most capacity of all."""
+    return math.inf if rank == 0 else float(rank)
+
+
+def feasibility_params(space: SearchSpace, limit: int = 4096) -> Iterator[dict[str, Any]]:
+    """The points :meth:`check_feasible` plans: every combination of each dimension's
+    :meth:`Dist.probe_values` (all choices, every grid value of a small grid, the ends and
+    their neighbours otherwise). Past ``limit`` combinations, all-low and all-high first,
+    then a seeded sample."""
+    dims = space.dimensions()
+    names = list(dims)
+    values = [dims[n].probe_values() for n in names]
+    total = math.prod(len(v) for v in values) if values else 1
+    if total <= limit:
+        for combo in itertools.product(*values):
+            yield dict(zip(names, combo, strict=True))
+        return
+    yield {n: v[0] for n, v in zip(names, values, strict=True)}
+    yield {n: v[-1] for n, v in zip(names, values, strict=True)}
+    rng = random.Random(0)
+    for _ in range(limit - 2):
+        yield {n: rng.choice(v) for n, v in zip(names, values, strict=True)}
+
+
+def check_feasible(space: SearchSpace, cost: CostModel | None = None) -> tuple[Schedule, Schedule]:
+    """Plan the whole space (see :meth:`feasibility_params`); return the cheapest and most
+    expensive schedules. Points that cannot fit the budget are one error that names them
+    (the first few), how many there are, and what budget would fit them all.
+    """
+    cost = cost or space.cost_model()
+    plans, bad = [], []
+    for params in feasibility_params(space):
+        try:
+            schedule = space.schedule_from_params(params, cost)
+        except BudgetError as exc:
+            bad.append((params, str(exc)))
+            continue
+        plans.append((cost.schedule_seconds(schedule), schedule))
+    if bad:
+        shown = "; ".join(f"at {_point(p)}: {why}" for p, why in bad[:3])
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ConfigError(
+            f"{len(bad)} of {len(bad) + len(plans)} planned points of the space cannot fit "
+            f"the budget{more}: {shown}. Raise the budget, or narrow the ranges that name "
+            "these points", source=space._source, field="budget.per_trial_hours")
+    plans.sort(key=lambda p: p[0])
+    return plans[0][1], plans[-1][1]
+
+
+def reference_points(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
+    """Reference schedules every front is read against, as params inside this space.
+
+    ``sft_only`` and ``rl_only`` (from the base), and ``heuristic``: the published
+    recipe of brief SFT (a quarter of the budget), a larger RL share, and an SFT LoRA rank
+    above the RL rank. A reference that the space cannot express is left out.
+    """
+    dims = space.dimensions()
+    base: dict[str, Any] = {name: d.middle() for name, d in dims.items()}
+    if "sft.lora_rank" in dims and dims["sft.lora_rank"].type == "categorical":
+        base["sft.lora_rank"] = max(dims["sft.lora_rank"].choices or (), key=_capacity)
+    if "rl.lora_rank" in dims and dims["rl.lora_rank"].type == "categorical":
+        base["rl.lora_rank"] = min(dims["rl.lora_rank"].choices or (), key=_capacity)
+    refs = []
+    for name, sft_share in (("sft_only", 1.0), ("rl_only", 0.0), ("heuristic", 0.25)):
+        point = dict(base)
+        if not _set_share(space, point, dims, sft_share):
+            continue
+        refs.append((name, point))
+    return refs
+
+
+def _set_share(space: SearchSpace, point: dict[str, Any], dims: dict[str, Dist], sft_share: float) -> bool:
+    if space.mode != "share" or "sft.share" not in dims or "rl" not in space.stages:
+        return False
+    if space.stages["rl"].share != "rest" or "cpt.share" in dims:
+        return False
+    d = dims["sft.share"]
+    if d.type == "categorical":
+        if sft_share not in (d.choices or ()):
+            return False
+    elif not (d.low <= sft_share <= d.high):  # type: ignore[operator]
+        return False
+    point["sft.share"] = sft_share
+    return True
+
+
+def checkpoint_steps(space: SearchSpace, schedule: Schedule, cost: CostModel) -> list[list[int]]:
+    """For each stage of ``schedule``, the step counts this space can plan for the same
+    stage after the same earlier stages (every point ``space.feasibility_params()`` plans): the
+    prefixes other trials are likely to ask for, where a trial should leave a checkpoint.
+    """
+    by_key: dict[str, set[int]] = {}
+    for params in feasibility_params(space):
+        try:
+            planned = space.schedule_from_params(params, cost)
+        except (ValueError, UserError):
+            continue
+        for key, stage in zip(stage_keys({}, planned.stages), planned.stages, strict=True):
+            by_key.setdefault(key, set()).add(stage.steps)
+    return [sorted(s for s in by_key.get(key, ()) if s < stage.steps)
+            for key, stage in zip(stage_keys({}, schedule.stages), schedule.stages,
+                                  strict=True)]

@@ -1,0 +1,286 @@
+"""What every stage shares: context, output, LoRA config, device settings, callbacks, merging.
+
+A stage is a function ``StageContext -> StageOutput``. It builds a TRL trainer from the context
+with :func:`training_args` and :func:`stage_callbacks`, trains it with :func:`train_and_merge`
+and returns the merged plain model. LoRA settings become a ``peft.LoraConfig`` here and only here
+(:func:`lora_config`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from stagebudget.errors import DeterministicError
+from stagebudget.schedule import StageSpec
+from stagebudget.training.clock import BudgetClock, budget_callback
+from stagebudget.trlconfig import lora_kwargs, precision_kwargs, trl_config_kwargs
+
+# Nothing here ever talks to the Hugging Face Hub: models and tokenizers are local objects.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+class TrainingDiverged(RuntimeError, DeterministicError):
+    """The training loss became NaN or infinite; names the stage and the step. Training is
+    deterministic by seed, so a retry would diverge again: never retried."""
+
+    def __init__(self, stage: str, stage_index: int, step: int, value: float) -> None:
+        self.stage, self.stage_index, self.step, self.value = stage, stage_index, step, value
+        super().__init__(
+            f"training diverged in stage {stage_index} ({stage}) at step {step}: loss={value}; "
+            "lower the learning rate of this stage"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.stage, self.stage_index, self.step, self.value))
+
+
+@dataclass
+class StageContext:
+    """Everything a stage needs. ``evaluate(model, step)`` is the pipeline's evaluation hook.
+
+    ``logs`` receives every training log row (TRL's ``loss``/``reward``...) with its ``step``.
+    ``resume_from`` is a Trainer checkpoint to go on from (a cached prefix of this stage);
+    ``on_checkpoint(step, folder)``, when set, receives a Trainer checkpoint at every evaluation
+    point, at the end and at the steps in ``checkpoint_at`` (the folder is deleted after the
+    call). ``evaluate_on_resume``: the
+    checkpoint's step is an evaluation point not measured yet; measure it before going on.
+    """
+
+    model: Any
+    tokenizer: Any
+    suite: Any
+    spec: StageSpec
+    stage_index: int
+    clock: BudgetClock
+    evaluate: Callable[[Any, int], dict[str, Any]]
+    seed: int = 0
+    device: str = "cpu"
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    extra_callbacks: list[Any] = field(default_factory=list)
+    resume_from: str | None = None
+    on_checkpoint: Callable[[int, str], None] | None = None
+    checkpoint_at: frozenset[int] = frozenset()
+    evaluate_on_resume: bool = False
+
+
+@dataclass
+class StageOutput:
+    """A trained stage: the merged plain model, its metrics and the steps it took."""
+
+    model: Any
+    metrics: dict[str, Any]
+    steps_done: int
+
+
+StageFn = Callable[[StageContext], StageOutput]
+
+
+def resolve_device(device: str = "auto", gpus: float | None = None) -> str:
+    """The one device rule. An explicit device passes through; ``"auto"`` is ``"cuda"`` when
+    the trial has GPUs (``gpus``, its Ray resources, when known) or else when torch sees one,
+    otherwise ``"cpu"``. Valid names are checked where they are given (``space.DEVICE``).
+
+    >>> resolve_device("auto", gpus=0)
+    'cpu'
+    """
+    if device != "auto":
+        return device
+    if gpus is not None:
+        return "cuda" if gpus > 0 else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def lora_config(spec: StageSpec) -> Any:
+    """The ``peft.LoraConfig`` of a stage, or None for full fine-tuning (rank 0).
+
+    >>> lora_config(StageSpec(kind="sft", steps=1, lora_rank=0)) is None
+    True
+    """
+
+    kwargs = lora_kwargs(spec)
+    if kwargs is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(**kwargs)
+
+
+def merge(model: Any) -> Any:
+    """Fold a LoRA adapter into the weights (``merge_and_unload``); plain models pass through."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+def precision_args(device: str) -> dict[str, Any]:
+    """CPU: fp32 (``bf16=False``, ``use_cpu=True``); CUDA: bf16 when the GPU supports it."""
+
+    if device.startswith("cuda"):
+        import torch
+
+        return precision_kwargs(device, bf16=bool(torch.cuda.is_bf16_supported()))
+    return precision_kwargs(device)
+
+
+def training_args(ctx: StageContext, **extra: Any) -> dict[str, Any]:
+    """Keyword arguments shared by every stage's ``SFTConfig``/``GRPOConfig``.
+
+    The export's mapping (constant learning rate without warm-up, so a shorter run is a true
+    prefix of a longer one; no checkpoints, no reporting, a log row at every step; gradient
+    checkpointing off) plus a scratch output directory, no progress bars and the precision of
+    this machine.
+    """
+    spec = ctx.spec
+    args: dict[str, Any] = {
+        **trl_config_kwargs(spec, ctx.seed),
+        "output_dir": tempfile.mkdtemp(prefix=f"stagebudget-{spec.kind}-"),
+        "logging_nan_inf_filter": False,  # a NaN loss must reach the divergence check
+        "disable_tqdm": True,
+        **precision_args(ctx.device),
+    }
+    if ctx.on_checkpoint is not None:  # checkpoints at the evaluation points, for prefix reuse
+        args.update(save_strategy="steps", save_steps=spec.eval_interval, save_only_model=False)
+    args.update(extra)
+    return args
+
+
+def quiet_libraries() -> None:
+    """Silence progress bars and info logs of datasets/transformers (a trial logs its own)."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    # TRL 1.16's configs still read a renamed transformers attribute; harmless, but it would
+    # print on every stage of every trial.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def stage_callbacks(ctx: StageContext) -> list[Any]:
+    """Callbacks every stage trains with: logging + divergence + evaluation, and the budget."""
+    callbacks = [_log_eval_callback(ctx), budget_callback(ctx.clock), *ctx.extra_callbacks]
+    if ctx.on_checkpoint is not None:
+        callbacks.append(_checkpoint_callback(ctx.on_checkpoint, ctx.checkpoint_at))
+    return callbacks
+
+
+def _checkpoint_callback(publish: Callable[[int, str], None], at: frozenset[int]) -> Any:
+    from transformers import TrainerCallback
+
+    class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
+        """Save also at the steps in ``at``; hand each checkpoint the Trainer saved to
+        ``publish``, then delete the folder."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step in at:
+                control.should_save = True
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                try:
+                    publish(int(state.global_step), folder)
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+
+    return CheckpointCallback()
+
+
+def _log_eval_callback(ctx: StageContext) -> Any:
+    from transformers import TrainerCallback
+
+    class LogEvalCallback(TrainerCallback):  # type: ignore[misc]
+        """Record each log row, raise on a non-finite loss, evaluate every eval_interval steps."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                           **kwargs: Any) -> None:
+            if ctx.evaluate_on_resume and ctx.resume_from is not None:  # weights are loaded
+                ctx.evaluate(model, int(state.global_step))
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+                   model: Any = None, **kwargs: Any) -> None:
+            if not logs or "train_runtime" in logs:  # the end-of-training summary row
+                return
+            step = int(state.global_step)
+            loss = logs.get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                raise TrainingDiverged(ctx.spec.kind, ctx.stage_index, step, float(loss))
+            ctx.logs.append({"step": step, **{k: _plain(v) for k, v in logs.items()}})
+            # Step 0 and the last step are evaluated by the pipeline.
+            if step % ctx.spec.eval_interval == 0 and step < ctx.spec.steps:
+                ctx.evaluate(model, step)
+
+    return LogEvalCallback()
+
+
+def _plain(value: Any) -> Any:
+    return float(value) if hasattr(value, "item") else value
+
+
+def train_and_merge(ctx: StageContext, trainer: Any) -> tuple[Any, int]:
+    """Run ``trainer.train()`` on the budget clock, then merge the adapter.
+
+    Returns the merged plain model and the optimizer steps taken.
+    """
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # logs go to ctx.logs, not to stdout
+    try:
+        if ctx.resume_from is not None and _checkpoint_step(ctx.resume_from) >= ctx.spec.steps:
+            _load_finished(trainer, ctx.resume_from)
+        else:
+            with ctx.clock.training():
+                trainer.train(resume_from_checkpoint=ctx.resume_from)
+    finally:
+        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+    with ctx.clock.setting_up():
+        model = merge(trainer.model)
+    model.eval()
+    return model, int(trainer.state.global_step)
+
+
+def _checkpoint_step(folder: str) -> int:
+    """The optimizer steps a Trainer checkpoint holds (its ``trainer_state.json``)."""
+    import json
+
+    with open(os.path.join(folder, "trainer_state.json"), encoding="utf-8") as fh:
+        return int(json.load(fh)["global_step"])
+
+
+def _load_finished(trainer: Any, folder: str) -> None:
+    """Take a checkpoint that already holds all of the stage's steps: load its weights (the
+    adapter, or the full model) and state without training. ``Trainer.train`` would take one
+    more step before it compares the step count with ``max_steps``."""
+    from transformers import TrainerState
+
+    # The loading half of Trainer.train(resume_from_checkpoint=...): adapter or full weights.
+    trainer._load_from_checkpoint(folder)
+    trainer.state = TrainerState.load_from_json(os.path.join(folder, "trainer_state.json"))
+
+
+def mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of ``key`` over the log rows that have it (None when none do)."""
+    values = [float(r[key]) for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def last_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    """The latest logged value of ``key`` (None when never logged)."""
+    for row in reversed(rows):
+        if row.get(key) is not None:
+            return float(row[key])
+    return None
