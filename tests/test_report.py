@@ -120,7 +120,7 @@ def test_report_renders_in_headless_chromium(run: Run, html_path: Path, tmp_path
     front = run.front(curves=False)
     points = re.compile(r'class="point\b')
     n_front = len(points.findall(figure_dom(dom, "front")))
-    assert n_front == len(front.points) + len(front.references)  # every trial, plus ref symbols
+    assert n_front == len(front.points) - len(front.twins) + len(front.references)  # a twin once
     assert len(points.findall(figure_dom(dom, "hypervolume"))) == len(front.hv_history)
     # a panel per front trial and per reference schedule off the front (sft_only, rl_only)
     assert figure_dom(dom, "curves").count('class="scatterlayer') == len(FRONT) + 2
