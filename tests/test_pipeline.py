@@ -126,7 +126,9 @@ def test_planned_steps_are_the_contract_and_the_guard_stops_a_runaway(tiny_base,
     assert 1 <= sft["steps_done"] < 100_000
     assert ledger["guard_clock"] == "cpu-time per thread"  # busy cores do not trip it
     assert 2.0 <= ledger["guarded_seconds"] <= 2.0 + sft["max_step_seconds"] + 0.05
-    assert ledger["train_seconds"] >= 2.0
+    # The wall clock is read at other instants than the thread's cpu clock (stage start, step
+    # ends), so it can trail by a few ms even though a thread never runs longer than the wall.
+    assert ledger["train_seconds"] >= 2.0 - 0.02
     assert not (tmp_path / "runaway" / "metrics.json").exists()
 
 
