@@ -66,17 +66,15 @@ def main() -> None:
 
     import torch
 
+    from stagebudget.kinds import get_kind
     from stagebudget.modelref import resolve_base_model
     from stagebudget.plan.cost import CostModel, ModelShape
     from stagebudget.schedule import StageSpec
     from stagebudget.tasks import load_suite
-    from stagebudget.training.calibrate import (
-        RL_COMPLETION,
-        RL_GENERATIONS,
-        RL_PROMPTS,
-        SFT_BATCH,
-        calibrate,
-    )
+    from stagebudget.training.calibrate import RL_PROMPTS, SFT_BATCH, calibrate
+
+    rl_defaults = get_kind("rl").defaults
+    RL_GENERATIONS, RL_COMPLETION = rl_defaults["num_generations"], rl_defaults["max_completion_length"]
 
     torch.manual_seed(0)
     path = resolve_base_model(args.base)

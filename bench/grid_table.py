@@ -69,7 +69,7 @@ def check_spend(space: Any, cost: Any, base_dir: Path, ranks: tuple[int, int]) -
     planned ones: whether trials of every share spend their budget alike."""
     import os
 
-    from stagebudget.pipeline import run_schedule
+    from stagebudget.training.pipeline import run_schedule
 
     seen = {}
     for params in grid_points(space):
