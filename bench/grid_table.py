@@ -75,8 +75,9 @@ def check_spend(space: Any, cost: Any, base_dir: Path, ranks: tuple[int, int]) -
     for params in grid_points(space):
         if (params.get("sft.lora_rank"), params.get("rl.lora_rank")) == ranks:
             seen.setdefault(params["sft.share"], params)
-    print("| SFT share | schedule | planned s | stopwatch s | CPU s per thread | stopwatch / planned |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| SFT share | schedule | planned s | stopwatch s | CPU s per thread | stopwatch / planned "
+          "| CPU s per step, planned s per step (per stage) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for share, params in sorted(seen.items()):
         schedule = space.schedule_from_params(params, cost)
         load = os.getloadavg()[0]
@@ -84,8 +85,12 @@ def check_spend(space: Any, cost: Any, base_dir: Path, ranks: tuple[int, int]) -
         planned = cost.schedule_seconds(schedule)
         wall = sum(s["train_seconds"] for s in result.ledger["stages"])
         cpu = sum(s["cpu_seconds"] for s in result.ledger["stages"])
+        per_step = ", ".join(
+            f"{spec.kind} {stage['cpu_seconds'] / max(1, stage['steps_done']):.3f}/"
+            f"{cost.step_seconds(spec):.3f}"
+            for spec, stage in zip(schedule.stages, result.ledger["stages"], strict=True))
         print(f"| {share:.3f} | {schedule.describe()} | {planned:.1f} | {wall:.1f} | {cpu:.1f} "
-              f"| {wall / planned:.2f} (load {load:.1f}) |", flush=True)
+              f"| {wall / planned:.2f} (load {load:.1f}) | {per_step} |", flush=True)
 
 
 def main() -> None:
