@@ -145,6 +145,34 @@ def test_deterministic_failures_are_not_retried(tmp_path: Path) -> None:
         assert rec.error.startswith("TrainingDiverged: training diverged") and not rec.objectives
 
 
+@pytest.mark.parametrize("fail, code, counts", [
+    ("diverge", 4, "trials: 0 complete, 0 early-stopped, 2 failed: every trial failed"),
+    ("first", 3, "trials: 1 complete, 0 early-stopped, 1 failed (each error")])
+def test_search_with_failed_trials_says_how_many_last_and_exits_non_zero(
+        tmp_path: Path, monkeypatch, capsys, fail: str, code: int, counts: str) -> None:
+    """Every trial failed: exit 4, no front, the first error in the last line; some failed:
+    exit 3 and the count. The CLI exits 0 only when no trial failed."""
+    from stagebudget.cli import main
+
+    fn = functools.partial(fake_trial_fn, seconds=0.05, fail=fail,
+                           marker_dir=str(tmp_path / "markers"))
+    calls: list[object] = []
+
+    def failing_search(*args, **kwargs):
+        calls.append(args)
+        return run_search(*args, trial_fn=fn, **kwargs)
+
+    monkeypatch.setattr("stagebudget.searching.driver.run_search", failing_search)
+    space = _space(tmp_path, trials=2, max_retries=0, concurrency=1)
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", str(space), "--runs-dir", str(tmp_path / "runs"), "--no-live"])
+    assert len(calls) == 1 and exit_.value.code == code
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(counts), last
+    if code == 4:
+        assert "TrainingDiverged: training diverged" in last
+
+
 def test_our_exceptions_survive_pickling() -> None:
     from stagebudget.modelref import ModelRefError
     from stagebudget.tasks import TaskFileError

@@ -69,8 +69,17 @@ def search(
     except SearchInterrupted as exc:  # typer turns a KeyboardInterrupt into a silent exit 130
         err_console.print(str(exc), highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
+    from stagebudget.rundir import RunDir, SearchOutcome
+
+    outcome = SearchOutcome.of(RunDir(run_dir).records())
     console.print(f"run directory: {run_dir}")
-    console.print(f"next: stagebudget pareto {run_dir}   |   stagebudget export {run_dir} --pick knee")
+    if outcome.complete:
+        console.print(f"next: stagebudget pareto {run_dir}   |   "
+                      f"stagebudget export {run_dir} --pick knee")
+    # The last line says how the trials ended; the exit status says it too (rundir's *_EXIT).
+    console.print(outcome.line(), highlight=False, soft_wrap=True)
+    if outcome.exit_code:
+        raise typer.Exit(outcome.exit_code)
 
 
 @app.command()

@@ -292,6 +292,53 @@ def describe_spend(spend: dict[str, float]) -> str:
             f"{spend['saved_share']:.0%} saved by reusing trained prefixes")
 
 
+# Exit statuses of ``stagebudget search`` beyond 0 (every trial that ran completed or was
+# early-stopped), 2 (bad input, before any compute) and 130 (interrupted; ``--resume`` goes on).
+SOME_TRIALS_FAILED_EXIT = 3  # the front is built from the trials that completed
+ALL_TRIALS_FAILED_EXIT = 4  # trials ran and none completed: there is no front
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """How a run's trials ended, read from its records: what ``search`` prints last and the
+    exit status it ends with.
+
+    >>> SearchOutcome(complete=0, pruned=0, failed=2, first_error="trial a: boom").exit_code
+    4
+    >>> SearchOutcome(complete=3, pruned=1, failed=1).line()
+    'trials: 3 complete, 1 early-stopped, 1 failed (each error is in its trials/<key>/record.json)'
+    """
+
+    complete: int
+    pruned: int
+    failed: int
+    first_error: str | None = None
+
+    @classmethod
+    def of(cls, records: list[TrialRecord]) -> SearchOutcome:
+        failed = [r for r in records if r.status not in (COMPLETE, PRUNED, RUNNING)]
+        first = next((f"trial {r.key}: {r.error}" for r in failed if r.error), None)
+        return cls(complete=sum(r.status == COMPLETE for r in records),
+                   pruned=sum(r.status == PRUNED for r in records),
+                   failed=len(failed), first_error=first)
+
+    @property
+    def exit_code(self) -> int:
+        if not self.failed:
+            return 0
+        return ALL_TRIALS_FAILED_EXIT if not self.complete else SOME_TRIALS_FAILED_EXIT
+
+    def line(self) -> str:
+        counts = f"trials: {self.complete} complete, {self.pruned} early-stopped, {self.failed} failed"
+        if not self.failed:
+            return counts
+        where = " (each error is in its trials/<key>/record.json)"
+        if self.complete:
+            return counts + where
+        return (f"{counts}: every trial failed, no Pareto front{where}; the first: "
+                f"{self.first_error or 'no error recorded'}")
+
+
 def is_twin(trial: Any) -> bool:
     """An Optuna trial told the result of an earlier trial of the same schedule, never run."""
     return TWIN_ATTR in trial.user_attrs
