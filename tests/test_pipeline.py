@@ -85,6 +85,9 @@ def test_schedule_writes_records_and_curves(two_runs, tmp_path_factory):
     assert result.planned_device_hours == pytest.approx(COST.schedule_seconds(schedule) / 3600)
     rl = metrics["stages"][2]
     assert {"reward_first", "reward_last", "measured_over_planned"} <= set(rl)
+    # the algorithm as TRL was told it is recorded, pinned settings included
+    assert rl["trl"]["config"] == "trl.GRPOConfig" and rl["trl"]["args"]["loss_type"] == "dapo"
+    assert metrics["stages"][0]["trl"]["args"]["max_steps"] == schedule.stages[0].steps
     assert (out / "model" / "config.json").is_file()
     assert not any("lora" in p.name for p in (out / "model").iterdir())
 

@@ -17,6 +17,82 @@ from stagebudget.schedule import StageSpec
 
 MIN_CORPUS = 256  # the fewest texts a cpt stage trains on
 
+# The algorithm, pinned. Every TRL/transformers setting that changes what a stage trains and that
+# the stage spec does not set is written here with the value stagebudget trains with (TRL 1.16's
+# default, so pinning changed nothing there), and goes into every stage's config and export: an
+# exported config trains the same algorithm under a TRL whose defaults moved (and fails loudly
+# under one that lacks a setting). ``test_trlconfig.py`` walks every field of the config classes
+# under the installed TRL: each is set from the spec, pinned here, or listed in NOT_ALGORITHM.
+_OPTIMISATION: dict[str, Any] = {
+    "optim": "adamw_torch_fused", "optim_args": None, "optim_target_modules": None,
+    "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-08,
+    "max_grad_norm": 1.0, "lr_scheduler_kwargs": None, "label_smoothing_factor": 0.0,
+    "neftune_noise_alpha": None, "average_tokens_across_devices": True,
+    "use_liger_kernel": False, "dataloader_drop_last": False, "train_sampling_strategy": "random",
+    "router_aux_loss_coef": None,  # MoE models: the load-balancing loss weight (None: the model's)
+}
+ALGORITHM: dict[str, dict[str, Any]] = {
+    "trl.SFTConfig": {
+        **_OPTIMISATION, "loss_type": "nll", "assistant_only_loss": False,
+        "truncation_mode": "keep_start", "padding_free": False, "eos_token": None,
+        "pad_token": None, "chat_template_path": None, "dataset_kwargs": None,
+        "dataset_text_field": "text", "shuffle_dataset": False,
+    },
+    "trl.GRPOConfig": {
+        **_OPTIMISATION, "loss_type": "dapo", "scale_rewards": "group",
+        "multi_objective_aggregation": "sum_then_normalize", "reward_weights": None,
+        "epsilon": 0.2, "epsilon_high": 0.2, "delta": None, "importance_sampling_level": "token",
+        "num_iterations": 1, "steps_per_generation": 1, "mask_truncated_completions": False,
+        "top_p": 1.0, "top_k": 0, "min_p": None, "repetition_penalty": 1.0,
+        "generation_kwargs": None, "chat_template_kwargs": None,
+        "top_entropy_quantile": 1.0, "entropy_coef": 0.0, "use_adaptive_entropy": False,
+        "off_policy_mask_threshold": None, "use_bias_correction_kl": True,
+        "sync_ref_model": False, "disable_dropout": False, "cast_lm_head_to_fp32": False,
+    },
+}
+
+# The fields that do not change what is trained, given the settings above: where files and logs
+# go, how progress is shown, evaluation through the Trainer (stagebudget evaluates itself),
+# hubs and trackers, distributed plumbing, how data reaches the model, and settings only read
+# when a feature stagebudget leaves off is on (vLLM, paged or continuous batching, packing, other
+# loss types, a synced reference model, adaptive entropy).
+NOT_ALGORITHM = frozenset({
+    "output_dir", "overwrite_output_dir", "run_name", "project", "trackio_space_id",
+    "trackio_bucket_id", "trackio_static_space_id", "report_to", "logging_dir", "logging_strategy",
+    "logging_steps", "logging_first_step", "log_on_each_node", "logging_nan_inf_filter", "log_level",
+    "log_level_replica", "disable_tqdm", "include_num_input_tokens_seen", "skip_memory_metrics",
+    "debug", "save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_on_each_node",
+    "enable_jit_checkpoint", "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
+    "resume_from_checkpoint", "ignore_data_skip", "restore_callback_states_from_checkpoint",
+    "eval_strategy", "eval_steps", "eval_delay", "per_device_eval_batch_size", "prediction_loss_only",
+    "eval_on_start", "eval_do_concat_batches", "eval_use_gather_object", "eval_accumulation_steps",
+    "include_for_metrics", "batch_eval_metrics", "bf16_full_eval", "fp16_full_eval", "eval_packing",
+    "num_generations_eval", "do_train", "do_eval", "do_predict", "num_train_epochs", "push_to_hub",
+    "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy", "hub_always_push", "hub_revision",
+    "bf16", "fp16", "tf32", "use_cpu", "local_rank", "accelerator_config", "parallelism_config",
+    "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph",
+    "ddp_backend", "ddp_timeout", "fsdp", "fsdp_config", "deepspeed", "ds3_gather_for_generation",
+    "full_determinism", "torch_empty_cache_steps", "auto_find_batch_size", "torch_compile",
+    "torch_compile_backend", "torch_compile_mode", "liger_kernel_config", "activation_checkpointing",
+    "activation_checkpointing_kwargs", "gradient_checkpointing_kwargs", "activation_offloading",
+    "use_cache", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+    "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "dataloader_in_order",
+    "remove_unused_columns", "label_names", "length_column_name", "dataset_num_proc",
+    "pad_to_multiple_of", "model_init_kwargs", "trust_remote_code", "packing_strategy",
+    "generation_batch_size", "cache_implementation", "use_vllm", "vllm_mode", "vllm_model_impl",
+    "vllm_enable_sleep_mode", "vllm_structured_outputs_regex", "vllm_server_base_url",
+    "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_group_port",
+    "vllm_gpu_memory_utilization", "vllm_max_model_length", "vllm_tensor_parallel_size",
+    "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
+    "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
+    "vllm_importance_sampling_cap", "use_transformers_continuous_batching",
+    "transformers_continuous_batching_config", "use_transformers_paged", "max_tool_calling_iterations",
+    "sapo_temperature_neg", "sapo_temperature_pos", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+    "vespo_lambda_neg", "ref_model_mixup_alpha", "ref_model_sync_steps", "entropy_coef_min",
+    "entropy_coef_max", "entropy_coef_delta", "entropy_target", "log_completions", "log_multimodal",
+    "num_completions_to_print", "log_unique_prompts", "log_completions_hub_repo"
+})
+
 
 def config_class(spec: StageSpec) -> str:
     """The TRL config class a stage trains with, e.g. ``"trl.GRPOConfig"``."""
@@ -61,6 +137,7 @@ def trl_config_kwargs(spec: StageSpec, seed: int | None = None) -> dict[str, Any
     args.update({name: getattr(spec, name) for name in kind.defaults})
     if kind.generates:
         args["per_device_train_batch_size"] = spec.batch_size * int(spec.num_generations or 1)
+    args.update(ALGORITHM.get(kind.trl_config, {}))
     args.update(kind.trl_args)
     return args
 

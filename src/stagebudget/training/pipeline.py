@@ -39,6 +39,7 @@ from stagebudget.prefixcache import END, EVAL, STEP, Entry, PrefixCache, context
 from stagebudget.schedule import Schedule, StageSpec
 from stagebudget.training.clock import BudgetClock, BudgetGuardError
 from stagebudget.training.stages.common import TrainingDiverged
+from stagebudget.trlconfig import config_class, trl_config_kwargs
 from stagebudget.version import numerics
 
 __all__ = ["BudgetGuardError", "TrainingDiverged", "TrialResult", "run_schedule"]
@@ -459,7 +460,8 @@ def _result(run: _Run) -> TrialResult:
     final = run.last_eval or {ID_ACCURACY: math.nan, OOD_ACCURACY: math.nan}
     planned_hours = run.cost.schedule_hours(run.schedule)
     stages = []
-    for entry, metrics in zip(ledger["stages"], run.stage_metrics, strict=True):
+    for spec, entry, metrics in zip(run.schedule.stages, ledger["stages"], run.stage_metrics,
+                                    strict=True):
         planned = entry["planned_seconds"]
         measured = entry["train_seconds"] + entry["reused_train_seconds"]
         stages.append({
@@ -470,6 +472,8 @@ def _result(run: _Run) -> TrialResult:
             "seconds_per_step": measured / entry["steps_done"] if entry["steps_done"] else None,
             "stopped_by_guard": entry["stopped_by_guard"],
             "reused_steps": entry["reused_steps"],
+            # the algorithm as TRL was told it, pinned settings included (the export writes it too)
+            "trl": {"config": config_class(spec), "args": trl_config_kwargs(spec, run.schedule.seed)},
             **{k: v for k, v in metrics.items() if k != "reward_per_step"},
         })
     errors = {se: final[se] for se in STANDARD_ERROR_OF.values() if se in final}
