@@ -104,12 +104,16 @@ def _decode_batch(model: Any, rows: list[list[int]], max_new_tokens: int, pad: i
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     stop_ids = torch.tensor(stops, device=device)
     cache = DynamicCache(config=model.config)
-    cache_kw = cache_kwarg(model)
+    forward_kw: dict[str, Any] = {cache_kwarg(model): cache}
+    if getattr(model.config, "output_router_logits", False):
+        # MoE models that return router logits add their load-balancing loss, computed over the
+        # attention mask, which a cached step's logits do not span; decoding needs no loss.
+        forward_kw["output_router_logits"] = False
     new: list[list[int]] = [[] for _ in rows]
     alive = torch.arange(len(rows), device=device)
     for t in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                       use_cache=True, **{cache_kw: cache}).logits[:, -1]
+                       use_cache=True, **forward_kw).logits[:, -1]
         nxt = logits.argmax(-1)
         for row, tok in zip(alive.tolist(), nxt.tolist(), strict=True):
             new[row].append(tok)
