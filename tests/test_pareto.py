@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from stagebudget.pareto import (
+    StageCell,
     TrialPoint,
     compute_front,
     curve_series,
     default_ref_point,
+    front_rows,
     hypervolume,
     knee_point,
     non_dominated,
@@ -174,3 +176,24 @@ def test_curve_series_shifts_restarted_clocks_and_marks_boundaries() -> None:
     c2 = curve_series(7, no_time)
     assert c2.x == [0.0, 10.0, 10.0, 20.0] and c2.x_label == "global step"
     assert curve_series(1, []).x == []
+
+
+def test_front_rows_hold_what_every_front_table_shows() -> None:
+    """One builder: objectives with their SEs, knee and reference tags, the stages' steps that
+    ran (planned ones when unrecorded), rank, learning rate and share, the cost."""
+    schedule = {"stages": [{"kind": "sft", "steps": 8, "lora_rank": 4, "learning_rate": 1e-4},
+                           {"kind": "rl", "steps": 5, "lora_rank": None}]}
+    points = [TrialPoint(0, (0.9, 0.2), reference="heuristic", label="sft 8@r4 -> rl 5",
+                         schedule=schedule, stage_shares={"sft": 0.6},
+                         errors={"id_accuracy": 0.01}, steps=(("sft", 6, 8),),
+                         device_hours=0.5, planned_hours=0.4, params={"x": 0.5}),
+              TrialPoint(1, (0.1, 0.1)), TrialPoint(2, (0.2, 0.9))]
+    front = compute_front(points, ["id_accuracy", "ood_accuracy"], MAX2)
+    rows = {r.number: r for r in front_rows(front)}
+    assert [r.number for r in front_rows(front)] == front.front == [2, 0]
+    row = rows[0]
+    assert row.objectives == (("id_accuracy", 0.9, 0.01), ("ood_accuracy", 0.2, None))
+    assert row.tags == ("heuristic",) and rows[2].tags == ("knee",) and front.knee == 2
+    assert row.stages == (StageCell("sft", 6, 8, 4, 1e-4, 0.6), StageCell("rl", 5, 5, None, 0, None))
+    assert (row.planned_hours, row.device_hours, row.params) == (0.4, 0.5, {"x": 0.5})
+    assert rows[2].stages == () and rows[2].reference is None

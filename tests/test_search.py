@@ -304,6 +304,29 @@ def test_live_stats_and_front_table_read_the_study() -> None:
     assert "0.02 of 0.1" in text and text.count("0.900") == 2  # best ID row + front row
 
 
+def test_the_live_front_table_renders_the_front_rows_of_the_study() -> None:
+    """The live panel's front comes from the one front-row builder: params and reference too."""
+    from rich.console import Console
+
+    from stagebudget.pareto import front_rows
+    from stagebudget.searching.live import front_table, study_front
+
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    for values, ref in (([0.9, 0.3], None), ([0.3, 0.8], "heuristic")):
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        if ref:
+            trial.set_user_attr("reference", ref)
+        study.tell(trial, values)
+    names = ["id_accuracy", "ood_accuracy"]
+    rows = front_rows(study_front(study, names))
+    assert [(r.number, r.reference) for r in rows] == [(1, "heuristic"), (0, None)]
+    assert set(rows[0].params) == {"x"}
+    console = Console(width=120, record=True)
+    console.print(front_table(study, names))
+    x = rows[0].params["x"]
+    assert f"x={x:g} (heuristic)" in console.export_text()
+
+
 def test_a_schedule_already_trained_in_the_run_is_reused_not_retrained(tmp_path, monkeypatch) -> None:
     """Different params that plan the same schedule (RL rank with no RL budget) train once."""
     from ray import tune

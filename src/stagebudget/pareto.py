@@ -29,7 +29,7 @@ class TrialPoint:
     """One completed trial as the front sees it: its objective values plus what labels it.
 
     ``errors`` maps objective names to standard errors (only those measured); ``steps`` is
-    ``(kind, steps done, steps planned)`` per stage.
+    ``(kind, steps done, steps planned)`` per stage; ``params`` are the sampled params.
     """
 
     number: int
@@ -43,6 +43,7 @@ class TrialPoint:
     steps: tuple[tuple[str, int, int], ...] = ()
     device_hours: float | None = None  # measured (timed) training of the schedule alone
     planned_hours: float | None = None  # nominal: what the cost model planned (load-free)
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,77 @@ class FrontInfo:
     @property
     def empty(self) -> bool:
         return not self.points
+
+
+@dataclass(frozen=True)
+class StageCell:
+    """One stage of a front row: steps that ran against those planned, LoRA rank (None: full
+    fine-tuning), learning rate and budget share (None when unknown)."""
+
+    kind: str
+    steps_done: int | None
+    steps_planned: int | None
+    lora_rank: int | None
+    learning_rate: float
+    share: float | None
+
+
+@dataclass(frozen=True)
+class FrontRow:
+    """One trial of the front as every front table shows it (``status``, the report, the live
+    panel); the tables only format these.
+
+    ``objectives`` is ``(name, value, standard error or None)`` per objective, in the front's
+    objective order; ``tags`` are ``"knee"`` and the reference name, those that apply.
+    """
+
+    number: int
+    objectives: tuple[tuple[str, float, float | None], ...]
+    tags: tuple[str, ...]
+    reference: str | None
+    label: str
+    sft_share: float | None
+    params: Mapping[str, Any]
+    stages: tuple[StageCell, ...]
+    planned_hours: float | None
+    device_hours: float | None
+
+
+def front_rows(front: FrontInfo) -> list[FrontRow]:
+    """The front's trials (in front order) as table rows.
+
+    >>> info = compute_front([TrialPoint(0, (0.5, 0.5), reference="heuristic")], ["a", "b"],
+    ...                      ["maximize", "maximize"])
+    >>> front_rows(info)[0].tags
+    ('knee', 'heuristic')
+    """
+    rows = []
+    for number in front.front:
+        p = front.points[number]
+        rows.append(FrontRow(
+            number=number,
+            objectives=tuple((name, value, p.errors.get(name))
+                             for name, value in zip(front.objective_names, p.values, strict=True)),
+            tags=tuple(t for t in ("knee" if number == front.knee else "", p.reference or "") if t),
+            reference=p.reference, label=p.label, sft_share=p.sft_share, params=p.params,
+            stages=_stage_cells(p), planned_hours=p.planned_hours, device_hours=p.device_hours,
+        ))
+    return rows
+
+
+def _stage_cells(p: TrialPoint) -> tuple[StageCell, ...]:
+    """Each stage of ``p``'s schedule: steps that ran (the planned steps when unrecorded),
+    rank, learning rate and share."""
+    ran = {i: (done, planned) for i, (_, done, planned) in enumerate(p.steps)}
+    cells = []
+    for i, st in enumerate((p.schedule or {}).get("stages", [])):
+        kind = str(st.get("kind"))
+        done, planned = ran.get(i, (st.get("steps"), st.get("steps")))
+        cells.append(StageCell(kind=kind, steps_done=done, steps_planned=planned,
+                               lora_rank=st.get("lora_rank") or None,
+                               learning_rate=st.get("learning_rate", 0),
+                               share=p.stage_shares.get(kind)))
+    return tuple(cells)
 
 
 def _as_min(points: Any, directions: Sequence[str]) -> np.ndarray:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from stagebudget.fileio import atomic_write_text
 from stagebudget.names import COMPLETE, DEVICE_HOURS, FAILED, ID_ACCURACY, OOD_ACCURACY, PRUNED, RUNNING
-from stagebudget.pareto import FrontInfo, TrialPoint
+from stagebudget.pareto import FrontInfo, StageCell, TrialPoint, front_rows
 from stagebudget.rundir import describe_spend, spend_summary
 
 if TYPE_CHECKING:
@@ -200,31 +200,22 @@ def front_table(front: FrontInfo) -> list[list[str]]:
     rows = [["trial", "", "steps ran / planned", "LoRA rank", "learning rate", "budget share",
              *[f"{n} ± SE" for n in names], "nominal device-hours (planned)",
              "measured device-seconds"]]
-    for n in front.front:
-        p = front.points[n]
-        tags = ", ".join(t for t in ("knee" if n == front.knee else "", p.reference or "") if t)
+    for row in front_rows(front):
         rows.append([
-            str(n), tags, *_stage_cells(p),
-            *[_with_se(front.value(n, name), p.errors.get(name)) for name in names],
-            f"{p.planned_hours:.4f}" if p.planned_hours is not None else "–",
-            f"{p.device_hours * 3600:.1f}" if p.device_hours is not None else "–",
+            str(row.number), ", ".join(row.tags), *_stage_lines(row.stages),
+            *[_with_se(value, se) for name, value, se in row.objectives if name != DEVICE_HOURS],
+            f"{row.planned_hours:.4f}" if row.planned_hours is not None else "–",
+            f"{row.device_hours * 3600:.1f}" if row.device_hours is not None else "–",
         ])
     return rows
 
 
-def _stage_cells(p: TrialPoint) -> list[str]:
-    """Per-stage lines of steps (ran/planned), rank, learning rate and budget share."""
-    stages = list((p.schedule or {}).get("stages", []))
-    ran = {i: (done, planned) for i, (_, done, planned) in enumerate(p.steps)}
-    steps, ranks, lrs, shares = [], [], [], []
-    for i, st in enumerate(stages):
-        kind = str(st.get("kind"))
-        done, planned = ran.get(i, (st.get("steps"), st.get("steps")))
-        steps.append(f"{kind} {done}/{planned}")
-        ranks.append(f"{kind} r{st['lora_rank']}" if st.get("lora_rank") else f"{kind} full")
-        lrs.append(f"{kind} {float(st.get('learning_rate', 0)):.2g}")
-        share = p.stage_shares.get(kind)
-        shares.append(f"{kind} {share:.3g}" if share is not None else f"{kind} –")
+def _stage_lines(stages: tuple[StageCell, ...]) -> list[str]:
+    """The steps (ran/planned), rank, learning rate and budget share cells: a line per stage."""
+    steps = [f"{c.kind} {c.steps_done}/{c.steps_planned}" for c in stages]
+    ranks = [f"{c.kind} r{c.lora_rank}" if c.lora_rank else f"{c.kind} full" for c in stages]
+    lrs = [f"{c.kind} {float(c.learning_rate):.2g}" for c in stages]
+    shares = [f"{c.kind} {c.share:.3g}" if c.share is not None else f"{c.kind} –" for c in stages]
     return ["\n".join(col) for col in (steps, ranks, lrs, shares)]
 
 

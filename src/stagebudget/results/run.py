@@ -429,4 +429,5 @@ def _point(view: TrialView, names: tuple[str, ...]) -> TrialPoint | None:
         label=view.label, schedule=view.record.schedule if view.record else None,
         stage_shares=view.stage_shares, errors=view.errors, steps=view.steps_ran,
         device_hours=view.device_hours, planned_hours=view.planned_hours,
+        params=dict(view.params),
     )

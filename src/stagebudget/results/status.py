@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from stagebudget.names import COMPLETE, FAILED, PRUNED, RUNNING, WAITING
-from stagebudget.pareto import FrontInfo
+from stagebudget.pareto import FrontInfo, front_rows
 from stagebudget.rundir import describe_spend, spend_summary
 
 if TYPE_CHECKING:
@@ -81,11 +81,9 @@ def front_table(front: FrontInfo) -> Table:
     table.add_column("sft share", justify="right")
     table.add_column("schedule", overflow="fold")
     table.add_column("", justify="left")
-    for number in front.front:
-        p = front.points[number]
-        notes = [n for n in ("knee" if number == front.knee else "", p.reference or "") if n]
-        table.add_row(str(number), *(f"{v:.4g}" for v in p.values), _fmt(p.sft_share, ".3g"),
-                      p.label, ", ".join(notes))
+    for row in front_rows(front):
+        table.add_row(str(row.number), *(f"{value:.4g}" for _, value, _ in row.objectives),
+                      _fmt(row.sft_share, ".3g"), row.label, ", ".join(row.tags))
     return table
 
 

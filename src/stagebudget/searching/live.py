@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from stagebudget.names import ID_ACCURACY, OOD_ACCURACY, REUSED_ATTR
-from stagebudget.pareto import FrontInfo, TrialPoint, compute_front
+from stagebudget.names import ID_ACCURACY, OOD_ACCURACY, REFERENCE_ATTR, REUSED_ATTR
+from stagebudget.pareto import FrontInfo, TrialPoint, compute_front, front_rows
 from stagebudget.rundir import is_interrupted, is_twin
 
 
@@ -77,7 +77,8 @@ def study_front(study: Any, objective_names: list[str]) -> FrontInfo:
     A trial that reused a twin's measurements repeats a schedule already in the study (the
     study holds no schedules; records do, see :func:`~stagebudget.pareto.twins_of`): left out."""
     directions = [d.name.lower() for d in study.directions]
-    points = [TrialPoint(number=t.number, values=tuple(t.values))
+    points = [TrialPoint(number=t.number, values=tuple(t.values), params=dict(t.params),
+                         reference=t.user_attrs.get(REFERENCE_ATTR) or None)
               for t in study.get_trials(deepcopy=False)
               if t.state.name == "COMPLETE" and t.values is not None
               and all(math.isfinite(v) for v in t.values) and REUSED_ATTR not in t.user_attrs]
@@ -184,12 +185,9 @@ def front_table(study: Any, objective_names: list[str]) -> Table:
     for name in objective_names:
         table.add_column(name, justify="right")
     table.add_column("params")
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    for number in study_front(study, objective_names).front:
-        t = by_number[number]
-        ref = t.user_attrs.get("reference")
+    for row in front_rows(study_front(study, objective_names)):
         params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in t.params.items())
-        table.add_row(str(t.number), *(f"{v:.3f}" for v in t.values),
-                      params + (f" ({ref})" if ref else ""))
+                           for k, v in row.params.items())
+        table.add_row(str(row.number), *(f"{value:.3f}" for _, value, _ in row.objectives),
+                      params + (f" ({row.reference})" if row.reference else ""))
     return table

@@ -22,21 +22,20 @@ import json
 import os
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from stagebudget.errors import DeterministicError
 from stagebudget.names import (
-    DEVICE_HOURS,
     ID_ACCURACY,
     ID_ACCURACY_SE,
     OOD_ACCURACY,
     OOD_ACCURACY_SE,
     SPENT_DEVICE_HOURS,
 )
-from stagebudget.schedule import identity
+from stagebudget.schedule import Schedule, identity
+from stagebudget.trialresult import TrialResult
 
 TABLE_ENV = "STAGEBUDGET_REPLAY_TABLE"
 NOMINAL = "nominal_device_hours"
@@ -82,32 +81,15 @@ def mean_values(table: Mapping[str, list[dict[str, Any]]]) -> dict[str, tuple[fl
             for key, rows in table.items()}
 
 
-@dataclass
-class ReplayResult:
-    """The shape of :class:`stagebudget.training.pipeline.TrialResult`, filled from a table row."""
-
-    id_accuracy: float
-    ood_accuracy: float
-    device_hours: float
-    standard_errors: dict[str, float] = field(default_factory=dict)
-    ledger: dict[str, Any] = field(default_factory=dict)
-    curves: list[dict[str, Any]] = field(default_factory=list)
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def planned_device_hours(self) -> float:
-        return self.device_hours
-
-    def objectives(self) -> dict[str, float]:
-        return {ID_ACCURACY: self.id_accuracy, OOD_ACCURACY: self.ood_accuracy,
-                DEVICE_HOURS: self.device_hours, **self.standard_errors}
+# The result type a replayed trial returns (the one every trial function returns).
+ReplayResult = TrialResult
 
 
 def replay_trial(schedule: Any, out_dir: Path | None = None, *,
                  report: Callable[[dict[str, Any]], None] | None = None,
                  table: str | None = None,
                  stage_end: Callable[[int, dict[str, Any]], None] | None = None,
-                 **_: Any) -> ReplayResult:
+                 **_: Any) -> TrialResult:
     """A trial that trains nothing: ``schedule``'s result drawn from the replay ``table``.
 
     With ``stage_end`` and a row that holds curves, each stage's last curve row is passed to it
@@ -125,7 +107,7 @@ def replay_trial(schedule: Any, out_dir: Path | None = None, *,
                          "made from")
     run_name = Path(out_dir).parent.parent.name if out_dir is not None else ""
     row = random.Random(f"{run_name}|{key}").choice(rows[key])
-    result = _result(row)
+    result = _result(row, schedule)
     final = {"stage": schedule.stages[-1].kind, "stage_index": len(schedule.stages) - 1,
              "step": schedule.stages[-1].steps,
              "global_step": sum(s.steps for s in schedule.stages),
@@ -160,14 +142,15 @@ def _gate(stage_end: Callable[[int, dict[str, Any]], None], index: int, row: dic
         raise
 
 
-def _result(row: dict[str, Any]) -> ReplayResult:
+def _result(row: dict[str, Any], schedule: Schedule) -> TrialResult:
     errors = {k: float(row[k]) for k in (ID_ACCURACY_SE, OOD_ACCURACY_SE) if k in row}
     nominal = float(row[NOMINAL])
     # charged as if trained alone, so a search budget behaves as in a real search
     ledger = {"device_hours": nominal, SPENT_DEVICE_HOURS: nominal, "replayed_seed": row["seed"],
               "replayed": True}
-    return ReplayResult(float(row[ID_ACCURACY]), float(row[OOD_ACCURACY]), nominal, errors,
-                        ledger)
+    return TrialResult(schedule, float(row[ID_ACCURACY]), float(row[OOD_ACCURACY]),
+                       device_hours=nominal, planned_device_hours=nominal, ledger=ledger,
+                       standard_errors=errors)
 
 
 __all__ = ["TABLE_ENV", "ReplayMiss", "ReplayResult", "load_table", "mean_values",

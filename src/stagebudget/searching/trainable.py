@@ -39,9 +39,10 @@ from stagebudget.schedule import identity
 from stagebudget.searching.earlystop import StageGate, StagePruned
 from stagebudget.space.points import checkpoint_steps
 from stagebudget.space.schema import SearchSpace
+from stagebudget.trialresult import TrialResult
 from stagebudget.version import package_versions
 
-TrialFn = Callable[..., Any]
+TrialFn = Callable[..., TrialResult]
 DEFAULT_TRIAL_FN = "stagebudget.training.pipeline:run_schedule"
 STEP_KEY = "timesteps_total"  # ray.tune.result.TIMESTEPS_TOTAL, without importing Ray here
 

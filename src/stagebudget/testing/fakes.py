@@ -14,24 +14,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stagebudget.names import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY, STANDARD_ERROR_OF
+from stagebudget.names import ID_ACCURACY, OOD_ACCURACY, STANDARD_ERROR_OF
+from stagebudget.schedule import Schedule
+from stagebudget.trialresult import TrialResult
+
+# What ``fake_trial_fn`` returns: the result every trial function returns (tests only).
+FakeResult = TrialResult
 
 
-class FakeResult:
-    """What ``fake_trial_fn`` returns: the shape of ``pipeline.TrialResult`` (tests only)."""
-
-    def __init__(self, id_accuracy: float, ood_accuracy: float, device_hours: float,
-                 curves: list[dict[str, Any]], se: dict[str, float] | None = None) -> None:
-        self.id_accuracy, self.ood_accuracy = id_accuracy, ood_accuracy
-        self.se = dict(se or {})
-        self.device_hours = self.planned_device_hours = device_hours
-        self.curves = curves
-        self.ledger: dict[str, Any] = {"device_hours": device_hours, "fake": True, "pid": os.getpid()}
-        self.metrics: dict[str, Any] = {}
-
-    def objectives(self) -> dict[str, float]:
-        return {ID_ACCURACY: self.id_accuracy, OOD_ACCURACY: self.ood_accuracy,
-                DEVICE_HOURS: self.device_hours, **self.se}
+def _fake_result(schedule: Schedule, id_accuracy: float, ood_accuracy: float, hours: float,
+                 curves: list[dict[str, Any]], se: dict[str, float] | None) -> TrialResult:
+    """The fake's result: spent = planned = ``hours``; the ledger says it is a fake, and which
+    process ran it."""
+    return TrialResult(schedule, id_accuracy, ood_accuracy, device_hours=hours,
+                       planned_device_hours=hours, curves=curves,
+                       ledger={"device_hours": hours, "fake": True, "pid": os.getpid()},
+                       standard_errors=dict(se or {}))
 
 
 def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
@@ -40,7 +38,7 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
                   marker_dir: str | None = None, se: bool = False,
                   stage_end: Callable[[int, dict[str, Any]], None] | None = None,
                   weak_sft_rank: int | None = None, calls: str | None = None,
-                  dense: bool = False, **_: Any) -> FakeResult:
+                  dense: bool = False, **_: Any) -> TrialResult:
     """A fast stand-in for ``pipeline.run_schedule``. FOR TESTS ONLY.
 
     Scores are a deterministic function of the schedule: more SFT steps raise ID and lower OOD,
@@ -86,7 +84,7 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
         rows = _dense_curve(schedule, emit, stage_end, weak, seconds, out_dir)
         final = rows[-1]
         errors = {n: final[n] for n in STANDARD_ERROR_OF.values()} if se else None
-        return FakeResult(final[ID_ACCURACY], final[OOD_ACCURACY], hours, rows, errors)
+        return _fake_result(schedule, final[ID_ACCURACY], final[OOD_ACCURACY], hours, rows, errors)
     frac = sum(s.steps for s in schedule.stages if s.kind == "sft") / total
     rows = []
     for i in range(1, 3):
@@ -95,7 +93,7 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
                                    hours * 3600 * i / 2, frac * i / 2, 0.2 if weak else 0.0)))
     final = rows[-1]
     errors = {se_name: final[se_name] for se_name in STANDARD_ERROR_OF.values()} if se else None
-    return FakeResult(final[ID_ACCURACY], final[OOD_ACCURACY], hours, rows, errors)
+    return _fake_result(schedule, final[ID_ACCURACY], final[OOD_ACCURACY], hours, rows, errors)
 
 
 def _dense_curve(schedule: Any, emit: _Emitter, stage_end: Callable[..., None] | None,

@@ -39,6 +39,7 @@ from stagebudget.prefixcache import END, EVAL, STEP, Entry, PrefixCache, context
 from stagebudget.schedule import Schedule, StageSpec
 from stagebudget.training.clock import BudgetClock, BudgetGuardError
 from stagebudget.training.stages.common import TrainingDiverged
+from stagebudget.trialresult import TrialResult
 from stagebudget.trlconfig import config_class, trl_config_kwargs
 from stagebudget.version import numerics
 
@@ -46,27 +47,6 @@ __all__ = ["BudgetGuardError", "TrainingDiverged", "TrialResult", "run_schedule"
 
 Report = Callable[[dict[str, Any]], None]
 StageEnd = Callable[[int, dict[str, Any]], None]
-
-
-@dataclass
-class TrialResult:
-    """What one trained schedule scored and spent."""
-
-    schedule: Schedule
-    id_accuracy: float
-    ood_accuracy: float
-    device_hours: float
-    planned_device_hours: float
-    curves: list[dict[str, Any]] = field(default_factory=list)
-    ledger: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    standard_errors: dict[str, float] = field(default_factory=dict)
-
-    def objectives(self) -> dict[str, float]:
-        """``{"id_accuracy", "ood_accuracy", "device_hours"}`` and the accuracies' standard
-        errors (``id_accuracy_se``, ``ood_accuracy_se``)."""
-        return {ID_ACCURACY: self.id_accuracy, OOD_ACCURACY: self.ood_accuracy,
-                DEVICE_HOURS: self.device_hours, **self.standard_errors}
 
 
 class _Curves:
