@@ -52,7 +52,9 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def _wait_for_nodes(address: str, n: int, timeout: float = 90) -> None:
+def _wait_for_nodes(address: str, n: int, timeout: float = 180, log: Path | None = None) -> None:
+    """Until ``ray status`` lists ``n`` nodes (on a loaded 2-core machine a node takes a minute
+    or more to start); the failure shows the end of the node's log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         out = subprocess.run([RAY, "status", "--address", address], capture_output=True,
@@ -60,7 +62,8 @@ def _wait_for_nodes(address: str, n: int, timeout: float = 90) -> None:
         if out.count("node_") >= n:
             return
         time.sleep(1)
-    raise AssertionError(f"cluster at {address} did not reach {n} nodes")
+    tail = log.read_text(errors="replace")[-2000:] if log is not None and log.is_file() else ""
+    raise AssertionError(f"cluster at {address} did not reach {n} nodes in {timeout:.0f} s\n{tail}")
 
 
 @pytest.mark.slow
@@ -75,11 +78,11 @@ def test_search_on_a_two_node_cluster(tmp_path: Path, monkeypatch: pytest.Monkey
                    "--include-dashboard=false"], tmp_path / "head.log")
     nodes = [head]
     try:
-        time.sleep(3)
+        _wait_for_nodes(address, 1, log=tmp_path / "head.log")  # a worker joins a head that is up
         nodes.append(_start([f"--address={address}", "--num-cpus=1",
                              "--node-ip-address=127.0.0.1", f"--resources={WORKER_MARK}"],
                             tmp_path / "worker.log"))
-        _wait_for_nodes(address, 2)
+        _wait_for_nodes(address, 2, log=tmp_path / "worker.log")
         head_id, worker_id = _node_ids(address)
         data = yaml.safe_load(DEMO.read_text())
         data.update(trials=3, concurrency=2, references=False)

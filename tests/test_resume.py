@@ -115,7 +115,10 @@ def test_killed_search_resumes_the_interrupted_trials_and_repeats_nothing(tmp_pa
         # fixes only some) gets the rest sampled when it runs again
         assert cut.params.items() <= retries[0].params.items()
         assert retries[0].user_attrs["retry_of"] == cut.number
-        assert retries[0].user_attrs.get("reference") == cut.user_attrs.get("reference")
+        if "tune_trial_id" in cut.user_attrs:  # it had started, and was labelled then
+            assert retries[0].user_attrs.get("reference") == cut.user_attrs.get("reference")
+        # (one the kill cut between Optuna's ask and the searcher's labelling carries no label;
+        # its retry is labelled from the same params when it starts: CI saw a cut "heuristic")
         assert "error" not in retries[0].user_attrs
     assert any(rec.reference for rec in stale.values())
     # the interrupted reference ran: every reference has a COMPLETE trial
