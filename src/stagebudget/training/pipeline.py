@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from stagebudget.fileio import atomic_write_json
+from stagebudget.kinds import get_kind
 from stagebudget.names import (
     DEVICE_HOURS,
     ID_ACCURACY,
@@ -95,10 +96,12 @@ def _emit(progress: Report | None, event: str, **data: Any) -> None:
 
 
 def _latest_signal(kind: str, logs: list[dict[str, Any]]) -> dict[str, Any]:
-    """``{"reward": ...}`` for rl, ``{"train_loss": ...}`` otherwise (None before any log)."""
-    key, src = ("reward", "reward") if kind == "rl" else ("train_loss", "loss")
-    value = next((r[src] for r in reversed(logs) if r.get(src) is not None), None)
-    return {key: value}
+    """The kind's training signal, its last logged value: ``{"reward": ...}`` for rl,
+    ``{"train_loss": ...}`` for cpt and sft (its registered ``signal``; None before any log)."""
+    info = get_kind(kind)
+    value = next((r[info.signal_log] for r in reversed(logs)
+                  if r.get(info.signal_log) is not None), None)
+    return {info.signal: value}
 
 
 @dataclass
