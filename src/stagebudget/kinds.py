@@ -124,8 +124,6 @@ def signal_columns() -> tuple[str, ...]:
     return tuple(dict.fromkeys(_KINDS[k].signal for k in stage_kinds()))
 
 
-# Measured workable on the embedded default suite (see FINDINGS): 8 generations per prompt,
-# 12 completion tokens, no KL term, sampling at temperature 1.
 register_stage_kind(StageKindInfo(
     name="cpt", order=0, runner="stagebudget.training.stages.cpt:run_cpt", trl_config="trl.SFTConfig",
     first_only=True, text_corpus=True,
@@ -141,6 +139,8 @@ register_stage_kind(StageKindInfo(
     script_data=('return Dataset.from_list([{"prompt": e.prompt, "completion": '
                  'e.answer + tokenizer.eos_token}\n'
                  '                          for e in suite.train])')))
+# Measured workable on the embedded default suite (see FINDINGS): 8 generations per prompt,
+# 12 completion tokens, no KL term, sampling at temperature 1.
 register_stage_kind(StageKindInfo(
     name="rl", order=20, runner="stagebudget.training.stages.rl:run_rl", trl_config="trl.GRPOConfig",
     generates=True, uses_max_length=False, signal="reward", signal_log="reward", role=REINFORCEMENT,

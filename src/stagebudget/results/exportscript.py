@@ -176,6 +176,7 @@ def _is_kind(kinds: list[str]) -> str:
 
 def _stage_dataset(kinds: list[str]) -> str:
     """The script's ``stage_dataset``: each kind's ``script_data``, the last kind's unguarded."""
+    # wrapped at 95 columns, as the script's docstring always was
     doc = textwrap.fill("; ".join(f"{k}: {get_kind(k).script_doc}" for k in kinds) + '."""',
                         width=95, initial_indent='    """', subsequent_indent="    ")
     lines = ["def stage_dataset(stage: dict, suite, tokenizer) -> Dataset:", doc]
