@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from reference_generate import generate_greedy
 from stagebudget.modelref import (
     CHARS,
     SHIPPED_DIR,
@@ -22,7 +23,6 @@ from stagebudget.tasks import load_suite, pretrain_corpus
 from stagebudget.training.model import (
     build_base,
     build_tokenizer,
-    greedy_generate,
     load_model_and_tokenizer,
 )
 
@@ -52,7 +52,7 @@ def test_build_base_is_loadable_and_cached(tiny_base):
     want = {"params", "steps", "heldout_lm_loss", "base_id_accuracy", "base_ood_accuracy"}
     assert want <= set(info)
     model, tok = load_model_and_tokenizer(tiny_base)
-    out = greedy_generate(model, tok, ["tl11:ATGTGG=", "rc:ACGT="], max_new_tokens=4)
+    out = generate_greedy(model, tok, ["tl11:ATGTGG=", "rc:ACGT="], max_new_tokens=4)
     assert len(out) == 2 and all(len(o) <= 4 for o in out)
     start = time.perf_counter()
     again = build_base("test", cache_dir=tiny_base.parent)

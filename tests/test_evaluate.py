@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from reference_generate import generate_greedy
 from stagebudget.tasks import load_suite
 from stagebudget.training.evaluate import evaluate, greedy_completions, max_new_tokens_for
-from stagebudget.training.model import greedy_generate, load_model_and_tokenizer
+from stagebudget.training.model import load_model_and_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,12 +19,12 @@ def test_greedy_completions_match_generate_row_for_row(tiny_base):
     n_new = max_new_tokens_for(suite, tok)
     # small batches: rows of several prompt lengths share a batch, and batches end at
     # different steps
-    want = greedy_generate(model, tok, prompts, n_new, batch_size=16)
+    want = generate_greedy(model, tok, prompts, n_new, batch_size=16)
     got = greedy_completions(model, tok, prompts, n_new, batch_size=16)
     assert got == want
     lengths = {len(o) for o in want}
     assert len(lengths) > 1, "every row ran to the same length: the test checks no early stop"
-    assert greedy_completions(model, tok, prompts[:5], 2) == greedy_generate(model, tok,
+    assert greedy_completions(model, tok, prompts[:5], 2) == generate_greedy(model, tok,
                                                                              prompts[:5], 2)
     assert greedy_completions(model, tok, [], n_new) == []
 
@@ -56,7 +57,7 @@ def test_evaluate_reports_each_accuracy_with_its_standard_error(tiny_base):
     model.train()
     out = evaluate(model, tok, suite)
     assert model.training  # evaluation switches to eval mode and back
-    preds = greedy_generate(model, tok, [e.prompt for e in suite.id_test],
+    preds = generate_greedy(model, tok, [e.prompt for e in suite.id_test],
                             max_new_tokens_for(suite, tok))
     id_acc = sum(suite.score(e, p) for e, p in zip(suite.id_test, preds, strict=True)) / 40
     assert out["id_accuracy"] == pytest.approx(id_acc)

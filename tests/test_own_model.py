@@ -101,7 +101,7 @@ def test_a_prompt_that_merges_with_its_answer_is_reported_once_naming_an_example
 
 
 def test_generation_stops_at_a_stop_token_the_model_declares(model_and_tokenizer):
-    from stagebudget.training.model import greedy_generate
+    from reference_generate import generate_greedy
 
     model, tok = model_and_tokenizer
     prompt = [{"role": "user", "content": "Reverse complement of ACGTA"}]
@@ -111,10 +111,10 @@ def test_generation_stops_at_a_stop_token_the_model_declares(model_and_tokenizer
         free = model.generate(**_batch(tok, prompt), max_new_tokens=12, do_sample=False,
                               pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id])
         new = free[0, len(prompt_ids(tok, prompt)):].tolist()
-        unstopped = greedy_generate(model, tok, [prompt], 12)
+        unstopped = generate_greedy(model, tok, [prompt], 12)
         stop = new[-1]  # declare a token the model writes as one more stop token
         model.generation_config.eos_token_id = [tok.eos_token_id, stop]
-        stopped = greedy_generate(model, tok, [prompt], 12)
+        stopped = generate_greedy(model, tok, [prompt], 12)
     finally:
         model.generation_config.eos_token_id = before
     assert unstopped == [tok.decode(new, skip_special_tokens=True)]

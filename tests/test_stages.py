@@ -12,7 +12,7 @@ import torch
 from stagebudget.schedule import StageSpec
 from stagebudget.tasks import Example
 from stagebudget.training.clock import BudgetClock
-from stagebudget.training.stages import STAGES, StageContext, lora_config, merge
+from stagebudget.training.stages import StageContext, get_stage, lora_config, merge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,7 +96,7 @@ def test_stage_trains_and_merges(loaded, kind, rank):
     evals: list[int] = []
     ctx, spy = _context(model, tokenizer, ToySuite(), _spec(kind, rank), evals)
 
-    out = STAGES[kind](ctx)
+    out = get_stage(kind)(ctx)
 
     assert out.steps_done == 3
     assert evals == [2]  # every eval_interval steps; step 0 and the end are the pipeline's
@@ -144,7 +144,7 @@ def test_budget_callback_stops_only_past_the_guard(loaded):
     spec = _spec("sft", 4, steps=10_000)
     ctx, _ = _context(model, tokenizer, ToySuite(), spec)
     ctx.clock.budget_seconds = 1.0
-    out = STAGES["sft"](ctx)
+    out = get_stage("sft")(ctx)
     entry = ctx.clock.current
     assert 1 <= out.steps_done < 10_000
     assert entry.stopped_by_guard

@@ -21,12 +21,11 @@ from stagebudget.paths import default_cache_dir
 from stagebudget.training.model import (
     build_base,
     build_tokenizer,
-    greedy_generate,
     load_model,
     load_model_and_tokenizer,
 )
 
 __all__ = ["ModelRefError", "build_base", "build_tokenizer", "cache_problem",
-           "default_cache_dir", "describe", "greedy_generate", "load_model", "load_model_and_tokenizer",
+           "default_cache_dir", "describe", "load_model", "load_model_and_tokenizer",
            "load_tokenizer", "model_identity", "resolve_base_model", "same_weights", "ship_base",
            "shipped_base"]

@@ -94,6 +94,15 @@ NOT_ALGORITHM = frozenset({
 })
 
 
+def corpus_size(spec: StageSpec) -> int:
+    """Texts in one pass of a stage of a ``text_corpus`` kind (cpt), as stagebudget trains it.
+
+    >>> corpus_size(StageSpec(kind="cpt", steps=100, batch_size=8))
+    800
+    """
+    return max(MIN_CORPUS, spec.steps * spec.batch_size)
+
+
 def config_class(spec: StageSpec) -> str:
     """The TRL config class a stage trains with, e.g. ``"trl.GRPOConfig"``."""
     return get_kind(spec.kind).trl_config

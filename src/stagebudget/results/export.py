@@ -16,10 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 from stagebudget.errors import RunError, UserError
 from stagebudget.fileio import atomic_write_text, atomic_write_yaml, read_yaml
+from stagebudget.kinds import get_kind
 from stagebudget.names import FAILED, ID_ACCURACY, OOD_ACCURACY, RUNNING, TORCH_THREADS
 from stagebudget.results.exportscript import render_script
 from stagebudget.schedule import StageSpec
-from stagebudget.trlconfig import config_class, lora_kwargs, precision_kwargs, trl_config_kwargs
+from stagebudget.trlconfig import (
+    config_class,
+    corpus_size,
+    lora_kwargs,
+    precision_kwargs,
+    trl_config_kwargs,
+)
 
 if TYPE_CHECKING:
     from stagebudget.pareto import FrontInfo
@@ -147,13 +154,11 @@ def exported_threads(path: Path) -> int | None:
 def stage_export(spec: StageSpec, index: int, seed: int, device: str) -> dict[str, Any]:
     """One stage as TRL/PEFT settings that construct and train on ``device``'s machine kind:
     ``config(output_dir=..., **args)``, ``LoraConfig(**peft)`` (None: full fine-tuning)."""
-    from stagebudget.trlconfig import MIN_CORPUS
-
     entry = {"stage": spec.kind, "index": index, "config": config_class(spec),
              "args": {**trl_config_kwargs(spec, seed=seed), **precision_kwargs(device)},
              "peft": lora_kwargs(spec)}
-    if spec.kind == "cpt":  # texts in one pass of the stage, as stagebudget trains it
-        entry["corpus_size"] = max(MIN_CORPUS, spec.steps * spec.batch_size)
+    if get_kind(spec.kind).text_corpus:  # texts in one pass of the stage
+        entry["corpus_size"] = corpus_size(spec)
     return entry
 
 

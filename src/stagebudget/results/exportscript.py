@@ -7,7 +7,9 @@ is used only for the task data (``load_suite``, ``pretrain_corpus``), the RL rew
 (``suite_reward``) and, for a built-in base model, the path of its cache. With the same seed it
 measures what ``stagebudget train`` measures for the same schedule.
 
-Rendering is string work only (nothing heavy is imported here).
+What is per kind comes from the kind registry (:mod:`stagebudget.kinds`): each kind's data code
+(``script_data``) and, by its TRL config class, its trainer (:data:`SCRIPT_TRAINERS`). Rendering
+is string work only (nothing heavy is imported here).
 
 >>> "SFTTrainer" in render_script({"schedule": {"stages": []}, "trl": [], "source": {}})
 True
@@ -16,8 +18,10 @@ True
 from __future__ import annotations
 
 import pprint
+import textwrap
 from typing import Any
 
+from stagebudget.kinds import get_kind, stage_kinds
 from stagebudget.names import TORCH_THREADS
 from stagebudget.version import __version__
 
@@ -67,17 +71,11 @@ def load_base(ref: str, device: str):
     return model.to(device), tokenizer
 
 
-def stage_dataset(stage: dict, suite, tokenizer) -> Dataset:
-    """cpt: raw text; sft: prompt/completion (answer + EOS); rl: prompts with answer and task,
-    in stagebudget's stratified order (the config does not shuffle them)."""
-    if stage["stage"] == "cpt":
-        return Dataset.from_list([{"text": t}
-                                  for t in pretrain_corpus(seed=SEED, n=stage["corpus_size"])])
-    if stage["stage"] == "sft":
-        return Dataset.from_list([{"prompt": e.prompt, "completion": e.answer + tokenizer.eos_token}
-                                  for e in suite.train])
-    return Dataset.from_list(rl_rows(suite.train, SEED))
+'''
 
+# The script's stage_dataset (its per-kind branches, from the kind registry) goes here.
+
+SCRIPT_TRAIN = '''
 
 def train_stage(model, tokenizer, suite, stage: dict, out: Path):
     """One stage with TRL, its adapter merged into the returned plain model."""
@@ -85,16 +83,22 @@ def train_stage(model, tokenizer, suite, stage: dict, out: Path):
     args = {**stage["args"], "output_dir": str(out / f"stage{stage['index']}-{stage['stage']}")}
     if args.get("bf16") and not torch.cuda.is_bf16_supported():
         args["bf16"] = False  # a GPU without bf16 trains in fp32, as stagebudget does
-    if stage["stage"] == "rl":
-        trainer = GRPOTrainer(model=model, reward_funcs=[suite_reward(suite)],
-                              args=GRPOConfig(**args),
-                              train_dataset=stage_dataset(stage, suite, tokenizer),
-                              processing_class=tokenizer, peft_config=peft_config)
-    else:
-        trainer = SFTTrainer(model=model, args=SFTConfig(**args),
-                             train_dataset=stage_dataset(stage, suite, tokenizer),
-                             processing_class=tokenizer, peft_config=peft_config)
-    trainer.train()
+'''
+
+# The trainer of the stage's kind goes here: how the script trains with each TRL config class
+# a kind may name (``StageKindInfo.trl_config``); the last one the registered kinds use is the
+# script's default branch.
+SCRIPT_TRAINERS = {
+    "trl.GRPOConfig": '''trainer = GRPOTrainer(model=model, reward_funcs=[suite_reward(suite)],
+                      args=GRPOConfig(**args),
+                      train_dataset=stage_dataset(stage, suite, tokenizer),
+                      processing_class=tokenizer, peft_config=peft_config)''',
+    "trl.SFTConfig": '''trainer = SFTTrainer(model=model, args=SFTConfig(**args),
+                     train_dataset=stage_dataset(stage, suite, tokenizer),
+                     processing_class=tokenizer, peft_config=peft_config)''',
+}
+
+SCRIPT_TAIL = '''    trainer.train()
     model = trainer.model
     if isinstance(model, PeftModel):  # TRL refuses a PeftModel with a new peft_config
         model = model.merge_and_unload()
@@ -156,6 +160,60 @@ if __name__ == "__main__":
 '''
 
 
+def _scriptable() -> list[str]:
+    """The registered kinds the script can train (their data code given, their TRL config class
+    one of :data:`SCRIPT_TRAINERS`), in stage order."""
+    return [k for k in stage_kinds()
+            if get_kind(k).script_data is not None and get_kind(k).trl_config in SCRIPT_TRAINERS]
+
+
+def _is_kind(kinds: list[str]) -> str:
+    """The script's test that a stage is of one of ``kinds``."""
+    if len(kinds) == 1:  # kind names are identifiers: no quoting needed
+        return f'stage["stage"] == "{kinds[0]}"'
+    return 'stage["stage"] in (' + ", ".join(f'"{k}"' for k in kinds) + ")"
+
+
+def _stage_dataset(kinds: list[str]) -> str:
+    """The script's ``stage_dataset``: each kind's ``script_data``, the last kind's unguarded."""
+    # wrapped at 95 columns, as the script's docstring always was
+    doc = textwrap.fill("; ".join(f"{k}: {get_kind(k).script_doc}" for k in kinds) + '."""',
+                        width=95, initial_indent='    """', subsequent_indent="    ")
+    lines = ["def stage_dataset(stage: dict, suite, tokenizer) -> Dataset:", doc]
+    for i, kind in enumerate(kinds):
+        code = str(get_kind(kind).script_data)
+        if i < len(kinds) - 1:
+            lines += [f"    if {_is_kind([kind])}:", textwrap.indent(code, " " * 8)]
+        else:
+            lines.append(textwrap.indent(code, " " * 4))
+    return "\n".join(lines) + "\n"
+
+
+def _trainer(kinds: list[str]) -> str:
+    """The trainer lines of the script's ``train_stage``: one branch per TRL config class."""
+    by_config: dict[str, list[str]] = {c: [k for k in kinds if get_kind(k).trl_config == c]
+                                       for c in SCRIPT_TRAINERS}
+    used = [c for c in SCRIPT_TRAINERS if by_config[c]]
+    if len(used) == 1:
+        return textwrap.indent(SCRIPT_TRAINERS[used[0]], " " * 4) + "\n"
+    lines = []
+    for i, config in enumerate(used):
+        head = ("else:" if i == len(used) - 1 else
+                f"{'if' if i == 0 else 'elif'} {_is_kind(by_config[config])}:")
+        lines += ["    " + head, textwrap.indent(SCRIPT_TRAINERS[config], " " * 8)]
+    return "\n".join(lines) + "\n"
+
+
+def _check_scriptable(stages: list[dict[str, Any]], kinds: list[str]) -> None:
+    for stage in stages:
+        if stage["stage"] not in kinds:
+            info = get_kind(stage["stage"])
+            raise ValueError(
+                f"the exported script cannot train a {info.name!r} stage: its kind registers "
+                f"no script_data, or trains with {info.trl_config!r}, which the script has no "
+                f"trainer for (it has: {', '.join(SCRIPT_TRAINERS)})")
+
+
 def _literal(value: Any) -> str:
     return pprint.pformat(value, indent=1, width=96, sort_dicts=False)
 
@@ -187,4 +245,7 @@ def render_script(document: dict[str, Any], *, base_model: str | None = None,
         f"TASKS = {_literal(suite)}",
         f"STAGES = {_literal(document['trl'])}",
     ])
-    return head + constants + "\n" + SCRIPT_BODY
+    kinds = _scriptable()
+    _check_scriptable(document["trl"], kinds)
+    return (head + constants + "\n" + SCRIPT_BODY + _stage_dataset(kinds) + SCRIPT_TRAIN
+            + _trainer(kinds) + SCRIPT_TAIL)

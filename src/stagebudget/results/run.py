@@ -22,6 +22,7 @@ from typing import Any
 
 from stagebudget.errors import ConfigError, RunError, UserError
 from stagebudget.fileio import read_yaml
+from stagebudget.kinds import IMITATION, get_kind, kinds_with_role
 from stagebudget.names import (
     COMPLETE,
     DEVICE_HOURS,
@@ -102,12 +103,13 @@ class TrialView:
 
     @property
     def sft_share(self) -> float | None:
-        """Share of the budget given to SFT (0 when the schedule has no SFT stage)."""
+        """Share of the budget given to SFT: to the stages whose kind has the imitation role
+        (sft's; 0 when the schedule has none)."""
         shares = self.stage_shares
         if shares:
-            return shares.get("sft", 0.0)
+            return sum((shares.get(k, 0.0) for k in kinds_with_role(IMITATION)), 0.0)
         if self.schedule is not None and len(self.schedule.stages) == 1:
-            return 1.0 if self.schedule.stages[0].kind == "sft" else 0.0
+            return 1.0 if get_kind(self.schedule.stages[0].kind).role == IMITATION else 0.0
         return None
 
     @property

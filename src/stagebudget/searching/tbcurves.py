@@ -22,10 +22,16 @@ import re
 from pathlib import Path
 from typing import Any
 
+from stagebudget.kinds import signal_columns
 from stagebudget.names import ID_ACCURACY, OOD_ACCURACY
 
 TENSORBOARD_DIR = "tensorboard"
-SCALARS = (ID_ACCURACY, OOD_ACCURACY, "train_loss", "reward", "device_seconds")
+
+
+def scalar_tags() -> tuple[str, ...]:
+    """The curve columns written as scalars: the objectives, every registered kind's training
+    signal (``train_loss``, ``reward``) and the device-seconds."""
+    return (ID_ACCURACY, OOD_ACCURACY, *signal_columns(), "device_seconds")
 
 
 def run_label(number: int | None, schedule: str, reference: str | None = None) -> str:
@@ -60,7 +66,7 @@ class CurveWriter:
             return
         seconds = row.get("device_seconds")
         walltime = float(seconds) if isinstance(seconds, int | float) else None
-        for tag in SCALARS:
+        for tag in scalar_tags():
             value = row.get(tag)
             if isinstance(value, int | float) and math.isfinite(float(value)):
                 self.writer.add_scalar(tag, float(value), int(step), walltime=walltime)

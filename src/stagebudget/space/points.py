@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from stagebudget.errors import BudgetError, ConfigError, UserError
+from stagebudget.kinds import IMITATION, REINFORCEMENT, get_kind
 from stagebudget.prefixcache import stage_keys
 from stagebudget.space.dims import Dist
 
@@ -80,35 +81,54 @@ def reference_points(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
 
     ``sft_only`` and ``rl_only`` (from the base), and ``heuristic``: the published
     recipe of brief SFT (a quarter of the budget), a larger RL share, and an SFT LoRA rank
-    above the RL rank. A reference that the space cannot express is left out.
+    above the RL rank. SFT and RL are the space's stages whose kinds have the imitation and
+    the reinforcement role (one of each; sft and rl). A reference that the space cannot
+    express is left out.
     """
+    pair = _sft_and_rl(space)
+    if pair is None:
+        return []
+    sft, rl = pair
     dims = space.dimensions()
     base: dict[str, Any] = {name: d.middle() for name, d in dims.items()}
-    if "sft.lora_rank" in dims and dims["sft.lora_rank"].type == "categorical":
-        base["sft.lora_rank"] = max(dims["sft.lora_rank"].choices or (), key=_capacity)
-    if "rl.lora_rank" in dims and dims["rl.lora_rank"].type == "categorical":
-        base["rl.lora_rank"] = min(dims["rl.lora_rank"].choices or (), key=_capacity)
+    if f"{sft}.lora_rank" in dims and dims[f"{sft}.lora_rank"].type == "categorical":
+        base[f"{sft}.lora_rank"] = max(dims[f"{sft}.lora_rank"].choices or (), key=_capacity)
+    if f"{rl}.lora_rank" in dims and dims[f"{rl}.lora_rank"].type == "categorical":
+        base[f"{rl}.lora_rank"] = min(dims[f"{rl}.lora_rank"].choices or (), key=_capacity)
     refs = []
     for name, sft_share in (("sft_only", 1.0), ("rl_only", 0.0), ("heuristic", 0.25)):
         point = dict(base)
-        if not _set_share(space, point, dims, sft_share):
+        if not _set_share(space, point, dims, (sft, rl), sft_share):
             continue
         refs.append((name, point))
     return refs
 
 
-def _set_share(space: SearchSpace, point: dict[str, Any], dims: dict[str, Dist], sft_share: float) -> bool:
-    if space.mode != "share" or "sft.share" not in dims or "rl" not in space.stages:
+def _sft_and_rl(space: SearchSpace) -> tuple[str, str] | None:
+    """The space's imitation and reinforcement stage kinds, if it has exactly one of each."""
+    sft = [k for k in space.stages if get_kind(k).role == IMITATION]
+    rl = [k for k in space.stages if get_kind(k).role == REINFORCEMENT]
+    return (sft[0], rl[0]) if len(sft) == 1 and len(rl) == 1 else None
+
+
+def _set_share(space: SearchSpace, point: dict[str, Any], dims: dict[str, Dist],
+               pair: tuple[str, str], sft_share: float) -> bool:
+    """Give the imitation stage ``sft_share`` of the budget (the reinforcement stage takes the
+    rest); False when the space cannot: the reinforcement share is not ``rest``, another
+    stage's share is searched, or ``sft_share`` is outside the searched range."""
+    sft, rl = pair
+    if space.mode != "share" or f"{sft}.share" not in dims:
         return False
-    if space.stages["rl"].share != "rest" or "cpt.share" in dims:
+    others = [k for k in space.stages if k not in pair]
+    if space.stages[rl].share != "rest" or any(f"{k}.share" in dims for k in others):
         return False
-    d = dims["sft.share"]
+    d = dims[f"{sft}.share"]
     if d.type == "categorical":
         if sft_share not in (d.choices or ()):
             return False
     elif not (d.low <= sft_share <= d.high):  # type: ignore[operator]
         return False
-    point["sft.share"] = sft_share
+    point[f"{sft}.share"] = sft_share
     return True
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stagebudget.kinds import IMITATION, get_kind
 from stagebudget.names import ID_ACCURACY, OOD_ACCURACY, STANDARD_ERROR_OF
 from stagebudget.schedule import Schedule
 from stagebudget.trialresult import TrialResult
@@ -32,6 +33,11 @@ def _fake_result(schedule: Schedule, id_accuracy: float, ood_accuracy: float, ho
                        standard_errors=dict(se or {}))
 
 
+def _imitates(spec: Any) -> bool:
+    """Whether a stage is SFT for the fake's scores (its kind has the imitation role)."""
+    return get_kind(spec.kind).role == IMITATION
+
+
 def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
                   report: Callable[[dict[str, Any]], None] | None = None,
                   seconds: float = 0.2, fail: str | None = None, kill: str | None = None,
@@ -41,9 +47,9 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
                   dense: bool = False, **_: Any) -> TrialResult:
     """A fast stand-in for ``pipeline.run_schedule``. FOR TESTS ONLY.
 
-    Scores are a deterministic function of the schedule: more SFT steps raise ID and lower OOD,
-    so the front has several points. Faults, for fault-injection tests (bind them with
-    ``functools.partial``):
+    Scores are a deterministic function of the schedule: more SFT steps (steps of stages whose
+    kind has the imitation role) raise ID and lower OOD, so the front has several points.
+    Faults, for fault-injection tests (bind them with ``functools.partial``):
 
     - ``fail="diverge"`` raises :class:`TrainingDiverged` (deterministic: never retried);
       ``fail="always"`` raises ``FloatingPointError`` (like a NaN loss) in every trial;
@@ -77,7 +83,7 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
         os.kill(os.getpid(), 9)
     total = max(1, sum(s.steps for s in schedule.stages))
     hours = schedule.budget_hours or 0.001
-    weak = any(s.kind == "sft" and s.steps and s.lora_rank == weak_sft_rank
+    weak = any(_imitates(s) and s.steps and s.lora_rank == weak_sft_rank
                for s in schedule.stages) and weak_sft_rank is not None
     emit = _Emitter(out_dir, report, se)
     if dense or stage_end is not None:
@@ -85,7 +91,7 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
         final = rows[-1]
         errors = {n: final[n] for n in STANDARD_ERROR_OF.values()} if se else None
         return _fake_result(schedule, final[ID_ACCURACY], final[OOD_ACCURACY], hours, rows, errors)
-    frac = sum(s.steps for s in schedule.stages if s.kind == "sft") / total
+    frac = sum(s.steps for s in schedule.stages if _imitates(s)) / total
     rows = []
     for i in range(1, 3):
         time.sleep(seconds / 2)
@@ -106,7 +112,7 @@ def _dense_curve(schedule: Any, emit: _Emitter, stage_end: Callable[..., None] |
 
     def sft_done(g: int) -> int:
         return sum(max(0, min(g, end) - (end - s.steps))
-                   for s, end in zip(schedule.stages, ends, strict=True) if s.kind == "sft")
+                   for s, end in zip(schedule.stages, ends, strict=True) if _imitates(s))
 
     rows, g = [], 0
     try:

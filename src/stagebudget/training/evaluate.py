@@ -46,7 +46,7 @@ def mean_and_se(scores: list[float]) -> tuple[float, float]:
 def greedy_completions(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int,
                        batch_size: int = EVAL_BATCH) -> list[str]:
     """Greedy completions of ``prompts``, cut at the first stop token; the same text as
-    :func:`stagebudget.training.model.greedy_generate` (``model.generate``), faster.
+    ``model.generate`` (greedy, stopping at every stop token the model declares), faster.
 
     Prompts are tokenised as the trainers tokenise them (:func:`stagebudget.chat.prompt_ids`)
     and left-padded in batches of ``batch_size``; decoding reuses the key/value cache, and a

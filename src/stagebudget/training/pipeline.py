@@ -1,12 +1,12 @@
 """Run one schedule: base model -> [cpt] -> sft -> rl, merging between stages, measuring as it goes.
 
-Each stage is looked up in the registry (:data:`stagebudget.training.stages.STAGES`) and handed the
-previous stage's merged model. ID and OOD accuracy are measured at step 0 of every stage (the
-first point of stage k>0 is the last of stage k-1, reused, not re-measured), every
-``eval_interval`` steps and at the end of each stage. Every curve row is appended to
-``curves.jsonl`` as it is measured and passed to ``report`` (the search forwards it to Ray). A
-row's ``planned_seconds`` is its budget point by the cost model (load-independent),
-``device_seconds`` the training time measured so far.
+Each stage's function is looked up in the kind registry
+(:func:`stagebudget.training.stages.get_stage`) and handed the previous stage's merged model.
+ID and OOD accuracy are measured at step 0 of every stage (the first point of stage k>0 is the
+last of stage k-1, reused, not re-measured), every ``eval_interval`` steps and at the end of
+each stage. Every curve row is appended to ``curves.jsonl`` as it is measured and passed to
+``report`` (the search forwards it to Ray). A row's ``planned_seconds`` is its budget point by
+the cost model (load-independent), ``device_seconds`` the training time measured so far.
 
 Training time is charged to the schedule's budget (``budget_hours``). Every stage trains exactly
 its planned steps (the budget was enforced when the schedule was planned), so a result never
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from stagebudget.fileio import atomic_write_json
+from stagebudget.kinds import get_kind
 from stagebudget.names import (
     DEVICE_HOURS,
     ID_ACCURACY,
@@ -76,10 +77,12 @@ def _emit(progress: Report | None, event: str, **data: Any) -> None:
 
 
 def _latest_signal(kind: str, logs: list[dict[str, Any]]) -> dict[str, Any]:
-    """``{"reward": ...}`` for rl, ``{"train_loss": ...}`` otherwise (None before any log)."""
-    key, src = ("reward", "reward") if kind == "rl" else ("train_loss", "loss")
-    value = next((r[src] for r in reversed(logs) if r.get(src) is not None), None)
-    return {key: value}
+    """The kind's training signal, its last logged value: ``{"reward": ...}`` for rl,
+    ``{"train_loss": ...}`` for cpt and sft (its registered ``signal``; None before any log)."""
+    info = get_kind(kind)
+    value = next((r[info.signal_log] for r in reversed(logs)
+                  if r.get(info.signal_log) is not None), None)
+    return {info.signal: value}
 
 
 @dataclass

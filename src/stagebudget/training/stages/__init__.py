@@ -2,18 +2,17 @@
 
 Which function trains a kind is part of the kind's one registration
 (:func:`stagebudget.kinds.register_stage_kind`, its ``runner``: a ``"module:function"`` path
-imported when first used, or a callable). :data:`STAGES` is a read-only view of that.
+imported when first used, or a callable); :func:`get_stage` resolves it.
 
->>> sorted(STAGES)
-['cpt', 'rl', 'sft']
+>>> get_stage("sft").__name__
+'run_sft'
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Mapping
 
-from stagebudget.kinds import get_kind, stage_kinds
+from stagebudget.kinds import get_kind
 from stagebudget.training.stages.common import (
     StageContext,
     StageFn,
@@ -40,23 +39,7 @@ def get_stage(kind: str) -> StageFn:
     return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
 
 
-class _Stages(Mapping[str, StageFn]):
-    """Kind -> stage function, read from the kind registry (so it never disagrees with it)."""
-
-    def __getitem__(self, kind: str) -> StageFn:
-        return get_stage(kind)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(stage_kinds())
-
-    def __len__(self) -> int:
-        return len(stage_kinds())
-
-
-STAGES: Mapping[str, StageFn] = _Stages()
-
 __all__ = [
-    "STAGES",
     "StageContext",
     "StageFn",
     "StageOutput",

@@ -14,7 +14,7 @@ from stagebudget.training.stages.common import (
     training_args,
 )
 from stagebudget.training.stages.sft import loss_metrics
-from stagebudget.trlconfig import MIN_CORPUS
+from stagebudget.trlconfig import corpus_size
 
 
 def cpt_dataset(ctx: StageContext) -> Any:
@@ -23,8 +23,8 @@ def cpt_dataset(ctx: StageContext) -> Any:
 
     from stagebudget.tasks import pretrain_corpus
 
-    n = max(MIN_CORPUS, ctx.spec.steps * ctx.spec.batch_size)
-    return Dataset.from_list([{"text": t} for t in pretrain_corpus(seed=ctx.seed, n=n)])
+    texts = pretrain_corpus(seed=ctx.seed, n=corpus_size(ctx.spec))
+    return Dataset.from_list([{"text": t} for t in texts])
 
 
 def run_cpt(ctx: StageContext) -> StageOutput:
