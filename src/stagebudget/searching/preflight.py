@@ -12,13 +12,9 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from stagebudget.errors import ConfigError, UserError
+from stagebudget.errors import ClusterError, ConfigError, UserError
 from stagebudget.space.sampler import make_sampler
 from stagebudget.space.schema import SearchSpace
-
-
-class ClusterError(UserError):
-    """The Ray cluster named by ``--address`` cannot be used."""
 
 
 def check_mlflow(uri: str) -> None:

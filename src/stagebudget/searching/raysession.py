@@ -14,9 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stagebudget.errors import UserError
+from stagebudget.errors import ClusterError, UserError
 from stagebudget.rundir import RunDir
-from stagebudget.searching.preflight import ClusterError
 from stagebudget.space.schema import SearchSpace
 
 log = logging.getLogger(__name__)

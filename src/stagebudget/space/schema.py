@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from stagebudget.errors import ConfigError, UserError, from_pydantic
+from stagebudget.errors import ConfigError, TaskFileError, UserError, from_pydantic
 from stagebudget.fileio import read_yaml
 from stagebudget.kinds import get_kind, kind_only_fields, stage_kinds
 from stagebudget.names import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY
@@ -279,7 +279,7 @@ class SearchSpace(Strict):
 
         Planned schedules carry them; loading the file again checks they still hold.
         """
-        from stagebudget.tasks import TaskFileError, task_file_sizes
+        from stagebudget.tasks import task_file_sizes
 
         t = self.tasks
         if t.source == "builtin" or all(getattr(t, k) is not None for k in BUILTIN_SIZES):

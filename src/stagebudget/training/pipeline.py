@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stagebudget.errors import BudgetGuardError, TrainingDiverged
 from stagebudget.fileio import atomic_write_json
 from stagebudget.names import (
     DEVICE_HOURS,
@@ -37,8 +38,7 @@ from stagebudget.names import (
 from stagebudget.plan.cost import OVERRUN_GUARD, CostModel, default_cost_model
 from stagebudget.prefixcache import END, EVAL, STEP, Entry, PrefixCache, context_key, stage_keys
 from stagebudget.schedule import Schedule, StageSpec
-from stagebudget.training.clock import BudgetClock, BudgetGuardError
-from stagebudget.training.stages.common import TrainingDiverged
+from stagebudget.training.clock import BudgetClock
 from stagebudget.version import numerics
 
 __all__ = ["BudgetGuardError", "TrainingDiverged", "TrialResult", "run_schedule"]

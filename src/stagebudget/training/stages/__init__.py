@@ -13,12 +13,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator, Mapping
 
+from stagebudget.errors import TrainingDiverged
 from stagebudget.kinds import get_kind, stage_kinds
 from stagebudget.training.stages.common import (
     StageContext,
     StageFn,
     StageOutput,
-    TrainingDiverged,
     lora_config,
     merge,
     resolve_device,
