@@ -253,6 +253,10 @@ def _load_finished(trainer: Any, folder: str) -> None:
     from transformers import TrainerState
 
     # The loading half of Trainer.train(resume_from_checkpoint=...): adapter or full weights.
+    # Private (transformers 5.x): no public call loads a checkpoint into a Trainer without
+    # training, and this one handles the adapter, safetensors and sharded cases as train()
+    # does. A rename breaks reusing a cached checkpoint that holds all of a stage's steps
+    # (tests/test_prefixcache.py).
     trainer._load_from_checkpoint(folder)
     trainer.state = TrainerState.load_from_json(os.path.join(folder, "trainer_state.json"))
 
