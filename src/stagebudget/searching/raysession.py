@@ -115,6 +115,39 @@ def choose_local_ray_auth() -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
+def refuses_driver(address: str) -> bool:
+    """Whether the Ray cluster at ``address`` (``host:port``, known to accept connections)
+    refuses this driver for its token authentication: asked of the cluster's GCS, in well under
+    a second, where ``ray.init`` retries for 20 s before it raises."""
+    # Ray has no public call that only connects to a cluster's GCS: ``ray._raylet.GcsClient``
+    # is an internal (its constructor raises AuthenticationError on a refused token, Ray 2.60).
+    # A Ray that renames or moves it fails here with ImportError/TypeError, and
+    # tests/test_cluster.py (the refused driver) fails with it.
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]
+    from ray.exceptions import AuthenticationError
+
+    try:
+        with _quiet_stderr():  # Ray's C++ client logs the refusal on stderr as well
+            GcsClient(address=address, cluster_id=None)
+    except AuthenticationError:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (C++ log lines) for the duration of the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def init_ray(address: str | None, space: SearchSpace) -> str | None:
     """Start (or join) Ray; return the session directory of a private local Ray."""
     import ray

@@ -327,6 +327,20 @@ class SearchSpace(Strict):
 
     _source: str | None = None
 
+    @property
+    def source_file(self) -> str | None:
+        """The space file this space was loaded from, as given (None when built in code);
+        error messages name it."""
+        return self._source
+
+    def with_search_hours(self, hours: float) -> SearchSpace:
+        """This space with ``budget.search_hours`` set to ``hours`` (``--budget-hours``),
+        still naming the file it was loaded from."""
+        budget = self.budget.model_copy(update={"search_hours": hours})
+        space = self.model_copy(update={"budget": budget})
+        space._source = self._source
+        return space
+
     # --- the search dimensions --------------------------------------------------------------
     def dimensions(self) -> dict[str, Dist]:
         """Searched dimensions by Optuna parameter name (``sft.lora_rank``...)."""
