@@ -359,3 +359,13 @@ def test_a_relative_prefix_cache_dir_is_resolved_once_against_the_space_file(tmp
         assert space.reuse.cache().root == want
     assert SearchSpace.load(write(folder, {**BASE, "reuse": {"enabled": False}})).reuse.cache() \
         is None
+
+
+def test_a_space_names_its_file_and_keeps_it_with_another_search_budget(tmp_path):
+    path = write(tmp_path, BASE)
+    space = SearchSpace.load(path)
+    assert space.source_file == str(path)
+    wider = space.with_search_hours(5.0)
+    assert wider.budget.search_hours == 5.0 and wider.source_file == str(path)
+    assert space.budget.search_hours is None  # the loaded space is left as it was
+    assert SearchSpace.model_validate(BASE).source_file is None

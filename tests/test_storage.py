@@ -145,3 +145,23 @@ def test_a_search_with_an_unreachable_server_leaves_nothing(tmp_path: Path) -> N
                    storage="postgresql+psycopg2://postgres@127.0.0.1:1/postgres",
                    trial_fn=fake_trial_fn)
     assert not (tmp_path / "runs" / "x").exists()
+
+
+def test_finish_trial_writes_attrs_then_state_of_a_trial_no_process_asked() -> None:
+    from optuna.trial import TrialState
+
+    from stagebudget.studystore import finish_trial
+
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    done, pruned, failed = study.ask(), study.ask(), study.ask()
+    frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
+    finish_trial(study, frozen[done.number], TrialState.COMPLETE, [0.5, 0.25], {"k": "v"})
+    finish_trial(study, frozen[pruned.number], TrialState.PRUNED)
+    finish_trial(study, frozen[failed.number], TrialState.FAIL, attrs={"error": "interrupted"})
+    by_number = {t.number: t for t in study.get_trials()}
+    assert by_number[done.number].state == TrialState.COMPLETE
+    assert by_number[done.number].values == [0.5, 0.25]
+    assert by_number[done.number].user_attrs == {"k": "v"}
+    assert by_number[pruned.number].state == TrialState.PRUNED
+    assert by_number[failed.number].state == TrialState.FAIL
+    assert by_number[failed.number].user_attrs == {"error": "interrupted"}

@@ -6,8 +6,8 @@
 
 from __future__ import annotations
 
+from stagebudget.errors import ModelRefError
 from stagebudget.modelref import (
-    ModelRefError,
     cache_problem,
     describe,
     load_tokenizer,

@@ -19,27 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from stagebudget.errors import UserError
+from stagebudget.errors import GenerationTooLong, ModelTaskError
 
 MAX_CHECKED = 2000  # examples tokenised by the checks (a few seconds at most)
 LONGEST_CHECKED = 256  # longest examples (by characters) tokenised by the window check
 EVAL_SLACK = 2  # tokens past the longest answer that evaluation generates by default
-
-
-class ModelTaskError(UserError):
-    """The model's tokenizer and the task file do not fit together; says which and why."""
-
-
-class GenerationTooLong(ModelTaskError):
-    """What is generated after a prompt does not leave room for any prompt; ``field`` names the
-    setting to change."""
-
-    def __init__(self, message: str, field: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-    def __reduce__(self) -> tuple[Any, ...]:  # survives pickling (Ray) with its field
-        return (type(self), (str(self), self.field))
 
 
 def is_chat(prompt: Any) -> bool:

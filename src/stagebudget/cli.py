@@ -58,7 +58,8 @@ def search(
         help="Also log every trial to this MLflow tracking URI (needs mlflow)")] = None,
 ) -> None:
     """Run a budgeted multi-objective search (Optuna samples, Ray Tune runs the trials)."""
-    from stagebudget.searching.driver import SearchInterrupted, run_search
+    from stagebudget.errors import SearchInterrupted
+    from stagebudget.searching.driver import run_search
 
     try:
         run_dir = run_search(

@@ -1,5 +1,8 @@
 """stagebudget's errors: every exception stagebudget raises derives from :class:`StagebudgetError`
 (as every Optuna exception derives from ``OptunaError``), so one ``except`` catches them all.
+Every exception class is defined here (as Optuna keeps its in ``optuna/exceptions.py``); the
+modules that raise one re-export it, so ``from stagebudget.tasks import TaskFileError`` still
+works. This module imports only the standard library.
 
 Every mistake in user input becomes a :class:`UserError` whose message says which file and which
 field is wrong, what was given and what is allowed. The CLI prints it as one paragraph and exits
@@ -58,6 +61,89 @@ class BudgetError(UserError):
 
 class RunError(UserError):
     """A run directory is missing, foreign, or has nothing to show."""
+
+
+class ModelRefError(UserError):
+    """A base model reference cannot be used; the message says why and what to pass."""
+
+
+class TaskFileError(UserError):
+    """A user task file or task selection is invalid; the message says where and why."""
+
+
+class ModelTaskError(UserError):
+    """The model's tokenizer and the task file do not fit together; says which and why."""
+
+
+class GenerationTooLong(ModelTaskError):
+    """What is generated after a prompt does not leave room for any prompt; ``field`` names the
+    setting to change."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self) -> tuple[Any, ...]:  # survives pickling (Ray) with its field
+        return (type(self), (str(self), self.field))
+
+
+class ClusterError(UserError):
+    """The Ray cluster named by ``--address`` cannot be used."""
+
+
+class ScorerError(ValueError, StagebudgetError):
+    """A scorer or an answer setting cannot be used; the message names it and the fix."""
+
+
+class DataMissingError(RuntimeError, StagebudgetError):
+    """A packaged sequence file could not be found in the installed wheels."""
+
+
+class ReplayMiss(LookupError, DeterministicError):
+    """The schedule is not in the table: the search space and the table disagree."""
+
+    def __init__(self, message: str) -> None:  # one argument: survives pickling (Ray)
+        super().__init__(message)
+
+
+class TrainingDiverged(RuntimeError, DeterministicError):
+    """The training loss became NaN or infinite; names the stage and the step. Training is
+    deterministic by seed, so a retry would diverge again: never retried."""
+
+    def __init__(self, stage: str, stage_index: int, step: int, value: float) -> None:
+        self.stage, self.stage_index, self.step, self.value = stage, stage_index, step, value
+        super().__init__(
+            f"training diverged in stage {stage_index} ({stage}) at step {step}: loss={value}; "
+            "lower the learning rate of this stage"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.stage, self.stage_index, self.step, self.value))
+
+
+class BudgetGuardError(RuntimeError, StagebudgetError):
+    """A trial used more than its overrun guard allows; it was stopped and is not scored."""
+
+    def __init__(self, message: str) -> None:  # one argument: survives pickling (Ray)
+        super().__init__(message)
+
+
+class StagePruned(StagebudgetError):
+    """Raised from ``stage_end`` to stop a trial at a stage boundary; ``info`` says where and
+    which completed trial dominated it there. (Named apart from ``optuna.TrialPruned``: this one
+    is caught by the trainable, never by Optuna.)"""
+
+    def __init__(self, message: str, info: dict[str, Any]) -> None:
+        super().__init__(message, info)
+        self.info = info
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+# A KeyboardInterrupt, not a StagebudgetError: ``except Exception`` must let Ctrl-C through.
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a search; the message says what finished and how to resume."""
 
 
 def allowed(values: Iterable[Any]) -> str:

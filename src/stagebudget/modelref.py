@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from stagebudget.errors import UserError
+from stagebudget.errors import ModelRefError
 
 COMPLETE_MARKER = "COMPLETE"
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -35,10 +35,6 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 # the built-in bases as shipped: package data, one directory per size (see shipped_base)
 SHIPPED_DIR = Path(__file__).resolve().parent / "builtin_models"
-
-
-class ModelRefError(UserError):
-    """A base model reference cannot be used; the message says why and what to pass."""
 
 
 def builtin_token_count(text: str, *, bos: bool = True) -> int:

@@ -14,6 +14,7 @@ Optuna is imported inside the functions, so importing this module stays light.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,26 @@ def open_storage(url: str, *, create: bool = True) -> Any:
         if "disk is full" in why or "No space left" in why:
             why += " (free some space, then run the same command again)"
         raise UserError(f"cannot open Optuna storage {redact(url)}: {why}") from None
+
+
+def finish_trial(study: Any, trial: Any, state: Any, values: Sequence[float] | None = None,
+                 attrs: Mapping[str, Any] | None = None) -> None:
+    """Finish a RUNNING ``trial`` of ``study`` that no live process asked (a killed driver's):
+    set the user ``attrs`` in order, then ``state`` (an Optuna ``TrialState``) with ``values``.
+
+    Written straight to the study's storage: ``Study.tell`` would also run the sampler's
+    ``after_trial`` for a trial the sampler never proposed in this process.
+    """
+    # Optuna has no public way to write a trial by its id outside tell(): ``Study._storage``
+    # and ``FrozenTrial._trial_id`` are internals (present through Optuna 5.1). A rename breaks
+    # --resume after a killed driver (tests/test_resume.py) with an AttributeError.
+    storage, trial_id = study._storage, trial._trial_id
+    for key, value in (attrs or {}).items():
+        storage.set_trial_user_attr(trial_id, key, value)
+    if values is None:
+        storage.set_trial_state_values(trial_id, state)
+    else:
+        storage.set_trial_state_values(trial_id, state, list(values))
 
 
 def redact(url: str) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stagebudget.errors import UserError
+from stagebudget.errors import SearchInterrupted, UserError
 from stagebudget.fileio import DISK_FULL, atomic_write_yaml, read_json
 from stagebudget.rundir import RunDir, charged_hours, spend_summary
 from stagebudget.searching.preflight import check_mlflow, check_space
@@ -153,10 +153,6 @@ def _settle_study(plan: SearchPlan, attempts: int = 5) -> int | None:
             gc.collect()  # drops the interrupted session's connection
             time.sleep(0.5 * (attempt + 1))
     return None
-
-
-class SearchInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped a search; the message says what finished and how to resume."""
 
 
 def _settle_interrupted(plan: SearchPlan) -> SearchInterrupted:

@@ -32,22 +32,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from stagebudget.errors import StagebudgetError
+from stagebudget.errors import StagePruned
 from stagebudget.names import COMPLETE, STANDARD_ERROR_OF
 from stagebudget.rundir import COMPARED, PLANNED, RunDir, describe_pruned, is_finite_number
-
-
-class StagePruned(StagebudgetError):
-    """Raised from ``stage_end`` to stop a trial at a stage boundary; ``info`` says where and
-    which completed trial dominated it there. (Named apart from ``optuna.TrialPruned``: this one
-    is caught by the trainable, never by Optuna.)"""
-
-    def __init__(self, message: str, info: dict[str, Any]) -> None:
-        super().__init__(message, info)
-        self.info = info
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 def dominates(a: dict[str, Any], b: dict[str, Any], directions: dict[str, str],

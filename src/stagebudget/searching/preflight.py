@@ -4,21 +4,16 @@ resources, the prefix cache folder, the Ray cluster and the MLflow server.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import socket
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-from stagebudget.errors import ConfigError, UserError
+from stagebudget.errors import ClusterError, ConfigError, UserError
+from stagebudget.searching.raysession import refuses_driver
 from stagebudget.space.sampler import make_sampler
 from stagebudget.space.schema import SearchSpace
-
-
-class ClusterError(UserError):
-    """The Ray cluster named by ``--address`` cannot be used."""
 
 
 def check_mlflow(uri: str) -> None:
@@ -54,14 +49,14 @@ def check_prefix_cache_dir(space: SearchSpace) -> None:
         raise ConfigError(
             f"the prefix cache directory {root} cannot be used: {problem}. Give reuse.cache_dir "
             "a directory this user can write (or set $STAGEBUDGET_PREFIX_CACHE), or turn reuse "
-            "off with reuse: {enabled: false}", source=space._source, field="reuse.cache_dir")
+            "off with reuse: {enabled: false}", source=space.source_file, field="reuse.cache_dir")
 
 
 def check_local_resources(space: SearchSpace) -> None:
     """``concurrency`` trials at once must fit this machine's CPUs (and GPUs)."""
     res, n = space.resources_per_trial, space.concurrency
     cpus = os.cpu_count() or 1
-    where = f"{space._source}: " if space._source else ""
+    where = f"{space.source_file}: " if space.source_file else ""
     if n * res.cpu > cpus:
         raise UserError(
             f"{where}concurrency x resources_per_trial.cpu = {n} x {res.cpu:g} = "
@@ -94,13 +89,7 @@ def check_cluster(address: str) -> None:
             f"{host}:{port} ({exc.strerror or exc}). Give the address that `ray start --head` "
             "printed (host:6379 by default), or leave --address out to run on this machine; "
             "nothing was written") from None
-    from ray._raylet import GcsClient  # type: ignore[attr-defined]
-    from ray.exceptions import AuthenticationError
-
-    try:
-        with _quiet_stderr():  # Ray's C++ client logs the refusal on stderr as well
-            GcsClient(address=address, cluster_id=None)
-    except AuthenticationError:
+    if refuses_driver(address):
         mode = os.environ.get("RAY_AUTH_MODE")
         now = f"RAY_AUTH_MODE is {mode!r}" if mode else "RAY_AUTH_MODE is not set"
         raise ClusterError(
@@ -109,20 +98,6 @@ def check_cluster(address: str) -> None:
             "give the cluster's token: copy the head's ~/.ray/auth_token to this machine (or "
             "point RAY_AUTH_TOKEN_PATH at a copy, or set RAY_AUTH_TOKEN); every node started "
             "with `ray start` needs the same two settings. Nothing was written") from None
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence file descriptor 2 (C++ log lines) for the duration of the block."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def _local_gpus() -> int:
@@ -162,10 +137,7 @@ def check_space(path: str | Path, *, trials: int | None = None, concurrency: int
         check_cluster(address)
     make_sampler(space, space.trials)  # a bogus sampler option is an error now, not in Ray
     if budget_hours is not None:
-        budget = space.budget.model_copy(update={"search_hours": budget_hours})
-        source = space._source
-        space = space.model_copy(update={"budget": budget})
-        space._source = source
+        space = space.with_search_hours(budget_hours)
     search, per_trial = space.budget.search_hours, space.budget.per_trial_hours
     if search is not None and search < per_trial:
         raise UserError(

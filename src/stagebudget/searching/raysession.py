@@ -14,9 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stagebudget.errors import UserError
+from stagebudget.errors import ClusterError, UserError
 from stagebudget.rundir import RunDir
-from stagebudget.searching.preflight import ClusterError
 from stagebudget.space.schema import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -114,6 +113,39 @@ def choose_local_ray_auth() -> None:
     A user's own ``RAY_AUTH_MODE`` wins; a process that imported Ray already keeps the notice."""
     if "ray" not in sys.modules:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def refuses_driver(address: str) -> bool:
+    """Whether the Ray cluster at ``address`` (``host:port``, known to accept connections)
+    refuses this driver for its token authentication: asked of the cluster's GCS, in well under
+    a second, where ``ray.init`` retries for 20 s before it raises."""
+    # Ray has no public call that only connects to a cluster's GCS: ``ray._raylet.GcsClient``
+    # is an internal (its constructor raises AuthenticationError on a refused token, Ray 2.60).
+    # A Ray that renames or moves it fails here with ImportError/TypeError, and
+    # tests/test_cluster.py (the refused driver) fails with it.
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]
+    from ray.exceptions import AuthenticationError
+
+    try:
+        with _quiet_stderr():  # Ray's C++ client logs the refusal on stderr as well
+            GcsClient(address=address, cluster_id=None)
+    except AuthenticationError:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (C++ log lines) for the duration of the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def init_ray(address: str | None, space: SearchSpace) -> str | None:

@@ -26,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from stagebudget.errors import DeterministicError
+from stagebudget.errors import ReplayMiss
 from stagebudget.names import (
     ID_ACCURACY,
     ID_ACCURACY_SE,
@@ -40,13 +40,6 @@ from stagebudget.trialresult import TrialResult
 TABLE_ENV = "STAGEBUDGET_REPLAY_TABLE"
 NOMINAL = "nominal_device_hours"
 ROW_FIELDS = ("schedule", "seed", ID_ACCURACY, OOD_ACCURACY, NOMINAL)
-
-
-class ReplayMiss(LookupError, DeterministicError):
-    """The schedule is not in the table: the search space and the table disagree."""
-
-    def __init__(self, message: str) -> None:  # one argument: survives pickling (Ray)
-        super().__init__(message)
 
 
 def replay_key(schedule: Mapping[str, Any]) -> str:

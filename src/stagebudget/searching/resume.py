@@ -4,7 +4,6 @@ interrupted, retried with the same params, and counted; changed numerics are nam
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 from stagebudget.errors import UserError
 from stagebudget.names import COMPLETE, ERROR_ATTR, FAILED, INTERRUPTED, PRUNED, RUNNING
 from stagebudget.rundir import RunDir, is_interrupted
+from stagebudget.studystore import finish_trial
 from stagebudget.version import numerics, numerics_changes
 
 log = logging.getLogger(__name__)
@@ -57,23 +57,21 @@ def mark_interrupted(study: Any, run: RunDir, objectives: list[str]) -> int:
     from optuna.trial import TrialState
 
     from stagebudget.names import TUNE_ID_ATTR
-    from stagebudget.searching.study_attrs import annotate_trial
+    from stagebudget.searching.study_attrs import trial_attrs
 
-    storage = study._storage
     records = {r.key: r for r in run.records()}
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         rec = records.get(t.user_attrs.get(TUNE_ID_ATTR, ""))
-        if rec and rec.status in (COMPLETE, PRUNED):
-            annotate_trial(functools.partial(storage.set_trial_user_attr, t._trial_id), rec)
+        attrs = trial_attrs(rec) if rec and rec.status in (COMPLETE, PRUNED) else {}
         if rec and rec.status == COMPLETE and all(o in rec.objectives for o in objectives):
             values = [float(rec.objectives[o]) for o in objectives]
-            storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, values)
+            finish_trial(study, t, TrialState.COMPLETE, values, attrs)
             continue
         if rec and rec.status == PRUNED:
-            storage.set_trial_state_values(t._trial_id, TrialState.PRUNED)
+            finish_trial(study, t, TrialState.PRUNED, attrs=attrs)
             continue
-        storage.set_trial_user_attr(t._trial_id, ERROR_ATTR, INTERRUPTED)  # before: FAIL is final
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        # the error attribute before the state: a FAIL trial is final
+        finish_trial(study, t, TrialState.FAIL, attrs={**attrs, ERROR_ATTR: INTERRUPTED})
     for record in records.values():
         if record.status == RUNNING:
             record.status, record.error, record.finished = FAILED, INTERRUPTED, time.time()

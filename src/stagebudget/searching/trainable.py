@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stagebudget.errors import DeterministicError, UserError
+from stagebudget.errors import DeterministicError, StagePruned, UserError
 from stagebudget.fileio import atomic_write_text, read_json
 from stagebudget.names import (
     COMPLETE,
@@ -36,7 +36,7 @@ from stagebudget.names import (
 )
 from stagebudget.rundir import RunDir, TrialRecord, charged_hours
 from stagebudget.schedule import identity
-from stagebudget.searching.earlystop import StageGate, StagePruned
+from stagebudget.searching.earlystop import StageGate
 from stagebudget.space.points import checkpoint_steps
 from stagebudget.space.schema import SearchSpace
 from stagebudget.trialresult import TrialResult

@@ -78,6 +78,16 @@ def planned_schedule(space: SearchSpace, cost: Any, params: dict[str, Any]) -> d
     return space.schedule_from_params(params, cost).to_dict()
 
 
+# Ray's OptunaSearch keeps its Optuna trials by Tune trial id (``self._ot_trials``) and its study
+# (``self._ot_study``) in attributes it offers no accessor for (Ray 2.60,
+# ray/tune/search/optuna/optuna_search.py). Only tune_optuna_trials and StudySearch.study read
+# them; a Ray that renames them breaks those two (and tests/test_tune_adapter.py) and nothing else.
+def tune_optuna_trials(search: Any) -> dict[str, Any]:
+    """Ray's own map of Tune trial id to Optuna trial in ``search`` (an :class:`OptunaSearch`),
+    not a copy: deleting an entry makes ``OptunaSearch.suggest`` ask the study again."""
+    return search._ot_trials
+
+
 MAX_TWIN_ASKS = 32  # a sampler that keeps proposing known schedules gets a trial after this
 
 
@@ -108,7 +118,7 @@ class StudySearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | None:
         for attempt in range(1, MAX_TWIN_ASKS + 1):
             config = super().suggest(trial_id)
-            ot_trial = self._ot_trials.get(trial_id)
+            ot_trial = tune_optuna_trials(self).get(trial_id)
             if ot_trial is None or not config:
                 return config
             schedule = self._planned(ot_trial.params)
@@ -119,7 +129,7 @@ class StudySearch(OptunaSearch):
                                 "runs the next one as it is", attempt - 1, ot_trial.number)
                 self._start(trial_id, ot_trial, schedule)
                 return config
-            del self._ot_trials[trial_id]  # told or waiting: ask again for this Tune trial
+            del tune_optuna_trials(self)[trial_id]  # told or waiting: ask again for this Tune trial
         return None  # not reached: the last attempt always starts its trial
 
     def _start(self, trial_id: str, ot_trial: Any, schedule: dict[str, Any] | None) -> None:
@@ -142,7 +152,7 @@ class StudySearch(OptunaSearch):
         """Tell (or hold) ``ot_trial`` when its schedule is trained or training; else False."""
         running = self._training.get(identity(schedule))
         if running is not None:
-            ot_trial.set_user_attr(TWIN_ATTR, self._ot_trials[running].number)
+            ot_trial.set_user_attr(TWIN_ATTR, tune_optuna_trials(self)[running].number)
             self._waiting.setdefault(running, []).append((ot_trial, schedule))
             return True
         return self._tell_twin(ot_trial, schedule)
@@ -172,8 +182,9 @@ class StudySearch(OptunaSearch):
         return True
 
     def _number_of(self, key: str) -> int | None:
-        if key in self._ot_trials:
-            return int(self._ot_trials[key].number)
+        trials = tune_optuna_trials(self)
+        if key in trials:
+            return int(trials[key].number)
         return next((t.number for t in self.study.get_trials(deepcopy=False)
                      if t.user_attrs.get(TUNE_ID_ATTR) == key), None)
 
@@ -198,7 +209,7 @@ class StudySearch(OptunaSearch):
         """Describe the Optuna trial from its record (schedule, steps, SEs...), then tell it; a
         deterministic failure is told as an error (Ray does not retry it), a trial stopped by
         early stopping as PRUNED (no values: its scores so far are not its result)."""
-        ot_trial = self._ot_trials.get(trial_id)
+        ot_trial = tune_optuna_trials(self).get(trial_id)
         if result and result.get(DETERMINISTIC_FAILURE):  # failed; a retry cannot help
             if ot_trial is not None:
                 ot_trial.set_user_attr(ERROR_ATTR, str(result[DETERMINISTIC_FAILURE]))
@@ -218,6 +229,7 @@ class StudySearch(OptunaSearch):
 
     @property
     def study(self) -> Any:
+        """The Optuna study this searcher asks and tells (Ray's private ``_ot_study``, above)."""
         return self._ot_study
 
 
@@ -359,7 +371,7 @@ class TensorBoardCurves(tune.Callback):
         self.writers: dict[str, Any] = {}
 
     def _label(self, trial_id: str) -> str:
-        ot_trial = self.search._ot_trials.get(trial_id)
+        ot_trial = tune_optuna_trials(self.search).get(trial_id)
         record = self.run.read_record(trial_id)
         schedule = trial_id
         if record is not None and record.schedule:
@@ -410,10 +422,13 @@ def mlflow_callback(tracking_uri: str, run_dir: Path, search: StudySearch) -> tu
 
     run = RunDir(Path(run_dir))
 
+    # Ray's callback keeps the MLflow run id of each trial in ``self._trial_runs`` (Ray 2.60,
+    # ray/air/integrations/mlflow.py) with no accessor; naming the run means creating it there
+    # first. A Ray that renames it breaks these two methods (tests/test_mlflow.py).
     class TrialNamedMLflow(MLflowLoggerCallback):  # type: ignore[misc]
         def log_trial_start(self, trial: Any) -> None:
             if trial not in self._trial_runs:
-                number = getattr(search._ot_trials.get(trial.trial_id), "number", None)
+                number = getattr(tune_optuna_trials(search).get(trial.trial_id), "number", None)
                 name = f"trial{number:03d}" if number is not None else str(trial)
                 tags = {**(self.tags or {}), "trial_name": str(trial), TUNE_ID_ATTR: trial.trial_id}
                 started = self.mlflow_util.start_run(tags=tags, run_name=name)
@@ -423,13 +438,23 @@ def mlflow_callback(tracking_uri: str, run_dir: Path, search: StudySearch) -> tu
         def log_trial_end(self, trial: Any, failed: bool = False) -> None:
             record = run.read_record(trial.trial_id)
             if record is not None and trial in self._trial_runs:
-                client = self.mlflow_util._get_client()
+                client = _mlflow_client()
                 for key, value in trial_attrs(record).items():
                     client.set_tag(self._trial_runs[trial], f"stagebudget.{key}", str(value))
             super().log_trial_end(trial, failed=failed)
 
     return TrialNamedMLflow(tracking_uri=tracking_uri, experiment_name=run.root.name,
                             tags={"stagebudget.run_dir": str(run.root.resolve())})
+
+
+def _mlflow_client() -> Any:
+    """An MLflow client of the tracking (and registry) URI that Ray's callback set up: what
+    Ray's private ``_MLflowLoggerUtil._get_client`` builds, from MLflow's public calls."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=mlflow.get_tracking_uri(),
+                        registry_uri=mlflow.get_registry_uri())
 
 
 def _trial_error_text(trial: Any) -> str:

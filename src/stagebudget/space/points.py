@@ -71,7 +71,7 @@ def check_feasible(space: SearchSpace, cost: CostModel | None = None) -> tuple[S
         raise ConfigError(
             f"{len(bad)} of {len(bad) + len(plans)} planned points of the space cannot fit "
             f"the budget{more}: {shown}. Raise the budget, or narrow the ranges that name "
-            "these points", source=space._source, field="budget.per_trial_hours")
+            "these points", source=space.source_file, field="budget.per_trial_hours")
     plans.sort(key=lambda p: p[0])
     return plans[0][1], plans[-1][1]
 

@@ -51,5 +51,5 @@ def make_sampler(space: SearchSpace, trials: int) -> Any:
             return samplers[spec.name](*args, seed=seed, **opts)
         except TypeError as exc:
             raise ConfigError(f"bad option for the {spec.name} sampler: {exc}",
-                              source=getattr(space, "_source", None),
+                              source=getattr(space, "source_file", None),
                               field="sampler.options") from None

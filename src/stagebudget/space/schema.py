@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from stagebudget.errors import ConfigError, UserError, from_pydantic
+from stagebudget.errors import ConfigError, TaskFileError, UserError, from_pydantic
 from stagebudget.fileio import read_yaml
 from stagebudget.kinds import get_kind, kind_only_fields, stage_kinds
 from stagebudget.names import DEVICE_HOURS, ID_ACCURACY, OOD_ACCURACY
@@ -279,7 +279,7 @@ class SearchSpace(Strict):
 
         Planned schedules carry them; loading the file again checks they still hold.
         """
-        from stagebudget.tasks import TaskFileError, task_file_sizes
+        from stagebudget.tasks import task_file_sizes
 
         t = self.tasks
         if t.source == "builtin" or all(getattr(t, k) is not None for k in BUILTIN_SIZES):
@@ -326,6 +326,20 @@ class SearchSpace(Strict):
         return self.model_copy(update=update) if update else self
 
     _source: str | None = None
+
+    @property
+    def source_file(self) -> str | None:
+        """The space file this space was loaded from, as given (None when built in code);
+        error messages name it."""
+        return self._source
+
+    def with_search_hours(self, hours: float) -> SearchSpace:
+        """This space with ``budget.search_hours`` set to ``hours`` (``--budget-hours``),
+        still naming the file it was loaded from."""
+        budget = self.budget.model_copy(update={"search_hours": hours})
+        space = self.model_copy(update={"budget": budget})
+        space._source = self._source
+        return space
 
     # --- the search dimensions --------------------------------------------------------------
     def dimensions(self) -> dict[str, Dist]:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stagebudget.errors import UserError
+from stagebudget.errors import ScorerError, TaskFileError
 from stagebudget.schedule import BUILTIN_SIZES
 from stagebudget.tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS, BuiltinTask
 from stagebudget.tasks.corpus import pretrain_corpus
@@ -25,7 +25,6 @@ from stagebudget.tasks.scoring import (
     EXTRACTIONS,
     SCORERS,
     Scorer,
-    ScorerError,
     check_extraction,
     check_scorer,
     extract,
@@ -58,10 +57,6 @@ ROLES = ("system", "user", "assistant")
 # A prompt is plain text or a list of chat messages ``[{"role": ..., "content": ...}]``
 # (TRL's conversational format), rendered with the model's chat template.
 Prompt = str | list[dict[str, str]]
-
-
-class TaskFileError(UserError):
-    """A user task file or task selection is invalid; the message says where and why."""
 
 
 @dataclass(frozen=True)

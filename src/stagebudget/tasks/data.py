@@ -15,7 +15,7 @@ from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
 
-from stagebudget.errors import StagebudgetError
+from stagebudget.errors import DataMissingError
 
 BLOCK = 240  # genome blocks: windows never cross a block, so pools stay disjoint
 TEST_POOL_PERCENT = 20
@@ -37,10 +37,6 @@ SOURCES: dict[str, tuple[str, str, str]] = {
     # a 2,100-protein proteome from pyhmmer's test data
     "proteome": ("pyhmmer", "tests/data/seqs/938293.PRJEB85.HG003687.faa", "records"),
 }
-
-
-class DataMissingError(RuntimeError, StagebudgetError):
-    """A packaged sequence file could not be found in the installed wheels."""
 
 
 def _path(source: str) -> Path:

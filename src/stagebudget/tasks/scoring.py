@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stagebudget.errors import StagebudgetError
+from stagebudget.errors import ScorerError
 
 NONE_MARK = "-"  # how an empty set is written in set-valued answers
 
@@ -117,10 +117,6 @@ def partial_credit(scorer: str, prediction: str | None, answer: str) -> float:
 Scorer = Callable[[str, str], float]
 EXTRACTIONS = ("full", "answer_tag", "last_line", "regex:PATTERN")
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
-class ScorerError(ValueError, StagebudgetError):
-    """A scorer or an answer setting cannot be used; the message names it and the fix."""
 
 
 def resolve_scorer(ref: str, base_dir: Path | None = None) -> Scorer:

@@ -75,7 +75,7 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
     if fail == "always" or (fail == "first" and _chosen(marker_dir, "fail", key)):
         raise FloatingPointError(f"loss is NaN at step 3 (fake, trial {key})")
     if fail == "diverge":
-        from stagebudget.training.stages.common import TrainingDiverged
+        from stagebudget.errors import TrainingDiverged
 
         raise TrainingDiverged(schedule.stages[-1].kind, len(schedule.stages) - 1, 3, math.nan)
     if (kill == "once" and _chosen(marker_dir, f"kill-{key}", "")) or (

@@ -31,15 +31,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from stagebudget.errors import StagebudgetError
+from stagebudget.errors import BudgetGuardError as BudgetGuardError  # re-exported: its old home
 from stagebudget.plan.cost import OVERRUN_GUARD
-
-
-class BudgetGuardError(RuntimeError, StagebudgetError):
-    """A trial used more than its overrun guard allows; it was stopped and is not scored."""
-
-    def __init__(self, message: str) -> None:  # one argument: survives pickling (Ray)
-        super().__init__(message)
 
 
 @dataclass

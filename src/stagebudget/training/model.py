@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stagebudget.errors import ModelRefError
 from stagebudget.modelref import (
     CHARS,
     COMPLETE_MARKER,
@@ -29,7 +30,6 @@ from stagebudget.modelref import (
     PROMPT_END,
     SIZES,
     SPECIAL_TOKENS,
-    ModelRefError,
     cache_problem,
     config_dict,
     load_tokenizer,

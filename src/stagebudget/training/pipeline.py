@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stagebudget.errors import BudgetGuardError, TrainingDiverged
 from stagebudget.fileio import atomic_write_json
 from stagebudget.kinds import get_kind
 from stagebudget.names import (
@@ -38,8 +39,7 @@ from stagebudget.names import (
 from stagebudget.plan.cost import OVERRUN_GUARD, CostModel, default_cost_model
 from stagebudget.prefixcache import END, EVAL, STEP, Entry, PrefixCache, context_key, stage_keys
 from stagebudget.schedule import Schedule, StageSpec
-from stagebudget.training.clock import BudgetClock, BudgetGuardError
-from stagebudget.training.stages.common import TrainingDiverged
+from stagebudget.training.clock import BudgetClock
 from stagebudget.trialresult import TrialResult
 from stagebudget.trlconfig import config_class, trl_config_kwargs
 from stagebudget.version import numerics

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import importlib
 
+from stagebudget.errors import TrainingDiverged
 from stagebudget.kinds import get_kind
 from stagebudget.training.stages.common import (
     StageContext,
     StageFn,
     StageOutput,
-    TrainingDiverged,
     lora_config,
     merge,
     resolve_device,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from stagebudget.errors import DeterministicError
+from stagebudget.errors import TrainingDiverged
 from stagebudget.schedule import StageSpec
 from stagebudget.training.clock import BudgetClock, budget_callback
 from stagebudget.trlconfig import lora_kwargs, precision_kwargs, trl_config_kwargs
@@ -24,21 +24,6 @@ from stagebudget.trlconfig import lora_kwargs, precision_kwargs, trl_config_kwar
 # Nothing here ever talks to the Hugging Face Hub: models and tokenizers are local objects.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
-class TrainingDiverged(RuntimeError, DeterministicError):
-    """The training loss became NaN or infinite; names the stage and the step. Training is
-    deterministic by seed, so a retry would diverge again: never retried."""
-
-    def __init__(self, stage: str, stage_index: int, step: int, value: float) -> None:
-        self.stage, self.stage_index, self.step, self.value = stage, stage_index, step, value
-        super().__init__(
-            f"training diverged in stage {stage_index} ({stage}) at step {step}: loss={value}; "
-            "lower the learning rate of this stage"
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.stage, self.stage_index, self.step, self.value))
 
 
 @dataclass
@@ -268,6 +253,10 @@ def _load_finished(trainer: Any, folder: str) -> None:
     from transformers import TrainerState
 
     # The loading half of Trainer.train(resume_from_checkpoint=...): adapter or full weights.
+    # Private (transformers 5.x): no public call loads a checkpoint into a Trainer without
+    # training, and this one handles the adapter, safetensors and sharded cases as train()
+    # does. A rename breaks reusing a cached checkpoint that holds all of a stage's steps
+    # (tests/test_prefixcache.py).
     trainer._load_from_checkpoint(folder)
     trainer.state = TrainerState.load_from_json(os.path.join(folder, "trainer_state.json"))
 
