@@ -262,7 +262,7 @@ def run_cli(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[str, 
 
     from stagebudget.space.schema import SearchSpace
 
-    data = space_document(str(model_dir), args.budget_hours, 4000, args.n_test)
+    data = space_document(str(model_dir), args.per_trial_hours, 4000, args.n_test)
     data.update(device=args.device, resources_per_trial={"cpu": 1, "gpu": 1})
     space_file = work / "space.yaml"
     space_file.write_text(yaml.safe_dump(data))
@@ -312,7 +312,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rl-batch", type=int, default=16, help="GRPO prompts per step")
     parser.add_argument("--rl-generations", type=int, default=8)
     parser.add_argument("--n-test", type=int, default=200)
-    parser.add_argument("--budget-hours", type=float, default=0.01)
+    parser.add_argument("--per-trial-hours", "--budget-hours", dest="per_trial_hours", type=float,
+                        default=0.01, help="each trial's budget (device-hours)")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)

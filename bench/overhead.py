@@ -1,6 +1,6 @@
 """Overhead of stagebudget against what a user writes by hand (issue 15, part 3).
 
-    python bench/overhead.py [--base builtin:tiny] [--budget-hours 0.004] [--repeats 1]
+    python bench/overhead.py [--base builtin:tiny] [--per-trial-hours 0.004] [--repeats 1]
                              [--work DIR] [--json FILE]
 
 One demo-like schedule (SFT with its own LoRA, then GRPO with its own LoRA, on the built-in
@@ -44,13 +44,13 @@ BIN = Path(sys.executable).parent
 NO_EVAL_BETWEEN = 100_000  # an eval_interval no stage reaches: evaluate at stage ends only
 
 
-def space_document(base: str, budget_hours: float, n_train: int, n_test: int) -> dict[str, Any]:
+def space_document(base: str, per_trial_hours: float, n_train: int, n_test: int) -> dict[str, Any]:
     """The demo space pinned to one point (every searched dimension a single choice)."""
     data = yaml.safe_load(DEMO.read_text())
     data.update(name="overhead", base_model=base, trials=1, concurrency=1, references=False,
                 tasks={"source": "builtin", "n_train": n_train, "n_id_test": n_test,
                        "n_ood_test": n_test},
-                budget={"per_trial_hours": budget_hours},
+                budget={"per_trial_hours": per_trial_hours},
                 # like for like: the plain script reuses nothing, and a second repeat would
                 # otherwise find the first one's stages in the prefix cache and train nothing
                 reuse={"enabled": False})
@@ -72,7 +72,7 @@ def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
 
     resolve_base_model(args.base)  # built once here, outside every timed run
     space_file = work / "space.yaml"
-    space_file.write_text(yaml.safe_dump(space_document(args.base, args.budget_hours,
+    space_file.write_text(yaml.safe_dump(space_document(args.base, args.per_trial_hours,
                                                         args.n_train, args.n_test)))
     space = SearchSpace.load(space_file)
     point = {name: d.choices[0] for name, d in space.dimensions().items()}
@@ -237,7 +237,8 @@ def report(summary: dict[str, Any], import_s: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="builtin:tiny")
-    parser.add_argument("--budget-hours", type=float, default=0.004)
+    parser.add_argument("--per-trial-hours", "--budget-hours", dest="per_trial_hours", type=float,
+                        default=0.004, help="each trial's budget (device-hours)")
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-test", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=1)

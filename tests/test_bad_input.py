@@ -97,7 +97,7 @@ def test_search_budget_too_small_for_one_trial(tmp_path):
 @pytest.mark.parametrize("hours", [0, -1, float("nan"), float("inf")])
 def test_search_budget_must_be_a_positive_number(tmp_path, hours):
     with pytest.raises(UserError, match="--budget-hours"):
-        check_space(space_file(tmp_path), budget_hours=hours)
+        check_space(space_file(tmp_path), search_hours=hours)
 
 
 def test_trust_remote_code_must_be_a_real_boolean(tmp_path):

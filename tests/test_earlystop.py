@@ -208,7 +208,7 @@ def _resume_runs_nothing_and_charges_the_pruned_spend(tmp_path: Path, run) -> No
     from stagebudget.searching.driver import _plan_resume
 
     plan = _plan_resume(run.dir.space, name=run.dir.root.name, runs_dir=run.dir.root.parent,
-                        trials=None, budget_hours=None, concurrency=None, address=None,
+                        trials=None, search_hours=None, concurrency=None, address=None,
                         storage=None)
     try:
         assert plan.remaining == 0

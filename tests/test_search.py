@@ -67,7 +67,7 @@ def test_bad_storage_and_budget_are_refused_before_compute(tmp_path: Path) -> No
         run_search(DEMO, runs_dir=tmp_path / "runs", storage="nonsense", live=False)
     assert not (tmp_path / "runs" / "demo").exists()
     with pytest.raises(UserError, match="budget-hours must be a positive number"):
-        run_search(DEMO, runs_dir=tmp_path / "runs", budget_hours=0, live=False)
+        run_search(DEMO, runs_dir=tmp_path / "runs", search_hours=0, live=False)
 
 
 def test_a_prefix_cache_that_cannot_be_written_is_refused_before_anything(tmp_path: Path,
@@ -161,7 +161,7 @@ class _Inner:
 
 def test_budget_limiter_counts_running_planned_and_finished_measured() -> None:
     inner = _Inner()
-    lim = BudgetLimiter(inner, budget_hours=0.3, per_trial_hours=0.1,  # type: ignore[arg-type]
+    lim = BudgetLimiter(inner, search_hours=0.3, per_trial_hours=0.1,  # type: ignore[arg-type]
                         planned_hours=lambda c: 0.1, prior_hours=0.05)
     assert lim.suggest("a") == {"x": 1}
     assert lim.suggest("b") == {"x": 1}           # 0.05 + 0.2 committed + 0.1 > 0.3
@@ -238,7 +238,7 @@ def test_search_budget_stops_new_trials_and_is_recorded(tmp_path: Path) -> None:
     # (Also the journal-file storage path, end to end.)
     space = write_space(tmp_path, trials=6, concurrency=1, references=False,
                         budget={"per_trial_hours": 0.008})
-    run_dir = run_search(space, name="budget", runs_dir=tmp_path / "runs", budget_hours=0.02,
+    run_dir = run_search(space, name="budget", runs_dir=tmp_path / "runs", search_hours=0.02,
                          storage=str(tmp_path / "journal.log"), live=False, trial_fn=FAST)
     meta = RunDir(run_dir).read_meta()
     assert meta["stopped_by_budget"] is True and meta["search_budget_hours"] == 0.02
@@ -293,7 +293,7 @@ def test_live_stats_and_front_table_read_the_study() -> None:
         study.tell(trial, values)
     study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
     stats = collect_stats(study, ["id_accuracy", "ood_accuracy"], requested=8, running=1,
-                          spent_hours=0.02, budget_hours=0.1)
+                          spent_hours=0.02, search_hours=0.1)
     assert (stats.done, stats.failed, stats.running, stats.front_size) == (5, 1, 1, 3)
     assert (stats.best_id, stats.best_ood) == (0.9, 0.8)
     assert "5/8 done, 1 running, 1 failed" in stats.line()
@@ -479,7 +479,7 @@ def test_a_twin_of_a_finished_trial_is_told_its_result_and_takes_no_trial(tmp_pa
     assert finished_trials(study) == 1
     names = ["id_accuracy", "ood_accuracy"]
     assert collect_stats(study, names, requested=3, running=1, spent_hours=0.0,
-                         budget_hours=None).done == 1
+                         search_hours=None).done == 1
     assert len(study_front(study, names).points) == 1
 
 

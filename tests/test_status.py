@@ -189,7 +189,7 @@ def _planned_but_slow(root: Path) -> Path:
 def test_nominal_cost_is_the_planned_cost_with_measured_seconds_beside(tmp_path: Path) -> None:
     run = load_run(_planned_but_slow(make_fake_run(tmp_path / "slow")))
     row = next(r for r in run.status_rows() if r.number == 3)
-    assert row.planned_hours == 0.0115 and row.planned_hours <= run.budget_hours
+    assert row.planned_hours == 0.0115 and row.planned_hours <= run.per_trial_hours
     assert row.measured_seconds == pytest.approx(72.0)
     text = rendered(run, width=240)
     assert "nominal dev-h" in text and "(planned)" in text and "measured" in text

@@ -27,7 +27,7 @@ def _searcher(space: SearchSpace, run_dir: Path) -> Any:
     return build_searcher(
         space, run_dir=run_dir, study_name="s", num_samples=8, concurrency=2, points=[],
         storage=open_storage(f"sqlite:///{run_dir / 'study.db'}"),
-        limiter_kwargs={"budget_hours": None, "planned_hours": _no_hours,
+        limiter_kwargs={"search_hours": None, "planned_hours": _no_hours,
                         "per_trial_hours": space.budget.per_trial_hours})
 
 

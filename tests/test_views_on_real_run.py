@@ -38,7 +38,7 @@ def test_status_reads_what_the_search_wrote(real_run: Path) -> None:
     rows = run.status_rows()
     assert len(rows) == 5 and all(r.state == "COMPLETE" for r in rows)
     assert {r.reference for r in rows} >= {"sft_only", "rl_only", "heuristic"}
-    per_trial = run.budget_hours
+    per_trial = run.per_trial_hours
     assert per_trial == yaml.safe_load(DEMO.read_text())["budget"]["per_trial_hours"]
     for r in rows:
         assert r.device_hours is not None and 0 < r.device_hours <= per_trial + 1e-12

@@ -45,8 +45,10 @@ def search(
     space: Annotated[Path, typer.Argument(help="Search-space YAML file, e.g. search_spaces/demo.yaml")],
     name: Annotated[str | None, typer.Option(help="Run name (default: the space's name)")] = None,
     trials: Annotated[int | None, typer.Option(help="Number of trials (overrides the space)")] = None,
-    budget_hours: Annotated[float | None, typer.Option(
-        help="Device-hour budget for the whole search; no trial starts past it")] = None,
+    search_hours: Annotated[float | None, typer.Option(
+        "--search-hours", "--budget-hours",
+        help="Device-hour budget for the whole search (overrides budget.search_hours); no trial "
+             "starts past it. --budget-hours is its earlier name")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Trials at once (overrides the space)")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray)")] = None,
     storage: Annotated[str | None, typer.Option(
@@ -63,7 +65,7 @@ def search(
 
     try:
         run_dir = run_search(
-            space, name=name, runs_dir=runs_dir, trials=trials, budget_hours=budget_hours,
+            space, name=name, runs_dir=runs_dir, trials=trials, search_hours=search_hours,
             concurrency=concurrency, address=address, storage=storage, resume=resume, live=live,
             mlflow=mlflow,
         )

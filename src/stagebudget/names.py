@@ -4,6 +4,9 @@ Optuna user attributes. Constants, never retyped; everything else imports them f
 
 from __future__ import annotations
 
+# Budgets are device-hours wherever they are stored or shown, seconds where they are timed.
+SECONDS_PER_HOUR = 3600.0
+
 # Trial statuses as records (and stagebudget's views of Optuna trials) spell them.
 RUNNING, COMPLETE, FAILED, PRUNED, WAITING = "RUNNING", "COMPLETE", "FAILED", "PRUNED", "WAITING"
 # Metric names reported to Ray and stored as objectives (constants, never retyped).

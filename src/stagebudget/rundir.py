@@ -34,6 +34,7 @@ from stagebudget.names import (
     OOD_ACCURACY,
     PRUNED,
     RUNNING,
+    SECONDS_PER_HOUR,
     SPENT_DEVICE_HOURS,
     TWIN_ATTR,
 )
@@ -235,7 +236,7 @@ def planned_hours(record: TrialRecord) -> float | None:
     wanted = (record.schedule or {}).get("stages") if isinstance(record.schedule, dict) else None
     if not seconds or len(seconds) != len(planned) or len(seconds) != len(wanted or ()):
         return None
-    return sum(seconds) / 3600.0
+    return sum(seconds) / SECONDS_PER_HOUR
 
 
 def measured_hours(record: TrialRecord) -> float | None:

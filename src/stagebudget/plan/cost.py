@@ -23,6 +23,7 @@ from typing import Any
 from stagebudget.errors import BudgetError, ConfigError, UserError
 from stagebudget.fileio import atomic_write_json, read_json
 from stagebudget.kinds import get_kind, stage_kinds
+from stagebudget.names import SECONDS_PER_HOUR
 from stagebudget.schedule import Schedule, StageSpec, TasksRef
 
 # A trial may use this many times its budget before it is stopped as a runaway. A busy machine
@@ -72,7 +73,7 @@ class Budget:
 
     @property
     def seconds(self) -> float:
-        return self.hours * 3600.0
+        return self.hours * SECONDS_PER_HOUR
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ class CostModel:
 
     def schedule_hours(self, schedule: Schedule) -> float:
         """Planned training device-hours of a whole schedule: its nominal, load-free cost."""
-        return float(self.schedule_seconds(schedule)) / 3600.0
+        return float(self.schedule_seconds(schedule)) / SECONDS_PER_HOUR
 
 
 def _generations(spec: StageSpec) -> int:
@@ -324,7 +325,7 @@ def plan_schedule(
         if mode == "share":
             steps = math.floor(amount * budget.seconds * PLAN_FILL / per_step + 1e-9)
             if steps < 1:
-                need_h = per_step / amount / PLAN_FILL / 3600.0
+                need_h = per_step / amount / PLAN_FILL / SECONDS_PER_HOUR
                 raise BudgetError(
                     f"stage {kind!r} gets {amount:.3g} of a {budget.hours:.4g} device-hour budget "
                     f"({amount * budget.seconds * PLAN_FILL:.2f} s planned), but one step costs "
@@ -355,6 +356,6 @@ def plan_schedule(
         raise BudgetError(
             f"the schedule {schedule.describe()} needs {spent:.1f} device-seconds but the budget is "
             f"{budget.seconds:.1f} s ({budget.hours:.4g} h); lower the steps or raise the budget to "
-            f"at least {spent / 3600:.4g} device-hours"
+            f"at least {spent / SECONDS_PER_HOUR:.4g} device-hours"
         )
     return schedule

@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stagebudget.fileio import atomic_write_text
-from stagebudget.names import COMPLETE, DEVICE_HOURS, FAILED, ID_ACCURACY, OOD_ACCURACY, PRUNED, RUNNING
+from stagebudget.names import (
+    COMPLETE,
+    DEVICE_HOURS,
+    FAILED,
+    ID_ACCURACY,
+    OOD_ACCURACY,
+    PRUNED,
+    RUNNING,
+    SECONDS_PER_HOUR,
+)
 from stagebudget.pareto import FrontInfo, StageCell, TrialPoint, front_rows
 from stagebudget.rundir import describe_spend, spend_summary
 
@@ -58,7 +67,7 @@ def write_report(run: Run, out: Path | None = None, *, png: bool = False,
 def run_summary(run: Run, front: FrontInfo) -> list[tuple[str, str]]:
     """The header table's rows (label, value)."""
     c = front.counts
-    budget = run.budget_hours
+    budget = run.per_trial_hours
     objectives = ", ".join(f"{n} ({'max' if d == 'maximize' else 'min'})"
                            for n, d in zip(front.objective_names, front.directions, strict=True))
     ref = ", ".join(f"{v:.4g}" for v in front.ref_point)
@@ -205,7 +214,7 @@ def front_table(front: FrontInfo) -> list[list[str]]:
             str(row.number), ", ".join(row.tags), *_stage_lines(row.stages),
             *[_with_se(value, se) for name, value, se in row.objectives if name != DEVICE_HOURS],
             f"{row.planned_hours:.4f}" if row.planned_hours is not None else "–",
-            f"{row.device_hours * 3600:.1f}" if row.device_hours is not None else "–",
+            f"{row.device_hours * SECONDS_PER_HOUR:.1f}" if row.device_hours is not None else "–",
         ])
     return rows
 

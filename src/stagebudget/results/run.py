@@ -33,6 +33,7 @@ from stagebudget.names import (
     PRUNED,
     PRUNED_ATTR,
     RUNNING,
+    SECONDS_PER_HOUR,
     SPENT_DEVICE_HOURS,
     STANDARD_ERROR_OF,
     TUNE_ID_ATTR,
@@ -134,7 +135,7 @@ class TrialView:
         """Measured training device-seconds of the schedule trained alone (``device_hours``,
         timed: a busy machine makes it larger than planned)."""
         hours = self.device_hours
-        return None if hours is None else hours * 3600.0
+        return None if hours is None else hours * SECONDS_PER_HOUR
 
     @property
     def spent_hours(self) -> float | None:
@@ -271,6 +272,11 @@ class Run:
 
     @property
     def budget_hours(self) -> float | None:
+        """:attr:`per_trial_hours` by its earlier name."""
+        return self.per_trial_hours
+
+    @property
+    def per_trial_hours(self) -> float | None:
         """Per-trial budget in device-hours: run.json, else (older runs) the run's space.yaml."""
         value = self.meta.get("per_trial_hours")
         if isinstance(value, int | float):

@@ -91,7 +91,7 @@ def render_status(run: Run, console: Console) -> None:
     """Print the trials table and the front summary of ``run`` (finished or not)."""
     front = run.front(curves=False)
     c = front.counts
-    budget = run.budget_hours
+    budget = run.per_trial_hours
     console.print(
         f"[bold]{run.name}[/bold]  {c.get(COMPLETE, 0)} complete, {c.get(RUNNING, 0)} "
         f"running, {c.get('FAILED', 0)} failed, {c.get('PRUNED', 0)} pruned"
@@ -120,7 +120,7 @@ def status_document(run: Run) -> dict[str, Any]:
     return _json_safe({
         "name": run.name, "run_dir": str(run.dir.root),
         "trials_requested": run.meta.get("trials_requested"),
-        "budget_device_hours_per_trial": run.budget_hours,
+        "budget_device_hours_per_trial": run.per_trial_hours,
         "objectives": [{"name": n, "direction": d} for n, d in run.objectives],
         "counts": front.counts,
         "trials": [_trial_document(r, run.objective_names) for r in rows],

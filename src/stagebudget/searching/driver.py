@@ -73,20 +73,28 @@ class SearchPlan:
 
 
 def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Path = Path("runs"),
-               trials: int | None = None, budget_hours: float | None = None,
+               trials: int | None = None, search_hours: float | None = None,
                concurrency: int | None = None, address: str | None = None,
                storage: str | None = None, resume: bool = False, live: bool = True,
-               trial_fn: TrialFn | None = None, mlflow: str | None = None) -> Path:
+               trial_fn: TrialFn | None = None, mlflow: str | None = None,
+               budget_hours: float | None = None) -> Path:
     """Run (or resume) a budgeted multi-objective search; return the run directory.
 
     ``trial_fn`` defaults to ``stagebudget.training.pipeline.run_schedule``; tests pass a fake (a callable
-    importable on Ray workers, or ``"module:function"``). ``budget_hours`` is the search-wide
-    device-hour budget (overrides ``budget.search_hours``): no trial starts past it.
+    importable on Ray workers, or ``"module:function"``). ``search_hours`` is the search-wide
+    device-hour budget (overrides ``budget.search_hours``): no trial starts past it
+    (``budget_hours``, its earlier name, is kept as an alias). The per-trial budget is the
+    space's ``budget.per_trial_hours``.
     ``mlflow`` is an MLflow tracking URI: trials are also logged there (kept for a resume).
     When Ray is already initialised in this process, the search runs on it and leaves it
     running (a benchmark of many searches starts Ray once); otherwise it starts a private local
     Ray (or joins ``address``) and shuts it down at the end.
     """
+    if budget_hours is not None:
+        if search_hours is not None:
+            raise UserError("give the search budget once: search_hours (budget_hours is its old "
+                            "name)")
+        search_hours = budget_hours
     _check_flags(name, Path(runs_dir))
     if address is None:
         choose_local_ray_auth()
@@ -94,7 +102,7 @@ def run_search(space_path: str | Path, *, name: str | None = None, runs_dir: Pat
         check_mlflow(mlflow)
     plan = (_plan_resume if resume else _plan_new)(
         Path(space_path), name=name, runs_dir=Path(runs_dir), trials=trials,
-        budget_hours=budget_hours, concurrency=concurrency, address=address, storage=storage)
+        search_hours=search_hours, concurrency=concurrency, address=address, storage=storage)
     try:
         if mlflow is not None:
             plan.meta["mlflow"] = mlflow
@@ -220,10 +228,10 @@ def default_storage_url(run: RunDir) -> str:
 
 
 def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int | None,
-              budget_hours: float | None, concurrency: int | None, address: str | None,
+              search_hours: float | None, concurrency: int | None, address: str | None,
               storage: str | None) -> SearchPlan:
     space = check_space(space_path, trials=trials, concurrency=concurrency,
-                        budget_hours=budget_hours, address=address)
+                        search_hours=search_hours, address=address)
     name = name or space.name
     run = RunDir(runs_dir / name)
     if run.root.exists():
@@ -254,7 +262,7 @@ def _plan_new(space_path: Path, *, name: str | None, runs_dir: Path, trials: int
 
 
 def _plan_resume(space_path: Path, *, name: str | None, runs_dir: Path, trials: int | None,
-                 budget_hours: float | None, concurrency: int | None, address: str | None,
+                 search_hours: float | None, concurrency: int | None, address: str | None,
                  storage: str | None) -> SearchPlan:
     """Load the run by name; mark what a killed driver left RUNNING as FAIL; count what is left."""
 
@@ -267,7 +275,7 @@ def _plan_resume(space_path: Path, *, name: str | None, runs_dir: Path, trials: 
     reap_ray_session(run.read_meta())  # the lock proves the driver that started it is gone
     try:
         return _resume_plan(run, _without_tool(run.read_meta()), lock, trials=trials,
-                            budget_hours=budget_hours, concurrency=concurrency,
+                            search_hours=search_hours, concurrency=concurrency,
                             address=address, storage=storage)
     except BaseException:
         lock.release()
@@ -275,14 +283,14 @@ def _plan_resume(space_path: Path, *, name: str | None, runs_dir: Path, trials: 
 
 
 def _resume_plan(run: RunDir, meta: dict[str, Any], lock: DriverLock, *, trials: int | None,
-                 budget_hours: float | None, concurrency: int | None, address: str | None,
+                 search_hours: float | None, concurrency: int | None, address: str | None,
                  storage: str | None) -> SearchPlan:
     if storage and storage != meta["storage"]:
         raise UserError(f"--storage {storage!r} differs from this run's {meta['storage']!r}; "
                         "leave --storage out when resuming")
     space = check_space(run.space, trials=trials or meta["trials_requested"],
                         concurrency=concurrency,
-                        budget_hours=budget_hours or meta.get("search_budget_hours"),
+                        search_hours=search_hours or meta.get("search_budget_hours"),
                         address=address)
     store = open_storage(study_storage_url(meta.get("storage"), run))  # a copied run: its own
     study = load_study(store, meta["study_name"])
@@ -358,7 +366,7 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
             points=plan.points, callbacks=[callback], mlflow_uri=plan.meta.get("mlflow"),
             cost=cost,
             limiter_kwargs={
-                "budget_hours": space.budget.search_hours,
+                "search_hours": space.budget.search_hours,
                 "per_trial_hours": space.budget.per_trial_hours,
                 "planned_hours": _planner(space, cost), "prior_hours": plan.prior_hours})
         holder.update(limiter=limiter, study=search.study)
@@ -405,7 +413,7 @@ def _stats(plan: SearchPlan, holder: dict[str, Any], running: int) -> Any:
     return collect_stats(holder["study"], [o.name for o in plan.space.objectives],
                          requested=plan.space.trials, running=running,
                          spent_hours=limiter.committed_hours,
-                         budget_hours=plan.space.budget.search_hours)
+                         search_hours=plan.space.budget.search_hours)
 
 
 def _summarise(plan: SearchPlan, live: bool) -> None:

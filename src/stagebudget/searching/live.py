@@ -31,7 +31,7 @@ class SearchStats:
     running: int = 0
     failed: int = 0
     spent_hours: float = 0.0
-    budget_hours: float | None = None
+    search_hours: float | None = None
     best_id: float | None = None
     best_ood: float | None = None
     front_size: int = 0
@@ -39,7 +39,7 @@ class SearchStats:
     def line(self) -> str:
         """``"3/8 done, 1 running, 0 failed | 0.031/0.1 device-h | best ID 0.9 ..."``"""
         budget = f"{self.spent_hours:.4g}" + (
-            f"/{self.budget_hours:.4g}" if self.budget_hours is not None else "")
+            f"/{self.search_hours:.4g}" if self.search_hours is not None else "")
         return (f"{self.done}/{self.requested} done, {self.running} running, {self.failed} failed"
                 f" | {budget} device-h | best ID {_fmt(self.best_id)}, best OOD "
                 f"{_fmt(self.best_ood)} | front {self.front_size}")
@@ -50,7 +50,7 @@ def _fmt(v: float | None) -> str:
 
 
 def collect_stats(study: Any, objective_names: list[str], *, requested: int, running: int,
-                  spent_hours: float, budget_hours: float | None) -> SearchStats:
+                  spent_hours: float, search_hours: float | None) -> SearchStats:
     """Read counts and bests from the Optuna study (the source of truth). A twin told its
     original's result took no trial slot and is not counted as done."""
     from optuna.trial import TrialState
@@ -58,7 +58,7 @@ def collect_stats(study: Any, objective_names: list[str], *, requested: int, run
     trials = [t for t in study.get_trials(deepcopy=False) if not is_twin(t)]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     stats = SearchStats(requested=requested, running=running, spent_hours=spent_hours,
-                        budget_hours=budget_hours,
+                        search_hours=search_hours,
                         done=sum(t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
                                  and not is_interrupted(t) for t in trials),
                         failed=sum(t.state == TrialState.FAIL and not is_interrupted(t)
@@ -168,7 +168,7 @@ def render_stats(stats: SearchStats) -> Table:
     """The live panel as a two-column table."""
     table = Table(title="stagebudget search", show_header=False)
     budget = f"{stats.spent_hours:.4g}" + (
-        f" of {stats.budget_hours:.4g}" if stats.budget_hours is not None else " (no limit)")
+        f" of {stats.search_hours:.4g}" if stats.search_hours is not None else " (no limit)")
     for label, value in (
             ("trials", f"{stats.done}/{stats.requested} done, {stats.running} running, "
                        f"{stats.failed} failed"),

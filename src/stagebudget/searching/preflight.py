@@ -113,17 +113,17 @@ def _local_gpus() -> int:
 
 
 def check_space(path: str | Path, *, trials: int | None = None, concurrency: int | None = None,
-                budget_hours: float | None = None, address: str | None = None,
+                search_hours: float | None = None, address: str | None = None,
                 warn: Callable[[str], None] | None = None) -> SearchSpace:
     """Every check on a space, as ``validate`` and ``search`` both run it: the file and its
     feasibility at every corner, task files and a local model, this machine's resources, the
     sampler and its options, and the search budget. Nothing is written and Ray is not started.
-    ``trials``, ``concurrency`` and ``budget_hours`` are the CLI overrides; ``warn`` receives
+    ``trials``, ``concurrency`` and ``search_hours`` are the CLI overrides; ``warn`` receives
     the input checks' warnings (default: printed as ``warning: ...``).
     """
-    if budget_hours is not None and not (math.isfinite(budget_hours) and budget_hours > 0):
-        raise UserError(f"--budget-hours must be a positive number of device-hours, got "
-                        f"{budget_hours}")
+    if search_hours is not None and not (math.isfinite(search_hours) and search_hours > 0):
+        raise UserError(f"--search-hours/--budget-hours must be a positive number of "
+                        f"device-hours (the search-wide budget), got {search_hours}")
     space = SearchSpace.load(path, trials=trials, concurrency=concurrency)
     for warning in space.check_inputs():
         if warn is not None:
@@ -136,12 +136,12 @@ def check_space(path: str | Path, *, trials: int | None = None, concurrency: int
     else:
         check_cluster(address)
     make_sampler(space, space.trials)  # a bogus sampler option is an error now, not in Ray
-    if budget_hours is not None:
-        space = space.with_search_hours(budget_hours)
+    if search_hours is not None:
+        space = space.with_search_hours(search_hours)
     search, per_trial = space.budget.search_hours, space.budget.per_trial_hours
     if search is not None and search < per_trial:
         raise UserError(
-            f"{path}: the search budget ({search:g} device-hours, --budget-hours or "
+            f"{path}: the search budget ({search:g} device-hours, --search-hours or "
             f"budget.search_hours) is smaller than one trial's budget (budget.per_trial_hours = "
             f"{per_trial:g}), so no trial could start; give at least {per_trial:g}")
     return space

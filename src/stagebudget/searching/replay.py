@@ -32,6 +32,7 @@ from stagebudget.names import (
     ID_ACCURACY_SE,
     OOD_ACCURACY,
     OOD_ACCURACY_SE,
+    SECONDS_PER_HOUR,
     SPENT_DEVICE_HOURS,
 )
 from stagebudget.schedule import Schedule, identity
@@ -104,7 +105,7 @@ def replay_trial(schedule: Any, out_dir: Path | None = None, *,
     final = {"stage": schedule.stages[-1].kind, "stage_index": len(schedule.stages) - 1,
              "step": schedule.stages[-1].steps,
              "global_step": sum(s.steps for s in schedule.stages),
-             "device_seconds": result.device_hours * 3600.0, **result.standard_errors,
+             "device_seconds": result.device_hours * SECONDS_PER_HOUR, **result.standard_errors,
              ID_ACCURACY: result.id_accuracy, OOD_ACCURACY: result.ood_accuracy}
     result.curves = [dict(r) for r in row.get("curves") or [final]]
     if out_dir is not None:
@@ -129,7 +130,7 @@ def _gate(stage_end: Callable[[int, dict[str, Any]], None], index: int, row: dic
         stage_end(index, dict(row))
     except Exception:
         if out_dir is not None:
-            hours = float(row.get("device_seconds", 0.0)) / 3600.0
+            hours = float(row.get("device_seconds", 0.0)) / SECONDS_PER_HOUR
             (Path(out_dir) / "ledger.json").write_text(json.dumps(
                 {"device_hours": hours, SPENT_DEVICE_HOURS: hours, "replayed": True}))
         raise

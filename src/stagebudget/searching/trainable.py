@@ -32,6 +32,7 @@ from stagebudget.names import (
     PRUNED,
     PRUNED_FLAG,
     RUNNING,
+    SECONDS_PER_HOUR,
     SPENT_DEVICE_HOURS,
 )
 from stagebudget.rundir import RunDir, TrialRecord, charged_hours
@@ -69,7 +70,7 @@ class _Reporter:
             if row.get(key) is not None:
                 self.latest[key] = float(row[key])
         if row.get("device_seconds") is not None:
-            self.latest[DEVICE_HOURS] = float(row["device_seconds"]) / 3600.0
+            self.latest[DEVICE_HOURS] = float(row["device_seconds"]) / SECONDS_PER_HOUR
         if isinstance(row.get("global_step"), int):
             # Ray's own loggers (MLflow, the JSON/CSV results under tune/) plot against this key.
             self.latest[STEP_KEY] = row["global_step"]

@@ -256,15 +256,15 @@ class BudgetLimiter(Searcher):
     Spend = device-hours finished trials really trained (a reused prefix is not charged
     twice; + ``prior_hours`` from before a resume)
     + planned device-hours of running ones. A new trial starts only if spend plus the per-trial
-    budget (the most any trial can plan) fits in ``budget_hours``. Running trials always finish,
+    budget (the most any trial can plan) fits in ``search_hours``. Running trials always finish,
     so no Optuna trial is left RUNNING and none is cut short with a half-trained score.
     """
 
-    def __init__(self, searcher: Searcher, *, budget_hours: float | None, per_trial_hours: float,
+    def __init__(self, searcher: Searcher, *, search_hours: float | None, per_trial_hours: float,
                  planned_hours: Callable[[dict[str, Any]], float], prior_hours: float = 0.0):
         super().__init__(metric=searcher.metric, mode=searcher.mode)
         self.searcher = searcher
-        self.budget_hours = budget_hours
+        self.search_hours = search_hours
         self.per_trial_hours = per_trial_hours
         self.planned_hours = planned_hours
         self.spent_hours = prior_hours
@@ -277,11 +277,11 @@ class BudgetLimiter(Searcher):
         return self.spent_hours + sum(self.running.values())
 
     def suggest(self, trial_id: str) -> dict | None:  # or Searcher.FINISHED (a str)
-        if self.budget_hours is not None and (
-                self.committed_hours + self.per_trial_hours > self.budget_hours + 1e-12):
+        if self.search_hours is not None and (
+                self.committed_hours + self.per_trial_hours > self.search_hours + 1e-12):
             if not self.stopped_by_budget:
                 log.info("search budget reached: %.4f of %.4f device-hours committed",
-                         self.committed_hours, self.budget_hours)
+                         self.committed_hours, self.search_hours)
             self.stopped_by_budget = True
             return Searcher.FINISHED if not self.running else None  # type: ignore[return-value]
         config = self.searcher.suggest(trial_id)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from stagebudget.kinds import IMITATION, get_kind
-from stagebudget.names import ID_ACCURACY, OOD_ACCURACY, STANDARD_ERROR_OF
+from stagebudget.names import ID_ACCURACY, OOD_ACCURACY, SECONDS_PER_HOUR, STANDARD_ERROR_OF
 from stagebudget.schedule import Schedule
 from stagebudget.trialresult import TrialResult
 
@@ -96,7 +96,7 @@ def fake_trial_fn(schedule: Any, out_dir: Path | None = None, *,
     for i in range(1, 3):
         time.sleep(seconds / 2)
         rows.append(emit(_fake_row(schedule.stages[-1].kind, len(schedule.stages) - 1, i, i,
-                                   hours * 3600 * i / 2, frac * i / 2, 0.2 if weak else 0.0)))
+                                   hours * SECONDS_PER_HOUR * i / 2, frac * i / 2, 0.2 if weak else 0.0)))
     final = rows[-1]
     errors = {se_name: final[se_name] for se_name in STANDARD_ERROR_OF.values()} if se else None
     return _fake_result(schedule, final[ID_ACCURACY], final[OOD_ACCURACY], hours, rows, errors)
@@ -122,7 +122,7 @@ def _dense_curve(schedule: Any, emit: _Emitter, stage_end: Callable[..., None] |
             time.sleep(seconds / len(points))
             done = sft_done(g)
             rows.append(emit(_fake_row(spec.kind, index, g - (ends[index] - spec.steps), g,
-                                       hours * 3600 * g / total, done / total,
+                                       hours * SECONDS_PER_HOUR * g / total, done / total,
                                        0.2 if weak and done else 0.0)))
             if stage_end is not None and g == ends[index] and index < len(steps) - 1:
                 stage_end(index, dict(rows[-1]))

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from stagebudget.errors import BudgetGuardError as BudgetGuardError  # re-exported: its old home
+from stagebudget.names import SECONDS_PER_HOUR
 from stagebudget.plan.cost import OVERRUN_GUARD
 
 
@@ -254,9 +255,9 @@ class BudgetClock:
             "train_seconds": train,
             "eval_seconds": sum(s.eval_seconds for s in self.stages),
             "setup_seconds": sum(s.setup_seconds for s in self.stages),
-            "device_hours": train / 3600.0,
+            "device_hours": train / SECONDS_PER_HOUR,
             "spent_train_seconds": spent,
-            "spent_device_hours": spent / 3600.0,
+            "spent_device_hours": spent / SECONDS_PER_HOUR,
             "reused_train_seconds": train - spent,
             "guard_seconds": self.guard_seconds(),
             "guarded_seconds": self.guarded_seconds(),

@@ -34,6 +34,7 @@ from stagebudget.names import (
     ID_ACCURACY,
     OOD_ACCURACY,
     PLANNED_DEVICE_HOURS,
+    SECONDS_PER_HOUR,
     STANDARD_ERROR_OF,
 )
 from stagebudget.plan.cost import OVERRUN_GUARD, CostModel, default_cost_model
@@ -187,7 +188,7 @@ def _start(schedule: Schedule, out_dir: Path | None, device: str, cost: CostMode
         out_dir.mkdir(parents=True, exist_ok=True)
         schedule.save(out_dir / "schedule.yaml")
         (out_dir / "curves.jsonl").write_text("")  # a fresh run starts a fresh curve file
-    budget = schedule.budget_hours * 3600.0 if schedule.budget_hours is not None else None
+    budget = schedule.budget_hours * SECONDS_PER_HOUR if schedule.budget_hours is not None else None
     import time
 
     import torch
