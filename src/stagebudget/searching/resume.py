@@ -39,7 +39,7 @@ def load_study(storage: Any, study_name: str) -> Any:
 
 
 def same_params(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    from stagebudget.searching.tune_adapter import reference_name
+    from stagebudget.space.points import reference_name
 
     return reference_name(b, [("x", a)]) is not None
 

@@ -116,7 +116,7 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     """
     from ray import tune
 
-    from stagebudget.searching.tune_adapter import reference_name
+    from stagebudget.space.points import reference_name
 
     fn = resolve_trial_fn(trial_fn)
     run = RunDir(Path(run_dir))

@@ -10,7 +10,7 @@ Optuna 5.1, read from the installed sources):
 - On a trial error Tune calls ``searcher.on_trial_complete(id, error=True)`` with no result, so the
   Optuna trial becomes FAIL (never a score). Trials still running when an experiment is stopped
   get no ``on_trial_complete`` at all, which is why the search budget never *stops* running
-  trials: :class:`BudgetLimiter` only refuses to start new ones.
+  trials: :class:`~stagebudget.searching.limiter.BudgetLimiter` only refuses to start new ones.
 - Tune pickles the search algorithm, sampler included: into ``tuner.pkl`` when the Tuner is
   built, and (``OptunaSearch.save``) into the searcher checkpoint at every experiment save. Every
   sampler :func:`make_sampler` builds must pickle (:mod:`stagebudget.space.nsga2`).
@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,25 +34,25 @@ from typing import Any
 
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-from ray.tune.search import ConcurrencyLimiter, Searcher
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from stagebudget.names import (
     DETERMINISTIC_FAILURE,
-    DEVICE_HOURS,
     ERROR_ATTR,
     FAILED,
     PRUNED,
     PRUNED_FLAG,
     REFERENCE_ATTR,
-    SPENT_DEVICE_HOURS,
     TUNE_ID_ATTR,
     TWIN_ATTR,
 )
 from stagebudget.rundir import RunDir, TrialRecord
 from stagebudget.schedule import identity
+from stagebudget.searching.limiter import BudgetLimiter
 from stagebudget.searching.study_attrs import annotate_trial, trial_attrs
 from stagebudget.searching.tbcurves import CurveWriter, run_label, write_trial_events
+from stagebudget.space.points import reference_name
 from stagebudget.space.sampler import make_sampler
 from stagebudget.space.schema import SearchSpace
 
@@ -231,105 +230,6 @@ class StudySearch(OptunaSearch):
     def study(self) -> Any:
         """The Optuna study this searcher asks and tells (Ray's private ``_ot_study``, above)."""
         return self._ot_study
-
-
-def reference_name(params: dict[str, Any],
-                   references: Sequence[tuple[str, dict[str, Any]]]) -> str | None:
-    """The name of the reference point ``params`` equals (floats compared with a tolerance)."""
-    for name, point in references:
-        if point.keys() == params.keys() and all(
-                _same(point[k], params[k]) for k in point):
-            return name
-    return None
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-    return bool(a == b)
-
-
-# --- the search-wide budget ---------------------------------------------------------------------
-class BudgetLimiter(Searcher):
-    """Searcher wrapper that stops *starting* trials once the search budget would be passed.
-
-    Spend = device-hours finished trials really trained (a reused prefix is not charged
-    twice; + ``prior_hours`` from before a resume)
-    + planned device-hours of running ones. A new trial starts only if spend plus the per-trial
-    budget (the most any trial can plan) fits in ``search_hours``. Running trials always finish,
-    so no Optuna trial is left RUNNING and none is cut short with a half-trained score.
-    """
-
-    def __init__(self, searcher: Searcher, *, search_hours: float | None, per_trial_hours: float,
-                 planned_hours: Callable[[dict[str, Any]], float], prior_hours: float = 0.0):
-        super().__init__(metric=searcher.metric, mode=searcher.mode)
-        self.searcher = searcher
-        self.search_hours = search_hours
-        self.per_trial_hours = per_trial_hours
-        self.planned_hours = planned_hours
-        self.spent_hours = prior_hours
-        self.running: dict[str, float] = {}
-        self.measured: dict[str, float] = {}
-        self.stopped_by_budget = False
-
-    @property
-    def committed_hours(self) -> float:
-        return self.spent_hours + sum(self.running.values())
-
-    def suggest(self, trial_id: str) -> dict | None:  # or Searcher.FINISHED (a str)
-        if self.search_hours is not None and (
-                self.committed_hours + self.per_trial_hours > self.search_hours + 1e-12):
-            if not self.stopped_by_budget:
-                log.info("search budget reached: %.4f of %.4f device-hours committed",
-                         self.committed_hours, self.search_hours)
-            self.stopped_by_budget = True
-            return Searcher.FINISHED if not self.running else None  # type: ignore[return-value]
-        config = self.searcher.suggest(trial_id)
-        if isinstance(config, dict):
-            try:
-                self.running[trial_id] = self.planned_hours(config)
-            except Exception:  # the trial itself will fail and say why; count it at full budget
-                self.running[trial_id] = self.per_trial_hours
-        return config
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if DEVICE_HOURS in result:
-            self.measured[trial_id] = float(result[DEVICE_HOURS])
-        self.searcher.on_trial_result(trial_id, result)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                          error: bool = False) -> None:
-        planned = self.running.pop(trial_id, 0.0)
-        if result and (SPENT_DEVICE_HOURS in result or DEVICE_HOURS in result):
-            # what the trial really trained: a reused prefix was paid for by an earlier trial
-            self.spent_hours += float(result.get(SPENT_DEVICE_HOURS, result.get(DEVICE_HOURS, 0.0)))
-        else:  # failed: charge what it had measured, else what it planned (it ran until killed)
-            self.spent_hours += self.measured.get(trial_id, planned)
-        self.measured.pop(trial_id, None)
-        self.searcher.on_trial_complete(trial_id, result=result, error=error)
-
-    def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
-                              **spec: Any) -> bool:
-        return self.searcher.set_search_properties(metric, mode, config, **spec)
-
-    def set_max_concurrency(self, max_concurrent: int) -> bool:
-        return self.searcher.set_max_concurrency(max_concurrent)
-
-    def get_state(self) -> dict[str, Any]:
-        # Tune saves each wrapper's state beside the inner searcher; keep it to plain numbers.
-        return {"spent_hours": self.spent_hours, "running": dict(self.running),
-                "stopped_by_budget": self.stopped_by_budget}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.spent_hours = state["spent_hours"]
-        self.running = dict(state["running"])
-        self.stopped_by_budget = state["stopped_by_budget"]
-
-    def save(self, checkpoint_path: str) -> None:
-        self.searcher.save(checkpoint_path)
-
-    def restore(self, checkpoint_path: str) -> None:
-        self.searcher.restore(checkpoint_path)
 
 
 # --- trial records the trainable cannot write itself -------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from stagebudget.errors import BudgetError, ConfigError, UserError
@@ -148,3 +148,19 @@ def checkpoint_steps(space: SearchSpace, schedule: Schedule, cost: CostModel) ->
     return [sorted(s for s in by_key.get(key, ()) if s < stage.steps)
             for key, stage in zip(stage_keys({}, schedule.stages), schedule.stages,
                                   strict=True)]
+
+
+def reference_name(params: dict[str, Any],
+                   references: Sequence[tuple[str, dict[str, Any]]]) -> str | None:
+    """The name of the reference point ``params`` equals (floats compared with a tolerance)."""
+    for name, point in references:
+        if point.keys() == params.keys() and all(
+                _same(point[k], params[k]) for k in point):
+            return name
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return bool(a == b)
