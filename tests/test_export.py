@@ -13,6 +13,7 @@ from stagebudget.errors import RunError, UserError
 from stagebudget.results.export import export, lora_kwargs, resolve_pick, trl_config_kwargs
 from stagebudget.results.run import Run, load_run
 from stagebudget.schedule import Schedule, StageSpec
+from stagebudget.trlconfig import ALGORITHM
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,8 @@ def test_trl_kwargs_sft_and_rl() -> None:
                    "warmup_steps": 0, "logging_steps": 1, "save_strategy": "no",
                    "report_to": "none", "gradient_checkpointing": False,
                    "dataloader_num_workers": 0, "seed": 1, "data_seed": 1,
-                   "max_length": 128, "packing": False, "completion_only_loss": True}
+                   "max_length": 128, "packing": False, "completion_only_loss": True,
+                   **ALGORITHM["trl.SFTConfig"]}  # the pinned algorithm (test_trlconfig.py)
     rl = trl_config_kwargs(StageSpec(kind="rl", steps=20, batch_size=4, num_generations=6,
                                      beta=0.01))
     assert rl["per_device_train_batch_size"] == 24  # 4 prompts x 6 completions

@@ -90,3 +90,48 @@ def test_exported_script_trains_like_stagebudget_train(tiny_base: Path, tmp_path
     assert any(not torch.equal(a[k], base[k]) for k in a if k in base)  # it trained
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_model"
+
+
+@pytest.mark.slow
+def test_exported_script_trains_like_stagebudget_train_on_a_chat_task(tmp_path: Path) -> None:
+    """A user's own chat model and chat-message task file (``<answer>`` extraction, a scorer
+    file, its own generation length): the script's rows, decoding and scoring are the trials'
+    own, so it measures what ``stagebudget train`` measures. It raised a TypeError in TRL on
+    every chat task when it built its own ``{"prompt": messages, "completion": str}`` rows."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("own_make_model", EXAMPLE / "make_model.py")
+    make_model = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(make_model)  # type: ignore[union-attr]
+    for name in ("tasks.jsonl", "my_scorer.py"):
+        shutil.copy(EXAMPLE / name, tmp_path / name)
+    make_model.build_model(tmp_path / "model", tmp_path / "tasks.jsonl")
+    schedule = Schedule(
+        base_model=str(tmp_path / "model"), seed=1,
+        tasks=TasksRef(source=str(tmp_path / "tasks.jsonl"),
+                       scorer=f"{tmp_path / 'my_scorer.py'}:base_match", answer="answer_tag",
+                       format_reward=0.1, max_new_tokens=24),
+        stages=(StageSpec(kind="sft", steps=6, lora_rank=4, batch_size=8, eval_interval=3,
+                          learning_rate=1e-2),
+                StageSpec(kind="rl", steps=2, lora_rank=2, batch_size=2, num_generations=4,
+                          max_completion_length=12, eval_interval=2, learning_rate=1e-2)))
+    schedule_file = tmp_path / "best.yaml"
+    schedule.save(schedule_file)
+    script = tmp_path / "best.py"
+    script.write_text(render_script(_document(schedule)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ours = subprocess.run([sys.executable, "-m", "stagebudget.cli", "train", str(schedule_file),
+                           "-o", str(tmp_path / "ours"), "--device", "cpu", "--no-save"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr[-3000:]
+    plain = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "plain")],
+                           env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    expected = json.loads((tmp_path / "ours" / "metrics.json").read_text())["objectives"]
+    got = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    for key in ("id_accuracy", "ood_accuracy", "id_accuracy_se", "ood_accuracy_se"):
+        assert got[key] == expected[key], key

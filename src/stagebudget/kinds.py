@@ -135,10 +135,9 @@ register_stage_kind(StageKindInfo(
     name="sft", order=10, runner="stagebudget.training.stages.sft:run_sft", trl_config="trl.SFTConfig",
     role=IMITATION,
     trl_args={"completion_only_loss": True},
-    script_doc="prompt/completion (answer + EOS)",
-    script_data=('return Dataset.from_list([{"prompt": e.prompt, "completion": '
-                 'e.answer + tokenizer.eos_token}\n'
-                 '                          for e in suite.train])')))
+    script_doc="prompt/completion rows as the trials build them (text: answer + EOS; chat "
+               "messages: the template renders prompt and assistant turn)",
+    script_data="return Dataset.from_list([sft_row(tokenizer, e) for e in suite.train])"))
 # Measured workable on the embedded default suite (see FINDINGS): 8 generations per prompt,
 # 12 completion tokens, no KL term, sampling at temperature 1.
 register_stage_kind(StageKindInfo(

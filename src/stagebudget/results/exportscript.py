@@ -2,10 +2,12 @@
 
 The script trains the exported schedule stage by stage (``SFTTrainer`` for cpt/sft,
 ``GRPOTrainer`` for rl, each stage with its own LoRA adapter merged into the weights before the
-next stage attaches its own), then measures ID and OOD accuracy by greedy decoding. stagebudget
-is used only for the task data (``load_suite``, ``pretrain_corpus``), the RL reward
-(``suite_reward``) and, for a built-in base model, the path of its cache. With the same seed it
-measures what ``stagebudget train`` measures for the same schedule.
+next stage attaches its own), then measures ID and OOD accuracy. What a stage sees is imported
+from the code the trials run, never re-implemented: the task data (``load_suite``,
+``pretrain_corpus``), the rows (``sft_row``, ``rl_rows``: prompt formatting, chat templates),
+the RL reward (``suite_reward``), the base model's loading and the evaluation (``evaluate``:
+greedy decoding, every stop token, the tasks' generation length and answer extraction). With
+the same seed it measures what ``stagebudget train`` measures for the same schedule.
 
 What is per kind comes from the kind registry (:mod:`stagebudget.kinds`): each kind's data code
 (``script_data``) and, by its TRL config class, its trainer (:data:`SCRIPT_TRAINERS`). Rendering
@@ -23,6 +25,7 @@ from typing import Any
 
 from stagebudget.kinds import get_kind, stage_kinds
 from stagebudget.names import TORCH_THREADS
+from stagebudget.schedule import TasksRef
 from stagebudget.version import __version__
 
 SCRIPT_HEAD = '''#!/usr/bin/env python3
@@ -30,9 +33,10 @@ SCRIPT_HEAD = '''#!/usr/bin/env python3
 
 Exported by stagebudget {version} from {origin}. Each stage trains its own LoRA adapter (or the
 full model at rank 0), which is merged into the weights before the next stage begins. stagebudget
-is used only for the task data, the RL reward and the built-in base model's cache path.
-`stagebudget train` on the exported YAML trains the same schedule and, with the same seed and
-torch thread count, measures the same ID/OOD.
+gives what a stage sees, the same code its trials use: the task data, the rows (prompt formatting
+and chat templates), the RL reward, the base model's loading and the evaluation (greedy decoding,
+stop tokens, generation length, answer extraction). `stagebudget train` on the exported YAML
+trains the same schedule and, with the same seed and torch thread count, measures the same ID/OOD.
 
     python {{this file}} --out DIR [--save-model]
 """
@@ -46,29 +50,24 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
+from stagebudget.basemodel import load_model_and_tokenizer, resolve_base_model  # as trials load it
+from stagebudget.chat import sft_row  # an SFT row: text, or chat messages the template renders
 from stagebudget.stages.rl import rl_rows, suite_reward  # RL prompt order and reward
 from stagebudget.tasks import load_suite, pretrain_corpus  # the task data
+from stagebudget.training.evaluate import evaluate  # ID/OOD accuracy and standard errors
 
 '''
 
 SCRIPT_BODY = '''
 
 def load_base(ref: str, device: str):
-    """The base model and its tokenizer (left padding, pad = EOS when it has none)."""
-    if ref.startswith("builtin:"):  # stagebudget's embedded model, shipped inside the package
-        from stagebudget.basemodel import resolve_base_model
-
-        ref = str(resolve_base_model(ref))
-    model = AutoModelForCausalLM.from_pretrained(ref, use_safetensors=True,
-                                                 trust_remote_code=TRUST_REMOTE_CODE)
-    tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=TRUST_REMOTE_CODE)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return model.to(device), tokenizer
+    """The base model (safetensors) and its tokenizer (left padding, pad = EOS when it has
+    none), as stagebudget's trials load them; ``builtin:NAME`` is shipped inside the package."""
+    return load_model_and_tokenizer(resolve_base_model(ref), device=device,
+                                    trust_remote_code=TRUST_REMOTE_CODE)
 
 
 '''
@@ -105,33 +104,6 @@ SCRIPT_TAIL = '''    trainer.train()
     return model.eval()
 
 
-def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256):
-    """Greedy completions, cut at EOS, special tokens removed."""
-    model.eval()
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True)
-        enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
-        for row in gen[:, enc["input_ids"].shape[1]:].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[:row.index(tokenizer.eos_token_id)]
-            out.append(tokenizer.decode(row, skip_special_tokens=True))
-    return out
-
-
-def accuracy(model, tokenizer, suite, examples) -> float:
-    """Mean score of greedy answers (the longest test answer + 2 new tokens at most)."""
-    if not examples:
-        return 0.0
-    longest = max(len(e.answer) for e in (*suite.id_test, *suite.ood_test))
-    preds = greedy(model, tokenizer, [e.prompt for e in examples], longest + 2)
-    return sum(suite.score(e, p) for e, p in zip(examples, preds)) / len(examples)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("trained-trl"), help="output directory")
@@ -145,8 +117,8 @@ def main() -> None:
     suite = load_suite(**TASKS)
     for stage in STAGES:
         model = train_stage(model, tokenizer, suite, stage, opts.out)
-    metrics = {"id_accuracy": accuracy(model, tokenizer, suite, suite.id_test),
-               "ood_accuracy": accuracy(model, tokenizer, suite, suite.ood_test)}
+    # greedy decoding on the held-out ID and OOD sets, each accuracy with its standard error
+    metrics = evaluate(model, tokenizer, suite)
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if opts.save_model:
@@ -225,10 +197,10 @@ def render_script(document: dict[str, Any], *, base_model: str | None = None,
     absolute path for a local model)."""
     schedule = document["schedule"]
     source = document.get("source") or {}
-    tasks = dict(schedule.get("tasks") or {})
-    suite = {"source": tasks.get("source", "builtin"), "names": list(tasks.get("names") or []),
-             **{k: tasks[k] for k in ("n_train", "n_id_test", "n_ood_test", "seed", "scorer")
-                if k in tasks}}
+    # load_suite's arguments as the trials load the suite (answer extraction, format reward and
+    # generation length included): the schedule's own mapping, not a copy of it
+    args = TasksRef.model_validate(schedule.get("tasks") or {}).suite_args()
+    suite = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items() if v is not None}
     label = " -> ".join(f"{s['kind']} {s['steps']}@r{s.get('lora_rank', 8)}"
                         for s in schedule.get("stages", [])) or "a schedule"
     origin = (f"run {source.get('run')!r}, trial {source.get('trial')} "
