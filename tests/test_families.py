@@ -5,9 +5,14 @@ loss at the first evaluation)."""
 
 from __future__ import annotations
 
-import pytest
+import json
+import shutil
+from pathlib import Path
 
-from families import EOS, FAMILIES, PAD, tiny_model
+import pytest
+import yaml
+
+from families import EOS, FAMILIES, PAD, TOKENS, build_family_model, tiny_model
 from stagebudget.training.evaluate import _decode_batch
 
 # Prompts longer than the sliding window (4), of several lengths (left padding), and a stop
@@ -42,3 +47,60 @@ def test_the_greedy_decoder_matches_generate_in_every_family(family: str) -> Non
         want = _generate(model, ROWS, stops)
         got = _decode_batch(model, ROWS, NEW, PAD, stops)
     assert got == want
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own_model"
+SIZES = {"train": 48, "id_test": 16, "ood_test": 16}
+
+
+def _user_folder(family: str, folder: Path) -> Path:
+    """A user's folder for ``family``: its tiny model, a task file (chat messages, or plain
+    text prompts for a family without a chat template) cut from the own-model example, the
+    example's scorer and a space that searches SFT then RL with LoRA on all linear layers."""
+    rows, seen = [], dict.fromkeys(SIZES, 0)
+    for line in (EXAMPLE / "tasks.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if seen[row["split"]] < SIZES[row["split"]]:
+            seen[row["split"]] += 1
+            if TOKENS[family][1] is None:  # no chat template: the user writes text prompts
+                row["prompt"] = "\n".join(m["content"] for m in row["prompt"]) + "\n"
+            rows.append(row)
+    (folder / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copy(EXAMPLE / "my_scorer.py", folder / "my_scorer.py")
+    texts = [r["completion"] for r in rows]
+    for r in rows:
+        texts += [m["content"] for m in r["prompt"]] if isinstance(r["prompt"], list) else [r["prompt"]]
+    build_family_model(family, folder / "model", texts)
+    space = yaml.safe_load((EXAMPLE / "space.yaml").read_text())
+    space.update(name=f"family-{family}", trials=2, budget={"per_trial_hours": 0.01})
+    space["tasks"]["max_new_tokens"] = 12
+    space["stages"]["sft"].update(lora_rank=4, batch_size=8, eval_interval=4, max_length=None,
+                                  share={"type": "float", "low": 0.4, "high": 0.6})
+    space["stages"]["rl"].update(lora_rank=2, batch_size=2, num_generations=4,
+                                 max_completion_length=12, eval_interval=4)
+    space["stages"] = {k: {f: v for f, v in d.items() if v is not None}
+                       for k, d in space["stages"].items()}
+    (folder / "space.yaml").write_text(yaml.safe_dump(space))
+    return folder / "space.yaml"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_validates_and_trains_sft_then_rl_with_lora(family: str,
+                                                                  tmp_path: Path) -> None:
+    """validate, then one trial's schedule (SFT then RL, LoRA on all linear layers) trained and
+    measured by the pipeline a search runs; both stages train and ID/OOD are measured."""
+    import math
+
+    from stagebudget.searching.preflight import check_space
+    from stagebudget.training.pipeline import run_schedule
+
+    space = check_space(_user_folder(family, tmp_path))
+    cost = space.cost_model()
+    schedule = space.schedule_from_params({"sft.share": 0.5, "rl.lora_rank": 4}, cost)
+    assert [s.kind for s in schedule.stages] == ["sft", "rl"]
+    steps = [s.model_copy(update={"steps": n}) for s, n in zip(schedule.stages, (4, 2), strict=True)]
+    result = run_schedule(schedule.model_copy(update={"stages": tuple(steps)}), tmp_path / "trial",
+                          device="cpu", cost=cost, base_dir=tmp_path)
+    assert [s["steps_done"] for s in result.metrics["stages"]] == [4, 2]
+    for key in ("id_accuracy", "ood_accuracy", "id_accuracy_se"):
+        assert math.isfinite(result.objectives()[key]), key

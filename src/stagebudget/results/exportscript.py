@@ -55,7 +55,7 @@ from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from stagebudget.basemodel import load_model_and_tokenizer, resolve_base_model  # as trials load it
 from stagebudget.chat import sft_row  # an SFT row: text, or chat messages the template renders
-from stagebudget.stages.rl import rl_rows, suite_reward  # RL prompt order and reward
+from stagebudget.stages.rl import generating_model, rl_rows, suite_reward  # RL rows, model, reward
 from stagebudget.tasks import load_suite, pretrain_corpus  # the task data
 from stagebudget.training.evaluate import evaluate  # ID/OOD accuracy and standard errors
 
@@ -88,7 +88,8 @@ def train_stage(model, tokenizer, suite, stage: dict, out: Path):
 # a kind may name (``StageKindInfo.trl_config``); the last one the registered kinds use is the
 # script's default branch.
 SCRIPT_TRAINERS = {
-    "trl.GRPOConfig": '''trainer = GRPOTrainer(model=model, reward_funcs=[suite_reward(suite)],
+    "trl.GRPOConfig": '''trainer = GRPOTrainer(model=generating_model(model),
+                      reward_funcs=[suite_reward(suite)],
                       args=GRPOConfig(**args),
                       train_dataset=stage_dataset(stage, suite, tokenizer),
                       processing_class=tokenizer, peft_config=peft_config)''',

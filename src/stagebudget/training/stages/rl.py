@@ -136,6 +136,22 @@ def suite_reward(suite: Any, partial: float | None = None) -> Callable[..., list
     return reward
 
 
+def generating_model(model: Any) -> Any:
+    """``model`` ready for GRPO's sampling: a Mixture-of-Experts model no longer returns its
+    router logits by default (``output_router_logits`` off in its config).
+
+    TRL's SFT trainer turns that setting on for MoE models (its load-balancing loss), and
+    transformers' ``generate`` then fails on padded batches (the loss spans the attention mask,
+    a cached step's logits do not: Qwen3-MoE failed every RL stage after SFT). GRPO still adds
+    the loss when it scores completions: it asks for router logits in that forward itself.
+    The exported script calls this too.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "output_router_logits", False):
+        config.output_router_logits = False
+    return model
+
+
 def run_rl(ctx: StageContext) -> StageOutput:
     """Train one GRPO stage (own LoRA adapter, or full fine-tuning at rank 0) and merge it."""
     from trl import GRPOConfig, GRPOTrainer
@@ -146,7 +162,7 @@ def run_rl(ctx: StageContext) -> StageOutput:
         args = GRPOConfig(**training_args(ctx, log_completions=False))
         reward = suite_reward(ctx.suite)
         trainer = GRPOTrainer(
-            model=ctx.model,
+            model=generating_model(ctx.model),
             reward_funcs=[reward],
             args=args,
             train_dataset=rl_dataset(ctx),
