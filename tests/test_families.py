@@ -104,3 +104,48 @@ def test_every_family_validates_and_trains_sft_then_rl_with_lora(family: str,
     assert [s["steps_done"] for s in result.metrics["stages"]] == [4, 2]
     for key in ("id_accuracy", "ood_accuracy", "id_accuracy_se"):
         assert math.isfinite(result.objectives()[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3_moe"])
+def test_a_family_searches_exports_and_reproduces(family: str, tmp_path: Path) -> None:
+    """The whole path a user takes with their own model (the family whose trials all failed):
+    validate -> a 2-trial search -> export -> ``train`` -> the exported ``best.py``; the three
+    measure the same ID/OOD."""
+    import os
+    import subprocess
+    import sys
+
+    from stagebudget import cli
+    from stagebudget.rundir import RunDir
+    from stagebudget.searching.driver import run_search
+
+    space = _user_folder(family, tmp_path)
+    data = yaml.safe_load(space.read_text())
+    data["budget"]["per_trial_hours"] = 0.003
+    space.write_text(yaml.safe_dump(data))
+    with pytest.raises(SystemExit) as done:
+        cli.main(["validate", str(space)])
+    assert done.value.code == 0
+    run_dir = run_search(space, runs_dir=tmp_path / "runs", live=False)
+    records = RunDir(run_dir).records()
+    assert len(records) == 2 and all(r.status == "COMPLETE" for r in records), \
+        [r.error for r in records]
+    exported = tmp_path / "best.yaml"
+    with pytest.raises(SystemExit) as done:
+        cli.main(["export", str(run_dir), "--pick", "max-id", "-o", str(exported)])
+    assert done.value.code == 0
+    searched = yaml.safe_load(exported.read_text())["objectives"]  # the picked trial's
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ours = subprocess.run([sys.executable, "-m", "stagebudget.cli", "train", str(exported),
+                           "-o", str(tmp_path / "ours"), "--no-save"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr[-3000:]
+    plain = subprocess.run([sys.executable, str(exported.with_suffix(".py")), "--out",
+                            str(tmp_path / "plain")], env=env, capture_output=True, text=True,
+                           timeout=600, cwd=tmp_path)
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    trained = json.loads((tmp_path / "ours" / "metrics.json").read_text())["objectives"]
+    script = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    for key in ("id_accuracy", "ood_accuracy"):
+        assert trained[key] == searched[key] == script[key], key
