@@ -109,9 +109,12 @@ def _pick_trial(front: FrontInfo, raw: str, states: dict[int, str]) -> int:
     raise UserError(f"{why}; completed trials: {done}{knee}")
 
 
-def export_document(run: Run, number: int, pick: str, front: FrontInfo) -> dict[str, Any]:
-    """The exported mapping for trial ``number`` of ``run`` (schedule, trl, objectives, source)."""
-    view = next((t for t in run.trials() if t.number == number), None)
+def export_document(run: Run, number: int, pick: str, front: FrontInfo,
+                    views: list[Any] | None = None) -> dict[str, Any]:
+    """The exported mapping for trial ``number`` of ``run`` (schedule, trl, objectives, source);
+    ``views``: the run's trials, joined once by the caller."""
+    views = run.trials() if views is None else views
+    view = next((t for t in views if t.number == number), None)
     schedule = view.schedule if view is not None else None
     if view is None or schedule is None:
         raise RunError(
@@ -174,10 +177,11 @@ def export(run: Run, pick: str, out: Path) -> Path:
     ``out`` may be a file path or an existing directory (the file is then named after the run
     and trial). ``stagebudget train`` re-runs the ``schedule:`` it holds exactly.
     """
-    front = run.front(curves=False)
-    states = {t.number: t.state for t in run.trials() if t.number is not None}
+    views = run.trials()  # one snapshot of the study joined with the records, read once
+    front = run.front(curves=False, views=views)
+    states = {t.number: t.state for t in views if t.number is not None}
     number = resolve_pick(front, pick, states)
-    document = export_document(run, number, pick, front)
+    document = export_document(run, number, pick, front, views)
     out = Path(out)
     if out.is_dir():
         out = out / f"{run.name}-trial{number}.yaml"

@@ -322,10 +322,12 @@ class Run:
                               searched={k for v in views for k in v.params})
         return [replace(v, label_fields=fields) for v in views]
 
-    def front(self, ref_point: tuple[float, ...] | None = None, curves: bool = True) -> FrontInfo:
+    def front(self, ref_point: tuple[float, ...] | None = None, curves: bool = True,
+              views: list[TrialView] | None = None) -> FrontInfo:
         """The Pareto front of the completed trials (see :func:`stagebudget.pareto.compute_front`),
-        with the front trials' curves when ``curves`` is true."""
-        views = self.trials()
+        with the front trials' curves when ``curves`` is true. ``views``: the run's
+        :meth:`trials`, when the caller has already joined them (one snapshot of the run)."""
+        views = self.trials() if views is None else views
         points = [_point(v, self.objective_names) for v in views]
         counts = {s: sum(v.state == s for v in views) for s in STATES}
         counts["total"] = len(views)
