@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from stagebudget.errors import ModelRefError
 from stagebudget.modelref import (
+    base_info,
     cache_problem,
-    describe,
     load_tokenizer,
     model_identity,
     resolve_base_model,
@@ -17,6 +17,7 @@ from stagebudget.modelref import (
     ship_base,
     shipped_base,
 )
+from stagebudget.modelref import base_info as describe  # its earlier name
 from stagebudget.paths import default_cache_dir
 from stagebudget.training.model import (
     build_base,
@@ -25,7 +26,20 @@ from stagebudget.training.model import (
     load_model_and_tokenizer,
 )
 
-__all__ = ["ModelRefError", "build_base", "build_tokenizer", "cache_problem",
-           "default_cache_dir", "describe", "load_model", "load_model_and_tokenizer",
-           "load_tokenizer", "model_identity", "resolve_base_model", "same_weights", "ship_base",
-           "shipped_base"]
+__all__ = [
+    "ModelRefError",
+    "base_info",
+    "build_base",
+    "build_tokenizer",
+    "cache_problem",
+    "default_cache_dir",
+    "describe",
+    "load_model",
+    "load_model_and_tokenizer",
+    "load_tokenizer",
+    "model_identity",
+    "resolve_base_model",
+    "same_weights",
+    "ship_base",
+    "shipped_base",
+]

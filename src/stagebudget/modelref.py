@@ -97,7 +97,7 @@ def weight_digests(path: Path) -> dict[str, str]:
 def model_identity(path: Path) -> dict[str, str]:
     """What a model directory's content is: the SHA-256s recorded when stagebudget built it
     (checked by :func:`cache_problem`), else those of its files now (read once per trial)."""
-    info = describe(path)
+    info = base_info(path)
     recorded = info.get("sha256") if isinstance(info, dict) else None
     return dict(recorded) if isinstance(recorded, dict) and recorded else weight_digests(path)
 
@@ -236,7 +236,7 @@ def _check_model_dir(path: Path) -> None:
                             "(tokenizer.json or tokenizer_config.json)")
 
 
-def describe(path: Path) -> dict[str, Any]:
+def base_info(path: Path) -> dict[str, Any]:
     """The base_info.json of a built-in base model directory ({} when absent)."""
     info = Path(path) / "base_info.json"
     return json.loads(info.read_text()) if info.is_file() else {}
