@@ -259,3 +259,20 @@ def test_status_json_before_any_trial_completes(tmp_path: Path) -> None:
     root = make_fake_run(tmp_path / "r", trials=(FakeTrial(0.5, 8, 4, state="RUNNING"),))
     doc, _ = _status_json(root)
     assert doc["front"] is None and [t["state"] for t in doc["trials"]] == ["RUNNING"]
+
+
+def test_a_twin_told_a_trained_result_is_counted_apart(tmp_path: Path) -> None:
+    """A twin (a COMPLETE trial told an earlier trial's result) took no trial slot: status and
+    the search's last line count it apart, so 12 requested never reads "13 complete"."""
+    from stagebudget.rundir import RunDir, SearchOutcome
+
+    root = make_fake_run(tmp_path / "r")
+    dir_ = RunDir(root)
+    twin = next(r for r in dir_.records() if r.status == "COMPLETE")
+    twin.reused_from = "someone"
+    dir_.write_record(twin)
+    text = rendered(load_run(root))
+    assert "8 complete (+1 told a trained twin's result), 1 running, 1 failed" in text
+    outcome = SearchOutcome.of(dir_.records())
+    assert (outcome.complete, outcome.twins) == (8, 1)
+    assert outcome.line().startswith("trials: 8 complete (+1 told a trained twin's result), ")

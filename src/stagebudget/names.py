@@ -9,6 +9,7 @@ SECONDS_PER_HOUR = 3600.0
 
 # Trial statuses as records (and stagebudget's views of Optuna trials) spell them.
 RUNNING, COMPLETE, FAILED, PRUNED, WAITING = "RUNNING", "COMPLETE", "FAILED", "PRUNED", "WAITING"
+TWINS = "twins"  # a front's count of COMPLETE trials told a trained twin's result (no slot taken)
 # Metric names reported to Ray and stored as objectives (constants, never retyped).
 ID_ACCURACY = "id_accuracy"
 OOD_ACCURACY = "ood_accuracy"

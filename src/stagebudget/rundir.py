@@ -314,23 +314,27 @@ class SearchOutcome:
     pruned: int
     failed: int
     first_error: str | None = None
+    twins: int = 0  # COMPLETE, told a trained twin schedule's result: no training, no slot
 
     @classmethod
     def of(cls, records: list[TrialRecord]) -> SearchOutcome:
         failed = [r for r in records if r.status not in (COMPLETE, PRUNED, RUNNING)]
         first = next((f"trial {r.key}: {r.error}" for r in failed if r.error), None)
-        return cls(complete=sum(r.status == COMPLETE for r in records),
+        twins = sum(r.status == COMPLETE and bool(r.reused_from) for r in records)
+        return cls(complete=sum(r.status == COMPLETE for r in records) - twins,
                    pruned=sum(r.status == PRUNED for r in records),
-                   failed=len(failed), first_error=first)
+                   failed=len(failed), first_error=first, twins=twins)
 
     @property
     def exit_code(self) -> int:
         if not self.failed:
             return 0
-        return ALL_TRIALS_FAILED_EXIT if not self.complete else SOME_TRIALS_FAILED_EXIT
+        return ALL_TRIALS_FAILED_EXIT if not self.complete + self.twins else SOME_TRIALS_FAILED_EXIT
 
     def line(self) -> str:
-        counts = f"trials: {self.complete} complete, {self.pruned} early-stopped, {self.failed} failed"
+        twins = f" (+{self.twins} told a trained twin's result)" if self.twins else ""
+        counts = (f"trials: {self.complete} complete{twins}, {self.pruned} early-stopped, "
+                  f"{self.failed} failed")
         if not self.failed:
             return counts
         where = " (each error is in its trials/<key>/record.json)"

@@ -37,6 +37,7 @@ from stagebudget.names import (
     SPENT_DEVICE_HOURS,
     STANDARD_ERROR_OF,
     TUNE_ID_ATTR,
+    TWINS,
     WAITING,
 )
 from stagebudget.pareto import FrontInfo, TrialPoint, compute_front, curve_series
@@ -331,6 +332,9 @@ class Run:
         points = [_point(v, self.objective_names) for v in views]
         counts = {s: sum(v.state == s for v in views) for s in STATES}
         counts["total"] = len(views)
+        # COMPLETE trials that took no trial slot: told the result of a trained twin schedule
+        counts[TWINS] = sum(v.state == COMPLETE and v.record is not None
+                            and bool(v.record.reused_from) for v in views)
         info = compute_front([p for p in points if p is not None], self.objective_names,
                              self.directions, ref_point=ref_point, counts=counts)
         if curves:  # the front's and the reference schedules'

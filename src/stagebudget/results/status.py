@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
-from stagebudget.names import COMPLETE, FAILED, PRUNED, RUNNING, WAITING
+from stagebudget.names import COMPLETE, FAILED, PRUNED, RUNNING, TWINS, WAITING
 from stagebudget.pareto import FrontInfo, front_rows
 from stagebudget.rundir import describe_spend, spend_summary
 
@@ -93,7 +93,9 @@ def render_status(run: Run, console: Console) -> None:
     c = front.counts
     budget = run.per_trial_hours
     console.print(
-        f"[bold]{run.name}[/bold]  {c.get(COMPLETE, 0)} complete, {c.get(RUNNING, 0)} "
+        f"[bold]{run.name}[/bold]  {c.get(COMPLETE, 0) - c.get(TWINS, 0)} complete"
+        + (f" (+{c[TWINS]} told a trained twin's result)" if c.get(TWINS) else "")
+        + f", {c.get(RUNNING, 0)} "
         f"running, {c.get('FAILED', 0)} failed, {c.get('PRUNED', 0)} pruned"
         f" of {run.meta.get('trials_requested', '?')} requested"
         + (f"; budget {budget:.4g} device-hours per trial" if budget is not None else "")
