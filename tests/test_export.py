@@ -13,7 +13,7 @@ from stagebudget.errors import RunError, UserError
 from stagebudget.results.export import export, lora_kwargs, resolve_pick, trl_config_kwargs
 from stagebudget.results.run import Run, load_run
 from stagebudget.schedule import Schedule, StageSpec
-from stagebudget.trlconfig import ALGORITHM
+from stagebudget.trlconfig import ALGORITHM, LORA_ALGORITHM
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_export_file_reruns_the_schedule(run: Run, tmp_path: Path) -> None:
     assert sft["args"]["max_steps"] == 40 and sft["peft"]["r"] == 8
     assert rl["args"]["max_steps"] == 20 and rl["peft"] == {
         "r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.0,
-        "bias": "none", "task_type": "CAUSAL_LM"}
+        "bias": "none", "task_type": "CAUSAL_LM", **LORA_ALGORITHM}  # the adapter pinned
     # made on (and for) a CPU: fp32, no Trainer eval loop without an eval dataset
     assert data["device"] == "cpu" and sft["args"]["bf16"] is False and sft["args"]["use_cpu"]
     assert "eval_strategy" not in sft["args"] and "eval_strategy" not in rl["args"]

@@ -88,6 +88,9 @@ def test_schedule_writes_records_and_curves(two_runs, tmp_path_factory):
     # the algorithm as TRL was told it is recorded, pinned settings included
     assert rl["trl"]["config"] == "trl.GRPOConfig" and rl["trl"]["args"]["loss_type"] == "dapo"
     assert metrics["stages"][0]["trl"]["args"]["max_steps"] == schedule.stages[0].steps
+    # and the adapter as PEFT was told it (cpt trained fully: no adapter)
+    assert metrics["stages"][0]["peft"] is None
+    assert rl["peft"]["r"] == 4 and rl["peft"]["use_dora"] is False
     assert (out / "model" / "config.json").is_file()
     assert not any("lora" in p.name for p in (out / "model").iterdir())
 

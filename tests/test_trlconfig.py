@@ -75,3 +75,54 @@ def test_the_export_writes_the_pinned_algorithm(kind: str) -> None:
     for name, value in ALGORITHM[entry["config"]].items():
         assert entry["args"][name] == value, name
     _class(entry["config"])(output_dir="/tmp/unused", **entry["args"])  # constructs as written
+
+
+def _lora_fields() -> dict[str, dataclasses.Field]:
+    return _fields("peft.LoraConfig")
+
+
+def test_every_lora_field_that_changes_training_is_set_explicitly() -> None:
+    from stagebudget.trlconfig import LORA_ALGORITHM, NOT_LORA_ALGORITHM, lora_kwargs
+
+    args = lora_kwargs(StageSpec(kind="sft", steps=10, lora_rank=4))
+    assert args is not None
+    fields = _lora_fields()
+    implicit = sorted(set(fields) - set(args) - NOT_LORA_ALGORITHM)
+    assert not implicit, (
+        f"peft.LoraConfig fields left to PEFT's defaults: {implicit}; pin each in "
+        "stagebudget.trlconfig.LORA_ALGORITHM (today's value) or, if it cannot change what is "
+        "trained, add it to NOT_LORA_ALGORITHM")
+    unknown = sorted(set(args) - set(fields))
+    assert not unknown, f"set but not a field of peft.LoraConfig: {unknown}"
+    assert not set(LORA_ALGORITHM) & NOT_LORA_ALGORITHM
+
+
+def test_the_lora_pins_are_the_locked_peft_defaults() -> None:
+    """Pinning the adapter changed nothing under the PEFT the lock installs (see the TRL test)."""
+    import peft
+
+    from stagebudget.trlconfig import LORA_ALGORITHM
+
+    locked = re.search(r"^peft==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)
+    assert locked is not None
+    if peft.__version__ != locked.group(1):
+        pytest.skip(f"PEFT {peft.__version__} is not the locked {locked.group(1)}")
+    fields = _lora_fields()
+    for name, value in LORA_ALGORITHM.items():
+        field = fields[name]
+        default = (field.default if field.default is not dataclasses.MISSING
+                   else field.default_factory())  # type: ignore[misc]
+        assert default == value, (name, default, value)
+
+
+def test_the_export_and_the_trial_record_write_the_pinned_adapter() -> None:
+    from peft import LoraConfig
+
+    from stagebudget.trlconfig import LORA_ALGORITHM
+
+    entry = stage_export(StageSpec(kind="rl", steps=10, lora_rank=4), 0, seed=0, device="cpu")
+    for name, value in LORA_ALGORITHM.items():
+        assert entry["peft"][name] == value, name
+    LoraConfig(**entry["peft"])  # constructs as written
+    assert stage_export(StageSpec(kind="sft", steps=10, lora_rank=0), 0, seed=0,
+                        device="cpu")["peft"] is None

@@ -10,6 +10,7 @@ True
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from stagebudget.kinds import get_kind
@@ -163,8 +164,35 @@ def precision_kwargs(device: str, bf16: bool = True) -> dict[str, Any]:
     return {"bf16": False, "fp16": False, "use_cpu": True}
 
 
+# The adapter, pinned as the algorithm is: every ``peft.LoraConfig`` setting that changes what a
+# LoRA stage trains and that the stage spec does not set, at the value stagebudget trains with
+# (PEFT 0.21's default: pinning changed nothing there). Plain LoRA on the spec's target modules:
+# no DoRA, rsLoRA, per-layer ranks, extra trained modules or other initialisations.
+LORA_ALGORITHM: dict[str, Any] = {
+    "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+    "use_dora": False, "use_qalora": False, "lora_bias": False, "init_lora_weights": True,
+    "modules_to_save": None, "exclude_modules": None, "layers_to_transform": None,
+    "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+    "trainable_token_indices": None, "layer_replication": None, "target_parameters": None,
+    "alora_invocation_tokens": None, "use_bdlora": None, "arrow_config": None,
+    "ensure_weight_tying": False,
+}
+
+# LoraConfig fields that do not change what is trained, given the settings above: bookkeeping
+# PEFT fills in, inference and runtime switches, and settings only read when a variant or an
+# initialisation the pins leave off is on.
+NOT_LORA_ALGORITHM = frozenset({
+    "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "runtime_config", "megatron_config", "megatron_core", "loftq_config",
+    "eva_config", "corda_config", "lora_ga_config", "velora_config", "qalora_group_size",
+    "monteclora_config", "kasa_config", "direction", "scale", "stable_gamma", "num_samples",
+    "use_entropy", "dirichlet_prior", "sample_scaler", "kl_loss_weight", "buffer_size",
+})
+
+
 def lora_kwargs(spec: StageSpec) -> dict[str, Any] | None:
-    """``peft.LoraConfig`` kwargs for one stage; None for rank 0 (full fine-tuning).
+    """``peft.LoraConfig`` kwargs for one stage, the pinned adapter settings included; None for
+    rank 0 (full fine-tuning).
 
     >>> lora_kwargs(StageSpec(kind="rl", steps=5, lora_rank=4))["lora_alpha"]
     8
@@ -176,6 +204,6 @@ def lora_kwargs(spec: StageSpec) -> dict[str, Any] | None:
         "lora_alpha": spec.alpha,
         "target_modules": spec.target_modules,
         "lora_dropout": spec.dropout,
-        "bias": "none",
         "task_type": "CAUSAL_LM",
+        **copy.deepcopy(LORA_ALGORITHM),  # fresh dicts: PEFT may fill them in
     }

@@ -42,7 +42,7 @@ from stagebudget.prefixcache import END, EVAL, STEP, Entry, PrefixCache, context
 from stagebudget.schedule import Schedule, StageSpec
 from stagebudget.training.clock import BudgetClock
 from stagebudget.trialresult import TrialResult
-from stagebudget.trlconfig import config_class, trl_config_kwargs
+from stagebudget.trlconfig import config_class, lora_kwargs, trl_config_kwargs
 from stagebudget.version import numerics
 
 __all__ = ["BudgetGuardError", "TrainingDiverged", "TrialResult", "run_schedule"]
@@ -458,6 +458,7 @@ def _result(run: _Run) -> TrialResult:
             "reused_steps": entry["reused_steps"],
             # the algorithm as TRL was told it, pinned settings included (the export writes it too)
             "trl": {"config": config_class(spec), "args": trl_config_kwargs(spec, run.schedule.seed)},
+            "peft": lora_kwargs(spec),  # the adapter as PEFT was told it (None: full fine-tuning)
             **{k: v for k, v in metrics.items() if k != "reward_per_step"},
         })
     errors = {se: final[se] for se in STANDARD_ERROR_OF.values() if se in final}
