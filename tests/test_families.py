@@ -84,34 +84,27 @@ def _user_folder(family: str, folder: Path) -> Path:
     return folder / "space.yaml"
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_every_family_validates_and_trains_sft_then_rl_with_lora(family: str,
-                                                                  tmp_path: Path) -> None:
-    """validate, then one trial's schedule (SFT then RL, LoRA on all linear layers) trained and
-    measured by the pipeline a search runs; both stages train and ID/OOD are measured."""
-    import math
+@pytest.fixture(scope="module")
+def one_ray():
+    """One local Ray for the module's searches: a search that finds Ray started keeps it, so the
+    twelve searches pay Ray's start once."""
+    import ray
 
-    from stagebudget.searching.preflight import check_space
-    from stagebudget.training.pipeline import run_schedule
-
-    space = check_space(_user_folder(family, tmp_path))
-    cost = space.cost_model()
-    schedule = space.schedule_from_params({"sft.share": 0.5, "rl.lora_rank": 4}, cost)
-    assert [s.kind for s in schedule.stages] == ["sft", "rl"]
-    steps = [s.model_copy(update={"steps": n}) for s, n in zip(schedule.stages, (4, 2), strict=True)]
-    result = run_schedule(schedule.model_copy(update={"stages": tuple(steps)}), tmp_path / "trial",
-                          device="cpu", cost=cost, base_dir=tmp_path)
-    assert [s["steps_done"] for s in result.metrics["stages"]] == [4, 2]
-    for key in ("id_accuracy", "ood_accuracy", "id_accuracy_se"):
-        assert math.isfinite(result.objectives()[key]), key
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen3_moe"])
-def test_a_family_searches_exports_and_reproduces(family: str, tmp_path: Path) -> None:
-    """The whole path a user takes with their own model (the family whose trials all failed):
-    validate -> a 2-trial search -> export -> ``train`` -> the exported ``best.py``; the three
-    measure the same ID/OOD."""
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_searches_exports_and_reproduces(family: str, tmp_path: Path,
+                                                      one_ray: None) -> None:
+    """The whole path a user takes with their own model, in every family: validate -> a search
+    (one SFT -> RL trial, LoRA on all linear layers, both stages trained) -> export -> ``train``
+    -> the exported ``best.py``; the three measure the same ID/OOD. (Qwen3-MoE's trials all
+    failed, and ``best.py`` failed on every chat-format task.)"""
+    import math
     import os
     import subprocess
     import sys
@@ -122,30 +115,35 @@ def test_a_family_searches_exports_and_reproduces(family: str, tmp_path: Path) -
 
     space = _user_folder(family, tmp_path)
     data = yaml.safe_load(space.read_text())
-    data["budget"]["per_trial_hours"] = 0.003
+    data.update(trials=1, budget={"per_trial_hours": 0.001})
     space.write_text(yaml.safe_dump(data))
     with pytest.raises(SystemExit) as done:
         cli.main(["validate", str(space)])
     assert done.value.code == 0
     run_dir = run_search(space, runs_dir=tmp_path / "runs", live=False)
-    records = RunDir(run_dir).records()
-    assert len(records) == 2 and all(r.status == "COMPLETE" for r in records), \
-        [r.error for r in records]
+    (record,) = RunDir(run_dir).records()
+    assert record.status == "COMPLETE", record.error
+    metrics = json.loads((run_dir / "trials" / record.key / "metrics.json").read_text())
+    assert [s["kind"] for s in metrics["stages"]] == ["sft", "rl"]
+    assert all(s["steps_done"] > 0 and s["peft"] for s in metrics["stages"]), metrics["stages"]
     exported = tmp_path / "best.yaml"
     with pytest.raises(SystemExit) as done:
         cli.main(["export", str(run_dir), "--pick", "max-id", "-o", str(exported)])
     assert done.value.code == 0
-    searched = yaml.safe_load(exported.read_text())["objectives"]  # the picked trial's
+    searched = yaml.safe_load(exported.read_text())["objectives"]  # the trial's, as recorded
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ours = subprocess.run([sys.executable, "-m", "stagebudget.cli", "train", str(exported),
-                           "-o", str(tmp_path / "ours"), "--no-save"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert ours.returncode == 0, ours.stdout[-3000:] + ours.stderr[-3000:]
-    plain = subprocess.run([sys.executable, str(exported.with_suffix(".py")), "--out",
-                            str(tmp_path / "plain")], env=env, capture_output=True, text=True,
-                           timeout=600, cwd=tmp_path)
-    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    # ``train`` and the plain script side by side, one core each
+    ours = subprocess.Popen([sys.executable, "-m", "stagebudget.cli", "train", str(exported),
+                             "-o", str(tmp_path / "ours"), "--no-save"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    plain = subprocess.Popen([sys.executable, str(exported.with_suffix(".py")), "--out",
+                              str(tmp_path / "plain")], env=env, cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for proc in (ours, plain):
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
     trained = json.loads((tmp_path / "ours" / "metrics.json").read_text())["objectives"]
     script = json.loads((tmp_path / "plain" / "metrics.json").read_text())
     for key in ("id_accuracy", "ood_accuracy"):
+        assert math.isfinite(searched[key]), key
         assert trained[key] == searched[key] == script[key], key
