@@ -259,7 +259,7 @@ def test_steps_must_be_whole_and_not_negative(tmp_path):
 
 def test_lora_settings_per_stage_fixed_or_searched(tmp_path):
     from stagebudget.plan.cost import CostModel, ModelShape
-    from stagebudget.trlconfig import lora_kwargs
+    from stagebudget.trlconfig import LORA_ALGORITHM, lora_kwargs
 
     data = bad(stages__sft__lora_target_modules={"type": "categorical",
                                                  "choices": ["all-linear", "q_proj,v_proj"]},
@@ -276,7 +276,8 @@ def test_lora_settings_per_stage_fixed_or_searched(tmp_path):
     assert lora_kwargs(sft)["target_modules"] == ["q_proj", "v_proj"]
     assert lora_kwargs(sft)["lora_dropout"] == 0.1
     assert lora_kwargs(rl) == {"r": 4, "lora_alpha": 16, "target_modules": "all-linear",
-                               "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM"}
+                               "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM",
+                               **LORA_ALGORITHM}  # the pinned adapter (test_trlconfig.py)
 
 
 def test_validate_plans_every_grid_point_and_names_the_ones_that_cannot_fit(tmp_path):

@@ -32,16 +32,23 @@ def _fields(dotted: str) -> dict[str, dataclasses.Field]:
 @pytest.mark.parametrize("kind", stage_kinds())
 def test_every_field_that_changes_training_is_set_explicitly(kind: str) -> None:
     spec = StageSpec(kind=kind, steps=10, lora_rank=4)
-    args = trl_config_kwargs(spec, seed=0)
-    fields = _fields(config_class(spec))
-    implicit = sorted(set(fields) - set(args) - NOT_ALGORITHM)
+    _assert_every_field_set(config_class(spec), trl_config_kwargs(spec, seed=0),
+                            ALGORITHM[get_kind(kind).trl_config], NOT_ALGORITHM, "ALGORITHM")
+
+
+def _assert_every_field_set(dotted: str, args: dict, pins: dict, inert: frozenset,
+                            pins_name: str) -> None:
+    """Every field of the config class ``dotted`` is in ``args`` or declared ``inert``; ``args``
+    holds no field the class lacks; no pin is declared inert."""
+    fields = _fields(dotted)
+    implicit = sorted(set(fields) - set(args) - inert)
     assert not implicit, (
-        f"{config_class(spec)} fields left to TRL's defaults for a {kind} stage: {implicit}; "
-        "pin each in stagebudget.trlconfig.ALGORITHM (today's value) or, if it cannot change what "
-        "is trained, add it to NOT_ALGORITHM")
+        f"{dotted} fields left to the library's defaults: {implicit}; pin each in "
+        f"stagebudget.trlconfig.{pins_name} (today's value) or, if it cannot change what is "
+        f"trained, add it to NOT_{pins_name}")
     unknown = sorted(set(args) - set(fields))
-    assert not unknown, f"set but not a field of {config_class(spec)}: {unknown}"
-    assert not set(ALGORITHM[get_kind(kind).trl_config]) & NOT_ALGORITHM
+    assert not unknown, f"set but not a field of {dotted}: {unknown}"
+    assert not set(pins) & inert
 
 
 def test_the_pins_are_the_locked_trls_defaults() -> None:
@@ -77,24 +84,13 @@ def test_the_export_writes_the_pinned_algorithm(kind: str) -> None:
     _class(entry["config"])(output_dir="/tmp/unused", **entry["args"])  # constructs as written
 
 
-def _lora_fields() -> dict[str, dataclasses.Field]:
-    return _fields("peft.LoraConfig")
-
-
 def test_every_lora_field_that_changes_training_is_set_explicitly() -> None:
     from stagebudget.trlconfig import LORA_ALGORITHM, NOT_LORA_ALGORITHM, lora_kwargs
 
     args = lora_kwargs(StageSpec(kind="sft", steps=10, lora_rank=4))
     assert args is not None
-    fields = _lora_fields()
-    implicit = sorted(set(fields) - set(args) - NOT_LORA_ALGORITHM)
-    assert not implicit, (
-        f"peft.LoraConfig fields left to PEFT's defaults: {implicit}; pin each in "
-        "stagebudget.trlconfig.LORA_ALGORITHM (today's value) or, if it cannot change what is "
-        "trained, add it to NOT_LORA_ALGORITHM")
-    unknown = sorted(set(args) - set(fields))
-    assert not unknown, f"set but not a field of peft.LoraConfig: {unknown}"
-    assert not set(LORA_ALGORITHM) & NOT_LORA_ALGORITHM
+    _assert_every_field_set("peft.LoraConfig", args, LORA_ALGORITHM, NOT_LORA_ALGORITHM,
+                            "LORA_ALGORITHM")
 
 
 def test_the_lora_pins_are_the_locked_peft_defaults() -> None:
@@ -107,7 +103,7 @@ def test_the_lora_pins_are_the_locked_peft_defaults() -> None:
     assert locked is not None
     if peft.__version__ != locked.group(1):
         pytest.skip(f"PEFT {peft.__version__} is not the locked {locked.group(1)}")
-    fields = _lora_fields()
+    fields = _fields("peft.LoraConfig")
     for name, value in LORA_ALGORITHM.items():
         field = fields[name]
         default = (field.default if field.default is not dataclasses.MISSING
