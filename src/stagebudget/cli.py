@@ -177,6 +177,10 @@ def export(
     pick: Annotated[str, typer.Option(
         help="knee | max-ood | max-id | ood-at-id=0.9 | trial=N")] = "knee",
     out: Annotated[Path, typer.Option("-o", "--out", help="Schedule file to write")] = Path("best.yaml"),
+    max_budget: Annotated[str | None, typer.Option(
+        help="Pick among the trials' evaluated checkpoints that fit this budget: a fraction of "
+        "the per-trial budget (0.5, 1/4, 50%) or device-hours (0.006h); the export is the cut "
+        "schedule")] = None,
 ) -> None:
     """Export a front schedule: a file `stagebudget train` re-runs, its TRL/PEFT configs, and a
     stand-alone TRL + PEFT script beside it (same name, .py)."""
@@ -184,7 +188,7 @@ def export(
     from stagebudget.results.export import script_path
     from stagebudget.results.run import load_run
 
-    path = do_export(load_run(run), pick, out)
+    path = do_export(load_run(run), pick, out, max_budget=max_budget)
     console.print(f"exported: {path}   re-run with: stagebudget train {path} -o OUTDIR")
     console.print(f"plain TRL + PEFT: python {script_path(path)} --out OUTDIR")
 

@@ -239,6 +239,23 @@ def planned_hours(record: TrialRecord) -> float | None:
     return sum(seconds) / SECONDS_PER_HOUR
 
 
+def told_objectives(record: TrialRecord) -> dict[str, float]:
+    """The objective values a finished trial tells the study: its objectives, with
+    ``device_hours`` its schedule's planned cost (nominal, load-free: the cost model's, which
+    the per-trial budget bounds), so a search that minimises it does not depend on machine
+    load; the measured device-hours stay in the ledger and the record's objectives.
+
+    >>> told_objectives(TrialRecord(key="a", params={}, schedule={}, planned_device_hours=0.01,
+    ...                             objectives={DEVICE_HOURS: 0.013, "id_accuracy": 0.5}))
+    {'device_hours': 0.01, 'id_accuracy': 0.5}
+    """
+    out = {k: float(v) for k, v in record.objectives.items() if _is_number(v)}
+    planned = planned_hours(record)
+    if DEVICE_HOURS in out and planned is not None:
+        out[DEVICE_HOURS] = planned
+    return out
+
+
 def measured_hours(record: TrialRecord) -> float | None:
     """Measured training device-hours of the schedule trained alone (reused prefixes
     included): the objective, else the ledger's; None before anything was measured."""

@@ -17,9 +17,27 @@ from typing import TYPE_CHECKING, Any
 from stagebudget.errors import RunError, UserError
 from stagebudget.fileio import atomic_write_text, atomic_write_yaml, read_yaml
 from stagebudget.kinds import get_kind
-from stagebudget.names import FAILED, ID_ACCURACY, OOD_ACCURACY, RUNNING, TORCH_THREADS
+from stagebudget.names import (
+    FAILED,
+    ID_ACCURACY,
+    OOD_ACCURACY,
+    PLANNED_DEVICE_HOURS,
+    RUNNING,
+    STANDARD_ERROR_OF,
+    TORCH_THREADS,
+)
+from stagebudget.pareto import compute_front
+from stagebudget.results.budgetcurve import (
+    CURVE_DIRECTIONS,
+    CURVE_OBJECTIVES,
+    CURVE_REF,
+    Candidate,
+    checkpoint_candidates,
+    fits,
+    parse_budget,
+)
 from stagebudget.results.exportscript import render_script
-from stagebudget.schedule import StageSpec
+from stagebudget.schedule import Schedule, StageSpec
 from stagebudget.trlconfig import (
     config_class,
     corpus_size,
@@ -125,16 +143,44 @@ def export_document(run: Run, number: int, pick: str, front: FrontInfo,
     if view.record is not None:
         extra = {k: v for k, v in view.record.objectives.items() if k not in objectives}
         objectives.update(extra)
-    device = _trained_device(view.record)
-    stages = [stage_export(spec, i, schedule.seed, device) for i, spec in enumerate(schedule.stages)]
     source = {"run": run.name, "run_dir": str(run.dir.root), "study": run.study.study_name,
               "trial": number, "pick": pick, "reference": view.reference,
               "params": view.params, "on_front": number in front.front}
-    if view.record is not None:
-        source["record"] = view.record.key
+    return _document(schedule, view.record, objectives, source)
+
+
+def candidate_document(run: Run, candidate: Candidate, pick: str, budget_hours: float,
+                       views: list[Any]) -> dict[str, Any]:
+    """The exported mapping for a checkpoint candidate (:mod:`stagebudget.results.budgetcurve`):
+    the cut schedule, with ``budget_hours`` the budget it was picked within, and the
+    objectives its curve point measured."""
+    view = next(t for t in views if t.number == candidate.trial)
+    schedule = Schedule.from_dict({**candidate.schedule, "budget_hours": budget_hours})
+    objectives: dict[str, Any] = dict(candidate.values)
+    objectives.update({STANDARD_ERROR_OF[n]: se for n, se in candidate.errors.items()})
+    objectives[PLANNED_DEVICE_HOURS] = candidate.planned_hours
+    source = {"run": run.name, "run_dir": str(run.dir.root), "study": run.study.study_name,
+              "trial": candidate.trial, "pick": pick, "reference": view.reference,
+              "params": view.params,
+              "checkpoint": {"stage_index": candidate.stage_index, "stage": candidate.stage,
+                             "step": candidate.step, "trial_end": candidate.final},
+              "max_budget_device_hours": budget_hours}
+    if run.per_trial_hours:
+        source["max_budget_fraction"] = budget_hours / run.per_trial_hours
+    return _document(schedule, view.record, objectives, source)
+
+
+def _document(schedule: Schedule, record: Any, objectives: dict[str, Any],
+              source: dict[str, Any]) -> dict[str, Any]:
+    """An export mapping: ``schedule`` with its TRL/PEFT settings for the machine kind
+    ``record`` trained on, its objectives and where it came from."""
+    device = _trained_device(record)
+    stages = [stage_export(spec, i, schedule.seed, device) for i, spec in enumerate(schedule.stages)]
+    if record is not None:
+        source["record"] = record.key
     document: dict[str, Any] = {"schedule": schedule.to_dict(), "trl": stages, "device": device,
                                 "objectives": objectives, "source": source}
-    threads = getattr(view.record, TORCH_THREADS, None)
+    threads = getattr(record, TORCH_THREADS, None)
     if threads:  # CPU results depend on it bit for bit: `train` and the script use it
         document[TORCH_THREADS] = int(threads)
     return document
@@ -171,24 +217,60 @@ def _trained_device(record: Any) -> str:
     return "cuda" if device.startswith("cuda") else "cpu"
 
 
-def export(run: Run, pick: str, out: Path) -> Path:
+def export(run: Run, pick: str, out: Path, max_budget: str | None = None) -> Path:
     """Write the trial ``pick`` selects as a YAML file (atomically) and return its path.
 
     ``out`` may be a file path or an existing directory (the file is then named after the run
-    and trial). ``stagebudget train`` re-runs the ``schedule:`` it holds exactly.
+    and trial). ``stagebudget train`` re-runs the ``schedule:`` it holds exactly. With
+    ``max_budget`` (a fraction of the per-trial budget, or device-hours: see
+    :func:`~stagebudget.results.budgetcurve.parse_budget`) the pick is made among the trials'
+    evaluated checkpoints that fit it, and the export is the cut schedule.
     """
     views = run.trials()  # one snapshot of the study joined with the records, read once
-    front = run.front(curves=False, views=views)
-    states = {t.number: t.state for t in views if t.number is not None}
-    number = resolve_pick(front, pick, states)
-    document = export_document(run, number, pick, front, views)
+    if max_budget is not None:
+        hours = parse_budget(max_budget, run.per_trial_hours)
+        candidate = pick_candidate(checkpoint_candidates(views), pick, hours)
+        document = candidate_document(run, candidate, pick, hours, views)
+        name = f"trial{candidate.trial}-{candidate.stage}{candidate.step}"
+    else:
+        front = run.front(curves=False, views=views)
+        states = {t.number: t.state for t in views if t.number is not None}
+        number = resolve_pick(front, pick, states)
+        document = export_document(run, number, pick, front, views)
+        name = f"trial{number}"
     out = Path(out)
     if out.is_dir():
-        out = out / f"{run.name}-trial{number}.yaml"
+        out = out / f"{run.name}-{name}.yaml"
     atomic_write_yaml(out, document)
     atomic_write_text(script_path(out), render_script(document, device=document["device"],
                                                       base_model=_local_base(run, document)))
     return out
+
+
+def pick_candidate(candidates: list[Candidate], pick: str, hours: float) -> Candidate:
+    """The checkpoint candidate ``pick`` selects among those planned within ``hours``: the
+    front's knee, max-id, max-ood or ood-at-id=X as for trials; trial=N takes that trial's
+    latest checkpoint that fits."""
+    fitting = [c for c in candidates if fits(c, hours)]
+    if not fitting:
+        cheapest = min(candidates, key=lambda c: c.planned_hours, default=None)
+        why = (f"the cheapest evaluated checkpoint ({cheapest.label}, trial {cheapest.trial}) "
+               f"was planned at {cheapest.planned_hours:.4g}" if cheapest is not None
+               else "the run has no evaluated checkpoint of a completed trial yet")
+        raise UserError(f"no evaluated checkpoint fits --max-budget {hours:.4g} device-hours: "
+                        f"{why}; give a larger budget")
+    match = re.fullmatch(r"trial=(?P<n>\d+)", pick.strip().lower())
+    if match is not None:
+        mine = [c for c in fitting if c.trial == int(match["n"])]
+        if not mine:
+            trials = ", ".join(map(str, sorted({c.trial for c in fitting})))
+            raise UserError(f"pick {pick!r}: trial {match['n']} has no evaluated checkpoint "
+                            f"within {hours:.4g} device-hours; trials that have: {trials}")
+        return max(mine, key=lambda c: (c.planned_hours, c.stage_index, c.step))
+    front = compute_front([c.point() for c in fitting], CURVE_OBJECTIVES, CURVE_DIRECTIONS,
+                          ref_point=CURVE_REF)
+    by_number = {c.number: c for c in fitting}
+    return by_number[resolve_pick(front, pick)]
 
 
 def script_path(out: Path) -> Path:

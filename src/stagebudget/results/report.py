@@ -2,7 +2,8 @@
 
 Three figures drawn from :class:`~stagebudget.pareto.FrontInfo` (nothing is computed here):
 the ID/OOD front with ±1 standard-error bars, the curves of the front trials and the reference
-schedules across stage boundaries, and hypervolume against the number of completed trials; a
+schedules across stage boundaries, and hypervolume against the number of completed trials;
+then the budget curve's two (:mod:`stagebudget.results.budgetreport`); a
 table of the front's schedules; above them a small table about the run (with the commands that
 made it and that train the knee again, and the package versions). Plotly is imported inside
 the functions, so importing this module stays light.
@@ -31,6 +32,9 @@ from stagebudget.names import (
     SECONDS_PER_HOUR,
 )
 from stagebudget.pareto import FrontInfo, StageCell, TrialPoint, front_rows
+from stagebudget.results.budgetcurve import budget_curve
+from stagebudget.results.budgetreport import NOTES as BUDGET_NOTES
+from stagebudget.results.budgetreport import budget_fronts_figure, budget_hypervolume_figure
 from stagebudget.rundir import describe_spend, spend_summary
 
 if TYPE_CHECKING:
@@ -39,7 +43,9 @@ if TYPE_CHECKING:
 REFERENCE_SYMBOLS = {"sft_only": "square-open", "rl_only": "diamond-open", "heuristic": "star-open"}
 MAX_CURVE_PANELS = 12
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
-FIGURE_NAMES = ("front", "curves", "hypervolume")
+PROJECTION_NAMES = ("front_projection_1", "front_projection_2")  # a third objective's pairs
+FIGURE_NAMES = ("front", *PROJECTION_NAMES, "curves", "hypervolume", "budget_fronts",
+                "budget_hypervolume")
 ID_COLOUR, OOD_COLOUR, GREY = "#1f77b4", "#ff7f0e", "#b0b0b0"
 
 
@@ -58,6 +64,12 @@ def write_report(run: Run, out: Path | None = None, *, png: bool = False,
         out = out / f"{run.name}-report.html"
     figures = {"front": front_figure(front), "curves": curves_figure(front),
                "hypervolume": hypervolume_figure(front)}
+    for name, axes in zip(PROJECTION_NAMES, projections(front), strict=False):
+        figures[name] = front_figure(front, axes)
+    curve = budget_curve(run)
+    if curve is not None:
+        figures.update(budget_fronts=budget_fronts_figure(curve),
+                       budget_hypervolume=budget_hypervolume_figure(curve))
     atomic_write_text(out, render_page(run.name, run_summary(run, front), figures, front))
     if png:
         write_pngs(figures, out, say)
@@ -106,6 +118,14 @@ def versions_text(run: Run) -> str:
     return ", ".join(f"{name} {' / '.join(sorted(v))}" for name, v in seen.items())
 
 
+def projections(front: FrontInfo) -> list[tuple[str, str]]:
+    """With more than two objectives, the other pairs to draw beside the main plot: each further
+    objective against each of the main plot's axes (``device_hours`` against ID, then OOD)."""
+    main = _axes(front)
+    rest = [n for n in front.objective_names if n not in main]
+    return [(extra, axis) for extra in rest for axis in main]
+
+
 def _axes(front: FrontInfo) -> tuple[str, str]:
     names = front.objective_names
     if ID_ACCURACY in names and OOD_ACCURACY in names:
@@ -137,11 +157,12 @@ def hover_text(p: TrialPoint, front: FrontInfo) -> str:
     return "<br>".join(lines)
 
 
-def front_figure(front: FrontInfo) -> Any:
-    """ID vs OOD: front highlighted and joined, dominated greyed, references and knee marked."""
+def front_figure(front: FrontInfo, axes: tuple[str, str] | None = None) -> Any:
+    """ID vs OOD (or the objectives ``axes``): front highlighted and joined, dominated greyed,
+    references and knee marked."""
     import plotly.graph_objects as go
 
-    xname, yname = _axes(front)
+    xname, yname = axes or _axes(front)
     fig = go.Figure()
     if front.empty:
         return _empty(fig, "no completed trial yet", "Pareto front")
@@ -181,7 +202,9 @@ def front_figure(front: FrontInfo) -> Any:
     if front.knee is not None:
         fig.add_annotation(x=x(front.knee), y=y(front.knee), text=f"knee (trial {front.knee})",
                            showarrow=True, arrowhead=2, ax=40, ay=40)
-    fig.update_layout(title="ID vs OOD accuracy: Pareto front", height=560,
+    title = ("ID vs OOD accuracy: Pareto front" if (xname, yname) == (ID_ACCURACY, OOD_ACCURACY)
+             else f"{yname} vs {xname}: the Pareto front projected")
+    fig.update_layout(title=title, height=560,
                       xaxis_title=xname, yaxis_title=yname, legend={"orientation": "h", "y": -0.15},
                       template="plotly_white", hoverlabel={"align": "left"})
     return fig
@@ -330,6 +353,10 @@ NOTES = {
     "curves": "Accuracy measured during training; dotted lines mark stage boundaries (the "
               "adapter is merged there and the next stage trains a fresh one).",
     "hypervolume": "How much of the objective space the front covers as trials complete.",
+    **dict.fromkeys(PROJECTION_NAMES, "The same trials in another pair of the objectives: with "
+                    "a third objective the front is 3-dimensional, so a front trial can look "
+                    "dominated in any one pair (the table below lists the front)."),
+    **BUDGET_NOTES,
     "table": "The front's schedules. Steps that ran against the steps planned; ± is one "
              "standard error of the measured accuracy (absent for runs made before it was "
              "measured). Differences smaller than about two standard errors are noise.",
@@ -342,6 +369,8 @@ def render_page(title: str, summary: list[tuple[str, str]], figures: Mapping[str
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
                    for k, v in summary)
     sections = []
+    # the front's table follows the last picture of the front
+    last_front = next(n for n in reversed(("front", *PROJECTION_NAMES)) if n in figures)
     for i, name in enumerate(n for n in FIGURE_NAMES if n in figures):
         div = figures[name].to_html(full_html=False, include_plotlyjs=i == 0, div_id=f"fig-{name}",
                                     config={"displaylogo": False, "responsive": True})
@@ -350,7 +379,7 @@ def render_page(title: str, summary: list[tuple[str, str]], figures: Mapping[str
             note += f" Showing the first {MAX_CURVE_PANELS} of {len(front.front)} front trials."
         sections.append(f'<section id="{name}"><p class="note">{html.escape(note)}</p>{div}'
                         "</section>")
-        if name == "front" and len(front.front) > 0:
+        if name == last_front and len(front.front) > 0:
             sections.append(table_section(front))
     return PAGE.format(title=html.escape(title), rows=rows, sections="\n".join(sections))
 

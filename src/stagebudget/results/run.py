@@ -116,11 +116,12 @@ class TrialView:
 
     @property
     def device_hours(self) -> float | None:
-        """Training device-hours spent: the objective if searched, else the record's ledger."""
-        if DEVICE_HOURS in self.values:
-            return self.values[DEVICE_HOURS]
+        """Training device-hours measured (timed) for the schedule alone: the record's
+        objectives or ledger. (A searched ``device_hours`` objective is the planned cost, see
+        :func:`~stagebudget.rundir.told_objectives`; it is the study value only without a
+        record.)"""
         if self.record is None:
-            return None
+            return self.values.get(DEVICE_HOURS)
         if isinstance(self.record.objectives.get(DEVICE_HOURS), int | float):
             return float(self.record.objectives[DEVICE_HOURS])
         return ledger_hours(self.record.ledger)

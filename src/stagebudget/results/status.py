@@ -10,11 +10,13 @@ from rich.text import Text
 
 from stagebudget.names import COMPLETE, FAILED, PRUNED, RUNNING, TWINS, WAITING
 from stagebudget.pareto import FrontInfo, front_rows
+from stagebudget.results.budgetcurve import KEEP, budget_curve, fraction_text
 from stagebudget.rundir import describe_spend, spend_summary
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from stagebudget.results.budgetcurve import BudgetCurve, Candidate
     from stagebudget.results.run import Run, StatusRow
 
 STATE_STYLE = {COMPLETE: "green", RUNNING: "yellow", WAITING: "dim", PRUNED: "magenta",
@@ -108,6 +110,68 @@ def render_status(run: Run, console: Console) -> None:
         console.print("no completed trial yet: the front appears once a trial completes")
         return
     console.print(front_table(front))
+    curve = budget_curve(run)
+    if curve is not None:
+        console.print(budget_table(curve))
+
+
+def _pick_text(candidate: Candidate | None) -> str:
+    if candidate is None:
+        return "–"
+    return (f"{candidate.values['id_accuracy']:.3f} / {candidate.values['ood_accuracy']:.3f} "
+            f"{candidate.label} (#{candidate.trial})")
+
+
+def budget_table(curve: BudgetCurve) -> Table:
+    """What a smaller budget buys: per budget fraction, the front of the trials' evaluated
+    checkpoints that fit it (:mod:`stagebudget.results.budgetcurve`), its hypervolume ± SE and
+    the best ID / OOD at the floors."""
+    keep = curve.smallest_fraction_keeping()
+    trials = len({c.trial for c in curve.candidates})
+    caption = (f"{len(curve.candidates)} checkpoints of {trials} trials, each a re-trainable "
+               f"schedule (`export --max-budget`); floors: ID >= {curve.id_floor:.3f}, OOD >= "
+               f"{curve.ood_floor:.3f} ({curve.floors_from}); "
+               + (f"{KEEP:.0%} of the full budget's hypervolume from {fraction_text(keep)} of it"
+                  if keep is not None else "no hypervolume yet"))
+    table = Table(title="what a smaller budget buys", title_justify="left", caption=caption,
+                  caption_justify="left", header_style="bold")
+    for name in ("budget", "dev-h", "fit", "front", "hypervolume ± SE",
+                 f"best ID / OOD, OOD >= {curve.ood_floor:.3f}",
+                 f"best ID / OOD, ID >= {curve.id_floor:.3f}"):
+        table.add_column(name, justify="right" if name in ("dev-h", "fit", "front") else "left",
+                         overflow="fold")
+    for p in curve.points:
+        table.add_row(fraction_text(p.fraction), f"{p.hours:.4g}", str(p.fitting),
+                      str(len(p.front.front)), _with_se(p.hypervolume, p.hypervolume_se),
+                      _pick_text(p.best_id), _pick_text(p.best_ood))
+    return table
+
+
+def budget_document(curve: BudgetCurve | None) -> dict[str, Any] | None:
+    """The budget curve as JSON-safe data (``status --json``'s ``budget_curve``)."""
+    if curve is None:
+        return None
+
+    def candidate(c: Candidate | None) -> dict[str, Any] | None:
+        if c is None:
+            return None
+        return {"candidate": c.number, "trial": c.trial, "stage_index": c.stage_index,
+                "step": c.step, "label": c.label, "planned_device_hours": c.planned_hours,
+                "objectives": {n: {"value": v, "se": c.errors.get(n)} for n, v in c.values.items()}}
+
+    return {
+        "per_trial_device_hours": curve.per_trial_hours,
+        "candidates": len(curve.candidates),
+        "floors": {"id_accuracy": curve.id_floor, "ood_accuracy": curve.ood_floor,
+                   "from": curve.floors_from},
+        "smallest_fraction_keeping_95pct": curve.smallest_fraction_keeping(),
+        "trials_front_hypervolume": curve.trial_hypervolume,
+        "points": [{"fraction": p.fraction, "device_hours": p.hours, "fitting": p.fitting,
+                    "front": [candidate(curve.by_number[n]) for n in p.front.front],
+                    "hypervolume": p.hypervolume, "hypervolume_se": p.hypervolume_se,
+                    "best_id_at_ood_floor": candidate(p.best_id),
+                    "best_ood_at_id_floor": candidate(p.best_ood)} for p in curve.points],
+    }
 
 
 def status_document(run: Run) -> dict[str, Any]:
@@ -130,6 +194,7 @@ def status_document(run: Run) -> dict[str, Any]:
                   "reference_point": list(front.ref_point), "references": front.references}
         if not front.empty else None,
         "cost": spend_summary(run.dir.records()),
+        "budget_curve": budget_document(budget_curve(run)),
     })
 
 

@@ -35,7 +35,7 @@ from stagebudget.names import (
     SECONDS_PER_HOUR,
     SPENT_DEVICE_HOURS,
 )
-from stagebudget.rundir import RunDir, TrialRecord, charged_hours
+from stagebudget.rundir import RunDir, TrialRecord, charged_hours, told_objectives
 from stagebudget.schedule import identity
 from stagebudget.searching.earlystop import StageGate
 from stagebudget.space.points import checkpoint_steps
@@ -131,7 +131,7 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     twin = finished_twin(run, schedule.to_dict(), exclude=key) if space.reuse.enabled else None
     if twin is not None:
         reuse_twin(run, record, twin)
-        tune.report({**reporter.latest, **record.objectives, SPENT_DEVICE_HOURS: 0.0,
+        tune.report({**reporter.latest, **told_objectives(record), SPENT_DEVICE_HOURS: 0.0,
                      "final": True})
         return
     try:
@@ -167,7 +167,8 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     record.torch_threads = torch_threads()
     run.write_record(record)
     spent = charged_hours(record)
-    tune.report({**reporter.latest, **objectives, SPENT_DEVICE_HOURS: spent, "final": True})
+    tune.report({**reporter.latest, **told_objectives(record), SPENT_DEVICE_HOURS: spent,
+                 "final": True})
 
 
 def _early_stopping(run: RunDir, space: SearchSpace, key: str,

@@ -47,7 +47,7 @@ from stagebudget.names import (
     TUNE_ID_ATTR,
     TWIN_ATTR,
 )
-from stagebudget.rundir import RunDir, TrialRecord
+from stagebudget.rundir import RunDir, TrialRecord, told_objectives
 from stagebudget.schedule import identity
 from stagebudget.searching.limiter import BudgetLimiter
 from stagebudget.searching.study_attrs import annotate_trial, trial_attrs
@@ -175,7 +175,8 @@ class StudySearch(OptunaSearch):
         ot_trial.set_user_attr(TWIN_ATTR, number)
         ot_trial.set_user_attr(TUNE_ID_ATTR, key)  # the record's key, as for Tune's trials
         annotate_trial(ot_trial.set_user_attr, record)
-        self.study.tell(ot_trial, [float(twin.objectives[m]) for m in self.metric])
+        told = told_objectives(twin)
+        self.study.tell(ot_trial, [told[m] for m in self.metric])
         log.info("trial %d plans the schedule of trial %s: told its result, nothing trained",
                  ot_trial.number, number)
         return True
