@@ -19,6 +19,7 @@ import yaml
 from rich.console import Console
 from typer.testing import CliRunner
 
+from runhelpers import demo_space
 from stagebudget.cli import app
 from stagebudget.errors import UserError
 from stagebudget.names import ID_ACCURACY, OOD_ACCURACY
@@ -44,12 +45,8 @@ DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("budget_run")
-    data = yaml.safe_load(DEMO.read_text())
-    data.update(trials=5, concurrency=1)
-    space = tmp / "space.yaml"
-    space.write_text(yaml.safe_dump(data))
-    return run_search(space, name="bc", runs_dir=tmp / "runs", live=False,
-                      trial_fn=functools.partial(fake_trial_fn, seconds=0.05))
+    return run_search(demo_space(tmp, trials=5, concurrency=1), name="bc", runs_dir=tmp / "runs",
+                      live=False, trial_fn=functools.partial(fake_trial_fn, seconds=0.05))
 
 
 def test_every_checkpoint_is_a_cut_schedule_with_its_curve_point(real_run: Path) -> None:
