@@ -153,6 +153,9 @@ def test_hypervolume_se_is_the_delta_method(real_run: Path) -> None:
 def test_a_checkpoint_inside_rl_after_sft_retrains_to_its_curve_point(
         tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STAGEBUDGET_CACHE", str(tiny_base.parent))
+    # a prefix cache of its own: its stages must not be replayed into other tests' trials,
+    # whose curves would then show this test's evaluation steps
+    monkeypatch.setenv("STAGEBUDGET_PREFIX_CACHE", str(tmp_path / "prefix_cache"))
     data = yaml.safe_load(DEMO.read_text())
     data.update(base_model="builtin:test", trials=1, concurrency=1, references=False,
                 tasks={"source": "builtin", "n_train": 200, "n_id_test": 40, "n_ood_test": 40},
