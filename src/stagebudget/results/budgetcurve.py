@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -112,7 +113,11 @@ class BudgetCurve:
     ood_floor: float
     floors_from: str  # "the base model" or "given"
     trial_hypervolume: float | None = None  # the trials' own front (their ends only)
-    by_number: dict[int, Candidate] = field(default_factory=dict)
+
+    @cached_property
+    def by_number(self) -> dict[int, Candidate]:
+        """The candidates by their number (a front's point numbers)."""
+        return {c.number: c for c in self.candidates}
 
     @property
     def full(self) -> BudgetPoint:
@@ -280,7 +285,7 @@ def budget_curve(run: Run, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                        id_floor=floors[0], ood_floor=floors[1],
                        floors_from="given" if given else (f"the full budget's knee ({knee.label})"
                                                           if knee is not None else "none"),
-                       trial_hypervolume=trial_hv, by_number={c.number: c for c in candidates})
+                       trial_hypervolume=trial_hv)
 
 
 def _knee(candidates: Sequence[Candidate], per_trial_hours: float) -> Candidate | None:

@@ -58,7 +58,8 @@ def write_report(run: Run, out: Path | None = None, *, png: bool = False,
     Chromium/Chrome binary is present; otherwise that step is skipped with a message.
     """
     say = on_message or (lambda msg: print(msg, file=sys.stderr))
-    front = run.front()
+    views = run.trials()  # one join, for the front and the budget curve
+    front = run.front(views=views)
     out = Path(out) if out is not None else run.dir.report
     if out.is_dir():  # like export: a folder gets the file, named after the run
         out = out / f"{run.name}-report.html"
@@ -66,7 +67,7 @@ def write_report(run: Run, out: Path | None = None, *, png: bool = False,
                "hypervolume": hypervolume_figure(front)}
     for name, axes in zip(PROJECTION_NAMES, projections(front), strict=False):
         figures[name] = front_figure(front, axes)
-    curve = budget_curve(run)
+    curve = budget_curve(run, views=views)
     if curve is not None:
         figures.update(budget_fronts=budget_fronts_figure(curve),
                        budget_hypervolume=budget_hypervolume_figure(curve))

@@ -91,7 +91,8 @@ def front_table(front: FrontInfo) -> Table:
 
 def render_status(run: Run, console: Console) -> None:
     """Print the trials table and the front summary of ``run`` (finished or not)."""
-    front = run.front(curves=False)
+    views = run.trials()  # one join of the study and the records, for the front and the curve
+    front = run.front(curves=False, views=views)
     c = front.counts
     budget = run.per_trial_hours
     console.print(
@@ -110,7 +111,7 @@ def render_status(run: Run, console: Console) -> None:
         console.print("no completed trial yet: the front appears once a trial completes")
         return
     console.print(front_table(front))
-    curve = budget_curve(run)
+    curve = budget_curve(run, views=views)
     if curve is not None:
         console.print(budget_table(curve))
 
@@ -181,7 +182,8 @@ def status_document(run: Run) -> dict[str, Any]:
     >>> sorted(status_document(load_run("runs/demo")))  # doctest: +SKIP
     ['budget_device_hours_per_trial', 'cost', 'counts', 'front', 'name', 'objectives', ...]
     """
-    front = run.front(curves=False)
+    views = run.trials()
+    front = run.front(curves=False, views=views)
     rows = run.status_rows(front)
     return _json_safe({
         "name": run.name, "run_dir": str(run.dir.root),
@@ -194,7 +196,7 @@ def status_document(run: Run) -> dict[str, Any]:
                   "reference_point": list(front.ref_point), "references": front.references}
         if not front.empty else None,
         "cost": spend_summary(run.dir.records()),
-        "budget_curve": budget_document(budget_curve(run)),
+        "budget_curve": budget_document(budget_curve(run, views=views)),
     })
 
 
