@@ -339,3 +339,42 @@ def test_every_stage_starts_from_the_same_random_state(tmp_path, tiny_base, one_
     _train(_schedule(10, 4), tmp_path / "restored", cache)  # SFT restored, RL trained
     assert [kind for kind, _ in seen] == ["rl"]
     assert seen[0][1] == trained["rl"]
+
+
+@pytest.mark.slow
+def test_stage_ends_keep_adapters_and_rebuild_the_same_weights(tmp_path):
+    """A LoRA stage's end keeps its adapter, not merged weights; a full fine-tuning stage's
+    end keeps its weights. A schedule restored whole (full FT, then LoRA RL rebuilt by merging
+    its adapter onto the restored weights) has the very weights of a run without a cache."""
+    full = _schedule(6, 4)
+    full = full.model_copy(update={"stages": (
+        full.stages[0].model_copy(update={"lora_rank": 0, "learning_rate": 1e-4}),
+        full.stages[1])})
+    cache = PrefixCache(tmp_path / "cache")
+    first = _train(full, tmp_path / "first", cache)
+    plain = _train(full, tmp_path / "plain", None)
+    again = _train(full, tmp_path / "again", cache)
+    assert again.ledger["spent_train_seconds"] == 0.0
+    assert _same_weights(tmp_path / "plain", tmp_path / "first")
+    assert _same_weights(tmp_path / "plain", tmp_path / "again")
+    ends = {e.steps: e for e in cache.all_entries() if e.kind == END}
+    assert ends[6].holds() == "weights" and ends[4].holds() == "adapter"
+    assert not ends[4].merged.exists()
+    model_bytes = (tmp_path / "plain" / "model" / "model.safetensors").stat().st_size
+    adapter_bytes = (ends[4].adapter / "adapter_model.safetensors").stat().st_size
+    assert adapter_bytes < model_bytes / 2  # rank 4 on a model of hidden size 32
+    holds = {e.holds() for e in cache.all_entries() if e.kind == STEP}
+    assert holds == {"weights+optimizer", "adapter+optimizer"}
+
+
+def test_cache_ls_says_what_each_entry_holds(tmp_path, capsys):
+    from stagebudget.cli import main
+
+    cache = PrefixCache(tmp_path)
+    cache.publish("b" * 32, END, 4, _records(4), lambda d: (d / "adapter").mkdir())
+    cache.publish("c" * 32, END, 4, _records(4), lambda d: (d / "merged").mkdir())
+    with pytest.raises(SystemExit) as done:
+        main(["cache", "ls", "--dir", str(tmp_path)])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "adapter" in out and "weights" in out

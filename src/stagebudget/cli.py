@@ -322,14 +322,15 @@ def cache_ls(cache_dir: CacheDir = None) -> None:
 
     cache = PrefixCache(cache_dir)
     entries = cache.all_entries()
-    table = Table("key", "entry", "steps", "MB", "last used")
+    table = Table("key", "entry", "steps", "holds", "MB", "last used")
     total = 0
     for entry in entries:
         size = entry.size()
         total += size
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(
             (entry.path / "MANIFEST.json").stat().st_mtime))
-        table.add_row(entry.key[:12], entry.kind, str(entry.steps), f"{size / 1e6:.1f}", used)
+        table.add_row(entry.key[:12], entry.kind, str(entry.steps), entry.holds(),
+                      f"{size / 1e6:.1f}", used)
     console.print(table)
     console.print(f"{len(entries)} entries, {total / 1e6:.1f} MB in {cache.root}")
 

@@ -14,8 +14,12 @@ intervals excepted: they do not change training). Under a key live:
   scheduler and RNG states; what ``Trainer.train(resume_from_checkpoint=...)`` reads), with the
   stage's curve rows, log rows and spend up to ``s`` in ``records.json``. Written at every
   evaluation point and at the stage's end.
-- ``end-<s>/``: the merged model after a stage of ``s`` steps (safetensors) with the whole
-  stage's rows, metrics and spend. A later stage starts from it.
+- ``end-<s>/``: a stage of ``s`` steps, with the whole stage's rows, metrics and spend. A LoRA
+  stage keeps its adapter (``adapter/``, as PEFT saves it: MBs where the model is GBs); a
+  restored stage's model is rebuilt by merging it onto the model the stage started from, which
+  the stages before it restored or trained (the same computation as the merge at the stage's
+  end, so the same weights bit for bit). A full fine-tuning stage keeps its weights
+  (``merged/``, safetensors, in the dtype it trained in). A later stage starts from it.
 - ``eval-0/`` under the key of the context alone (:func:`context_key`): the base model's
   evaluation, the same for every trial that starts from it.
 
@@ -55,6 +59,7 @@ MANIFEST = "MANIFEST.json"
 RECORDS = "records.json"
 CHECKPOINT = "checkpoint"
 MERGED = "merged"
+ADAPTER = "adapter"
 CONTEXTS = "contexts"  # one JSON per context ever used: why entries of other numerics are missed
 NUMERICS_FIELDS = frozenset({"cpu_capability", "versions"})
 STEP, END, EVAL = "step", "end", "eval"
@@ -93,6 +98,21 @@ class Entry:
     @property
     def merged(self) -> Path:
         return self.path / MERGED
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / ADAPTER
+
+    def holds(self) -> str:
+        """What the entry stores: ``adapter`` or ``weights`` (a stage's end), the same plus
+        ``+optimizer`` (a Trainer checkpoint: optimizer, scheduler and RNG states too), or
+        ``records`` (an evaluation only)."""
+        if self.kind == STEP:
+            weights = "adapter" if (self.checkpoint / "adapter_config.json").is_file() else "weights"
+            return f"{weights}+optimizer"
+        if self.adapter.is_dir():
+            return "adapter"
+        return "weights" if self.merged.is_dir() else "records"
 
     def records(self) -> dict[str, Any]:
         """Curve rows, log rows, spend (and for an end entry the stage metrics)."""

@@ -21,10 +21,11 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stagebudget.errors import BudgetGuardError, TrainingDiverged
 from stagebudget.fileio import atomic_write_json
@@ -38,12 +39,25 @@ from stagebudget.names import (
     STANDARD_ERROR_OF,
 )
 from stagebudget.plan.cost import OVERRUN_GUARD, CostModel, default_cost_model
-from stagebudget.prefixcache import END, EVAL, STEP, Entry, PrefixCache, context_key, stage_keys
+from stagebudget.prefixcache import (
+    ADAPTER,
+    END,
+    EVAL,
+    MERGED,
+    STEP,
+    Entry,
+    PrefixCache,
+    context_key,
+    stage_keys,
+)
 from stagebudget.schedule import Schedule, StageSpec
 from stagebudget.training.clock import BudgetClock
 from stagebudget.trialresult import TrialResult
 from stagebudget.trlconfig import config_class, lora_kwargs, trl_config_kwargs
 from stagebudget.version import numerics
+
+if TYPE_CHECKING:
+    from stagebudget.training.stages.common import StageOutput
 
 __all__ = ["BudgetGuardError", "TrainingDiverged", "TrialResult", "run_schedule"]
 
@@ -104,18 +118,35 @@ class _Run:
     prefix: PrefixCache | None = None
     keys: list[str] = field(default_factory=list)
     base_key: str = ""  # where the base model's evaluation is cached
-    pending: Path | None = None  # a cached merged model to load before it is needed
+    # A restored stage's model, built only when needed: cached weights to load (None: the
+    # current model), then cached adapters to merge onto them, in stage order.
+    pending_weights: Path | None = None
+    pending_adapters: list[Path] = field(default_factory=list)
     trust_remote_code: bool = False
     checkpoint_steps: Sequence[Sequence[int]] = ()
 
     def materialize(self) -> Any:
-        """The current model, loading a cached stage's merged model when one is pending."""
-        if self.pending is not None:
+        """The current model, building restored stages' models when they are pending."""
+        if self.pending_weights is not None:
             from stagebudget.training.model import load_model
 
-            self.model = load_model(self.pending, self.device, self.trust_remote_code)
-            self.pending = None
+            self.model = load_model(self.pending_weights, self.device, self.trust_remote_code)
+            self.pending_weights = None
+        if self.pending_adapters:
+            from stagebudget.training.stages.common import apply_adapter
+
+            for folder in self.pending_adapters:
+                self.model = apply_adapter(self.model, folder)
+            self.model.eval()
+            self.pending_adapters = []
         return self.model
+
+    def restore_model(self, entry: Entry) -> None:
+        """Make ``entry``'s stage end the current model (built when first needed)."""
+        if entry.adapter.is_dir():
+            self.pending_adapters.append(entry.adapter)
+        else:
+            self.pending_weights, self.pending_adapters = entry.merged, []
 
     def measure(self, model: Any, kind: str, index: int, step: int,
                 logs: list[dict[str, Any]]) -> dict[str, float]:
@@ -245,8 +276,8 @@ def _run_stage(run: _Run, index: int, spec: StageSpec, progress: Report | None) 
 
 
 def _restore(run: _Run, index: int, spec: StageSpec) -> bool:
-    """Take stage ``index`` whole from the cache (its rows, spend, metrics and merged model,
-    loaded only when needed); False when no trial has trained it."""
+    """Take stage ``index`` whole from the cache (its rows, spend, metrics and model, built
+    only when needed); False when no trial has trained it."""
     assert run.prefix is not None
     entry = run.prefix.find(run.keys[index], END, spec.steps)
     if entry is None:
@@ -254,7 +285,7 @@ def _restore(run: _Run, index: int, spec: StageSpec) -> bool:
     records = entry.records()
     _replay(run, index, records)
     run.clock.end_stage(records["steps"])
-    run.pending = entry.merged
+    run.restore_model(entry)
     run.curves.global_offset += records["steps"]
     run.stage_metrics.append(dict(records["metrics"]))
     return True
@@ -289,8 +320,6 @@ def _stage_records(run: _Run, index: int, steps: int, logs: list[dict[str, Any]]
 def _checkpoint_publisher(run: _Run, index: int, logs: list[dict[str, Any]],
                           start_seconds: float) -> Callable[[int, str], None]:
     """Publish each Trainer checkpoint of stage ``index`` to the prefix cache."""
-    import shutil
-
     assert run.prefix is not None
     prefix, key = run.prefix, run.keys[index]
 
@@ -350,7 +379,7 @@ def _train_stage(run: _Run, index: int, spec: StageSpec, resume: Entry | None) -
                        if run.prefix is not None else None),
         checkpoint_at=frozenset(run.checkpoint_steps[index]
                                 if index < len(run.checkpoint_steps) else ()),
-        evaluate_on_resume=measure_on_resume)
+        evaluate_on_resume=measure_on_resume, keep_adapter=run.prefix is not None)
     ctx.evaluate = lambda model, step: run.measure(model, spec.kind, index, step, ctx.logs)
     # Every stage starts from the same random state, whatever ran before it in this process:
     # a stage after one restored from the prefix cache (nothing trained, no random numbers
@@ -376,8 +405,17 @@ def _train_stage(run: _Run, index: int, spec: StageSpec, resume: Entry | None) -
             records = _stage_records(run, index, out.steps_done, ctx.logs, start_seconds,
                                      metrics=out.metrics)
             run.prefix.publish(run.keys[index], END, out.steps_done, records,
-                               lambda d: out.model.save_pretrained(str(d / "merged"),
-                                                                   safe_serialization=True))
+                               lambda d: _fill_end(d, out))
+    if out.adapter is not None:
+        shutil.rmtree(out.adapter, ignore_errors=True)
+
+
+def _fill_end(folder: Path, out: StageOutput) -> None:
+    """A stage end's files: a LoRA stage's adapter, or a full fine-tuning stage's weights."""
+    if out.adapter is not None:
+        shutil.copytree(out.adapter, folder / ADAPTER)
+    else:
+        out.model.save_pretrained(str(folder / MERGED), safe_serialization=True)
 
 
 def run_schedule(

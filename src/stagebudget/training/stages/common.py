@@ -53,15 +53,19 @@ class StageContext:
     on_checkpoint: Callable[[int, str], None] | None = None
     checkpoint_at: frozenset[int] = frozenset()
     evaluate_on_resume: bool = False
+    keep_adapter: bool = False
 
 
 @dataclass
 class StageOutput:
-    """A trained stage: the merged plain model, its metrics and the steps it took."""
+    """A trained stage: the merged plain model, its metrics and the steps it took; with
+    ``keep_adapter``, ``adapter`` is a folder holding the LoRA adapter as PEFT saved it before
+    merging (None for full fine-tuning). Whoever receives it deletes the folder."""
 
     model: Any
     metrics: dict[str, Any]
     steps_done: int
+    adapter: str | None = None
 
 
 StageFn = Callable[[StageContext], StageOutput]
@@ -216,10 +220,11 @@ def _plain(value: Any) -> Any:
     return float(value) if hasattr(value, "item") else value
 
 
-def train_and_merge(ctx: StageContext, trainer: Any) -> tuple[Any, int]:
+def train_and_merge(ctx: StageContext, trainer: Any) -> tuple[Any, int, str | None]:
     """Run ``trainer.train()`` on the budget clock, then merge the adapter.
 
-    Returns the merged plain model and the optimizer steps taken.
+    Returns the merged plain model, the optimizer steps taken and, with ``ctx.keep_adapter``
+    and a LoRA stage, a scratch folder with the adapter PEFT saved before the merge.
     """
     from transformers.trainer_callback import PrinterCallback
 
@@ -233,9 +238,30 @@ def train_and_merge(ctx: StageContext, trainer: Any) -> tuple[Any, int]:
     finally:
         shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     with ctx.clock.setting_up():
+        adapter = save_adapter(trainer.model) if ctx.keep_adapter else None
         model = merge(trainer.model)
     model.eval()
-    return model, int(trainer.state.global_step)
+    return model, int(trainer.state.global_step), adapter
+
+
+def save_adapter(model: Any) -> str | None:
+    """Save a PEFT model's adapter (``PeftModel.save_pretrained``: safetensors and its config)
+    to a new scratch folder; None for a plain model."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return None
+    folder = tempfile.mkdtemp(prefix="stagebudget-adapter-")
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def apply_adapter(model: Any, folder: str | os.PathLike[str]) -> Any:
+    """``model`` with the adapter saved in ``folder`` merged into its weights: the same
+    computation as the merge at a stage's end, so the same weights bit for bit."""
+    from peft import PeftModel
+
+    return merge(PeftModel.from_pretrained(model, str(folder)))
 
 
 def _checkpoint_step(folder: str) -> int:

@@ -43,5 +43,5 @@ def run_cpt(ctx: StageContext) -> StageOutput:
             peft_config=lora_config(spec),
             callbacks=stage_callbacks(ctx),
         )
-    model, steps = train_and_merge(ctx, trainer)
-    return StageOutput(model=model, metrics=loss_metrics(ctx), steps_done=steps)
+    model, steps, adapter = train_and_merge(ctx, trainer)
+    return StageOutput(model=model, metrics=loss_metrics(ctx), steps_done=steps, adapter=adapter)

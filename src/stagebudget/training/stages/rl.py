@@ -170,9 +170,9 @@ def run_rl(ctx: StageContext) -> StageOutput:
             peft_config=lora_config(spec),
             callbacks=stage_callbacks(ctx),
         )
-    model, steps = train_and_merge(ctx, trainer)
+    model, steps, adapter = train_and_merge(ctx, trainer)
     metrics = reward_metrics(ctx.logs, calls=reward.calls)  # type: ignore[attr-defined]
-    return StageOutput(model=model, metrics=metrics, steps_done=steps)
+    return StageOutput(model=model, metrics=metrics, steps_done=steps, adapter=adapter)
 
 
 def _quarters(values: list[float]) -> tuple[float | None, float | None]:

@@ -50,8 +50,8 @@ def run_sft(ctx: StageContext) -> StageOutput:
             peft_config=lora_config(spec),
             callbacks=stage_callbacks(ctx),
         )
-    model, steps = train_and_merge(ctx, trainer)
-    return StageOutput(model=model, metrics=loss_metrics(ctx), steps_done=steps)
+    model, steps, adapter = train_and_merge(ctx, trainer)
+    return StageOutput(model=model, metrics=loss_metrics(ctx), steps_done=steps, adapter=adapter)
 
 
 def sft_max_length(ctx: StageContext) -> int:
