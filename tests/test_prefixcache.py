@@ -355,6 +355,7 @@ def test_stage_ends_keep_adapters_and_rebuild_the_same_weights(tmp_path):
     plain = _train(full, tmp_path / "plain", None)
     again = _train(full, tmp_path / "again", cache)
     assert again.ledger["spent_train_seconds"] == 0.0
+    assert _accuracies(first) == _accuracies(plain) == _accuracies(again)
     assert _same_weights(tmp_path / "plain", tmp_path / "first")
     assert _same_weights(tmp_path / "plain", tmp_path / "again")
     ends = {e.steps: e for e in cache.all_entries() if e.kind == END}
