@@ -93,7 +93,6 @@ def measure(scratch: Path) -> dict[str, dict[str, float]]:
     timed("weights+optimizer", n_params, save_full,
           lambda d: (AutoModelForCausalLM.from_pretrained(d, use_safetensors=True),
                      torch.load(d / "optimizer.pt")))
-    del full_opt
     base = LlamaForCausalLM(config)
     peft_model = get_peft_model(LlamaForCausalLM(config),
                                 LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear"))
@@ -129,7 +128,7 @@ def main() -> None:
         kinds = measure(scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print(f"| entry kind | parameters | MB | bytes/param | save s | load s |\n|---|---|---|---|---|---|")
+    print("| entry kind | parameters | MB | bytes/param | save s | load s |\n|---|---|---|---|---|---|")
     for kind, m in kinds.items():
         print(f"| {kind} | {m['params'] / 1e6:.1f}M | {m['bytes'] / 1e6:.1f} | "
               f"{m['bytes'] / m['params']:.2f} | {m['save_s']:.2f} | {m['load_s']:.2f} |")

@@ -49,6 +49,7 @@ BAD_SPACES = {
     "trust_remote_code as a string": dict(trust_remote_code="yes"),
     "absurd trial count": dict(trials=10**9),
     "absurd per-trial budget": dict(budget={"per_trial_hours": 1e6}),
+    "a cache cap below one entry": dict(reuse={"max_gb": 1e-6}),
     "share step not dividing the range": dict(stages={
         "sft": {"share": {"type": "float", "low": 0.0, "high": 1.0, "step": 0.3}},
         "rl": {"share": "rest"}}),
@@ -390,3 +391,16 @@ def test_rl_generation_counts_against_a_long_prompt(tmp_path):
                       tasks={"source": str(tasks), "scorer": "exact"})
     with pytest.raises(UserError, match="line 2: the prompt is 100 tokens long and 40 more"):
         check_space(path)
+
+
+def test_a_cache_cap_below_one_entry_names_the_field_and_the_size(tmp_path):
+    """The widest stage (full fine-tuning of builtin:tiny) writes ~12 bytes per parameter;
+    a cap below it is refused, a cap above it and no cap at all pass."""
+    full = {"sft": {**GOOD["stages"]["sft"], "lora_rank": 0}, "rl": {"share": "rest"}}
+    with pytest.raises(UserError) as refused:
+        check_space(space_file(tmp_path, stages=full, reuse={"max_gb": 1e-3}))
+    text = str(refused.value)
+    assert "reuse.max_gb = 0.001" in text and "GB" in text
+    assert check_space(space_file(tmp_path, stages=full, reuse={"max_gb": 1.0})).name == "t"
+    space = check_space(space_file(tmp_path, stages=full))
+    assert space.reuse.max_gb is None and space.reuse.cache(10**6).max_bytes == 20e9

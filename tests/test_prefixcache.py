@@ -379,3 +379,32 @@ def test_cache_ls_says_what_each_entry_holds(tmp_path, capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "adapter" in out and "weights" in out
+
+
+@pytest.mark.slow
+def test_a_search_keeps_checkpoints_where_trials_can_go_on(tmp_path, monkeypatch):
+    """In a search, checkpoints stay at the steps the space plans and at the stage's end; a
+    recovery checkpoint (every recovery_seconds, here every evaluation point) is written and
+    then removed; with recovery off, nothing else is written at all."""
+    published: list[int] = []
+    real = PrefixCache.publish
+
+    def spy(self, key, kind, steps, records, fill):
+        if kind == STEP:
+            published.append(steps)
+        return real(self, key, kind, steps, records, fill)
+
+    monkeypatch.setattr(PrefixCache, "publish", spy)
+    from stagebudget.training.pipeline import run_schedule
+
+    held = {}
+    for recovery in (0.0, float("inf")):
+        published.clear()
+        cache = PrefixCache(tmp_path / f"cache-{recovery}")
+        result = run_schedule(_schedule(15), tmp_path / f"out-{recovery}", prefix_cache=cache,
+                              device="cpu", checkpoint_steps=[[5]], recovery_seconds=recovery)
+        held[recovery] = (list(published), sorted(e.steps for e in cache.all_entries()
+                                                  if e.kind == STEP), _accuracies(result))
+    assert held[0.0][0] == [5, 10, 15] and held[float("inf")][0] == [5, 15]
+    assert held[0.0][1] == held[float("inf")][1] == [5, 15]
+    assert held[0.0][2] == held[float("inf")][2]  # what is kept never changes what trains

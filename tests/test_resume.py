@@ -234,6 +234,7 @@ def test_real_trial_killed_mid_training_runs_again_on_resume(tmp_path: Path) -> 
                 budget={"per_trial_hours": 0.002})
     for stage in ("sft", "rl"):
         data["stages"][stage]["eval_interval"] = 5
+    data["reuse"] = {**data.get("reuse", {}), "recovery_minutes": 0}  # at every eval point
     space = tmp_path / "real.yaml"
     space.write_text(yaml.safe_dump(data))
     runs = tmp_path / "runs"

@@ -12,8 +12,11 @@ intervals excepted: they do not change training). Under a key live:
 
 - ``step-<s>/``: a Trainer checkpoint after ``s`` steps (the adapter or weights, optimizer,
   scheduler and RNG states; what ``Trainer.train(resume_from_checkpoint=...)`` reads), with the
-  stage's curve rows, log rows and spend up to ``s`` in ``records.json``. Written at every
-  evaluation point and at the stage's end.
+  stage's curve rows, log rows and spend up to ``s`` in ``records.json``. Kept where another
+  trial can go on from it: at the stage's end and at the steps the search space plans for the
+  same stage (``checkpoint_steps``). A recovery checkpoint at an evaluation point (every
+  ``recovery_seconds`` of training; 0, outside a search: every point) lets an interrupted trial
+  go on; its trial removes it when a newer one lands and when the stage ends.
 - ``end-<s>/``: a stage of ``s`` steps, with the whole stage's rows, metrics and spend. A LoRA
   stage keeps its adapter (``adapter/``, as PEFT saves it: MBs where the model is GBs); a
   restored stage's model is rebuilt by merging it onto the model the stage started from, which
@@ -63,7 +66,11 @@ ADAPTER = "adapter"
 CONTEXTS = "contexts"  # one JSON per context ever used: why entries of other numerics are missed
 NUMERICS_FIELDS = frozenset({"cpu_capability", "versions"})
 STEP, END, EVAL = "step", "end", "eval"
-DEFAULT_MAX_GB = 20.0
+DEFAULT_MAX_GB = 20.0  # the least a default cap holds; larger models get more (default_max_gb)
+# A Trainer checkpoint's bytes per trained parameter: fp32 weights (or adapter) plus AdamW's two
+# moments (bench/cache_bytes.py measured 12.00 on a ~130M Llama and 12.06 on its adapter).
+CHECKPOINT_BYTES_PER_PARAM = 12
+ENTRIES_UNDER_DEFAULT_CAP = 8  # the default cap holds this many of a search's largest entries
 # Stage fields that do not change what trains: where a stage is measured (greedy decoding,
 # which draws no random numbers) is left out of keys, so trials planned with different
 # evaluation intervals share prefixes; a reused prefix brings the curve points it measured.
@@ -147,6 +154,22 @@ def stage_keys(context: dict[str, Any], stages: Sequence[StageSpec]) -> list[str
 def context_key(context: dict[str, Any]) -> str:
     """The key of what every stage shares (the base model's evaluation lives under it)."""
     return _digest({"format": CACHE_FORMAT, "context": context, "base": True})[:32]
+
+
+def checkpoint_bytes(trained_params: int) -> int:
+    """The bytes of a Trainer checkpoint of a stage that trains ``trained_params`` parameters:
+    the largest entry such a stage writes."""
+    return CHECKPOINT_BYTES_PER_PARAM * trained_params
+
+
+def default_max_gb(largest_entry_bytes: int) -> float:
+    """The cap when ``reuse.max_gb`` is not set: :data:`DEFAULT_MAX_GB`, or room for
+    :data:`ENTRIES_UNDER_DEFAULT_CAP` of the search's largest entries when that is more.
+
+    >>> default_max_gb(10**6), default_max_gb(84 * 10**9)  # a 7B model's full-FT checkpoint
+    (20.0, 672.0)
+    """
+    return max(DEFAULT_MAX_GB, ENTRIES_UNDER_DEFAULT_CAP * largest_entry_bytes / 1e9)
 
 
 class PrefixCache:
@@ -271,6 +294,10 @@ class PrefixCache:
         self.evict()
         return Entry(key, kind, steps, final)
 
+    def remove(self, entry: Entry) -> None:
+        """Remove a published entry (a recovery checkpoint its trial no longer needs)."""
+        self._remove(entry.path)
+
     def _remove(self, path: Path) -> None:
         """Move ``path`` out of sight atomically, then delete it."""
         grave = self.root / "tmp" / f"removed-{uuid.uuid4().hex}"
@@ -323,4 +350,5 @@ def _last_used(path: Path) -> float:
         return 0.0
 
 
-__all__ = ["DEFAULT_MAX_GB", "Entry", "PrefixCache", "context_key", "stage_keys"]
+__all__ = ["DEFAULT_MAX_GB", "Entry", "PrefixCache", "checkpoint_bytes", "context_key",
+           "default_max_gb", "stage_keys"]

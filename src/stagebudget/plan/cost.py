@@ -85,6 +85,15 @@ class ModelShape:
     layers: int
     intermediate: int
 
+    def adapter_params(self, rank: int) -> int:
+        """Parameters of a rank-``rank`` LoRA adapter on the seven projections of every layer
+        (``2 r h`` each: square-projection sizes, an estimate for the MLP's)."""
+        return 2 * rank * self.hidden * 7 * self.layers
+
+    def trainable_params(self, rank: int) -> int:
+        """Parameters a stage of LoRA rank ``rank`` trains (0: full fine-tuning, all of them)."""
+        return self.n_params if rank == 0 else self.adapter_params(rank)
+
     @staticmethod
     def builtin(size: str) -> ModelShape:
         """Shape of a built-in base model, from the config :mod:`stagebudget.modelref` gives."""
@@ -227,7 +236,7 @@ class CostModel:
     def _analytic(self, spec: StageSpec) -> float:
         dev = self._constants
         p = self.shape.n_params
-        lora_params = 2 * spec.lora_rank * self.shape.hidden * 7 * self.shape.layers
+        lora_params = self.shape.adapter_params(spec.lora_rank)
         train_factor = 6 if spec.lora_rank == 0 else 4
         # .get: a cost model frozen before these constants existed plans as it did then
         lora_fixed = dev.get("lora_step_overhead", 0.0) if spec.lora_rank else 0.0

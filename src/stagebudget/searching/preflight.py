@@ -52,6 +52,26 @@ def check_prefix_cache_dir(space: SearchSpace) -> None:
             "off with reuse: {enabled: false}", source=space.source_file, field="reuse.cache_dir")
 
 
+def check_prefix_cache_size(space: SearchSpace) -> None:
+    """A ``reuse.max_gb`` cap must hold the largest entry a trial writes (else the cache would
+    evict every entry as it lands: reuse would silently do nothing)."""
+    from stagebudget.plan.cost import CostModel, ModelShape
+    from stagebudget.space.points import largest_cache_entry
+
+    cap = space.reuse.max_gb
+    if not space.reuse.enabled or cap is None:
+        return
+    largest = largest_cache_entry(space, CostModel.analytic(ModelShape.for_ref(space.base_model)))
+    if largest > cap * 1e9:
+        raise ConfigError(
+            f"reuse.max_gb = {cap:g} cannot hold one prefix-cache entry of this space: the "
+            f"largest, a Trainer checkpoint of its widest stage on {space.base_model}, is about "
+            f"{largest / 1e9:.2g} GB (weights or adapter plus optimizer state). Give reuse.max_gb "
+            f"at least {largest / 1e9:.2g} (or leave it out: the default is chosen from the model "
+            "size), or turn reuse off with reuse: {enabled: false}",
+            source=space.source_file, field="reuse.max_gb")
+
+
 def check_local_resources(space: SearchSpace) -> None:
     """``concurrency`` trials at once must fit this machine's CPUs (and GPUs)."""
     res, n = space.resources_per_trial, space.concurrency
@@ -135,6 +155,7 @@ def check_space(path: str | Path, *, trials: int | None = None, concurrency: int
         check_prefix_cache_dir(space)  # on a cluster: the nodes' storage
     else:
         check_cluster(address)
+    check_prefix_cache_size(space)
     make_sampler(space, space.trials)  # a bogus sampler option is an error now, not in Ray
     if search_hours is not None:
         space = space.with_search_hours(search_hours)

@@ -38,7 +38,7 @@ from stagebudget.names import (
 from stagebudget.rundir import RunDir, TrialRecord, charged_hours, told_objectives
 from stagebudget.schedule import identity
 from stagebudget.searching.earlystop import StageGate
-from stagebudget.space.points import checkpoint_steps
+from stagebudget.space.points import checkpoint_steps, largest_cache_entry
 from stagebudget.space.schema import SearchSpace
 from stagebudget.trialresult import TrialResult
 from stagebudget.version import package_versions
@@ -135,12 +135,13 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
                      "final": True})
         return
     try:
-        prefix = space.reuse.cache()
+        prefix = space.reuse.cache(largest_cache_entry(space, cost))
         result = fn(schedule, out_dir=run.trial_dir(key), report=reporter, device=device,
                     cost=cost, base_dir=Path(base_dir) if base_dir else None,
                     guard=space.budget.overrun_guard,
                     **({"prefix_cache": prefix,
-                        "checkpoint_steps": checkpoint_steps(space, schedule, cost)}
+                        "checkpoint_steps": checkpoint_steps(space, schedule, cost),
+                        "recovery_seconds": 60.0 * space.reuse.recovery_minutes}
                        if prefix is not None else {}),
                     **_early_stopping(run, space, key, reference))
         objectives = {k: float(v) for k, v in result.objectives().items()}

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from stagebudget.errors import BudgetError, ConfigError, UserError
 from stagebudget.kinds import IMITATION, REINFORCEMENT, get_kind
-from stagebudget.prefixcache import stage_keys
+from stagebudget.prefixcache import checkpoint_bytes, stage_keys
 from stagebudget.space.dims import Dist
 
 if TYPE_CHECKING:
@@ -148,6 +148,20 @@ def checkpoint_steps(space: SearchSpace, schedule: Schedule, cost: CostModel) ->
     return [sorted(s for s in by_key.get(key, ()) if s < stage.steps)
             for key, stage in zip(stage_keys({}, schedule.stages), schedule.stages,
                                   strict=True)]
+
+
+def largest_cache_entry(space: SearchSpace, cost: CostModel) -> int:
+    """The bytes of the largest prefix-cache entry a trial of ``space`` can write: the Trainer
+    checkpoint of its widest stage (full fine-tuning trains every parameter, LoRA its
+    adapter), over every point ``feasibility_params`` plans."""
+    ranks: set[int] = set()
+    for params in feasibility_params(space):
+        try:
+            planned = space.schedule_from_params(params, cost)
+        except (ValueError, UserError):
+            continue
+        ranks.update(stage.lora_rank for stage in planned.stages)
+    return max((checkpoint_bytes(cost.shape.trainable_params(r)) for r in ranks), default=0)
 
 
 def reference_name(params: dict[str, Any],

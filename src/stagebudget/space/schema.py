@@ -117,21 +117,29 @@ class ReuseSpec(Strict):
     """Stage-prefix reuse (:mod:`stagebudget.prefixcache`): trials start from the longest
     prefix of their schedule any trial has trained. ``cache_dir`` (relative: to the space
     file) must be readable by every node of a cluster; ``max_gb`` caps its size (least
-    recently used entries are evicted first)."""
+    recently used entries are evicted first; unset: chosen from the model size, see
+    :func:`~stagebudget.prefixcache.default_max_gb`). A trial leaves a Trainer checkpoint (optimizer
+    state included) at the steps other trials of the space can plan for the same stage and at
+    its stage's end; ``recovery_minutes`` adds one at the first evaluation point after that
+    much training since the last, so an interrupted trial goes on from it (0: at every
+    evaluation point); the trial removes it when a newer one lands and when the stage ends."""
 
     enabled: bool = Field(default=True, strict=True)
     cache_dir: str | None = None
-    max_gb: float = Field(default=20.0, gt=0, allow_inf_nan=False)
+    max_gb: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    recovery_minutes: float = Field(default=10.0, ge=0, allow_inf_nan=False)
 
-    def cache(self) -> Any:
-        """The :class:`~stagebudget.prefixcache.PrefixCache` to train with (None when off).
-        A relative ``cache_dir`` was made absolute when the space file was loaded."""
-        from stagebudget.prefixcache import PrefixCache
+    def cache(self, largest_entry_bytes: int = 0) -> Any:
+        """The :class:`~stagebudget.prefixcache.PrefixCache` to train with (None when off);
+        without ``max_gb`` its cap holds several entries of ``largest_entry_bytes``. A relative
+        ``cache_dir`` was made absolute when the space file was loaded."""
+        from stagebudget.prefixcache import PrefixCache, default_max_gb
 
         if not self.enabled:
             return None
         root = Path(self.cache_dir).expanduser() if self.cache_dir is not None else None
-        return PrefixCache(root, max_gb=self.max_gb)
+        cap = self.max_gb if self.max_gb is not None else default_max_gb(largest_entry_bytes)
+        return PrefixCache(root, max_gb=cap)
 
 
 DEFAULT_OBJECTIVES = (ObjectiveSpec(name=ID_ACCURACY), ObjectiveSpec(name=OOD_ACCURACY))

@@ -124,6 +124,7 @@ class _Run:
     pending_adapters: list[Path] = field(default_factory=list)
     trust_remote_code: bool = False
     checkpoint_steps: Sequence[Sequence[int]] = ()
+    recovery_seconds: float = 0.0
 
     def materialize(self) -> Any:
         """The current model, building restored stages' models when they are pending."""
@@ -317,19 +318,37 @@ def _stage_records(run: _Run, index: int, steps: int, logs: list[dict[str, Any]]
             "guard_seconds": run.clock.stage_guarded_seconds(), **extra}
 
 
-def _checkpoint_publisher(run: _Run, index: int, logs: list[dict[str, Any]],
-                          start_seconds: float) -> Callable[[int, str], None]:
-    """Publish each Trainer checkpoint of stage ``index`` to the prefix cache."""
-    assert run.prefix is not None
-    prefix, key = run.prefix, run.keys[index]
+class _Publisher:
+    """Publishes each Trainer checkpoint of stage ``index`` to the prefix cache. Checkpoints
+    at steps other trials can plan (``keep``; None: every step) and at the stage's end stay; a
+    recovery checkpoint (any other step) is removed when a newer one lands and when the stage
+    ends."""
 
-    def publish(step: int, folder: str) -> None:
+    def __init__(self, run: _Run, index: int, logs: list[dict[str, Any]], start_seconds: float,
+                 keep: frozenset[int] | None) -> None:
+        assert run.prefix is not None
+        self.run, self.index, self.logs, self.start, self.keep = run, index, logs, start_seconds, keep
+        self.recovery: Entry | None = None
+
+    def __call__(self, step: int, folder: str) -> None:
+        run, prefix = self.run, self.run.prefix
+        assert prefix is not None
         with run.clock.setting_up():
-            records = _stage_records(run, index, step, logs, start_seconds)
-            prefix.publish(key, STEP, step, records, lambda d: shutil.copytree(
-                folder, d / "checkpoint", ignore=shutil.ignore_patterns("training_args.bin")))
+            records = _stage_records(run, self.index, step, self.logs, self.start)
+            entry = prefix.publish(run.keys[self.index], STEP, step, records,
+                                   lambda d: shutil.copytree(folder, d / "checkpoint",
+                                                             ignore=shutil.ignore_patterns(
+                                                                 "training_args.bin")))
+            self.finish(step)
+            if entry is not None and self.keep is not None and step not in self.keep:
+                self.recovery = entry
 
-    return publish
+    def finish(self, end: int) -> None:
+        """Remove the recovery checkpoint unless it is the one at ``end`` (the stage's end)."""
+        if self.recovery is not None and self.recovery.steps != end:
+            assert self.run.prefix is not None
+            self.run.prefix.remove(self.recovery)
+        self.recovery = None
 
 
 def _measure_base(run: _Run, spec: StageSpec, index: int) -> None:
@@ -371,14 +390,17 @@ def _train_stage(run: _Run, index: int, spec: StageSpec, resume: Entry | None) -
         _measure_base(run, spec, index)
     else:  # the first point of this stage is the last one of the previous stage
         run.record(run.last_eval, spec.kind, index, 0, [])
+    # The steps other trials of the space can plan for this stage; outside a search (none
+    # known) every checkpoint is kept, since any later run may ask for any of them.
+    planned = run.checkpoint_steps[index] if index < len(run.checkpoint_steps) else None
+    keep = frozenset(planned or ())
+    publisher = (_Publisher(run, index, logs, start_seconds, keep if planned is not None else None)
+                 if run.prefix is not None else None)
     ctx = StageContext(
         model=run.model, tokenizer=run.tokenizer, suite=run.suite, spec=spec, stage_index=index,
         clock=run.clock, evaluate=lambda m, s: {}, seed=run.schedule.seed, device=run.device,
         logs=logs, resume_from=str(resume.checkpoint) if resume is not None else None,
-        on_checkpoint=(_checkpoint_publisher(run, index, logs, start_seconds)
-                       if run.prefix is not None else None),
-        checkpoint_at=frozenset(run.checkpoint_steps[index]
-                                if index < len(run.checkpoint_steps) else ()),
+        on_checkpoint=publisher, checkpoint_at=keep, recovery_seconds=run.recovery_seconds,
         evaluate_on_resume=measure_on_resume, keep_adapter=run.prefix is not None)
     ctx.evaluate = lambda model, step: run.measure(model, spec.kind, index, step, ctx.logs)
     # Every stage starts from the same random state, whatever ran before it in this process:
@@ -386,6 +408,8 @@ def _train_stage(run: _Run, index: int, spec: StageSpec, resume: Entry | None) -
     # drawn) initialises its LoRA adapter exactly as after one trained here.
     _seed_everything(run.schedule.seed)
     out = get_stage(spec.kind)(ctx)
+    if publisher is not None:
+        publisher.finish(out.steps_done)
     run.clock.end_stage(out.steps_done)
     if run.clock.current.stopped_by_guard:
         raise BudgetGuardError(
@@ -432,6 +456,7 @@ def run_schedule(
     stage_end: StageEnd | None = None,
     prefix_cache: PrefixCache | None = None,
     checkpoint_steps: Sequence[Sequence[int]] = (),
+    recovery_seconds: float = 0.0,
 ) -> TrialResult:
     """Train ``schedule`` stage by stage and measure it; write its records under ``out_dir``.
 
@@ -457,7 +482,7 @@ def run_schedule(
     cost_model = cost if cost is not None else default_cost_model(schedule.base_model, dev)
     run = _start(schedule, out, dev, cost_model, base_dir, report, progress, guard,
                  prefix_cache)
-    run.checkpoint_steps = checkpoint_steps
+    run.checkpoint_steps, run.recovery_seconds = checkpoint_steps, recovery_seconds
     try:
         for index, spec in enumerate(schedule.stages):
             _run_stage(run, index, spec, progress)

@@ -32,9 +32,10 @@ class StageContext:
 
     ``logs`` receives every training log row (TRL's ``loss``/``reward``...) with its ``step``.
     ``resume_from`` is a Trainer checkpoint to go on from (a cached prefix of this stage);
-    ``on_checkpoint(step, folder)``, when set, receives a Trainer checkpoint at every evaluation
-    point, at the end and at the steps in ``checkpoint_at`` (the folder is deleted after the
-    call). ``evaluate_on_resume``: the
+    ``on_checkpoint(step, folder)``, when set, receives a Trainer checkpoint at the end, at the
+    steps in ``checkpoint_at`` and at the first evaluation point after ``recovery_seconds`` of
+    training since the last checkpoint (0: every evaluation point); the folder is deleted
+    after the call. ``evaluate_on_resume``: the
     checkpoint's step is an evaluation point not measured yet; measure it before going on.
     """
 
@@ -52,6 +53,7 @@ class StageContext:
     resume_from: str | None = None
     on_checkpoint: Callable[[int, str], None] | None = None
     checkpoint_at: frozenset[int] = frozenset()
+    recovery_seconds: float = 0.0
     evaluate_on_resume: bool = False
     keep_adapter: bool = False
 
@@ -138,8 +140,8 @@ def training_args(ctx: StageContext, **extra: Any) -> dict[str, Any]:
         "disable_tqdm": True,
         **precision_args(ctx.device),
     }
-    if ctx.on_checkpoint is not None:  # checkpoints at the evaluation points, for prefix reuse
-        args.update(save_strategy="steps", save_steps=spec.eval_interval, save_only_model=False)
+    if ctx.on_checkpoint is not None:  # a checkpoint at the end; the callback adds the others
+        args.update(save_strategy="steps", save_steps=spec.steps, save_only_model=False)
     args.update(extra)
     return args
 
@@ -163,22 +165,32 @@ def stage_callbacks(ctx: StageContext) -> list[Any]:
     """Callbacks every stage trains with: logging + divergence + evaluation, and the budget."""
     callbacks = [_log_eval_callback(ctx), budget_callback(ctx.clock), *ctx.extra_callbacks]
     if ctx.on_checkpoint is not None:
-        callbacks.append(_checkpoint_callback(ctx.on_checkpoint, ctx.checkpoint_at))
+        callbacks.append(_checkpoint_callback(ctx))
     return callbacks
 
 
-def _checkpoint_callback(publish: Callable[[int, str], None], at: frozenset[int]) -> Any:
+def _checkpoint_callback(ctx: StageContext) -> Any:
     from transformers import TrainerCallback
 
+    assert ctx.on_checkpoint is not None
+    publish: Callable[[int, str], None] = ctx.on_checkpoint
+    at, every = ctx.checkpoint_at, ctx.spec.eval_interval
+
     class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
-        """Save also at the steps in ``at``; hand each checkpoint the Trainer saved to
-        ``publish``, then delete the folder."""
+        """Save also at the steps in ``at`` and, for recovery, at an evaluation point once
+        ``ctx.recovery_seconds`` of training passed since the last save; hand each checkpoint
+        the Trainer saved to ``publish``, then delete the folder."""
+
+        last_saved = ctx.clock.train_seconds()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step in at:
+            step = state.global_step
+            due = ctx.clock.train_seconds() - self.last_saved >= ctx.recovery_seconds
+            if step in at or (step % every == 0 and due):
                 control.should_save = True
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.last_saved = ctx.clock.train_seconds()
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 try:
