@@ -270,10 +270,23 @@ def save_adapter(model: Any) -> str | None:
 
 def apply_adapter(model: Any, folder: str | os.PathLike[str]) -> Any:
     """``model`` with the adapter saved in ``folder`` merged into its weights: the same
-    computation as the merge at a stage's end, so the same weights bit for bit."""
-    from peft import PeftModel
+    computation as the merge at a stage's end, so the same weights bit for bit.
 
-    return merge(PeftModel.from_pretrained(model, str(folder)))
+    What ``PeftModel.from_pretrained`` does for a local folder, but from the safetensors file
+    only: PEFT would fall back to unpickling ``adapter_model.bin`` when that file is missing."""
+    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{folder}: no adapter_model.safetensors (the prefix cache keeps "
+                                "adapters as safetensors only); remove the entry and train again")
+    config = PeftConfig.from_peft_type(
+        **PeftConfig.from_json_file(os.path.join(folder, "adapter_config.json")))
+    config.inference_mode = True
+    peft_model = PeftModel(model, config)
+    set_peft_model_state_dict(peft_model, load_file(weights))
+    return merge(peft_model)
 
 
 def _checkpoint_step(folder: str) -> int:
