@@ -209,6 +209,7 @@ def train(
     from stagebudget.space.inputs import check_inputs, generated_tokens
     from stagebudget.space.schema import DEVICE
     from stagebudget.training.progress import train_with_progress
+    from stagebudget.training.vllmcheck import check_vllm
 
     if not DEVICE.fullmatch(device):
         raise UserError(f"--device {device!r} is not a device; allowed: auto, cpu, cuda, "
@@ -223,6 +224,7 @@ def train(
     check_inputs(sched.base_model, sched.tasks, schedule, base_dir=schedule.resolve().parent,
                  trust_remote_code=sched.trust_remote_code,
                  generation=generated_tokens((s.kind, s) for s in sched.stages))
+    check_vllm(((s.kind, s) for s in sched.stages), schedule)
     result = train_with_progress(sched, out, save_model=save, device=device, console=console,
                                  base_dir=schedule.resolve().parent, threads=threads)
     console.print(f"ID {result.id_accuracy:.3f}  OOD {result.ood_accuracy:.3f}  "

@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -58,6 +58,24 @@ def _check_targets(v: str) -> str:
     return v
 
 
+class VLLMSpec(Strict):
+    """A generating stage's completions sampled by vLLM (TRL's ``use_vllm``) instead of
+    transformers' ``generate``: faster GRPO steps on a CUDA GPU, not bit-reproducible.
+
+    ``mode``: ``colocate`` only (vLLM runs inside the trial's process on its GPU; TRL's
+    ``server`` mode shares one server, whose weights concurrent trials would overwrite).
+    ``gpu_memory_utilization``: the share of the GPU vLLM reserves (TRL's default 0.3).
+    ``tensor_parallel_size``: GPUs one vLLM engine spans; TRL requires it to divide the
+    trial's training processes, so it is 1 for a one-process trial. ``enable_sleep_mode``:
+    vLLM releases its memory between generations (slower, less memory).
+    """
+
+    mode: Literal["colocate"] = "colocate"
+    gpu_memory_utilization: float = Field(default=0.3, gt=0, le=1, strict=True)
+    tensor_parallel_size: int = Field(default=1, ge=1, strict=True)
+    enable_sleep_mode: bool = Field(default=False, strict=True)
+
+
 class StageSpec(Strict):
     """One post-training stage.
 
@@ -87,6 +105,8 @@ class StageSpec(Strict):
     max_completion_length: int | None = Field(default=None, ge=1, strict=True)
     beta: float | None = Field(default=None, ge=0, strict=True)
     temperature: float | None = Field(default=None, gt=0, strict=True)
+    vllm: VLLMSpec | None = Field(default=None, description="generating stages (rl): sample "
+                                  "completions with vLLM on a CUDA GPU; unset: transformers")
 
     @field_validator("kind")
     @classmethod
@@ -102,6 +122,10 @@ class StageSpec(Strict):
             owners = [k for k in stage_kinds() if given[0] in get_kind(k).defaults]
             raise ValueError(f"`{given[0]}` applies only to {' / '.join(owners)} stages, but this "
                              f"stage is kind={self.kind!r}")
+        if self.vllm is not None and not get_kind(self.kind).generates:
+            gen = [k for k in stage_kinds() if get_kind(k).generates]
+            raise ValueError(f"`vllm` applies only to stages that generate ({' / '.join(gen)}), "
+                             f"but this stage is kind={self.kind!r}")
         for name, value in own.items():  # the kind's defaults, written once in its registration
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)

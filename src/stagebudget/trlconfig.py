@@ -14,7 +14,7 @@ import copy
 from typing import Any
 
 from stagebudget.kinds import get_kind
-from stagebudget.schedule import StageSpec
+from stagebudget.schedule import StageSpec, VLLMSpec
 
 MIN_CORPUS = 256  # the fewest texts a cpt stage trains on
 
@@ -52,11 +52,40 @@ ALGORITHM: dict[str, dict[str, Any]] = {
     },
 }
 
+# A stage's ``vllm`` setting as TRL's GRPOConfig takes it, with the vLLM-only settings that
+# change what is trained pinned at TRL 1.16's defaults: vLLM's own model implementation, and
+# TRL's importance-sampling correction of the gap between vLLM's and the trainer's
+# log-probabilities (per sequence, masked above 3).
+VLLM_ALGORITHM: dict[str, Any] = {
+    "vllm_model_impl": "vllm", "vllm_max_model_length": None,
+    "vllm_structured_outputs_regex": None, "vllm_importance_sampling_correction": True,
+    "vllm_importance_sampling_mode": "sequence_mask", "vllm_importance_sampling_clip_max": 3.0,
+    "vllm_importance_sampling_clip_min": None, "vllm_importance_sampling_cap": None,
+}
+
+
+def vllm_kwargs(vllm: VLLMSpec) -> dict[str, Any]:
+    """GRPOConfig arguments of a ``vllm`` stage setting (see :class:`VLLMSpec`).
+
+    >>> vllm_kwargs(VLLMSpec())["vllm_mode"], vllm_kwargs(VLLMSpec())["use_vllm"]
+    ('colocate', True)
+    """
+    return {
+        "use_vllm": True,
+        "vllm_mode": vllm.mode,
+        "vllm_gpu_memory_utilization": vllm.gpu_memory_utilization,
+        "vllm_tensor_parallel_size": vllm.tensor_parallel_size,
+        "vllm_enable_sleep_mode": vllm.enable_sleep_mode,
+        **VLLM_ALGORITHM,
+    }
+
+
 # The fields that do not change what is trained, given the settings above: where files and logs
 # go, how progress is shown, evaluation through the Trainer (stagebudget evaluates itself),
 # hubs and trackers, distributed plumbing, how data reaches the model, and settings only read
-# when a feature stagebudget leaves off is on (vLLM, paged or continuous batching, packing, other
-# loss types, a synced reference model, adaptive entropy).
+# when a feature stagebudget leaves off is on (paged or continuous batching, packing, other loss
+# types, a synced reference model, adaptive entropy) or that a stage's ``vllm`` setting writes
+# (:func:`vllm_kwargs`; off, TRL reads none of them).
 NOT_ALGORITHM = frozenset({
     "output_dir", "overwrite_output_dir", "run_name", "project", "trackio_space_id",
     "trackio_bucket_id", "trackio_static_space_id", "report_to", "logging_dir", "logging_strategy",
@@ -149,6 +178,8 @@ def trl_config_kwargs(spec: StageSpec, seed: int | None = None) -> dict[str, Any
         args["per_device_train_batch_size"] = spec.batch_size * int(spec.num_generations or 1)
     args.update(ALGORITHM.get(kind.trl_config, {}))
     args.update(kind.trl_args)
+    if spec.vllm is not None:
+        args.update(vllm_kwargs(spec.vllm))
     return args
 
 

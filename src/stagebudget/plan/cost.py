@@ -178,10 +178,16 @@ class CostModel:
 
     # --- per-step cost -------------------------------------------------------------------
     def step_seconds(self, spec: StageSpec) -> float:
-        """Device-seconds of one training step of ``spec``."""
+        """Device-seconds of one training step of ``spec``.
+
+        Table entries are priced per generation engine (an entry's ``vllm``: its stage sampled
+        with vLLM). A vLLM stage without a vLLM entry is priced as transformers' generation
+        measured it: vLLM is the faster engine, so the trial trains fewer steps than its
+        budget affords, never more (``stagebudget calibrate --space`` measures it)."""
         entries = [e for e in self.table if e["kind"] == spec.kind]
-        if entries:
-            return self._from_table(spec, entries)
+        engine = [e for e in entries if bool(e.get("vllm")) == (spec.vllm is not None)]
+        if engine or (entries and spec.vllm is not None):
+            return self._from_table(spec, engine or entries)
         return self._analytic(spec)
 
     def _work(self, spec: StageSpec, completion: float | None = None) -> float:

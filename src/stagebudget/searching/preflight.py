@@ -14,6 +14,7 @@ from stagebudget.errors import ClusterError, ConfigError, UserError
 from stagebudget.searching.raysession import refuses_driver
 from stagebudget.space.sampler import make_sampler
 from stagebudget.space.schema import SearchSpace
+from stagebudget.training.vllmcheck import check_vllm
 
 
 def check_mlflow(uri: str) -> None:
@@ -151,6 +152,7 @@ def check_space(path: str | Path, *, trials: int | None = None, concurrency: int
         else:
             print(f"warning: {warning}", flush=True)
     if address is None:
+        check_vllm(space.stages.items(), space.source_file)  # on a cluster: when a stage starts
         check_local_resources(space)
         check_prefix_cache_dir(space)  # on a cluster: the nodes' storage
     else:

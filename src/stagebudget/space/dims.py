@@ -21,9 +21,13 @@ from pydantic import (
     model_validator,
 )
 
-from stagebudget.schedule import StageSpec, Strict
+from stagebudget.schedule import StageSpec, Strict, VLLMSpec
 
-TUNABLE_FIELDS = tuple(f for f in StageSpec.model_fields if f not in ("kind", "steps"))
+# Stage settings a space gives as they are, never searched: how a stage computes, not a choice
+# the budget trades (vLLM generation is a machine setting with its own mapping).
+FIXED_FIELDS = ("vllm",)
+TUNABLE_FIELDS = tuple(f for f in StageSpec.model_fields
+                       if f not in ("kind", "steps", *FIXED_FIELDS))
 
 
 class Dist(Strict):
@@ -138,6 +142,7 @@ class _StageDimsBase(Strict):
 
     share: Dist | float | Literal["rest"] | None = None
     steps: Dist | int | None = None
+    vllm: VLLMSpec | None = None
 
     @field_validator("*")
     @classmethod

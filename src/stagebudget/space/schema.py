@@ -33,7 +33,7 @@ from stagebudget.plan.cost import (
     plan_schedule,
 )
 from stagebudget.schedule import BUILTIN_SIZES, Schedule, Strict, TasksRef
-from stagebudget.space.dims import TUNABLE_FIELDS, Dist, StageDims, share_high, to_optuna
+from stagebudget.space.dims import FIXED_FIELDS, TUNABLE_FIELDS, Dist, StageDims, share_high, to_optuna
 from stagebudget.space.inputs import check_inputs, generated_tokens
 from stagebudget.space.points import check_feasible, feasibility_params, reference_points
 from stagebudget.tasks.scoring import is_scorer_file
@@ -203,6 +203,27 @@ class SearchSpace(Strict):
                              "hides GPUs from trials that ask for none), got 0")
         return self
 
+    @model_validator(mode="after")
+    def _vllm_has_a_gpu(self) -> SearchSpace:
+        for kind, dims in self.stages.items():
+            if dims.vllm is None:
+                continue
+            if self.device in ("cpu", "mps"):
+                raise ValueError(f"`{kind}.vllm` generates on a CUDA GPU, but device is "
+                                 f"{self.device!r}; set device: auto or cuda, or leave vllm out")
+            if self.resources_per_trial.gpu <= 0:
+                raise ValueError(f"`{kind}.vllm` needs a GPU in every trial: set "
+                                 "`resources_per_trial.gpu` > 0 (Ray hides GPUs from trials that "
+                                 "ask for none), or leave vllm out")
+            processes = getattr(self.resources_per_trial, "workers", 1)
+            tp = dims.vllm.tensor_parallel_size
+            if processes % tp:
+                raise ValueError(
+                    f"`{kind}.vllm.tensor_parallel_size` = {tp} must divide the trial's "
+                    f"training processes ({processes}): TRL's colocated vLLM spans "
+                    "tensor-parallel groups of training processes; use 1")
+        return self
+
     @field_validator("stages", mode="before")
     @classmethod
     def _stage_names(cls, v: Any) -> Any:
@@ -227,6 +248,10 @@ class SearchSpace(Strict):
         if modes == {"share"} and top > 1 + 1e-9:
             raise ValueError(f"the stages' largest shares add up to {top:g} > 1")
         for kind, dims in v.items():
+            if dims.vllm is not None and not get_kind(kind).generates:
+                gen = [k for k in stage_kinds() if get_kind(k).generates]
+                raise ValueError(f"`{kind}.vllm` applies only to stages that generate "
+                                 f"({' / '.join(gen)})")
             own = get_kind(kind).defaults
             extra = [f for f in kind_only_fields() if f not in own and getattr(dims, f) is not None]
             if extra:
@@ -406,6 +431,8 @@ class SearchSpace(Strict):
                 value = params.get(f"{kind}.{fname}", getattr(stage, fname))
                 if value is not None and not isinstance(value, Dist):
                     fields[fname] = value
+            fields.update({f: getattr(stage, f) for f in FIXED_FIELDS
+                           if getattr(stage, f) is not None})
             stage_params[kind] = fields
             amount_field = "share" if self.mode == "share" else "steps"
             amount = params.get(f"{kind}.{amount_field}", getattr(stage, amount_field))

@@ -21,6 +21,7 @@ from stagebudget.plan.cost import CostModel, ModelShape
 from stagebudget.plan.costtable import default_table_path
 from stagebudget.schedule import StageSpec
 from stagebudget.training.clock import BudgetClock
+from stagebudget.training.vllmcheck import check_vllm
 
 DEFAULT_RANKS = (0, 4, 16, 64)
 COMPLETION_LENGTH_LOG = "completions/mean_length"  # TRL GRPO's logged mean completion length
@@ -166,7 +167,8 @@ def _check_args(kinds: Sequence[str], ranks: Sequence[int], steps: int, warmup: 
 # --- calibrating a search space -----------------------------------------------------------------
 def space_specs(space: Any, steps: int) -> list[StageSpec]:
     """One spec per distinct cost shape the space can plan (kind, rank, batch, generation and
-    length settings; learning rates do not change a step's cost), each ``steps`` long."""
+    length settings, generation engine; learning rates do not change a step's cost), each
+    ``steps`` long."""
     cost = space.cost_model("cpu")
     seen: dict[str, StageSpec] = {}
     for params in space.feasibility_params():
@@ -208,6 +210,7 @@ def calibrate_space(space_file: Path, *, steps: int = 3, warmup: int = 1, out: P
     from stagebudget.training.stages.common import resolve_device
 
     space = SearchSpace.load(space_file)
+    check_vllm(space.stages.items(), space_file)
     base_dir = Path(space_file).resolve().parent
     _check_args(["sft"], [0], steps, warmup)
     device = resolve_device(space.device, gpus=space.resources_per_trial.gpu)
@@ -229,6 +232,7 @@ def calibrate_space(space_file: Path, *, steps: int = 3, warmup: int = 1, out: P
                 "num_generations": spec.num_generations,
                 "max_completion_length": spec.max_completion_length,
                 "mean_completion_length": statistics.mean(lengths) if lengths else None,
+                "vllm": spec.vllm is not None,
                 "seconds_per_step": seconds,
             })
             say(f"{spec.kind} r{spec.lora_rank} batch {spec.batch_size}: {seconds:.3f} s/step "

@@ -21,6 +21,7 @@ from stagebudget.training.stages.common import (
     train_and_merge,
     training_args,
 )
+from stagebudget.training.vllmcheck import check_vllm
 
 REWARD_NAME = "suite_reward"
 ZERO_STD_LOG = "frac_reward_zero_std"  # TRL's share of groups with identical rewards
@@ -152,12 +153,39 @@ def generating_model(model: Any) -> Any:
     return model
 
 
+def generation_record(spec: Any) -> dict[str, Any]:
+    """What sampled a stage's completions, and whether a re-run samples the same ones.
+
+    transformers' ``generate`` draws from torch's generator, seeded by the trial's seed: a
+    re-run on the same kernels and versions samples the same completions, so it trains the same
+    weights. vLLM is not bit-reproducible by default (batch composition, CUDA kernels and
+    prefix caching change floating-point sums), and TRL seeds vLLM's sampler with the process
+    index, not the trial's seed: the planned steps, data order, prompts and LoRA initialisation
+    are the same, the completions and hence the weights are not.
+
+    >>> generation_record(StageSpec(kind="rl", steps=1))["engine"]
+    'transformers'
+    """
+    if spec.vllm is None:
+        return {"engine": "transformers", "bit_reproducible": True}
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("vllm")
+    except PackageNotFoundError:
+        release = None
+    return {"engine": "vllm", "vllm_version": release, "bit_reproducible": False,
+            "sampler_seed": "process index (TRL), not the trial seed", **spec.vllm.model_dump()}
+
+
 def run_rl(ctx: StageContext) -> StageOutput:
     """Train one GRPO stage (own LoRA adapter, or full fine-tuning at rank 0) and merge it."""
     from trl import GRPOConfig, GRPOTrainer
 
     quiet_libraries()
     spec = ctx.spec
+    if spec.vllm is not None:  # a cluster node checks here; search and train checked already
+        check_vllm([(spec.kind, spec)], None)
     with ctx.clock.setting_up():
         args = GRPOConfig(**training_args(ctx, log_completions=False))
         reward = suite_reward(ctx.suite)
@@ -172,6 +200,7 @@ def run_rl(ctx: StageContext) -> StageOutput:
         )
     model, steps, adapter = train_and_merge(ctx, trainer)
     metrics = reward_metrics(ctx.logs, calls=reward.calls)  # type: ignore[attr-defined]
+    metrics["generation"] = generation_record(spec)
     return StageOutput(model=model, metrics=metrics, steps_done=steps, adapter=adapter)
 
 
