@@ -2,6 +2,7 @@
 
     python bench/gpu.py [--work DIR] [--json FILE] [--sft-steps 40] [--rl-steps 8]
     python bench/gpu.py --smoke      # CPU, a tiny config, few steps: every in-process part runs
+    python bench/gpu.py --results bench/RESULTS.md   # the GPU check: appends its table there
 
 A Llama-shaped model is built from a config (random weights, stagebudget's built-in character
 tokenizer, so the built-in suite's prompts apply) and saved as a local model directory. Measured
@@ -14,6 +15,11 @@ mapped to TRL by :mod:`stagebudget.stages.mapping` exactly as the search trains)
   plain loop. Tokens are the batch's non-padding tokens; FLOPs 6 x parameters per token;
 - GRPO (LoRA): seconds per step and the share spent in ``GRPOTrainer._generate``, plain TRL
   against stagebudget's RL stage; target: stagebudget >= 1.5x faster;
+- GRPO with vLLM generation (a stage's ``vllm`` setting, colocated) against transformers'
+  ``generate``, when vLLM and CUDA are here (else the reason is printed);
+- ``search``: the README's GPU path, ``stagebudget calibrate --space`` then a 4-trial search,
+  two trials per GPU (``gpu: 0.5``), with vLLM generation off and (when it can run) on; the
+  calibrate error is each trial's measured training seconds over its planned cost;
 - ``cli``: the SFT -> RL schedule by ``stagebudget train`` and by a one-trial
   ``stagebudget search`` (wall time; not in ``--smoke``).
 
@@ -27,6 +33,7 @@ import contextlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -241,18 +248,84 @@ def run_sft(model_dir: Path, n_params: int, peak: float, args: argparse.Namespac
 
 
 def run_grpo(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from stagebudget.schedule import TasksRef
+    from stagebudget.schedule import TasksRef, VLLMSpec
     from stagebudget.tasks import load_suite
 
     _, rl = stage_specs(args)
     tasks = TasksRef(n_train=args.rl_batch * args.rl_steps * 2, n_id_test=args.n_test,
                      n_ood_test=args.n_test)
     suite = load_suite(**tasks.suite_args())
-    out = {"plain_trl": plain_trl(model_dir, suite, rl, args.device, work / "trl-rl"),
-           "stagebudget": stagebudget_stage(model_dir, tasks, rl, args.device, work / "sb-rl")}
+    out: dict[str, Any] = {
+        "plain_trl": plain_trl(model_dir, suite, rl, args.device, work / "trl-rl"),
+        "stagebudget": stagebudget_stage(model_dir, tasks, rl, args.device, work / "sb-rl")}
     out["stagebudget"]["speedup_vs_trl"] = (out["plain_trl"]["s_per_step"]
                                             / out["stagebudget"]["s_per_step"])
+    problem = vllm_unavailable(args.device)
+    if problem is None:
+        with_vllm = rl.model_copy(update={"vllm": VLLMSpec(
+            gpu_memory_utilization=args.vllm_memory)})
+        out["stagebudget_vllm"] = stagebudget_stage(model_dir, tasks, with_vllm, args.device,
+                                                    work / "sb-rl-vllm")
+        out["stagebudget_vllm"]["speedup_vs_stagebudget"] = (
+            out["stagebudget"]["s_per_step"] / out["stagebudget_vllm"]["s_per_step"])
+    else:
+        out["vllm_skipped"] = problem
     return out
+
+
+def vllm_unavailable(device: str) -> str | None:
+    """Why the vLLM rows cannot run here (None: they can)."""
+    from stagebudget.training.vllmcheck import vllm_problem
+
+    if not device.startswith("cuda"):
+        return "vLLM generates on CUDA GPUs only"
+    return vllm_problem()
+
+
+def search_space(model_dir: Path, args: argparse.Namespace, vllm: bool) -> dict[str, Any]:
+    """The README's GPU path as a space: 4 distinct trials (SFT share x RL rank, grid sampler),
+    two at a time sharing one GPU (``gpu: 0.5``; on a CPU one thread each), bf16 on CUDA."""
+    cuda = args.device.startswith("cuda")
+    data = space_document(str(model_dir), args.search_hours, 4000, args.n_test)
+    data.update(name="gpu-search-vllm" if vllm else "gpu-search", trials=4, concurrency=2,
+                device=args.device, sampler={"name": "grid"},
+                resources_per_trial={"cpu": 1, "gpu": 0.5 if cuda else 0})
+    data["stages"]["sft"]["share"] = {"type": "categorical", "choices": [0.25, 0.5]}
+    data["stages"]["rl"]["lora_rank"] = {"type": "categorical", "choices": [4, 16]}
+    if vllm:  # two colocated engines on one GPU: a quarter of its memory each
+        data["stages"]["rl"]["vllm"] = {"gpu_memory_utilization": 0.25}
+    return data
+
+
+def run_search(model_dir: Path, args: argparse.Namespace, work: Path,
+               vllm: bool = False) -> dict[str, Any]:
+    """``stagebudget calibrate --space`` (GPU-seconds on CUDA), then a 4-trial search priced by
+    that table; the calibrate error is each trial's measured training seconds over its planned
+    (load-free) cost."""
+    import yaml
+
+    tag = "vllm" if vllm else "plain"
+    folder = work / f"search-{tag}"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = search_space(model_dir, args, vllm)
+    (folder / "calibrate.yaml").write_text(yaml.safe_dump(data))
+    env = dict(os.environ)
+    calib = measure([str(BIN / "stagebudget"), "calibrate", "--space",
+                     str(folder / "calibrate.yaml"), "-o", str(folder / "cost.json")],
+                    env, folder / "calibrate.log")
+    (folder / "space.yaml").write_text(yaml.safe_dump({**data, "cost_table": "cost.json"}))
+    search = measure([str(BIN / "stagebudget"), "search", str(folder / "space.yaml"), "--name",
+                      tag, "--runs-dir", str(folder / "runs"), "--no-live"], env,
+                     folder / "search.log")
+    status = subprocess.run([str(BIN / "stagebudget"), "status", str(folder / "runs" / tag),
+                             "--json"], env=env, capture_output=True, text=True, check=True)
+    trials = [t for t in json.loads(status.stdout)["trials"] if t["state"] == "COMPLETE"]
+    ratios = [t["measured_device_seconds"] / (t["nominal_device_hours"] * 3600) for t in trials
+              if t.get("measured_device_seconds") and t.get("nominal_device_hours")]
+    return {"calibrate_s": calib["wall_s"], "search_wall_s": search["wall_s"],
+            "search_peak_mib": search["peak_mib"], "complete": len(trials),
+            "measured_over_planned": ratios,
+            "calibrate_error": max((abs(r - 1) for r in ratios), default=None)}
 
 
 def run_cli(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -294,6 +367,22 @@ def report(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | {row['s_per_step']:.3f} | {row['generate_share']:.0%} |")
         speedup = result["grpo"]["stagebudget"]["speedup_vs_trl"]
         lines.append(f"stagebudget vs plain TRL GRPO: {speedup:.2f}x faster (target >= 1.5x)")
+    if "grpo" in result and "stagebudget_vllm" in result["grpo"]:
+        lines.append(f"vLLM generation: {result['grpo']['stagebudget_vllm']['speedup_vs_stagebudget']:.2f}x "
+                     "faster GRPO steps than transformers' generate")
+    elif "grpo" in result:
+        lines.append(f"vLLM rows not measured: {result['grpo'].get('vllm_skipped')}")
+    for key, name in (("search", "transformers generation"), ("search_vllm", "vLLM generation")):
+        if key in result:
+            r = result[key]
+            ratios = ", ".join(f"{x:.2f}" for x in r["measured_over_planned"]) or "none"
+            err = "n/a" if r["calibrate_error"] is None else f"{r['calibrate_error']:.0%}"
+            lines.append(f"4-trial search, 2 per GPU, {name}: {r['complete']}/4 complete, "
+                         f"calibrate {r['calibrate_s']:.0f} s, search {r['search_wall_s']:.0f} s; "
+                         f"measured/planned training seconds {ratios} (calibrate error at most "
+                         f"{err})")
+        elif key == "search_vllm" and "search_vllm_skipped" in result:
+            lines.append(f"4-trial search with vLLM not run: {result['search_vllm_skipped']}")
     if "cli" in result:
         c = result["cli"]
         lines += ["", f"{c['schedule']}: `stagebudget train` {c['train']['wall_s']:.1f} s, "
@@ -305,7 +394,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, few steps")
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
-    parser.add_argument("--parts", default=None, help="comma list of sft,grpo,cli")
+    parser.add_argument("--parts", default=None, help="comma list of sft,grpo,search,cli")
+    parser.add_argument("--vllm-memory", type=float, default=0.3,
+                        help="vLLM's GPU memory share in the GRPO rows")
+    parser.add_argument("--search-hours", type=float, default=0.004,
+                        help="each trial's budget in the 4-trial search (device-hours)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="append the table, dated, to this markdown file (bench/RESULTS.md)")
     parser.add_argument("--sft-steps", type=int, default=40)
     parser.add_argument("--rl-steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=64, help="SFT batch")
@@ -319,9 +414,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.sft_steps, args.rl_steps, args.batch, args.n_test = 4, 1, 4, 8
-        args.rl_batch, args.rl_generations = 2, 2
+        args.rl_batch, args.rl_generations, args.search_hours = 2, 2, 0.0005
     args.device = args.device or ("cpu" if args.smoke else "cuda")
-    args.parts = (args.parts or ("sft,grpo" if args.smoke else "sft,grpo,cli")).split(",")
+    args.parts = (args.parts or ("sft,grpo" if args.smoke else "sft,grpo,search,cli")).split(",")
     return args
 
 
@@ -345,11 +440,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["sft"] = run_sft(model_dir, params, result["peak_flops"], args, work)
     if "grpo" in args.parts:
         result["grpo"] = run_grpo(model_dir, args, work)
+    if "search" in args.parts:
+        result["search"] = run_search(model_dir, args, work)
+        problem = vllm_unavailable(args.device)
+        if problem is None:
+            result["search_vllm"] = run_search(model_dir, args, work, vllm=True)
+        else:
+            result["search_vllm_skipped"] = problem
     if "cli" in args.parts:
         result["cli"] = run_cli(model_dir, args, work)
-    print(report(result))
+    text = report(result)
+    print(text)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
+    if args.results:
+        with open(args.results, "a", encoding="utf-8") as fh:
+            fh.write(f"\n### bench/gpu.py, {time.strftime('%Y-%m-%d')} ({result['device_name']})\n\n"
+                     f"{text}\n")
     return result
 
 

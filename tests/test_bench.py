@@ -44,8 +44,10 @@ def test_trial_split_adds_up() -> None:
 def test_gpu_bench_smoke_runs_every_cpu_part(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--smoke", "--work",
-                          str(tmp_path / "work"), "--json", str(out)],
+    results = tmp_path / "RESULTS.md"
+    res = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--smoke", "--parts",
+                          "sft,grpo,search", "--work", str(tmp_path / "work"), "--json", str(out),
+                          "--results", str(results)],
                          env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -57,3 +59,9 @@ def test_gpu_bench_smoke_runs_every_cpu_part(tmp_path: Path) -> None:
         row = result["grpo"][name]
         assert row["s_per_step"] > 0 and 0 < row["generate_share"] <= 1  # the timer was hooked
     assert "| SFT (full FT) |" in res.stdout and "GRPO" in res.stdout
+    # vLLM needs CUDA: its rows are skipped with the reason, not faked
+    assert "stagebudget_vllm" not in result["grpo"] and "CUDA" in result["grpo"]["vllm_skipped"]
+    search = result["search"]  # calibrate --space, then 4 distinct trials two at a time
+    assert search["complete"] == 4 and len(search["measured_over_planned"]) == 4
+    assert all(r > 0 for r in search["measured_over_planned"]) and "CUDA" in result["search_vllm_skipped"]
+    assert "4-trial search, 2 per GPU" in results.read_text()
