@@ -61,4 +61,9 @@ def test_evaluate_reports_each_accuracy_with_its_standard_error(tiny_base):
                             max_new_tokens_for(suite, tok))
     id_acc = sum(suite.score(e, p) for e, p in zip(suite.id_test, preds, strict=True)) / 40
     assert out["id_accuracy"] == pytest.approx(id_acc)
-    assert set(out) == {"id_accuracy", "id_accuracy_se", "ood_accuracy", "ood_accuracy_se"}
+    assert set(out) == {"id_accuracy", "id_accuracy_se", "ood_accuracy", "ood_accuracy_se",
+                        "id_outcomes", "ood_outcomes"}
+    # the per-prompt outcomes, in test-set order, are the scores the accuracy averages
+    assert out["id_outcomes"] == "".join(
+        "1" if suite.score(e, p) else "0" for e, p in zip(suite.id_test, preds, strict=True))
+    assert len(out["ood_outcomes"]) == 30

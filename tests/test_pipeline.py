@@ -11,6 +11,7 @@ import torch
 
 from stagebudget.plan.cost import CostModel, ModelShape
 from stagebudget.schedule import Schedule, StageSpec, TasksRef
+from stagebudget.stats import OUTCOMES_OF, paired_difference, row_outcomes
 from stagebudget.training.pipeline import TrainingDiverged, TrialResult, run_schedule
 
 TASKS = TasksRef(n_train=64, n_id_test=8, n_ood_test=8)
@@ -56,7 +57,24 @@ def test_schedule_writes_records_and_curves(two_runs, tmp_path_factory):
         assert (out / name).is_file(), name
     assert Schedule.load(out / "schedule.yaml") == schedule
     rows = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
-    assert rows == result.curves == reported
+    assert rows == result.curves
+    # each row keeps its per-prompt outcomes; Ray's results get the numbers only
+    outcome_keys = set(OUTCOMES_OF.values())
+    assert reported == [{k: v for k, v in r.items() if k not in outcome_keys} for r in rows]
+    for row in rows:
+        for objective, key in OUTCOMES_OF.items():
+            per_prompt = row_outcomes(row, objective)
+            assert per_prompt is not None and isinstance(row[key], str)
+            assert len(per_prompt) == (TASKS.n_id_test if objective == "id_accuracy"
+                                       else TASKS.n_ood_test)
+            assert sum(per_prompt) / len(per_prompt) == pytest.approx(row[objective])
+    # two points of one run compare prompt by prompt (a stage's step 0 repeats the last end)
+    same = paired_difference(row_outcomes(rows[1], "ood_accuracy"),
+                             row_outcomes(rows[2], "ood_accuracy"))
+    assert same.mean == 0 and same.se == 0
+    change = paired_difference(row_outcomes(rows[0], "id_accuracy"),
+                               row_outcomes(rows[-1], "id_accuracy"))
+    assert change.mean == pytest.approx(rows[-1]["id_accuracy"] - rows[0]["id_accuracy"])
     points = [(r["stage"], r["step"]) for r in rows]
     assert points == [("cpt", 0), ("cpt", 2),
                       ("sft", 0), ("sft", 2), ("sft", 4),
@@ -85,6 +103,7 @@ def test_schedule_writes_records_and_curves(two_runs, tmp_path_factory):
     assert result.planned_device_hours == pytest.approx(COST.schedule_seconds(schedule) / 3600)
     rl = metrics["stages"][2]
     assert {"reward_first", "reward_last", "measured_over_planned"} <= set(rl)
+    assert rl["generation"] == {"engine": "transformers", "bit_reproducible": True}
     # the algorithm as TRL was told it is recorded, pinned settings included
     assert rl["trl"]["config"] == "trl.GRPOConfig" and rl["trl"]["args"]["loss_type"] == "dapo"
     assert metrics["stages"][0]["trl"]["args"]["max_steps"] == schedule.stages[0].steps

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from stagebudget.names import ID_ACCURACY, ID_ACCURACY_SE, OOD_ACCURACY, OOD_ACCURACY_SE
+from stagebudget.names import ID_ACCURACY, OOD_ACCURACY, STANDARD_ERROR_OF
+from stagebudget.stats import OUTCOMES_OF, encode_outcomes
 
 EVAL_BATCH = 256
 
@@ -141,15 +142,18 @@ def scores(model: Any, tokenizer: Any, suite: Any, examples: list[Any], max_new_
 
 
 def evaluate(model: Any, tokenizer: Any, suite: Any, *, max_new_tokens: int | None = None,
-             batch_size: int = EVAL_BATCH) -> dict[str, float]:
-    """Greedy decoding on the suite's test splits: each accuracy and its standard error.
+             batch_size: int = EVAL_BATCH) -> dict[str, Any]:
+    """Greedy decoding on the suite's test splits: each accuracy, its standard error and its
+    per-prompt outcomes (so two checkpoints can be compared prompt by prompt,
+    :mod:`stagebudget.stats`).
 
-    Keys: ``id_accuracy``, ``id_accuracy_se``, ``ood_accuracy``, ``ood_accuracy_se``.
+    Keys: ``id_accuracy``, ``id_accuracy_se``, ``ood_accuracy``, ``ood_accuracy_se`` and
+    ``id_outcomes``, ``ood_outcomes`` (:func:`~stagebudget.stats.encode_outcomes`).
     """
     n_new = max_new_tokens or max_new_tokens_for(suite, tokenizer)
-    out: dict[str, float] = {}
-    for split, key, se_key in ((suite.id_test, ID_ACCURACY, ID_ACCURACY_SE),
-                               (suite.ood_test, OOD_ACCURACY, OOD_ACCURACY_SE)):
-        out[key], out[se_key] = mean_and_se(
-            scores(model, tokenizer, suite, split, n_new, batch_size))
+    out: dict[str, Any] = {}
+    for split, key in ((suite.id_test, ID_ACCURACY), (suite.ood_test, OOD_ACCURACY)):
+        per_prompt = scores(model, tokenizer, suite, split, n_new, batch_size)
+        out[key], out[STANDARD_ERROR_OF[key]] = mean_and_se(per_prompt)
+        out[OUTCOMES_OF[key]] = encode_outcomes(per_prompt)
     return out

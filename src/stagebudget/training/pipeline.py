@@ -51,6 +51,7 @@ from stagebudget.prefixcache import (
     stage_keys,
 )
 from stagebudget.schedule import Schedule, StageSpec
+from stagebudget.stats import OUTCOMES_OF
 from stagebudget.training.clock import BudgetClock
 from stagebudget.trialresult import TrialResult
 from stagebudget.trlconfig import config_class, lora_kwargs, trl_config_kwargs
@@ -81,9 +82,12 @@ class _Curves:
             with self.path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
+        # Ray's results and the progress display take the numbers; the per-prompt outcomes
+        # stay in curves.jsonl and the prefix cache's rows.
+        lean = {k: v for k, v in row.items() if k not in OUTCOMES_OF.values()}
         if self.report is not None:
-            self.report(dict(row))
-        _emit(self.progress, "eval", **row)
+            self.report(lean)
+        _emit(self.progress, "eval", **lean)
 
 
 def _emit(progress: Report | None, event: str, **data: Any) -> None:
@@ -113,7 +117,7 @@ class _Run:
     cost: CostModel
     device: str
     max_new_tokens: int
-    last_eval: dict[str, float] | None = None
+    last_eval: dict[str, Any] | None = None
     stage_metrics: list[dict[str, Any]] = field(default_factory=list)
     prefix: PrefixCache | None = None
     keys: list[str] = field(default_factory=list)
@@ -150,7 +154,7 @@ class _Run:
             self.pending_weights, self.pending_adapters = entry.merged, []
 
     def measure(self, model: Any, kind: str, index: int, step: int,
-                logs: list[dict[str, Any]]) -> dict[str, float]:
+                logs: list[dict[str, Any]]) -> dict[str, Any]:
         """Evaluate ``model`` (charged to evaluation time) and record a curve row."""
         from stagebudget.training.evaluate import evaluate
 
@@ -166,17 +170,17 @@ class _Run:
         per_step = current.planned_seconds / current.planned_steps if current.planned_steps else 0.0
         return sum(s.planned_seconds for s in done) + per_step * step
 
-    def record(self, acc: dict[str, float], kind: str, index: int, step: int,
+    def record(self, acc: dict[str, Any], kind: str, index: int, step: int,
                logs: list[dict[str, Any]]) -> None:
         """Add the curve row of ``acc`` measured at ``step`` of stage ``index``."""
-        self.last_eval = dict(acc)
+        self.last_eval = _evaluation(acc)
         signal = _latest_signal(kind, logs) if step > 0 else _latest_signal(kind, [])
         self.curves.add({
             "stage": kind, "stage_index": index, "step": step,
             "global_step": self.curves.global_offset + step,
             "device_seconds": self.clock.train_seconds(),
             "planned_seconds": self.planned_seconds(step),
-            **_accuracies(acc),
+            **_evaluation(acc),
             **signal,
         })
 
@@ -185,6 +189,11 @@ def _accuracies(values: dict[str, Any]) -> dict[str, float]:
     """The objectives and their standard errors among ``values`` (a curve row, an evaluation)."""
     return {k: values[k] for k in (ID_ACCURACY, OOD_ACCURACY, *STANDARD_ERROR_OF.values())
             if k in values}
+
+
+def _evaluation(values: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's accuracies, standard errors and per-prompt outcomes among ``values``."""
+    return {**_accuracies(values), **{k: values[k] for k in OUTCOMES_OF.values() if k in values}}
 
 
 def _seed_everything(seed: int) -> None:
@@ -303,7 +312,7 @@ def _replay(run: _Run, index: int, records: dict[str, Any]) -> None:
                "device_seconds": start + cached["device_seconds"] - records["start_seconds"],
                "planned_seconds": run.planned_seconds(cached["step"])}
         run.curves.add(row)
-        run.last_eval = _accuracies(row)
+        run.last_eval = _evaluation(row)
     run.clock.credit(records["steps"], records["train_seconds"], records["eval_seconds"],
                      records.get("guard_seconds"))
 
