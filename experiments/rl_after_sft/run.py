@@ -23,12 +23,12 @@ Needs ``experiments/sft_length/work`` (its r16 runs) for the matched-ID comparis
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import multiprocessing
-import time
+import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from shared import outcomes, print_rows, read_curve, seed_bootstrap, train_all, write_results
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -77,26 +77,18 @@ def train(job: tuple[int, int, int, str]) -> str:
     return str(folder)
 
 
-def rows_of(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def sft_only_rows(seed: int) -> list[dict[str, Any]]:
     """The SFT-only r16 trajectory of ``seed`` from experiments/sft_length (every checkpoint)."""
     path = SFT_LENGTH_WORK / f"r{SFT_RANK}_s{seed}" / "whole" / "curves.jsonl"
     if not path.is_file():
         raise SystemExit(f"{path} is missing: run experiments/sft_length/run.py first")
-    return rows_of(path)
+    return read_curve(path)
 
 
 def analyse_run(rows: list[dict[str, Any]], sft_only: list[dict[str, Any]]) -> dict[str, Any]:
-    from stagebudget.stats import paired_difference, row_outcomes
+    from stagebudget.stats import paired_difference
 
-    def out(row: dict[str, Any], objective: str) -> list[float]:
-        values = row_outcomes(row, objective)
-        assert values is not None
-        return values
-
+    out = outcomes
     rl = [r for r in rows if r["stage"] == "rl"]
     base, start, end = rows[0], rl[0], rl[-1]
     ood_change = paired_difference(out(start, "ood_accuracy"), out(end, "ood_accuracy"))
@@ -119,18 +111,8 @@ def analyse_run(rows: list[dict[str, Any]], sft_only: list[dict[str, Any]]) -> d
     }
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (SFT length, RL rank): means over seeds, a bootstrap over seeds, seeds beyond 2 SE."""
-    from stagebudget.stats import cluster_bootstrap
-
     out = []
     for sft_steps in SFT_STEPS:
         for rank in RL_RANKS:
@@ -138,10 +120,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if not mine:
                 continue
 
-            def boot(key: str, mine: list[dict[str, Any]] = mine) -> Any:
-                return cluster_bootstrap({r["seed"]: [r[key]] for r in mine}, n_boot=4000)
-
-            ood, idc, matched = boot("ood_change"), boot("id_change"), boot("ood_vs_matched_sft")
+            ood, idc, matched = (seed_bootstrap(mine, k) for k in (
+                "ood_change", "id_change", "ood_vs_matched_sft"))
             shares = [r["share_recovered"] for r in mine if r["share_recovered"] is not None]
             out.append({
                 "sft_steps": sft_steps, "rl_rank": rank, "seeds": len(mine),
@@ -223,7 +203,7 @@ def analyse(work: Path) -> None:
                 path = work / f"sft{sft_steps}_rl{rank}_s{seed}" / "curves.jsonl"
                 if not path.is_file():
                     continue
-                rows = rows_of(path)
+                rows = read_curve(path)
                 curves += [{"sft_steps": sft_steps, "rl_rank": rank, "seed": seed,
                             "stage": r["stage"], "step": r["step"],
                             "id_accuracy": r["id_accuracy"], "ood_accuracy": r["ood_accuracy"],
@@ -232,15 +212,10 @@ def analyse(work: Path) -> None:
                              **analyse_run(rows, sft_only)})
     if not runs:
         raise SystemExit(f"nothing trained under {work}: run without --analyse first")
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
     summary = summarise(runs)
-    write_csv(results / "curves.csv", curves)
-    write_csv(results / "runs.csv", runs)
-    write_csv(results / "summary.csv", summary)
+    results = write_results(HERE, curves=curves, runs=runs, summary=summary)
     figure(curves, results / "curves.html")
-    for row in summary:
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
+    print_rows(summary)
     print("OOD change per unit of start ID (after SFT):", strength_slope(runs))
 
 
@@ -254,10 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         # seed-major, short SFT first: a longer SFT prefix goes on from a shorter one's end
         todo = [(s, r, seed, str(args.work)) for seed in SEEDS for s in SFT_STEPS for r in RL_RANKS
                 if not (args.work / f"sft{s}_rl{r}_s{seed}" / "curves.jsonl").is_file()]
-        start = time.time()
-        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            for folder in pool.imap_unordered(train, todo):
-                print(f"trained {folder} ({time.time() - start:.0f} s)", flush=True)
+        train_all(train, todo, args.jobs)
     analyse(args.work)
 
 

@@ -22,12 +22,12 @@ training runs and their prefix cache go to ``work/`` (not committed).
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import multiprocessing
-import time
+import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from shared import outcomes, print_rows, read_curve, seed_bootstrap, train_all, write_results
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -78,7 +78,7 @@ def train(job: tuple[int, int, str]) -> str:
 
 def load_rows(folder: Path) -> list[dict[str, Any]]:
     """The whole run's curve: the dense prefix's rows (replayed from the cache) and its own."""
-    rows = [json.loads(line) for line in (folder / "whole" / "curves.jsonl").read_text().splitlines()]
+    rows = read_curve(folder / "whole" / "curves.jsonl")
     dense_steps = {r["step"] for r in rows if r["step"] <= DENSE_UNTIL}
     if not {0, DENSE_EVERY, DENSE_UNTIL} <= dense_steps:
         raise SystemExit(f"{folder}: the long run did not continue from the dense prefix "
@@ -88,20 +88,16 @@ def load_rows(folder: Path) -> list[dict[str, Any]]:
 
 def analyse_run(rows: list[dict[str, Any]], budget_seconds: float) -> dict[str, Any]:
     """Where OOD peaks and by how much, against the base, paired on the same prompts."""
-    from stagebudget.stats import mcnemar_p, paired_difference, row_outcomes
+    from stagebudget.stats import mcnemar_p, paired_difference
 
     base, last = rows[0], rows[-1]
     peak = max(rows, key=lambda r: (r["ood_accuracy"], -r["step"]))
 
     def ood(row: dict[str, Any]) -> list[float]:
-        out = row_outcomes(row, "ood_accuracy")
-        assert out is not None
-        return out
+        return outcomes(row, "ood_accuracy")
 
     def idd(row: dict[str, Any]) -> list[float]:
-        out = row_outcomes(row, "id_accuracy")
-        assert out is not None
-        return out
+        return outcomes(row, "id_accuracy")
 
     gain = paired_difference(ood(base), ood(peak))
     fall = paired_difference(ood(peak), ood(last))
@@ -125,28 +121,16 @@ def analyse_run(rows: list[dict[str, Any]], budget_seconds: float) -> dict[str, 
     return out
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per rank: means over seeds with a bootstrap over seeds, and how many seeds agree."""
-    from stagebudget.stats import cluster_bootstrap
-
     out = []
     for rank in RANKS:
         mine = [r for r in runs if r["rank"] == rank]
         if not mine:
             continue
 
-        def boot(key: str, mine: list[dict[str, Any]] = mine) -> Any:
-            return cluster_bootstrap({r["seed"]: [r[key]] for r in mine}, n_boot=4000)
-
-        peak, fall, idg = boot("peak_gain"), boot("fall_after_peak"), boot("id_gain")
+        peak, fall, idg = (seed_bootstrap(mine, k) for k in ("peak_gain", "fall_after_peak",
+                                                               "id_gain"))
         out.append({
             "rank": rank, "seeds": len(mine),
             "id_gain": idg.mean, "id_gain_low": idg.low, "id_gain_high": idg.high,
@@ -203,15 +187,10 @@ def analyse(work: Path) -> None:
             runs.append({"rank": rank, "seed": seed, **analyse_run(rows, budget)})
     if not runs:
         raise SystemExit(f"nothing trained under {work}: run without --analyse first")
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
     summary = summarise(runs)
-    write_csv(results / "curves.csv", curves)
-    write_csv(results / "runs.csv", runs)
-    write_csv(results / "summary.csv", summary)
+    results = write_results(HERE, curves=curves, runs=runs, summary=summary)
     figure(curves, results / "curves.html")
-    for row in summary:
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
+    print_rows(summary)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,10 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.analyse:
         todo = [(rank, seed, str(args.work)) for rank in RANKS for seed in SEEDS
                 if not (args.work / f"r{rank}_s{seed}" / "whole" / "curves.jsonl").is_file()]
-        start = time.time()
-        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            for folder in pool.imap_unordered(train, todo):
-                print(f"trained {folder} ({time.time() - start:.0f} s)", flush=True)
+        train_all(train, todo, args.jobs)
     analyse(args.work)
 
 
