@@ -32,7 +32,7 @@ from stagebudget.plan.cost import (
     default_cost_model,
     plan_schedule,
 )
-from stagebudget.schedule import BUILTIN_SIZES, Schedule, Strict, TasksRef
+from stagebudget.schedule import BUILTIN_SIZES, Schedule, StageSpec, Strict, TasksRef
 from stagebudget.space.dims import TUNABLE_FIELDS, Dist, StageDims, share_high, to_optuna
 from stagebudget.space.inputs import check_inputs, generated_tokens
 from stagebudget.space.points import check_feasible, feasibility_params, reference_points
@@ -98,8 +98,64 @@ class SamplerSpec(Strict):
 
 
 class Resources(Strict):
+    """What one trial holds. With ``workers: N`` (N > 1) the trial trains data-parallel on N
+    Ray Train workers, and ``cpu``/``gpu`` are what *each* worker holds."""
+
     cpu: float = Field(default=1, gt=0)
     gpu: float = Field(default=0, ge=0)
+    workers: int = Field(default=1, ge=1, le=1024, strict=True)
+
+
+# Stage kinds whose trainers run data-parallel over several workers (``resources_per_trial.
+# workers``). rl is not among them: see check_workers.
+DATA_PARALLEL_KINDS = ("cpt", "sft")
+
+
+def check_workers(workers: int, stages: dict[str, Any], reuse: bool) -> None:
+    """Refuse, before any compute, a multi-worker trial that cannot train as planned.
+
+    Every stage's ``batch_size`` (fixed, each choice, or every value of an int range) is the
+    global batch: each of the ``workers`` trains ``batch_size / workers`` examples per step, so
+    it must divide evenly. Only cpt and sft stages train on several workers; the prefix cache
+    is not shared between workers yet.
+    """
+    if workers == 1:
+        return
+    field = "resources_per_trial.workers"
+    for kind in stages:
+        if kind not in DATA_PARALLEL_KINDS:
+            raise ValueError(
+                f"`{field}: {workers}` trains a trial data-parallel, which stagebudget supports "
+                f"for {' / '.join(DATA_PARALLEL_KINDS)} stages only; this space has a `{kind}` "
+                f"stage (allowed with workers > 1: {', '.join(DATA_PARALLEL_KINDS)}). Set "
+                f"`{field}: 1`, or search the {kind} stage in a space of its own")
+    for kind, dims in stages.items():
+        value = getattr(dims, "batch_size", None)
+        sizes = _batch_sizes(value if value is not None else StageSpec.model_fields[
+            "batch_size"].default)
+        bad = [b for b in sizes if b % workers != 0]
+        if bad:
+            raise ValueError(
+                f"`stages.{kind}.batch_size` is the global batch, split evenly across "
+                f"`{field}: {workers}`, so every value it can take must be a multiple of "
+                f"{workers}; {bad[0]} is not (values: {sizes[:8]}{' ...' if len(sizes) > 8 else ''})."
+                f" Give batch sizes that are multiples of {workers} (an int range with `low` and "
+                f"`step` multiples of {workers}), or change `{field}`")
+    if reuse:
+        raise ValueError(
+            f"`{field}: {workers}` needs `reuse.enabled: false`: the prefix cache is not shared "
+            "between the workers of one trial yet (allowed with workers > 1: "
+            "`reuse.enabled: false`)")
+
+
+def _batch_sizes(value: Any) -> list[int]:
+    """Every batch size a fixed or searched ``batch_size`` can take."""
+    if not isinstance(value, Dist):
+        return [int(value)]
+    if value.type == "categorical":
+        return [int(c) for c in value.choices or ()]
+    step = int(value.step) if value.step is not None else 1
+    return list(range(int(value.low), int(value.high) + 1, step))  # type: ignore[arg-type]
 
 
 class EarlyStoppingSpec(Strict):
@@ -201,6 +257,11 @@ class SearchSpace(Strict):
         if self.device.startswith("cuda") and self.resources_per_trial.gpu <= 0:
             raise ValueError(f"device {self.device!r} needs `resources_per_trial.gpu` > 0 (Ray "
                              "hides GPUs from trials that ask for none), got 0")
+        return self
+
+    @model_validator(mode="after")
+    def _workers_split_the_batch(self) -> SearchSpace:
+        check_workers(self.resources_per_trial.workers, self.stages, self.reuse.enabled)
         return self
 
     @field_validator("stages", mode="before")

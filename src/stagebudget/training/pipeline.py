@@ -51,7 +51,8 @@ from stagebudget.prefixcache import (
     stage_keys,
 )
 from stagebudget.schedule import Schedule, StageSpec
-from stagebudget.training.clock import BudgetClock
+from stagebudget.training import distributed
+from stagebudget.training.clock import BudgetClock, combine_ledgers
 from stagebudget.trialresult import TrialResult
 from stagebudget.trlconfig import config_class, lora_kwargs, trl_config_kwargs
 from stagebudget.version import numerics
@@ -155,7 +156,11 @@ class _Run:
         from stagebudget.training.evaluate import evaluate
 
         with self.clock.evaluating():
-            acc = evaluate(model, self.tokenizer, self.suite, max_new_tokens=self.max_new_tokens)
+            # Several workers: rank 0 evaluates, the others wait for its result (their wait is
+            # evaluation time too) and record the same row.
+            acc = (evaluate(model, self.tokenizer, self.suite, max_new_tokens=self.max_new_tokens)
+                   if distributed.rank() == 0 else None)
+            acc = distributed.from_rank0(acc)
         self.record(acc, kind, index, step, logs)
         return acc
 
@@ -225,6 +230,8 @@ def _start(schedule: Schedule, out_dir: Path | None, device: str, cost: CostMode
 
     import torch
 
+    if budget is not None:  # each of several workers holds its share of the trial's budget
+        budget /= distributed.world_size()
     clock = BudgetClock(budget, device=device, guard=guard, cpu_timer=time.process_time,
                         threads=torch.get_num_threads())
     run = _Run(schedule, model, tokenizer, suite, clock, _Curves(out_dir, report, progress),
@@ -483,15 +490,17 @@ def run_schedule(
     run = _start(schedule, out, dev, cost_model, base_dir, report, progress, guard,
                  prefix_cache)
     run.checkpoint_steps, run.recovery_seconds = checkpoint_steps, recovery_seconds
+    ledger: dict[str, Any] | None = None
     try:
         for index, spec in enumerate(schedule.stages):
             _run_stage(run, index, spec, progress)
             if stage_end is not None and index < len(schedule.stages) - 1:
-                stage_end(index, dict(run.curves.rows[-1]))
+                _stage_end(stage_end, index, dict(run.curves.rows[-1]))
+        ledger = _trial_ledger(run)
     finally:
         if out is not None:
-            atomic_write_json(out / "ledger.json", run.clock.ledger())
-    result = _result(run)
+            atomic_write_json(out / "ledger.json", ledger or run.clock.ledger())
+    result = _result(run, ledger)
     if out is not None:
         atomic_write_json(out / "metrics.json", result.metrics)
         if save_model:
@@ -501,9 +510,33 @@ def run_schedule(
     return result
 
 
-def _result(run: _Run) -> TrialResult:
+def _stage_end(stage_end: StageEnd, index: int, row: dict[str, Any]) -> None:
+    """Call ``stage_end`` (early stopping) on rank 0; every rank raises what it raised."""
+    error: BaseException | None = None
+    if distributed.rank() == 0:
+        try:
+            stage_end(index, row)
+        except Exception as exc:  # noqa: BLE001 - handed to every rank, then raised
+            error = exc
+    error = distributed.from_rank0(error)
+    if error is not None:
+        raise error
+
+
+def _trial_ledger(run: _Run) -> dict[str, Any]:
+    """The trial's ledger: this process's, or with several workers every worker's combined
+    (device-seconds summed over workers, each worker's own spend listed under ``workers``)."""
+    import socket
+
+    if distributed.world_size() == 1:
+        return run.clock.ledger()
+    return combine_ledgers(distributed.gather({**run.clock.ledger(),
+                                               "host": socket.gethostname()}))
+
+
+def _result(run: _Run, ledger: dict[str, Any] | None = None) -> TrialResult:
     """Objectives, per-stage metrics and planned-vs-measured seconds of a finished run."""
-    ledger = run.clock.ledger()
+    ledger = ledger if ledger is not None else run.clock.ledger()
     final = run.last_eval or {ID_ACCURACY: math.nan, OOD_ACCURACY: math.nan}
     planned_hours = run.cost.schedule_hours(run.schedule)
     stages = []

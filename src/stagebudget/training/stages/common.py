@@ -19,6 +19,7 @@ from typing import Any
 from stagebudget.errors import TrainingDiverged
 from stagebudget.schedule import StageSpec
 from stagebudget.training.clock import BudgetClock, budget_callback
+from stagebudget.training.distributed import world_size
 from stagebudget.trlconfig import lora_kwargs, precision_kwargs, trl_config_kwargs
 
 # Nothing here ever talks to the Hugging Face Hub: models and tokenizers are local objects.
@@ -134,7 +135,8 @@ def training_args(ctx: StageContext, **extra: Any) -> dict[str, Any]:
     """
     spec = ctx.spec
     args: dict[str, Any] = {
-        **trl_config_kwargs(spec, ctx.seed),
+        # several data-parallel workers split the stage's batch (same global batch)
+        **trl_config_kwargs(spec, ctx.seed, workers=world_size()),
         "output_dir": tempfile.mkdtemp(prefix=f"stagebudget-{spec.kind}-"),
         "logging_nan_inf_filter": False,  # a NaN loss must reach the divergence check
         "disable_tqdm": True,
