@@ -57,3 +57,96 @@ def test_two_workers_match_one_and_show_both_spends(tiny_base, tmp_path, one_thr
     assert ledger["stages"][0]["steps_done"] == 6
     assert two.objectives()["device_hours"] == pytest.approx(ledger["device_hours"])
     assert one.ledger.get("workers") is None
+
+
+def _space_file(tmp_path, workers=2, **changes):
+    import yaml
+
+    data = {
+        "name": "workers", "base_model": "builtin:test",
+        "tasks": {"source": "builtin", "n_train": 200, "n_id_test": 20, "n_ood_test": 20},
+        "budget": {"per_trial_hours": 0.002},
+        "stages": {"sft": {"share": 1.0, "batch_size": 16, "eval_interval": 5, "lora_rank": 4,
+                           "learning_rate": {"type": "categorical", "choices": [3e-3, 1e-2]}}},
+        "trials": 1, "concurrency": 1, "references": False,
+        "resources_per_trial": {"cpu": 1, "workers": workers}, "reuse": {"enabled": False},
+    }
+    for key, value in changes.items():
+        if key in data["stages"]["sft"] or key == "batch_size":
+            data["stages"]["sft"][key] = value
+        else:
+            data[key] = value
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_workers_default_to_one_and_valid_settings_load(tmp_path):
+    assert SearchSpace.load(_space_file(tmp_path, workers=1)).resources_per_trial.workers == 1
+    assert SearchSpace.load(_space_file(tmp_path)).resources_per_trial.workers == 2
+    space = _space_file(tmp_path, batch_size={"type": "int", "low": 8, "high": 32, "step": 8})
+    assert SearchSpace.load(space).resources_per_trial.workers == 2
+
+
+@pytest.mark.parametrize(("changes", "pattern"), [
+    ({"batch_size": 9}, r"space\.yaml.*stages\.sft\.batch_size.*multiple of 2; 9 is not"),
+    ({"batch_size": {"type": "int", "low": 8, "high": 16}},
+     r"stages\.sft\.batch_size.*multiple of 2; 9 is not"),
+    ({"batch_size": {"type": "categorical", "choices": [8, 12, 15]}},
+     r"stages\.sft\.batch_size.*15 is not"),
+    ({"reuse": {"enabled": True}}, r"resources_per_trial\.workers: 2.*reuse\.enabled: false"),
+    ({"stages": {"rl": {"share": 1.0, "batch_size": 4,
+                        "lora_rank": {"type": "categorical", "choices": [4, 8]}}}},
+     r"resources_per_trial\.workers: 2.*cpt / sft stages only.*`rl` stage"),
+])
+def test_multi_worker_spaces_that_cannot_train_as_planned_are_refused(tmp_path, changes, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        SearchSpace.load(_space_file(tmp_path, **changes))
+
+
+@pytest.mark.parametrize(("workers", "pattern"), [
+    (0, r"resources_per_trial\.workers.*greater than or equal to 1"),
+    (1.5, r"resources_per_trial\.workers"),
+    ("two", r"resources_per_trial\.workers"),
+])
+def test_bad_worker_counts_are_refused(tmp_path, workers, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        SearchSpace.load(_space_file(tmp_path, workers=workers))
+
+
+def test_a_trial_on_two_workers_holds_no_cpu_itself(tmp_path):
+    from stagebudget.searching.tune_adapter import trial_resources
+
+    assert trial_resources(SearchSpace.load(_space_file(tmp_path)))["cpu"] == 0
+    assert trial_resources(SearchSpace.load(_space_file(tmp_path, workers=1))) == {"cpu": 1,
+                                                                                  "gpu": 0}
+
+
+@pytest.mark.slow
+def test_a_searched_trial_on_two_workers_records_both_spends(tmp_path):
+    import optuna
+
+    from stagebudget.rundir import RunDir
+    from stagebudget.searching.driver import run_search
+    from stagebudget.studystore import open_storage
+
+    run_dir = run_search(_space_file(tmp_path), name="w2", runs_dir=tmp_path / "runs", live=False)
+    (record,) = RunDir(run_dir).records()
+    assert record.status == "COMPLETE", record.error
+    workers = record.ledger["workers"]
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert all(w["train_seconds"] > 0 for w in workers)
+    assert record.ledger["train_seconds"] == pytest.approx(sum(w["train_seconds"] for w in workers))
+    assert record.objectives["device_hours"] == pytest.approx(record.ledger["device_hours"])
+    assert 0.0 <= record.objectives["id_accuracy"] <= 1.0
+    rows = RunDir(run_dir).curves(record.key)
+    assert rows[-1]["step"] == record.ledger["stages"][0]["steps_done"] > 0
+    # Rank 0's curve rows reached Tune while the workers trained (TuneReportCallback), then the
+    # trial's final result; Optuna recorded the trial as complete.
+    (results,) = [p for p in run_dir.rglob("result.json") if "train" not in p.parts]
+    told = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    assert [r["global_step"] for r in told if not r["final"]] == [r["global_step"] for r in rows]
+    assert told[-1]["final"] is True
+    meta = RunDir(run_dir).read_meta()
+    study = optuna.load_study(study_name=meta["study_name"], storage=open_storage(meta["storage"]))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]

@@ -132,7 +132,7 @@ def check_workers(workers: int, stages: dict[str, Any], reuse: bool) -> None:
     for kind, dims in stages.items():
         value = getattr(dims, "batch_size", None)
         sizes = _batch_sizes(value if value is not None else StageSpec.model_fields[
-            "batch_size"].default)
+            "batch_size"].default, workers)
         bad = [b for b in sizes if b % workers != 0]
         if bad:
             raise ValueError(
@@ -148,14 +148,15 @@ def check_workers(workers: int, stages: dict[str, Any], reuse: bool) -> None:
             "`reuse.enabled: false`)")
 
 
-def _batch_sizes(value: Any) -> list[int]:
-    """Every batch size a fixed or searched ``batch_size`` can take."""
+def _batch_sizes(value: Any, workers: int) -> list[int]:
+    """The batch sizes a fixed or searched ``batch_size`` can take; of an int range its first
+    ``workers + 1`` values (their remainders modulo ``workers`` repeat after that)."""
     if not isinstance(value, Dist):
         return [int(value)]
     if value.type == "categorical":
         return [int(c) for c in value.choices or ()]
     step = int(value.step) if value.step is not None else 1
-    return list(range(int(value.low), int(value.high) + 1, step))  # type: ignore[arg-type]
+    return list(range(int(value.low), int(value.high) + 1, step)[:workers + 1])  # type: ignore[arg-type]
 
 
 class EarlyStoppingSpec(Strict):
