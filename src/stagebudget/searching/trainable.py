@@ -124,7 +124,8 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
 
     from stagebudget.space.points import reference_name
 
-    fn = resolve_trial_fn(trial_fn)
+    # a TrialResult, or a WorkersResult: what is read of either is objectives() and ledger
+    fn: Callable[..., Any] = resolve_trial_fn(trial_fn)
     run = RunDir(Path(run_dir))
     key = tune.get_context().get_trial_id()
     params = dict(config)

@@ -65,7 +65,8 @@ def run_on_workers(fn: Any, schedule: Schedule, *, workers: int, cpu: float, gpu
             name="train", storage_path=str(out_dir.resolve()),
             # Retrying is the trial's business (Tune's max_retries), not Train's.
             failure_config=FailureConfig(max_failures=0),
-            callbacks=[TuneReportCallback()] if _in_tune_session() else []),
+            # (Train V2's RunConfig takes its UserCallbacks; Ray's stubs name V1's Callback)
+            callbacks=[TuneReportCallback()] if _in_tune_session() else []),  # type: ignore[list-item]
     )
     try:
         trainer.fit()

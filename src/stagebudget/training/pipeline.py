@@ -516,7 +516,7 @@ def _stage_end(stage_end: StageEnd, index: int, row: dict[str, Any]) -> None:
     if distributed.rank() == 0:
         try:
             stage_end(index, row)
-        except Exception as exc:  # noqa: BLE001 - handed to every rank, then raised
+        except Exception as exc:  # handed to every rank, then raised
             error = exc
     error = distributed.from_rank0(error)
     if error is not None:
