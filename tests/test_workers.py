@@ -20,25 +20,35 @@ COST = CostModel.analytic(ModelShape.builtin("test"))
 LOSS_TOLERANCE = 1e-4
 
 
+def _rows(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "curves.jsonl").read_text().splitlines()]
+
+
 def _losses(out_dir) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (out_dir / "curves.jsonl").read_text().splitlines()]
-    return [(r["step"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
+    return [(r["step"], r["train_loss"]) for r in _rows(out_dir)
+            if r["stage_index"] == 0 and r.get("train_loss") is not None]
 
 
 @pytest.mark.slow
 def test_two_workers_match_one_and_show_both_spends(tiny_base, tmp_path, one_thread):
+    """2 workers x 4 examples train the SFT stage's loss curve of 1 worker x 8 examples; an RL
+    stage (GRPO, 4 prompts x 4 completions a step, 8 per worker) follows on the same workers.
+    GRPO samples with each worker's own random stream, so only its running is checked."""
     import ray
 
     from stagebudget.searching.workers import run_on_workers
     from stagebudget.training.pipeline import run_schedule
 
-    schedule = Schedule(base_model=str(tiny_base), tasks=TASKS, budget_hours=0.01, stages=(
-        StageSpec(kind="sft", steps=6, lora_rank=4, batch_size=8, eval_interval=1,
-                  learning_rate=1e-2),))
+    sft = StageSpec(kind="sft", steps=6, lora_rank=4, batch_size=8, eval_interval=1,
+                    learning_rate=1e-2)
+    rl = StageSpec(kind="rl", steps=2, lora_rank=4, batch_size=4, num_generations=4,
+                   max_completion_length=8, eval_interval=2, learning_rate=1e-2)
+    schedule = Schedule(base_model=str(tiny_base), tasks=TASKS, budget_hours=0.01, stages=(sft,))
     one = run_schedule(schedule, tmp_path / "one", device="cpu", cost=COST)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        two = run_on_workers("stagebudget.training.pipeline:run_schedule", schedule, workers=2,
+        two = run_on_workers("stagebudget.training.pipeline:run_schedule",
+                             schedule.model_copy(update={"stages": (sft, rl)}), workers=2,
                              cpu=1, gpu=0, out_dir=tmp_path / "two", device="cpu", cost=COST)
     finally:
         ray.shutdown()
@@ -54,7 +64,9 @@ def test_two_workers_match_one_and_show_both_spends(tiny_base, tmp_path, one_thr
     assert all(w["train_seconds"] > 0 for w in workers)
     assert ledger["train_seconds"] == pytest.approx(sum(w["train_seconds"] for w in workers))
     assert ledger["device_hours"] == pytest.approx(ledger["train_seconds"] / 3600)
-    assert ledger["stages"][0]["steps_done"] == 6
+    assert [st["steps_done"] for st in ledger["stages"]] == [6, 2]
+    assert all(st["train_seconds"] > 0 for w in workers for st in w["stages"])
+    assert _rows(tmp_path / "two")[-1]["reward"] is not None
     assert two.objectives()["device_hours"] == pytest.approx(ledger["device_hours"])
     assert one.ledger.get("workers") is None
 
@@ -86,6 +98,9 @@ def test_workers_default_to_one_and_valid_settings_load(tmp_path):
     assert SearchSpace.load(_space_file(tmp_path)).resources_per_trial.workers == 2
     space = _space_file(tmp_path, batch_size={"type": "int", "low": 8, "high": 32, "step": 8})
     assert SearchSpace.load(space).resources_per_trial.workers == 2
+    rl = {"share": 1.0, "batch_size": 3, "num_generations": 4,  # 12 completions over 2 workers
+          "lora_rank": {"type": "categorical", "choices": [4, 8]}}
+    assert SearchSpace.load(_space_file(tmp_path, stages={"rl": rl})).stages["rl"]
 
 
 @pytest.mark.parametrize(("changes", "pattern"), [
@@ -95,9 +110,9 @@ def test_workers_default_to_one_and_valid_settings_load(tmp_path):
     ({"batch_size": {"type": "categorical", "choices": [8, 12, 15]}},
      r"stages\.sft\.batch_size.*15 is not"),
     ({"reuse": {"enabled": True}}, r"resources_per_trial\.workers: 2.*reuse\.enabled: false"),
-    ({"stages": {"rl": {"share": 1.0, "batch_size": 4,
-                        "lora_rank": {"type": "categorical", "choices": [4, 8]}}}},
-     r"resources_per_trial\.workers: 2.*cpt / sft stages only.*`rl` stage"),
+    ({"workers": 3, "stages": {"rl": {"share": 1.0, "batch_size": 4, "num_generations": 4,
+                                      "lora_rank": {"type": "categorical", "choices": [4, 8]}}}},
+     r"stages\.rl\.batch_size` x `stages\.rl\.num_generations.*multiple of 3; 16 = 4 x 4"),
 ])
 def test_multi_worker_spaces_that_cannot_train_as_planned_are_refused(tmp_path, changes, pattern):
     with pytest.raises(ConfigError, match=pattern):

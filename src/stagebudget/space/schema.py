@@ -106,46 +106,48 @@ class Resources(Strict):
     workers: int = Field(default=1, ge=1, le=1024, strict=True)
 
 
-# Stage kinds whose trainers run data-parallel over several workers (``resources_per_trial.
-# workers``). rl is not among them: see check_workers.
-DATA_PARALLEL_KINDS = ("cpt", "sft")
-
-
 def check_workers(workers: int, stages: dict[str, Any], reuse: bool) -> None:
     """Refuse, before any compute, a multi-worker trial that cannot train as planned.
 
-    Every stage's ``batch_size`` (fixed, each choice, or every value of an int range) is the
-    global batch: each of the ``workers`` trains ``batch_size / workers`` examples per step, so
-    it must divide evenly. Only cpt and sft stages train on several workers; the prefix cache
-    is not shared between workers yet.
+    A stage's ``batch_size`` is the global batch: each of the ``workers`` trains its share of
+    every step, so the examples of a step (cpt/sft: ``batch_size``; rl: ``batch_size x
+    num_generations`` completions) must divide evenly, for every value the space can give
+    (fixed, each choice, every value of an int range). The prefix cache is not shared between
+    workers yet.
     """
     if workers == 1:
         return
     field = "resources_per_trial.workers"
-    for kind in stages:
-        if kind not in DATA_PARALLEL_KINDS:
-            raise ValueError(
-                f"`{field}: {workers}` trains a trial data-parallel, which stagebudget supports "
-                f"for {' / '.join(DATA_PARALLEL_KINDS)} stages only; this space has a `{kind}` "
-                f"stage (allowed with workers > 1: {', '.join(DATA_PARALLEL_KINDS)}). Set "
-                f"`{field}: 1`, or search the {kind} stage in a space of its own")
     for kind, dims in stages.items():
-        value = getattr(dims, "batch_size", None)
-        sizes = _batch_sizes(value if value is not None else StageSpec.model_fields[
-            "batch_size"].default, workers)
-        bad = [b for b in sizes if b % workers != 0]
+        generates = get_kind(kind).generates
+        sizes = _values_of(kind, dims, "batch_size", workers)
+        generations = _values_of(kind, dims, "num_generations", workers) if generates else [1]
+        bad = [(b, g) for b in sizes for g in generations if (b * g) % workers]
         if bad:
+            b, g = bad[0]
+            what = (f"`stages.{kind}.batch_size` x `stages.{kind}.num_generations` (completions "
+                    "per step)" if generates else f"`stages.{kind}.batch_size`")
             raise ValueError(
-                f"`stages.{kind}.batch_size` is the global batch, split evenly across "
-                f"`{field}: {workers}`, so every value it can take must be a multiple of "
-                f"{workers}; {bad[0]} is not (values: {sizes[:8]}{' ...' if len(sizes) > 8 else ''})."
-                f" Give batch sizes that are multiples of {workers} (an int range with `low` and "
-                f"`step` multiples of {workers}), or change `{field}`")
+                f"{what} is the global batch, split evenly across `{field}: {workers}`, so every "
+                f"value it can take must be a multiple of {workers}; {b * g}"
+                f"{f' = {b} x {g}' if generates else ''} is not (batch sizes: "
+                f"{sizes[:8]}{' ...' if len(sizes) > 8 else ''}). Give batch sizes that are "
+                f"multiples of {workers} (an int range with `low` and `step` multiples of "
+                f"{workers}), or change `{field}`")
     if reuse:
         raise ValueError(
             f"`{field}: {workers}` needs `reuse.enabled: false`: the prefix cache is not shared "
             "between the workers of one trial yet (allowed with workers > 1: "
             "`reuse.enabled: false`)")
+
+
+def _values_of(kind: str, dims: Any, name: str, workers: int) -> list[int]:
+    """The values a stage's int setting ``name`` can take (the kind's or StageSpec's default
+    when unset)."""
+    value = getattr(dims, name, None)
+    if value is None:
+        value = get_kind(kind).defaults.get(name, StageSpec.model_fields[name].default)
+    return _batch_sizes(value, workers)
 
 
 def _batch_sizes(value: Any, workers: int) -> list[int]:
