@@ -81,7 +81,7 @@ def _space_file(tmp_path, workers=2, **changes):
         "stages": {"sft": {"share": 1.0, "batch_size": 16, "eval_interval": 5, "lora_rank": 4,
                            "learning_rate": {"type": "categorical", "choices": [3e-3, 1e-2]}}},
         "trials": 1, "concurrency": 1, "references": False,
-        "resources_per_trial": {"cpu": 1, "workers": workers}, "reuse": {"enabled": False},
+        "resources_per_trial": {"cpu": 1, "workers": workers},
     }
     for key, value in changes.items():
         if key in data["stages"]["sft"] or key == "batch_size":
@@ -109,7 +109,6 @@ def test_workers_default_to_one_and_valid_settings_load(tmp_path):
      r"stages\.sft\.batch_size.*multiple of 2; 9 is not"),
     ({"batch_size": {"type": "categorical", "choices": [8, 12, 15]}},
      r"stages\.sft\.batch_size.*15 is not"),
-    ({"reuse": {"enabled": True}}, r"resources_per_trial\.workers: 2.*reuse\.enabled: false"),
     ({"workers": 3, "stages": {"rl": {"share": 1.0, "batch_size": 4, "num_generations": 4,
                                       "lora_rank": {"type": "categorical", "choices": [4, 8]}}}},
      r"stages\.rl\.batch_size` x `stages\.rl\.num_generations.*multiple of 3; 16 = 4 x 4"),
@@ -165,3 +164,47 @@ def test_a_searched_trial_on_two_workers_records_both_spends(tmp_path):
     meta = RunDir(run_dir).read_meta()
     study = optuna.load_study(study_name=meta["study_name"], storage=open_storage(meta["storage"]))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_prefix_cache_and_write_each_entry_once(tiny_base, tmp_path,
+                                                                     one_thread):
+    """A 2-worker trial of 4 SFT steps fills the cache (rank 0 writes, every worker's RNG state
+    in its checkpoints); a 2-worker trial of 6 steps goes on from its step-4 checkpoint, each
+    worker credited its own recorded spend, and trains the curve one process trains alone."""
+    import ray
+
+    from stagebudget.prefixcache import PrefixCache
+    from stagebudget.searching.workers import run_on_workers
+    from stagebudget.training.pipeline import run_schedule
+
+    def sft(steps):
+        return Schedule(base_model=str(tiny_base), tasks=TASKS, budget_hours=0.01, stages=(
+            StageSpec(kind="sft", steps=steps, lora_rank=4, batch_size=8, eval_interval=2,
+                      learning_rate=1e-2),))
+
+    run_schedule(sft(6), tmp_path / "one", device="cpu", cost=COST)
+    cache = PrefixCache(tmp_path / "cache")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        first, second = (run_on_workers(
+            "stagebudget.training.pipeline:run_schedule", sft(steps), workers=2, cpu=1, gpu=0,
+            out_dir=tmp_path / f"two{steps}", device="cpu", cost=COST, prefix_cache=cache)
+            for steps in (4, 6))
+    finally:
+        ray.shutdown()
+    entries = cache.all_entries()
+    assert sorted((e.kind, e.steps) for e in entries if e.kind != "eval") == [
+        ("end", 4), ("end", 6), ("step", 2), ("step", 4), ("step", 6)]
+    step4 = next(e for e in entries if (e.kind, e.steps) == ("step", 4))
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in step4.checkpoint.iterdir()}
+    assert not any((tmp_path / "cache" / "tmp").glob("*"))
+    assert next(e for e in entries if e.kind == "end").records()["workers"][1]["train_seconds"] > 0
+    (stage,) = second.ledger["stages"]
+    assert stage["reused_steps"] == 4 and stage["steps_done"] == 6
+    for mine, before in zip(second.ledger["workers"], first.ledger["workers"], strict=True):
+        assert mine["reused_train_seconds"] == pytest.approx(before["stages"][0]["train_seconds"])
+        assert mine["spent_train_seconds"] > 0
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two6")
+    assert [s for s, _ in a] == [s for s, _ in b] == [2, 4, 6]
+    assert max(abs(x - y) for (_, x), (_, y) in zip(a, b, strict=True)) <= LOSS_TOLERANCE

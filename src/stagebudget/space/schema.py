@@ -106,14 +106,13 @@ class Resources(Strict):
     workers: int = Field(default=1, ge=1, le=1024, strict=True)
 
 
-def check_workers(workers: int, stages: dict[str, Any], reuse: bool) -> None:
+def check_workers(workers: int, stages: dict[str, Any]) -> None:
     """Refuse, before any compute, a multi-worker trial that cannot train as planned.
 
     A stage's ``batch_size`` is the global batch: each of the ``workers`` trains its share of
     every step, so the examples of a step (cpt/sft: ``batch_size``; rl: ``batch_size x
     num_generations`` completions) must divide evenly, for every value the space can give
-    (fixed, each choice, every value of an int range). The prefix cache is not shared between
-    workers yet.
+    (fixed, each choice, every value of an int range).
     """
     if workers == 1:
         return
@@ -134,11 +133,6 @@ def check_workers(workers: int, stages: dict[str, Any], reuse: bool) -> None:
                 f"{sizes[:8]}{' ...' if len(sizes) > 8 else ''}). Give batch sizes that are "
                 f"multiples of {workers} (an int range with `low` and `step` multiples of "
                 f"{workers}), or change `{field}`")
-    if reuse:
-        raise ValueError(
-            f"`{field}: {workers}` needs `reuse.enabled: false`: the prefix cache is not shared "
-            "between the workers of one trial yet (allowed with workers > 1: "
-            "`reuse.enabled: false`)")
 
 
 def _values_of(kind: str, dims: Any, name: str, workers: int) -> list[int]:
@@ -264,7 +258,7 @@ class SearchSpace(Strict):
 
     @model_validator(mode="after")
     def _workers_split_the_batch(self) -> SearchSpace:
-        check_workers(self.resources_per_trial.workers, self.stages, self.reuse.enabled)
+        check_workers(self.resources_per_trial.workers, self.stages)
         return self
 
     @field_validator("stages", mode="before")

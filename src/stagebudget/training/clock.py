@@ -311,10 +311,12 @@ def combine_ledgers(ledgers: list[dict[str, Any]]) -> dict[str, Any]:
         "stopped_by_guard": any(led["stopped_by_guard"] for led in ledgers),
         "stages": stages,
         "workers": [{"rank": r, "host": led.get("host"),
-                     **{k: led[k] for k in ("train_seconds", "spent_train_seconds", "eval_seconds",
+                     **{k: led[k] for k in ("train_seconds", "spent_train_seconds",
+                                            "reused_train_seconds", "eval_seconds",
                                             "setup_seconds", "guarded_seconds")},
                      "stages": [{k: s[k] for k in ("index", "kind", "train_seconds", "eval_seconds",
-                                                   "cpu_seconds", "steps_done")}
+                                                   "cpu_seconds", "steps_done", "reused_steps",
+                                                   "reused_train_seconds")}
                                 for s in led["stages"]]}
                     for r, led in enumerate(ledgers)],
     }

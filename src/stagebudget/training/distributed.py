@@ -60,3 +60,44 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def barrier() -> None:
+    """Wait until every rank got here (nothing in one process)."""
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+class SharedCache:
+    """A :class:`~stagebudget.prefixcache.PrefixCache` as the workers of one trial share it:
+    rank 0 looks entries up, holds the locks, publishes and removes; every rank gets rank 0's
+    answer to a lookup, so all restore, resume or train alike, and each prefix is written once.
+    Every rank must make the same calls in the same order (the pipeline does)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.root = inner.root
+        self.lead = rank() == 0
+
+    def find(self, key: str, kind: str, steps: int) -> Any:
+        return from_rank0(self.inner.find(key, kind, steps) if self.lead else None)
+
+    def latest_checkpoint(self, key: str, steps: int) -> Any:
+        return from_rank0(self.inner.latest_checkpoint(key, steps) if self.lead else None)
+
+    def numerics_changes(self, context: dict[str, Any]) -> list[str]:
+        return self.inner.numerics_changes(context) if self.lead else []  # type: ignore[no-any-return]
+
+    def training(self, key: str) -> Any:
+        import contextlib
+
+        return self.inner.training(key) if self.lead else contextlib.nullcontext()
+
+    def publish(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.publish(*args, **kwargs) if self.lead else None
+
+    def remove(self, entry: Any) -> None:
+        if self.lead:
+            self.inner.remove(entry)

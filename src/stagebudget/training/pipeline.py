@@ -25,7 +25,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from stagebudget.errors import BudgetGuardError, TrainingDiverged
 from stagebudget.fileio import atomic_write_json
@@ -238,7 +238,9 @@ def _start(schedule: Schedule, out_dir: Path | None, device: str, cost: CostMode
                cost, device, max_new_tokens_for(suite, tokenizer),
                trust_remote_code=schedule.trust_remote_code)
     if prefix is not None:
-        run.prefix = prefix
+        # Several workers: rank 0 decides what is restored and writes each entry once.
+        run.prefix = (prefix if distributed.world_size() == 1
+                      else cast(PrefixCache, distributed.SharedCache(prefix)))
         context = run_context(schedule, path, suite, device)
         run.keys = stage_keys(context, schedule.stages)
         run.base_key = context_key(context)
@@ -259,10 +261,12 @@ def run_context(schedule: Schedule, model_path: Path, suite: Any, device: str) -
 
     from stagebudget.modelref import model_identity
 
+    workers = distributed.world_size()  # data-parallel sums differ from one process's
     return {"base_model": model_identity(model_path), "data": suite.digest(),
             "seed": schedule.seed, "device": device.split(":")[0],
             "threads": torch.get_num_threads(), **numerics(),
-            "trust_remote_code": schedule.trust_remote_code}
+            "trust_remote_code": schedule.trust_remote_code,
+            **({"workers": workers} if workers > 1 else {})}
 
 
 def _run_stage(run: _Run, index: int, spec: StageSpec, progress: Report | None) -> None:
@@ -311,18 +315,23 @@ def _replay(run: _Run, index: int, records: dict[str, Any]) -> None:
                "planned_seconds": run.planned_seconds(cached["step"])}
         run.curves.add(row)
         run.last_eval = _accuracies(row)
-    run.clock.credit(records["steps"], records["train_seconds"], records["eval_seconds"],
-                     records.get("guard_seconds"))
+    # An entry trained by several workers holds each one's spend: each credits its own.
+    own = records.get("workers", [records])[distributed.rank()]
+    run.clock.credit(records["steps"], own["train_seconds"], own["eval_seconds"],
+                     own.get("guard_seconds"))
 
 
 def _stage_records(run: _Run, index: int, steps: int, logs: list[dict[str, Any]],
                    start_seconds: float, **extra: Any) -> dict[str, Any]:
     """What a cache entry of stage ``index`` after ``steps`` steps records besides its files."""
     train, evaluation = run.clock.stage_seconds()
+    spend = {"train_seconds": train, "eval_seconds": evaluation,
+             "guard_seconds": run.clock.stage_guarded_seconds()}
+    workers = distributed.gather(spend)  # every rank calls this, at the same points
     return {"steps": steps, "rows": [r for r in run.curves.rows if r["stage_index"] == index],
-            "logs": [r for r in logs if r.get("step", 0) <= steps],
-            "train_seconds": train, "eval_seconds": evaluation, "start_seconds": start_seconds,
-            "guard_seconds": run.clock.stage_guarded_seconds(), **extra}
+            "logs": [r for r in logs if r.get("step", 0) <= steps], **spend,
+            "start_seconds": start_seconds, **({"workers": workers} if len(workers) > 1 else {}),
+            **extra}
 
 
 class _Publisher:
