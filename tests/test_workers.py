@@ -67,6 +67,8 @@ def test_two_workers_match_one_and_show_both_spends(tiny_base, tmp_path, one_thr
     assert [st["steps_done"] for st in ledger["stages"]] == [6, 2]
     assert all(st["train_seconds"] > 0 for w in workers for st in w["stages"])
     assert _rows(tmp_path / "two")[-1]["reward"] is not None
+    # the curve's budget axis counts every worker's seconds, as the ledger does
+    assert _rows(tmp_path / "two")[-1]["device_seconds"] == pytest.approx(ledger["train_seconds"])
     assert two.objectives()["device_hours"] == pytest.approx(ledger["device_hours"])
     assert one.ledger.get("workers") is None
 
@@ -208,3 +210,26 @@ def test_two_workers_share_the_prefix_cache_and_write_each_entry_once(tiny_base,
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two6")
     assert [s for s, _ in a] == [s for s, _ in b] == [2, 4, 6]
     assert max(abs(x - y) for (_, x), (_, y) in zip(a, b, strict=True)) <= LOSS_TOLERANCE
+
+
+@pytest.mark.slow
+def test_a_workers_exception_is_raised_in_the_trial_as_itself(tmp_path):
+    """A deterministic failure on the workers (a diverged loss) reaches the trial as the same
+    exception type, so the trainable records it FAILED and does not retry it."""
+    import functools
+
+    import ray
+
+    from stagebudget.errors import TrainingDiverged
+    from stagebudget.searching.workers import run_on_workers
+    from stagebudget.testing.fakes import fake_trial_fn
+
+    schedule = Schedule(base_model="builtin:test", tasks=TASKS, stages=(
+        StageSpec(kind="sft", steps=4, batch_size=8),))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(TrainingDiverged, match="sft"):
+            run_on_workers(functools.partial(fake_trial_fn, fail="diverge", seconds=0.0),
+                           schedule, workers=2, cpu=1, gpu=0, out_dir=tmp_path / "t")
+    finally:
+        ray.shutdown()

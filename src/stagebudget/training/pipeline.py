@@ -6,7 +6,8 @@ ID and OOD accuracy are measured at step 0 of every stage (the first point of st
 last of stage k-1, reused, not re-measured), every ``eval_interval`` steps and at the end of
 each stage. Every curve row is appended to ``curves.jsonl`` as it is measured and passed to
 ``report`` (the search forwards it to Ray). A row's ``planned_seconds`` is its budget point by
-the cost model (load-independent), ``device_seconds`` the training time measured so far.
+the cost model (load-independent), ``device_seconds`` the training time measured so far (over
+all workers of a data-parallel trial: :mod:`stagebudget.training.distributed`).
 
 Training time is charged to the schedule's budget (``budget_hours``). Every stage trains exactly
 its planned steps (the budget was enforced when the schedule was planned), so a result never
@@ -164,6 +165,11 @@ class _Run:
         self.record(acc, kind, index, step, logs)
         return acc
 
+    def trial_seconds(self) -> float:
+        """Nominal training device-seconds of the trial so far: this process's clock, or the
+        sum over the trial's workers (every rank calls this at the same points)."""
+        return sum(distributed.gather(self.clock.train_seconds()))
+
     def planned_seconds(self, step: int) -> float:
         """Planned training device-seconds up to ``step`` of the current stage: the budget point
         of a curve row by the cost model, the same on any load (measured seconds are not)."""
@@ -179,7 +185,7 @@ class _Run:
         self.curves.add({
             "stage": kind, "stage_index": index, "step": step,
             "global_step": self.curves.global_offset + step,
-            "device_seconds": self.clock.train_seconds(),
+            "device_seconds": self.trial_seconds(),
             "planned_seconds": self.planned_seconds(step),
             **_accuracies(acc),
             **signal,
@@ -307,7 +313,7 @@ def _replay(run: _Run, index: int, records: dict[str, Any]) -> None:
     """Add a cached prefix's curve rows to this run and credit its spend to the current stage.
     Budget points are re-based on this run: measured seconds on its own nominal clock, planned
     seconds on its cost model."""
-    start = run.clock.train_seconds()
+    start = run.trial_seconds()
     for cached in records["rows"]:
         row = {**cached, "stage_index": index,
                "global_step": run.curves.global_offset + cached["step"],
@@ -390,7 +396,7 @@ def _train_stage(run: _Run, index: int, spec: StageSpec, resume: Entry | None) -
 
     with run.clock.setting_up():
         run.materialize()
-    start_seconds = run.clock.train_seconds()
+    start_seconds = run.trial_seconds()
     logs: list[dict[str, Any]] = []
     measure_on_resume = False
     if resume is not None:
