@@ -233,3 +233,18 @@ def test_a_workers_exception_is_raised_in_the_trial_as_itself(tmp_path):
                            schedule, workers=2, cpu=1, gpu=0, out_dir=tmp_path / "t")
     finally:
         ray.shutdown()
+
+
+def test_workers_times_cpus_must_fit_this_machine(tmp_path):
+    import os
+
+    from stagebudget.errors import UserError
+    from stagebudget.searching.preflight import check_local_resources
+
+    cpus = os.cpu_count() or 1
+    space = SearchSpace.load(_space_file(tmp_path, workers=2 * cpus, batch_size=16 * cpus))
+    with pytest.raises(UserError, match=rf"cpu x workers {2 * cpus} = 1 x 1 x {2 * cpus} = "
+                                        rf"{2 * cpus} CPUs, but this machine has {cpus}"):
+        check_local_resources(space)
+    check_local_resources(SearchSpace.load(_space_file(tmp_path, workers=cpus,
+                                                       batch_size=16 * cpus)))
