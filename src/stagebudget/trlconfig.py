@@ -138,7 +138,7 @@ def config_class(spec: StageSpec) -> str:
     return get_kind(spec.kind).trl_config
 
 
-def trl_config_kwargs(spec: StageSpec, seed: int | None = None) -> dict[str, Any]:
+def trl_config_kwargs(spec: StageSpec, seed: int | None = None, workers: int = 1) -> dict[str, Any]:
     """TRL config arguments equivalent to one stage. The learning rate is constant (no warmup),
     as stagebudget trains.
 
@@ -148,7 +148,9 @@ def trl_config_kwargs(spec: StageSpec, seed: int | None = None) -> dict[str, Any
     ``beta``...) are TRL arguments of the same name. There is no ``eval_strategy``: stagebudget
     measures ID/OOD itself by greedy generation every ``eval_interval`` steps (a callback), not
     with the Trainer's eval loop, which would need an eval dataset. Precision depends on the
-    machine: see :func:`precision_kwargs`.
+    machine: see :func:`precision_kwargs`. With ``workers`` data-parallel processes the global
+    batch stays ``batch_size``: each trains ``batch_size / workers`` (the space checked that it
+    divides evenly).
 
     >>> trl_config_kwargs(StageSpec(kind="sft", steps=40, batch_size=8))["max_steps"]
     40
@@ -180,6 +182,11 @@ def trl_config_kwargs(spec: StageSpec, seed: int | None = None) -> dict[str, Any
     args.update(kind.trl_args)
     if spec.vllm is not None:
         args.update(vllm_kwargs(spec.vllm))
+    if workers > 1:
+        if args["per_device_train_batch_size"] % workers:
+            raise ValueError(f"batch_size {spec.batch_size} of the {spec.kind} stage does not split "
+                             f"evenly across {workers} workers")
+        args["per_device_train_batch_size"] //= workers
     return args
 
 

@@ -78,17 +78,21 @@ def check_local_resources(space: SearchSpace) -> None:
     res, n = space.resources_per_trial, space.concurrency
     cpus = os.cpu_count() or 1
     where = f"{space.source_file}: " if space.source_file else ""
-    if n * res.cpu > cpus:
+    # each of a trial's workers holds cpu/gpu
+    w, times = res.workers, (f" x workers {res.workers}" if res.workers > 1 else "")
+    if n * w * res.cpu > cpus:
         raise UserError(
-            f"{where}concurrency x resources_per_trial.cpu = {n} x {res.cpu:g} = "
-            f"{n * res.cpu:g} CPUs, but this machine has {cpus}; lower `concurrency` (--concurrency) or "
-            "`resources_per_trial.cpu`, or give --address of a Ray cluster")
+            f"{where}concurrency x resources_per_trial.cpu{times} = {n} x {res.cpu:g}"
+            f"{f' x {w}' if w > 1 else ''} = {n * w * res.cpu:g} CPUs, but this machine has "
+            f"{cpus}; lower `concurrency` (--concurrency), `resources_per_trial.cpu` or "
+            "`resources_per_trial.workers`, or give --address of a Ray cluster")
     if res.gpu > 0:
         gpus = _local_gpus()
-        if n * res.gpu > gpus:
+        if n * w * res.gpu > gpus:
             raise UserError(
-                f"{where}concurrency x resources_per_trial.gpu = {n} x {res.gpu:g} = "
-                f"{n * res.gpu:g} GPUs, but this machine has {gpus}; lower `concurrency` or "
+                f"{where}concurrency x resources_per_trial.gpu{times} = {n} x {res.gpu:g}"
+                f"{f' x {w}' if w > 1 else ''} = {n * w * res.gpu:g} GPUs, but this machine has "
+                f"{gpus}; lower `concurrency`, `resources_per_trial.workers` or "
                 "`resources_per_trial.gpu` (fractions such as 0.5 share a GPU)")
 
 

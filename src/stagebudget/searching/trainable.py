@@ -12,6 +12,7 @@ and reported with ``PRUNED_FLAG``; the searcher records PRUNED.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import socket
 import sys
@@ -38,6 +39,7 @@ from stagebudget.names import (
 from stagebudget.rundir import RunDir, TrialRecord, charged_hours, told_objectives
 from stagebudget.schedule import identity
 from stagebudget.searching.earlystop import StageGate
+from stagebudget.searching.workers import run_on_workers
 from stagebudget.space.points import checkpoint_steps, largest_cache_entry
 from stagebudget.space.schema import SearchSpace
 from stagebudget.trialresult import TrialResult
@@ -58,7 +60,7 @@ def resolve_trial_fn(fn: TrialFn | str | None) -> TrialFn:
     return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
 
 
-class _Reporter:
+class Reporter:
     """Forwards curve rows to Tune with every objective present (latest value so far)."""
 
     def __init__(self, report: Callable[[dict[str, Any]], None]) -> None:
@@ -66,6 +68,11 @@ class _Reporter:
         self.latest: dict[str, float] = {ID_ACCURACY: 0.0, OOD_ACCURACY: 0.0, DEVICE_HOURS: 0.0}
 
     def __call__(self, row: dict[str, Any]) -> None:
+        self.observe(row)
+        self.report({**row, **self.latest, "final": False})
+
+    def observe(self, row: dict[str, Any]) -> None:
+        """Take ``row``'s values as the latest, without reporting it."""
         for key in (ID_ACCURACY, OOD_ACCURACY):
             if row.get(key) is not None:
                 self.latest[key] = float(row[key])
@@ -74,7 +81,6 @@ class _Reporter:
         if isinstance(row.get("global_step"), int):
             # Ray's own loggers (MLflow, the JSON/CSV results under tune/) plot against this key.
             self.latest[STEP_KEY] = row["global_step"]
-        self.report({**row, **self.latest, "final": False})
 
 
 def _start_record(run: RunDir, key: str, params: dict[str, Any], schedule: dict[str, Any],
@@ -118,7 +124,8 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
 
     from stagebudget.space.points import reference_name
 
-    fn = resolve_trial_fn(trial_fn)
+    # a TrialResult, or a WorkersResult: what is read of either is objectives() and ledger
+    fn: Callable[..., Any] = resolve_trial_fn(trial_fn)
     run = RunDir(Path(run_dir))
     key = tune.get_context().get_trial_id()
     params = dict(config)
@@ -127,13 +134,17 @@ def trial_trainable(config: dict[str, Any], *, space: SearchSpace, run_dir: str,
     # The nominal cost: what the cost model planned (load-free), beside the measured ledger.
     record = _start_record(run, key, params, schedule.to_dict(), reference,
                            planned_hours=cost.schedule_hours(schedule))
-    reporter = _Reporter(tune.report)
+    reporter = Reporter(tune.report)
     twin = finished_twin(run, schedule.to_dict(), exclude=key) if space.reuse.enabled else None
     if twin is not None:
         reuse_twin(run, record, twin)
         tune.report({**reporter.latest, **told_objectives(record), SPENT_DEVICE_HOURS: 0.0,
                      "final": True})
         return
+    res = space.resources_per_trial
+    if res.workers > 1:  # data-parallel on Ray Train workers; rank 0 writes what fn would
+        fn = functools.partial(run_on_workers, trial_fn or DEFAULT_TRIAL_FN, workers=res.workers,
+                               cpu=res.cpu, gpu=res.gpu)
     try:
         prefix = space.reuse.cache(largest_cache_entry(space, cost))
         result = fn(schedule, out_dir=run.trial_dir(key), report=reporter, device=device,

@@ -387,6 +387,17 @@ def build_searcher(space: SearchSpace, *, run_dir: Path, study_name: str, storag
     return BudgetLimiter(limited, **limiter_kwargs), search
 
 
+def trial_resources(space: SearchSpace) -> dict[str, float]:
+    """What a trial's Tune actor holds. With several workers it only waits for its Ray Train
+    workers, which hold ``cpu``/``gpu`` each themselves (Train V2 schedules them apart from the
+    trial): the actor asks for no CPU, and a token byte of memory because Tune refuses an empty
+    request."""
+    res = space.resources_per_trial
+    if res.workers > 1:
+        return {"cpu": 0, "gpu": 0, "memory": 1}
+    return {"cpu": res.cpu, "gpu": res.gpu}
+
+
 def build_tuner(trainable: Callable[..., Any], space: SearchSpace, *, run_dir: Path,
                 study_name: str, storage: Any, num_samples: int, concurrency: int,
                 points: Sequence[dict[str, Any]], limiter_kwargs: dict[str, Any],
@@ -402,9 +413,8 @@ def build_tuner(trainable: Callable[..., Any], space: SearchSpace, *, run_dir: P
     budget, search = build_searcher(
         space, run_dir=run_dir, study_name=study_name, storage=storage, num_samples=num_samples,
         concurrency=concurrency, points=points, limiter_kwargs=limiter_kwargs, cost=cost)
-    res = space.resources_per_trial
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": res.cpu, "gpu": res.gpu}),
+        tune.with_resources(trainable, trial_resources(space)),
         # Concurrency is limited inside (max_concurrent_trials would wrap the budget limiter in a
         # second ConcurrencyLimiter). reuse_actors works with function trainables: one worker
         # process runs trial after trial, saving ~6 s of imports per real trial.

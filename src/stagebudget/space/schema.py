@@ -32,7 +32,7 @@ from stagebudget.plan.cost import (
     default_cost_model,
     plan_schedule,
 )
-from stagebudget.schedule import BUILTIN_SIZES, Schedule, Strict, TasksRef
+from stagebudget.schedule import BUILTIN_SIZES, Schedule, StageSpec, Strict, TasksRef
 from stagebudget.space.dims import FIXED_FIELDS, TUNABLE_FIELDS, Dist, StageDims, share_high, to_optuna
 from stagebudget.space.inputs import check_inputs, generated_tokens
 from stagebudget.space.points import check_feasible, feasibility_params, reference_points
@@ -98,8 +98,61 @@ class SamplerSpec(Strict):
 
 
 class Resources(Strict):
+    """What one trial holds. With ``workers: N`` (N > 1) the trial trains data-parallel on N
+    Ray Train workers, and ``cpu``/``gpu`` are what *each* worker holds."""
+
     cpu: float = Field(default=1, gt=0)
     gpu: float = Field(default=0, ge=0)
+    workers: int = Field(default=1, ge=1, le=1024, strict=True)
+
+
+def check_workers(workers: int, stages: dict[str, Any]) -> None:
+    """Refuse, before any compute, a multi-worker trial that cannot train as planned.
+
+    A stage's ``batch_size`` is the global batch: each of the ``workers`` trains its share of
+    every step, so the examples of a step (cpt/sft: ``batch_size``; rl: ``batch_size x
+    num_generations`` completions) must divide evenly, for every value the space can give
+    (fixed, each choice, every value of an int range).
+    """
+    if workers == 1:
+        return
+    field = "resources_per_trial.workers"
+    for kind, dims in stages.items():
+        generates = get_kind(kind).generates
+        sizes = _values_of(kind, dims, "batch_size", workers)
+        generations = _values_of(kind, dims, "num_generations", workers) if generates else [1]
+        bad = [(b, g) for b in sizes for g in generations if (b * g) % workers]
+        if bad:
+            b, g = bad[0]
+            what = (f"`stages.{kind}.batch_size` x `stages.{kind}.num_generations` (completions "
+                    "per step)" if generates else f"`stages.{kind}.batch_size`")
+            raise ValueError(
+                f"{what} is the global batch, split evenly across `{field}: {workers}`, so every "
+                f"value it can take must be a multiple of {workers}; {b * g}"
+                f"{f' = {b} x {g}' if generates else ''} is not (batch sizes: "
+                f"{sizes[:8]}{' ...' if len(sizes) > 8 else ''}). Give batch sizes that are "
+                f"multiples of {workers} (an int range with `low` and `step` multiples of "
+                f"{workers}), or change `{field}`")
+
+
+def _values_of(kind: str, dims: Any, name: str, workers: int) -> list[int]:
+    """The values a stage's int setting ``name`` can take (the kind's or StageSpec's default
+    when unset)."""
+    value = getattr(dims, name, None)
+    if value is None:
+        value = get_kind(kind).defaults.get(name, StageSpec.model_fields[name].default)
+    return _batch_sizes(value, workers)
+
+
+def _batch_sizes(value: Any, workers: int) -> list[int]:
+    """The batch sizes a fixed or searched ``batch_size`` can take; of an int range its first
+    ``workers + 1`` values (their remainders modulo ``workers`` repeat after that)."""
+    if not isinstance(value, Dist):
+        return [int(value)]
+    if value.type == "categorical":
+        return [int(c) for c in value.choices or ()]
+    step = int(value.step) if value.step is not None else 1
+    return list(range(int(value.low), int(value.high) + 1, step)[:workers + 1])  # type: ignore[arg-type]
 
 
 class EarlyStoppingSpec(Strict):
@@ -215,13 +268,18 @@ class SearchSpace(Strict):
                 raise ValueError(f"`{kind}.vllm` needs a GPU in every trial: set "
                                  "`resources_per_trial.gpu` > 0 (Ray hides GPUs from trials that "
                                  "ask for none), or leave vllm out")
-            processes = getattr(self.resources_per_trial, "workers", 1)
+            processes = self.resources_per_trial.workers
             tp = dims.vllm.tensor_parallel_size
             if processes % tp:
                 raise ValueError(
                     f"`{kind}.vllm.tensor_parallel_size` = {tp} must divide the trial's "
                     f"training processes ({processes}): TRL's colocated vLLM spans "
                     "tensor-parallel groups of training processes; use 1")
+        return self
+
+    @model_validator(mode="after")
+    def _workers_split_the_batch(self) -> SearchSpace:
+        check_workers(self.resources_per_trial.workers, self.stages)
         return self
 
     @field_validator("stages", mode="before")

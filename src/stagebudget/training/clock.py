@@ -269,6 +269,59 @@ class BudgetClock:
         }
 
 
+# Per-stage ledger fields that add up over the workers of one trial (device-seconds).
+_SUMMED = ("train_seconds", "eval_seconds", "setup_seconds", "cpu_seconds", "reused_train_seconds",
+           "reused_eval_seconds", "reused_guard_seconds")
+
+
+def combine_ledgers(ledgers: list[dict[str, Any]]) -> dict[str, Any]:
+    """One trial's ledger from the ledgers of its data-parallel workers (rank order).
+
+    Device-seconds add up: a trial on 2 workers that trained 10 s of wall time spent 20
+    device-seconds, and the budget (each worker held its share) adds up the same way. Steps
+    are the trial's (every worker took the same steps). ``workers`` lists what each worker
+    spent, so the record shows every worker's share.
+
+    >>> one = BudgetClock(budget_seconds=5.0); one.begin_stage("sft", 0, planned_steps=2,
+    ...     planned_seconds=1.0); one.current.train_seconds = 3.0
+    >>> both = combine_ledgers([one.ledger(), one.ledger()])
+    >>> both["train_seconds"], both["budget_seconds"], len(both["workers"])
+    (6.0, 10.0, 2)
+    """
+    first = {k: v for k, v in ledgers[0].items() if k != "host"}
+    total = {k: sum(float(led[k] or 0.0) for led in ledgers)
+             for k in ("train_seconds", "eval_seconds", "setup_seconds", "spent_train_seconds",
+                       "reused_train_seconds", "guarded_seconds")}
+    budget = (sum(float(led["budget_seconds"]) for led in ledgers)
+              if first["budget_seconds"] is not None else None)
+    stages = []
+    for entries in zip(*(led["stages"] for led in ledgers), strict=True):
+        stage = {**entries[0], **{k: sum(float(e[k]) for e in entries) for k in _SUMMED}}
+        stage["max_step_seconds"] = max(float(e["max_step_seconds"]) for e in entries)
+        stage["stopped_by_guard"] = any(e["stopped_by_guard"] for e in entries)
+        stages.append(stage)
+    overrun = max(0.0, total["train_seconds"] - budget) if budget is not None else 0.0
+    guard = first["guard_seconds"]
+    return {
+        **first, **total, "budget_seconds": budget,
+        "device_hours": total["train_seconds"] / SECONDS_PER_HOUR,
+        "spent_device_hours": total["spent_train_seconds"] / SECONDS_PER_HOUR,
+        "guard_seconds": guard * len(ledgers) if guard is not None else None,
+        "over_budget": overrun > 0, "overrun_seconds": overrun,
+        "stopped_by_guard": any(led["stopped_by_guard"] for led in ledgers),
+        "stages": stages,
+        "workers": [{"rank": r, "host": led.get("host"),
+                     **{k: led[k] for k in ("train_seconds", "spent_train_seconds",
+                                            "reused_train_seconds", "eval_seconds",
+                                            "setup_seconds", "guarded_seconds")},
+                     "stages": [{k: s[k] for k in ("index", "kind", "train_seconds", "eval_seconds",
+                                                   "cpu_seconds", "steps_done", "reused_steps",
+                                                   "reused_train_seconds")}
+                                for s in led["stages"]]}
+                    for r, led in enumerate(ledgers)],
+    }
+
+
 def budget_callback(clock: BudgetClock) -> Any:
     """A ``TrainerCallback`` that stops a runaway stage once the overrun guard is passed.
 
@@ -277,6 +330,8 @@ def budget_callback(clock: BudgetClock) -> Any:
     transformers.
     """
     from transformers import TrainerCallback
+
+    from stagebudget.training.distributed import any_rank
 
     class BudgetCallback(TrainerCallback):  # type: ignore[misc]
         """Record the slowest step; stop and mark the stage when the guard is passed."""
@@ -292,7 +347,9 @@ def budget_callback(clock: BudgetClock) -> Any:
             entry = clock.current
             entry.max_step_seconds = max(entry.max_step_seconds, now - self.last_mark)
             self.last_mark = now
-            if clock.past_guard() and state.global_step < state.max_steps:
+            # Several workers stop together or not at all (a lone stopped worker would leave
+            # the others waiting at the next gradient all-reduce).
+            if any_rank(clock.past_guard()) and state.global_step < state.max_steps:
                 control.should_training_stop = True
                 entry.stopped_by_guard = True
 

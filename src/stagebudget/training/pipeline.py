@@ -6,7 +6,8 @@ ID and OOD accuracy are measured at step 0 of every stage (the first point of st
 last of stage k-1, reused, not re-measured), every ``eval_interval`` steps and at the end of
 each stage. Every curve row is appended to ``curves.jsonl`` as it is measured and passed to
 ``report`` (the search forwards it to Ray). A row's ``planned_seconds`` is its budget point by
-the cost model (load-independent), ``device_seconds`` the training time measured so far.
+the cost model (load-independent), ``device_seconds`` the training time measured so far (over
+all workers of a data-parallel trial: :mod:`stagebudget.training.distributed`).
 
 Training time is charged to the schedule's budget (``budget_hours``). Every stage trains exactly
 its planned steps (the budget was enforced when the schedule was planned), so a result never
@@ -25,7 +26,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from stagebudget.errors import BudgetGuardError, TrainingDiverged
 from stagebudget.fileio import atomic_write_json
@@ -52,7 +53,8 @@ from stagebudget.prefixcache import (
 )
 from stagebudget.schedule import Schedule, StageSpec
 from stagebudget.stats import OUTCOMES_OF
-from stagebudget.training.clock import BudgetClock
+from stagebudget.training import distributed
+from stagebudget.training.clock import BudgetClock, combine_ledgers
 from stagebudget.trialresult import TrialResult
 from stagebudget.trlconfig import config_class, lora_kwargs, trl_config_kwargs
 from stagebudget.version import numerics
@@ -159,9 +161,18 @@ class _Run:
         from stagebudget.training.evaluate import evaluate
 
         with self.clock.evaluating():
-            acc = evaluate(model, self.tokenizer, self.suite, max_new_tokens=self.max_new_tokens)
+            # Several workers: rank 0 evaluates, the others wait for its result (their wait is
+            # evaluation time too) and record the same row.
+            acc = (evaluate(model, self.tokenizer, self.suite, max_new_tokens=self.max_new_tokens)
+                   if distributed.rank() == 0 else None)
+            acc = distributed.from_rank0(acc)
         self.record(acc, kind, index, step, logs)
         return acc
+
+    def trial_seconds(self) -> float:
+        """Nominal training device-seconds of the trial so far: this process's clock, or the
+        sum over the trial's workers (every rank calls this at the same points)."""
+        return sum(distributed.gather(self.clock.train_seconds()))
 
     def planned_seconds(self, step: int) -> float:
         """Planned training device-seconds up to ``step`` of the current stage: the budget point
@@ -178,7 +189,7 @@ class _Run:
         self.curves.add({
             "stage": kind, "stage_index": index, "step": step,
             "global_step": self.curves.global_offset + step,
-            "device_seconds": self.clock.train_seconds(),
+            "device_seconds": self.trial_seconds(),
             "planned_seconds": self.planned_seconds(step),
             **_evaluation(acc),
             **signal,
@@ -234,13 +245,17 @@ def _start(schedule: Schedule, out_dir: Path | None, device: str, cost: CostMode
 
     import torch
 
+    if budget is not None:  # each of several workers holds its share of the trial's budget
+        budget /= distributed.world_size()
     clock = BudgetClock(budget, device=device, guard=guard, cpu_timer=time.process_time,
                         threads=torch.get_num_threads())
     run = _Run(schedule, model, tokenizer, suite, clock, _Curves(out_dir, report, progress),
                cost, device, max_new_tokens_for(suite, tokenizer),
                trust_remote_code=schedule.trust_remote_code)
     if prefix is not None:
-        run.prefix = prefix
+        # Several workers: rank 0 decides what is restored and writes each entry once.
+        run.prefix = (prefix if distributed.world_size() == 1
+                      else cast(PrefixCache, distributed.SharedCache(prefix)))
         context = run_context(schedule, path, suite, device)
         run.keys = stage_keys(context, schedule.stages)
         run.base_key = context_key(context)
@@ -261,10 +276,12 @@ def run_context(schedule: Schedule, model_path: Path, suite: Any, device: str) -
 
     from stagebudget.modelref import model_identity
 
+    workers = distributed.world_size()  # data-parallel sums differ from one process's
     return {"base_model": model_identity(model_path), "data": suite.digest(),
             "seed": schedule.seed, "device": device.split(":")[0],
             "threads": torch.get_num_threads(), **numerics(),
-            "trust_remote_code": schedule.trust_remote_code}
+            "trust_remote_code": schedule.trust_remote_code,
+            **({"workers": workers} if workers > 1 else {})}
 
 
 def _run_stage(run: _Run, index: int, spec: StageSpec, progress: Report | None) -> None:
@@ -305,7 +322,7 @@ def _replay(run: _Run, index: int, records: dict[str, Any]) -> None:
     """Add a cached prefix's curve rows to this run and credit its spend to the current stage.
     Budget points are re-based on this run: measured seconds on its own nominal clock, planned
     seconds on its cost model."""
-    start = run.clock.train_seconds()
+    start = run.trial_seconds()
     for cached in records["rows"]:
         row = {**cached, "stage_index": index,
                "global_step": run.curves.global_offset + cached["step"],
@@ -313,18 +330,23 @@ def _replay(run: _Run, index: int, records: dict[str, Any]) -> None:
                "planned_seconds": run.planned_seconds(cached["step"])}
         run.curves.add(row)
         run.last_eval = _evaluation(row)
-    run.clock.credit(records["steps"], records["train_seconds"], records["eval_seconds"],
-                     records.get("guard_seconds"))
+    # An entry trained by several workers holds each one's spend: each credits its own.
+    own = records.get("workers", [records])[distributed.rank()]
+    run.clock.credit(records["steps"], own["train_seconds"], own["eval_seconds"],
+                     own.get("guard_seconds"))
 
 
 def _stage_records(run: _Run, index: int, steps: int, logs: list[dict[str, Any]],
                    start_seconds: float, **extra: Any) -> dict[str, Any]:
     """What a cache entry of stage ``index`` after ``steps`` steps records besides its files."""
     train, evaluation = run.clock.stage_seconds()
+    spend = {"train_seconds": train, "eval_seconds": evaluation,
+             "guard_seconds": run.clock.stage_guarded_seconds()}
+    workers = distributed.gather(spend)  # every rank calls this, at the same points
     return {"steps": steps, "rows": [r for r in run.curves.rows if r["stage_index"] == index],
-            "logs": [r for r in logs if r.get("step", 0) <= steps],
-            "train_seconds": train, "eval_seconds": evaluation, "start_seconds": start_seconds,
-            "guard_seconds": run.clock.stage_guarded_seconds(), **extra}
+            "logs": [r for r in logs if r.get("step", 0) <= steps], **spend,
+            "start_seconds": start_seconds, **({"workers": workers} if len(workers) > 1 else {}),
+            **extra}
 
 
 class _Publisher:
@@ -383,7 +405,7 @@ def _train_stage(run: _Run, index: int, spec: StageSpec, resume: Entry | None) -
 
     with run.clock.setting_up():
         run.materialize()
-    start_seconds = run.clock.train_seconds()
+    start_seconds = run.trial_seconds()
     logs: list[dict[str, Any]] = []
     measure_on_resume = False
     if resume is not None:
@@ -492,15 +514,17 @@ def run_schedule(
     run = _start(schedule, out, dev, cost_model, base_dir, report, progress, guard,
                  prefix_cache)
     run.checkpoint_steps, run.recovery_seconds = checkpoint_steps, recovery_seconds
+    ledger: dict[str, Any] | None = None
     try:
         for index, spec in enumerate(schedule.stages):
             _run_stage(run, index, spec, progress)
             if stage_end is not None and index < len(schedule.stages) - 1:
-                stage_end(index, dict(run.curves.rows[-1]))
+                _stage_end(stage_end, index, dict(run.curves.rows[-1]))
+        ledger = _trial_ledger(run)
     finally:
         if out is not None:
-            atomic_write_json(out / "ledger.json", run.clock.ledger())
-    result = _result(run)
+            atomic_write_json(out / "ledger.json", ledger or run.clock.ledger())
+    result = _result(run, ledger)
     if out is not None:
         atomic_write_json(out / "metrics.json", result.metrics)
         if save_model:
@@ -510,9 +534,33 @@ def run_schedule(
     return result
 
 
-def _result(run: _Run) -> TrialResult:
+def _stage_end(stage_end: StageEnd, index: int, row: dict[str, Any]) -> None:
+    """Call ``stage_end`` (early stopping) on rank 0; every rank raises what it raised."""
+    error: BaseException | None = None
+    if distributed.rank() == 0:
+        try:
+            stage_end(index, row)
+        except Exception as exc:  # handed to every rank, then raised
+            error = exc
+    error = distributed.from_rank0(error)
+    if error is not None:
+        raise error
+
+
+def _trial_ledger(run: _Run) -> dict[str, Any]:
+    """The trial's ledger: this process's, or with several workers every worker's combined
+    (device-seconds summed over workers, each worker's own spend listed under ``workers``)."""
+    import socket
+
+    if distributed.world_size() == 1:
+        return run.clock.ledger()
+    return combine_ledgers(distributed.gather({**run.clock.ledger(),
+                                               "host": socket.gethostname()}))
+
+
+def _result(run: _Run, ledger: dict[str, Any] | None = None) -> TrialResult:
     """Objectives, per-stage metrics and planned-vs-measured seconds of a finished run."""
-    ledger = run.clock.ledger()
+    ledger = ledger if ledger is not None else run.clock.ledger()
     final = run.last_eval or {ID_ACCURACY: math.nan, OOD_ACCURACY: math.nan}
     planned_hours = run.cost.schedule_hours(run.schedule)
     stages = []

@@ -18,6 +18,7 @@ from typing import Any
 
 from stagebudget.errors import TrainingDiverged
 from stagebudget.schedule import StageSpec
+from stagebudget.training import distributed
 from stagebudget.training.clock import BudgetClock, budget_callback
 from stagebudget.trlconfig import lora_kwargs, precision_kwargs, trl_config_kwargs
 
@@ -134,8 +135,12 @@ def training_args(ctx: StageContext, **extra: Any) -> dict[str, Any]:
     """
     spec = ctx.spec
     args: dict[str, Any] = {
-        **trl_config_kwargs(spec, ctx.seed),
-        "output_dir": tempfile.mkdtemp(prefix=f"stagebudget-{spec.kind}-"),
+        # several data-parallel workers split the stage's batch (same global batch)
+        **trl_config_kwargs(spec, ctx.seed, workers=distributed.world_size()),
+        # one folder for all workers: a checkpoint holds every worker's RNG state
+        "output_dir": distributed.from_rank0(
+            tempfile.mkdtemp(prefix=f"stagebudget-{spec.kind}-") if distributed.rank() == 0
+            else None),
         "logging_nan_inf_filter": False,  # a NaN loss must reach the divergence check
         "disable_tqdm": True,
         **precision_args(ctx.device),
@@ -186,17 +191,22 @@ def _checkpoint_callback(ctx: StageContext) -> Any:
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             step = state.global_step
             due = ctx.clock.train_seconds() - self.last_saved >= ctx.recovery_seconds
-            if step in at or (step % every == 0 and due):
+            # workers save together or not at all: rank 0's clock decides
+            if step in at or (step % every == 0 and distributed.from_rank0(due)):
                 control.should_save = True
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.last_saved = ctx.clock.train_seconds()
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if os.path.isdir(folder):
+            # Several workers: each wrote its part (its RNG state) of rank 0's folder; every
+            # rank takes part in publishing (its spend is recorded), rank 0 writes the entry.
+            distributed.barrier()
+            if distributed.from_rank0(os.path.isdir(folder)):
                 try:
                     publish(int(state.global_step), folder)
                 finally:
-                    shutil.rmtree(folder, ignore_errors=True)
+                    if distributed.rank() == 0:
+                        shutil.rmtree(folder, ignore_errors=True)
 
     return CheckpointCallback()
 
@@ -248,7 +258,8 @@ def train_and_merge(ctx: StageContext, trainer: Any) -> tuple[Any, int, str | No
             with ctx.clock.training():
                 trainer.train(resume_from_checkpoint=ctx.resume_from)
     finally:
-        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+        if distributed.rank() == 0:  # the workers' shared folder: rank 0 made it
+            shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     with ctx.clock.setting_up():
         adapter = save_adapter(trainer.model) if ctx.keep_adapter else None
         model = merge(trainer.model)
