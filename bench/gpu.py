@@ -364,7 +364,8 @@ def report(result: dict[str, Any]) -> str:
     if "grpo" in result:
         lines += ["", "| GRPO (LoRA 16) | s/step | share generating |", "|---|---|---|"]
         for name, row in result["grpo"].items():
-            lines.append(f"| {name} | {row['s_per_step']:.3f} | {row['generate_share']:.0%} |")
+            if isinstance(row, dict):  # "vllm_skipped" holds the reason, not a row
+                lines.append(f"| {name} | {row['s_per_step']:.3f} | {row['generate_share']:.0%} |")
         speedup = result["grpo"]["stagebudget"]["speedup_vs_trl"]
         lines.append(f"stagebudget vs plain TRL GRPO: {speedup:.2f}x faster (target >= 1.5x)")
     if "grpo" in result and "stagebudget_vllm" in result["grpo"]:

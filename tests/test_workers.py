@@ -45,7 +45,8 @@ def test_two_workers_match_one_and_show_both_spends(tiny_base, tmp_path, one_thr
                    max_completion_length=8, eval_interval=2, learning_rate=1e-2)
     schedule = Schedule(base_model=str(tiny_base), tasks=TASKS, budget_hours=0.01, stages=(sft,))
     one = run_schedule(schedule, tmp_path / "one", device="cpu", cost=COST)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a private Ray (a bare ray.init() joins a cluster another test left running)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         two = run_on_workers("stagebudget.training.pipeline:run_schedule",
                              schedule.model_copy(update={"stages": (sft, rl)}), workers=2,
@@ -187,7 +188,8 @@ def test_two_workers_share_the_prefix_cache_and_write_each_entry_once(tiny_base,
 
     run_schedule(sft(6), tmp_path / "one", device="cpu", cost=COST)
     cache = PrefixCache(tmp_path / "cache")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a private Ray (a bare ray.init() joins a cluster another test left running)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         first, second = (run_on_workers(
             "stagebudget.training.pipeline:run_schedule", sft(steps), workers=2, cpu=1, gpu=0,
@@ -226,7 +228,8 @@ def test_a_workers_exception_is_raised_in_the_trial_as_itself(tmp_path):
 
     schedule = Schedule(base_model="builtin:test", tasks=TASKS, stages=(
         StageSpec(kind="sft", steps=4, batch_size=8),))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a private Ray (a bare ray.init() joins a cluster another test left running)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with pytest.raises(TrainingDiverged, match="sft"):
             run_on_workers(functools.partial(fake_trial_fn, fail="diverge", seconds=0.0),
