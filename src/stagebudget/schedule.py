@@ -58,6 +58,12 @@ def _check_targets(v: str) -> str:
     return v
 
 
+def vllm_misplaced(field: str) -> str:
+    """The one message for a ``vllm`` setting on a stage kind that does not generate."""
+    gen = [k for k in stage_kinds() if get_kind(k).generates]
+    return f"`{field}` applies only to stages that generate ({' / '.join(gen)})"
+
+
 class VLLMSpec(Strict):
     """A generating stage's completions sampled by vLLM (TRL's ``use_vllm``) instead of
     transformers' ``generate``: faster GRPO steps on a CUDA GPU, not bit-reproducible.
@@ -123,9 +129,7 @@ class StageSpec(Strict):
             raise ValueError(f"`{given[0]}` applies only to {' / '.join(owners)} stages, but this "
                              f"stage is kind={self.kind!r}")
         if self.vllm is not None and not get_kind(self.kind).generates:
-            gen = [k for k in stage_kinds() if get_kind(k).generates]
-            raise ValueError(f"`vllm` applies only to stages that generate ({' / '.join(gen)}), "
-                             f"but this stage is kind={self.kind!r}")
+            raise ValueError(f"{vllm_misplaced('vllm')}, but this stage is kind={self.kind!r}")
         for name, value in own.items():  # the kind's defaults, written once in its registration
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)

@@ -32,7 +32,7 @@ from stagebudget.plan.cost import (
     default_cost_model,
     plan_schedule,
 )
-from stagebudget.schedule import BUILTIN_SIZES, Schedule, StageSpec, Strict, TasksRef
+from stagebudget.schedule import BUILTIN_SIZES, Schedule, StageSpec, Strict, TasksRef, vllm_misplaced
 from stagebudget.space.dims import FIXED_FIELDS, TUNABLE_FIELDS, Dist, StageDims, share_high, to_optuna
 from stagebudget.space.inputs import check_inputs, generated_tokens
 from stagebudget.space.points import check_feasible, feasibility_params, reference_points
@@ -307,9 +307,7 @@ class SearchSpace(Strict):
             raise ValueError(f"the stages' largest shares add up to {top:g} > 1")
         for kind, dims in v.items():
             if dims.vllm is not None and not get_kind(kind).generates:
-                gen = [k for k in stage_kinds() if get_kind(k).generates]
-                raise ValueError(f"`{kind}.vllm` applies only to stages that generate "
-                                 f"({' / '.join(gen)})")
+                raise ValueError(vllm_misplaced(f"{kind}.vllm"))
             own = get_kind(kind).defaults
             extra = [f for f in kind_only_fields() if f not in own and getattr(dims, f) is not None]
             if extra:
