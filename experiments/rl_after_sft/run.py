@@ -201,7 +201,7 @@ def analyse(work: Path) -> None:
         for sft_steps in SFT_STEPS:
             for rank in RL_RANKS:
                 path = work / f"sft{sft_steps}_rl{rank}_s{seed}" / "curves.jsonl"
-                if not path.is_file():
+                if not path.with_name("metrics.json").is_file():  # written when a run ends
                     continue
                 rows = read_curve(path)
                 curves += [{"sft_steps": sft_steps, "rl_rank": rank, "seed": seed,
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.analyse:
         # seed-major, short SFT first: a longer SFT prefix goes on from a shorter one's end
         todo = [(s, r, seed, str(args.work)) for seed in SEEDS for s in SFT_STEPS for r in RL_RANKS
-                if not (args.work / f"sft{s}_rl{r}_s{seed}" / "curves.jsonl").is_file()]
+                if not (args.work / f"sft{s}_rl{r}_s{seed}" / "metrics.json").is_file()]
         train_all(train, todo, args.jobs)
     analyse(args.work)
 

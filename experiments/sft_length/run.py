@@ -177,7 +177,7 @@ def analyse(work: Path) -> None:
     for rank in RANKS:
         for seed in SEEDS:
             folder = work / f"r{rank}_s{seed}"
-            if not (folder / "whole" / "curves.jsonl").is_file():
+            if not (folder / "whole" / "metrics.json").is_file():  # written when a run ends
                 continue
             rows = load_rows(folder)
             curves += [{"rank": rank, "seed": seed, "step": r["step"],
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.analyse:
         todo = [(rank, seed, str(args.work)) for rank in RANKS for seed in SEEDS
-                if not (args.work / f"r{rank}_s{seed}" / "whole" / "curves.jsonl").is_file()]
+                if not (args.work / f"r{rank}_s{seed}" / "whole" / "metrics.json").is_file()]
         train_all(train, todo, args.jobs)
     analyse(args.work)
 
