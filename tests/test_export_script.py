@@ -20,7 +20,8 @@ SCHEDULE = Schedule(
     base_model="builtin:test", seed=3,
     tasks=TasksRef(n_train=64, n_id_test=16, n_ood_test=16),
     stages=(
-        StageSpec(kind="cpt", steps=2, lora_rank=0, batch_size=8, eval_interval=5),
+        # raw sequences: the exported script builds the same cpt corpus as the trial
+        StageSpec(kind="cpt", steps=2, lora_rank=0, batch_size=8, eval_interval=5, corpus="raw"),
         StageSpec(kind="sft", steps=4, lora_rank=4, batch_size=8, eval_interval=2,
                   learning_rate=1e-2),
         StageSpec(kind="rl", steps=3, lora_rank=2, batch_size=2, num_generations=4,

@@ -56,7 +56,8 @@ def toy_kind():
 def test_builtin_kinds_in_stage_order():
     assert stage_kinds() == ("cpt", "sft", "rl")
     assert set(kind_only_fields()) == {"num_generations", "max_completion_length", "beta",
-                                       "temperature"}
+                                       "temperature", "corpus"}
+    assert get_kind("cpt").data_fields == ("corpus",)
     assert kinds_with_role(IMITATION) == ("sft",) and kinds_with_role(REINFORCEMENT) == ("rl",)
     assert signal_columns() == ("train_loss", "reward")
     assert [k for k in stage_kinds() if get_kind(k).text_corpus] == ["cpt"]
@@ -112,6 +113,9 @@ def test_a_toy_kinds_facts_reach_their_readers(tmp_path, toy_kind):
     # it trains on a text corpus: the export says how many texts a pass
     assert stage_export(spec, 0, 1, "cpu")["corpus_size"] == corpus_size(spec) == 400
     assert "corpus_size" not in stage_export(StageSpec(kind="sft", steps=5), 0, 1, "cpu")
+    # which corpus: cpt's own option, else the base's pre-training mixture
+    assert stage_export(StageSpec(kind="cpt", steps=5, corpus="raw"), 0, 1, "cpu")["corpus"] == "raw"
+    assert stage_export(spec, 0, 1, "cpu")["corpus"] == "mixture"
     # the exported script builds its data from its own code and trains it with SFTTrainer
     schedule = Schedule(stages=(StageSpec(kind="sft", steps=5), spec, StageSpec(kind="rl", steps=5)))
     script = render_script({"schedule": schedule.to_dict(), "source": {}, "trl": [

@@ -65,6 +65,8 @@ def test_rl_defaults_filled_only_for_rl():
         ({"stages": [{"kind": "sft", "steps": 0}]}, "stages.0.steps"),
         ({"stages": [{"kind": "sfx", "steps": 3}]}, "allowed: cpt, sft, rl"),
         ({"stages": [{"kind": "sft", "steps": 3, "beta": 0.1}]}, "applies only to rl"),
+        ({"stages": [{"kind": "sft", "steps": 3, "corpus": "raw"}]}, "applies only to cpt"),
+        ({"stages": [{"kind": "cpt", "steps": 3, "corpus": "tasks"}]}, "'mixture' or 'raw'"),
         ({"stages": [{"kind": "sft", "steps": 3, "lora_rank": -1}]}, "lora_rank"),
         ({"stages": [{"kind": "sft", "steps": 3, "bogus": 1}]}, "unknown key `bogus`"),
         ({"stages": []}, "at least one stage"),
@@ -114,3 +116,16 @@ def test_labels_show_every_setting_in_which_schedules_differ():
                                    learning_rate=1e-3, batch_size=64),))
     assert c.describe(label_fields([a, c])) == "sft 409@r16 alpha=8"
     assert a.describe(label_fields([a, c])) == "sft 409@r16 alpha=32"
+
+
+def test_a_cpt_corpus_is_written_only_when_set():
+    """Unset, ``corpus`` is not serialised (every existing schedule keeps its digest); set, it is
+    another schedule and another prefix-cache key."""
+    plain = Schedule(stages=(StageSpec(kind="cpt", steps=3),))
+    mixture = Schedule(stages=(StageSpec(kind="cpt", steps=3, corpus="mixture"),))
+    raw = Schedule(stages=(StageSpec(kind="cpt", steps=3, corpus="raw"),))
+    assert "corpus" not in plain.to_dict()["stages"][0]
+    assert raw.to_dict()["stages"][0]["corpus"] == "raw"
+    assert len({plain.digest(), raw.digest()}) == 2
+    assert Schedule.from_dict(raw.to_dict()) == raw
+    assert mixture.stages[0].corpus == "mixture"

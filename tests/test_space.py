@@ -107,6 +107,22 @@ def test_params_to_schedule_uses_rest_share(tmp_path):
     assert [st.kind for st in only_sft.stages] == ["sft"]
 
 
+def test_a_cpt_corpus_is_fixed_or_searched_like_any_stage_setting(tmp_path):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data["stages"] = {"cpt": {"share": 0.25, "corpus": "raw", "lora_rank": 8}, **data["stages"]}
+    data["stages"]["sft"]["share"] = {"type": "float", "low": 0.0, "high": 0.5, "step": 0.25}
+    space = SearchSpace.load(write(tmp_path, data))
+    params = {"sft.share": 0.25, "sft.lora_rank": 8, "sft.learning_rate": 1e-3}
+    cpt = space.schedule_from_params(params, space.cost_model()).stages[0]
+    assert (cpt.kind, cpt.corpus) == ("cpt", "raw")
+    data["stages"]["cpt"]["corpus"] = {"type": "categorical", "choices": ["mixture", "raw"]}
+    space = SearchSpace.load(write(tmp_path, data))
+    assert "cpt.corpus" in space.dimensions()
+    data["stages"]["cpt"]["corpus"] = "tasks"
+    with pytest.raises(ConfigError, match=r"mixture.*raw"):
+        SearchSpace.load(write(tmp_path, data))
+
+
 def test_reference_points_are_inside_the_space(tmp_path):
     space = SearchSpace.load(write(tmp_path, BASE))
     refs = dict(space.reference_points())
@@ -148,6 +164,7 @@ def bad(**changes):
         (bad(stages__sft__lora_rank=-4), ["lora_rank"]),
         (bad(stages__ppo={"share": 0.1}), ["unknown stage 'ppo'"]),
         (bad(stages__sft__num_generations=4), ["only to the rl stage"]),
+        (bad(stages__sft__corpus="raw"), ["only to the cpt stage"]),
         (bad(stages__rl__share=0.5), ["add up"]),
         (bad(concurrency=0), ["concurrency"]),
     ],

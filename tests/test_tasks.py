@@ -224,6 +224,19 @@ def test_pretrain_corpus_has_all_variants():
     assert max(map(len, texts)) <= 64
 
 
+def test_the_raw_corpus_holds_sequences_and_no_task():
+    """``corpus="raw"`` (a cpt stage's option): DNA and protein chunks only, no task prompt, no
+    rule; the same texts for the same seed."""
+    texts = pretrain_corpus(seed=0, n=400, corpus="raw")
+    assert len(texts) == 400 and texts == pretrain_corpus(seed=0, n=400, corpus="raw")
+    assert texts != pretrain_corpus(seed=1, n=400, corpus="raw")
+    assert not any(":" in t or "=" in t for t in texts)
+    assert set("".join(texts)) <= set("ACDEFGHIKLMNPQRSTVWYBXZUO*")
+    assert all(16 <= len(t) <= 30 for t in texts)
+    with pytest.raises(ValueError, match="the corpora are mixture, raw"):
+        pretrain_corpus(n=5, corpus="tasks")
+
+
 # ---------------------------------------------------------------- chat prompts, scorers as code
 def _write_rows(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -40,6 +40,8 @@ class StageKindInfo:
 
     ``text_corpus``: the stage trains on the generated pre-training corpus, one pass of
     :func:`~stagebudget.trlconfig.corpus_size` texts (exports say how many), not on the tasks.
+    ``data_fields``: those of ``defaults`` that choose the stage's training data (cpt's
+    ``corpus``); the others are TRL config fields, passed to ``trl_config`` as they are.
     ``signal``: the curve column its training signal fills, read from the TRL log entry
     ``signal_log``. ``role``: one of :data:`ROLES`, or None (a stage outside the SFT/RL
     trade-off, such as cpt). ``script_data``: the exported script's code that builds the
@@ -58,6 +60,7 @@ class StageKindInfo:
     uses_max_length: bool = True
     first_only: bool = False
     text_corpus: bool = False
+    data_fields: tuple[str, ...] = ()
     signal: str = "train_loss"
     signal_log: str = "loss"
     role: str | None = None
@@ -126,11 +129,11 @@ def signal_columns() -> tuple[str, ...]:
 
 register_stage_kind(StageKindInfo(
     name="cpt", order=0, runner="stagebudget.training.stages.cpt:run_cpt", trl_config="trl.SFTConfig",
-    first_only=True, text_corpus=True,
+    first_only=True, text_corpus=True, defaults={"corpus": None}, data_fields=("corpus",),
     trl_args={"completion_only_loss": False, "dataset_text_field": "text"},
     script_doc="raw text",
-    script_data='''return Dataset.from_list([{"text": t}
-                          for t in pretrain_corpus(seed=SEED, n=stage["corpus_size"])])'''))
+    script_data='''return Dataset.from_list([{"text": t} for t in pretrain_corpus(
+        seed=SEED, n=stage["corpus_size"], corpus=stage["corpus"])])'''))
 register_stage_kind(StageKindInfo(
     name="sft", order=10, runner="stagebudget.training.stages.sft:run_sft", trl_config="trl.SFTConfig",
     role=IMITATION,

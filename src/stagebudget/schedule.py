@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -31,6 +31,11 @@ from stagebudget.fileio import atomic_write_yaml, read_yaml
 from stagebudget.kinds import get_kind, kind_only_fields, stage_kinds
 
 LORA_TARGETS = "all-linear"  # every linear layer but the output head (Llama, Qwen and others)
+# The texts a cpt stage trains on (tasks/corpus.py builds them): "mixture", the default, is the
+# built-in base's own pre-training mixture (raw sequences and task examples under every rule);
+# "raw" holds the raw DNA and protein chunks alone.
+CorpusName = Literal["mixture", "raw"]
+CPT_CORPORA: tuple[str, ...] = get_args(CorpusName)
 
 
 class Strict(BaseModel):
@@ -113,6 +118,9 @@ class StageSpec(Strict):
     temperature: float | None = Field(default=None, gt=0, strict=True)
     vllm: VLLMSpec | None = Field(default=None, description="generating stages (rl): sample "
                                   "completions with vLLM on a CUDA GPU; unset: transformers")
+    corpus: CorpusName | None = Field(
+        default=None, description=f"cpt stages: the texts trained on, one of {CPT_CORPORA}; unset: "
+                                  f"'{CPT_CORPORA[0]}'")
 
     @field_validator("kind")
     @classmethod

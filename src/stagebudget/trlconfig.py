@@ -14,7 +14,7 @@ import copy
 from typing import Any
 
 from stagebudget.kinds import get_kind
-from stagebudget.schedule import StageSpec, VLLMSpec
+from stagebudget.schedule import CPT_CORPORA, StageSpec, VLLMSpec
 
 MIN_CORPUS = 256  # the fewest texts a cpt stage trains on
 
@@ -133,6 +133,18 @@ def corpus_size(spec: StageSpec) -> int:
     return max(MIN_CORPUS, spec.steps * spec.batch_size)
 
 
+def corpus_name(spec: StageSpec) -> str:
+    """The corpus a ``text_corpus`` stage (cpt) trains on: its ``corpus``, else the first of
+    :data:`~stagebudget.schedule.CPT_CORPORA` (the base's pre-training mixture).
+
+    >>> corpus_name(StageSpec(kind="cpt", steps=10))
+    'mixture'
+    >>> corpus_name(StageSpec(kind="cpt", steps=10, corpus="raw"))
+    'raw'
+    """
+    return spec.corpus or CPT_CORPORA[0]
+
+
 def config_class(spec: StageSpec) -> str:
     """The TRL config class a stage trains with, e.g. ``"trl.GRPOConfig"``."""
     return get_kind(spec.kind).trl_config
@@ -175,7 +187,7 @@ def trl_config_kwargs(spec: StageSpec, seed: int | None = None, workers: int = 1
     if kind.uses_max_length:
         args["max_length"] = spec.max_length
         args["packing"] = False
-    args.update({name: getattr(spec, name) for name in kind.defaults})
+    args.update({name: getattr(spec, name) for name in kind.defaults if name not in kind.data_fields})
     if kind.generates:
         args["per_device_train_batch_size"] = spec.batch_size * int(spec.num_generations or 1)
     args.update(ALGORITHM.get(kind.trl_config, {}))

@@ -40,6 +40,7 @@ from stagebudget.results.exportscript import render_script
 from stagebudget.schedule import Schedule, StageSpec
 from stagebudget.trlconfig import (
     config_class,
+    corpus_name,
     corpus_size,
     lora_kwargs,
     precision_kwargs,
@@ -208,6 +209,7 @@ def stage_export(spec: StageSpec, index: int, seed: int, device: str) -> dict[st
              "peft": lora_kwargs(spec)}
     if get_kind(spec.kind).text_corpus:  # texts in one pass of the stage
         entry["corpus_size"] = corpus_size(spec)
+        entry["corpus"] = corpus_name(spec)
     return entry
 
 

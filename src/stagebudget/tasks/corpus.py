@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 
+from stagebudget.schedule import CPT_CORPORA
 from stagebudget.tasks import data
 from stagebudget.tasks.builtin import BUILTIN_TASKS, DEFAULT_TASKS
 
@@ -25,13 +26,20 @@ OOD_WEIGHT = 2.0
 PRETRAIN_WEIGHTS = tuple(2.0 if name == "translate" else 1.0 for name in DEFAULT_TASKS)
 
 
-def pretrain_corpus(seed: int = 0, n: int = 30000) -> list[str]:
-    """Texts for base pre-training (and cpt): raw sequence chunks and task examples.
+def pretrain_corpus(seed: int = 0, n: int = 30000, corpus: str = CPT_CORPORA[0]) -> list[str]:
+    """Texts for base pre-training (and cpt), ``n`` of them.
 
-    About 5% raw 16-30 char chunks of real DNA and protein, 90% default-task examples
-    and 5% other built-in tasks, each task under ALL its variants (ID and OOD rules, equally often),
-    drawn from the train pool only, as ``prompt + answer`` strings.
+    ``"mixture"`` (the base's own pre-training corpus): about 5% raw 16-30 char chunks of real
+    DNA and protein, 90% default-task examples and 5% other built-in tasks, each task under ALL
+    its variants (ID and OOD rules, equally often), drawn from the train pool only, as
+    ``prompt + answer`` strings. ``"raw"``: raw chunks alone, no task example (a cpt stage on
+    it sees the sequences but no task and no rule).
     """
+    if corpus not in CPT_CORPORA:
+        raise ValueError(f"unknown corpus {corpus!r}; the corpora are {', '.join(CPT_CORPORA)}")
+    if corpus == "raw":
+        rng = random.Random(f"{seed}:raw")
+        return [_raw_chunk(rng) for _ in range(n)]
     rng = random.Random(f"{seed}:pretrain")
     n_raw, n_default = n // 20, int(n * 0.9)
     texts = [_raw_chunk(rng) for _ in range(n_raw)]

@@ -14,16 +14,17 @@ from stagebudget.training.stages.common import (
     training_args,
 )
 from stagebudget.training.stages.sft import loss_metrics
-from stagebudget.trlconfig import corpus_size
+from stagebudget.trlconfig import corpus_name, corpus_size
 
 
 def cpt_dataset(ctx: StageContext) -> Any:
-    """``{"text"}`` rows from :func:`stagebudget.tasks.pretrain_corpus` (one pass of the stage)."""
+    """``{"text"}`` rows of the stage's corpus (:func:`stagebudget.tasks.pretrain_corpus`, one pass
+    of the stage)."""
     from datasets import Dataset
 
     from stagebudget.tasks import pretrain_corpus
 
-    texts = pretrain_corpus(seed=ctx.seed, n=corpus_size(ctx.spec))
+    texts = pretrain_corpus(seed=ctx.seed, n=corpus_size(ctx.spec), corpus=corpus_name(ctx.spec))
     return Dataset.from_list([{"text": t} for t in texts])
 
 
