@@ -6,6 +6,7 @@ path and imports from here. The statistics themselves are :mod:`stagebudget.stat
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import multiprocessing
@@ -73,3 +74,32 @@ def train_all(train: Callable[[Any], str], jobs: Sequence[Any], processes: int) 
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         for folder in pool.imap_unordered(train, jobs):
             print(f"trained {folder} ({time.time() - start:.0f} s)", flush=True)
+
+
+def finish(folder: Path, figure: Callable[[list[dict[str, Any]], Path], None], figure_name: str,
+           curves: list[dict[str, Any]], runs: list[dict[str, Any]],
+           summary: list[dict[str, Any]], work: Path) -> None:
+    """Write ``results/`` (curves, runs, summary as CSV, and the figure) and print the summary;
+    nothing trained is an error that says so."""
+    if not runs:
+        raise SystemExit(f"nothing trained under {work}: run without --analyse first")
+    results = write_results(folder, curves=curves, runs=runs, summary=summary)
+    figure(curves, results / figure_name)
+    print_rows(summary)
+
+
+def main(doc: str, folder: Path, train: Callable[[Any], str],
+         jobs: Callable[[Path], Sequence[tuple[Any, ...]]], analyse: Callable[[Path], None],
+         argv: list[str] | None = None) -> None:
+    """An experiment's command line: train the jobs whose run has not ended (``jobs(work)``
+    lists each job with the folder it trains; a run has ended when its ``metrics.json``,
+    written last, exists), then analyse; ``--analyse`` only analyses."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--analyse", action="store_true", help="only analyse what is trained")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    parser.add_argument("--work", type=Path, default=folder / "work")
+    args = parser.parse_args(argv)
+    if not args.analyse:
+        todo = [job for job, run in jobs(args.work) if not (run / "metrics.json").is_file()]
+        train_all(train, todo, args.jobs)
+    analyse(args.work)

@@ -25,13 +25,12 @@ Writes ``results/runs.csv``, ``results/summary.csv``, ``results/curves.csv`` and
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shared import outcomes, print_rows, read_curve, seed_bootstrap, train_all, write_results
+from shared import finish, main, outcomes, read_curve, seed_bootstrap
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -185,27 +184,13 @@ def analyse(work: Path) -> None:
                        for r in rows]
             runs.append({"corpus": corpus, "cpt_steps": cpt_steps, "seed": seed,
                          **compare(points(rows), control)})
-    if not runs:
-        raise SystemExit(f"nothing trained under {work}: run without --analyse first")
-    summary = summarise(runs)
-    results = write_results(HERE, curves=curves, runs=runs, summary=summary)
-    figure(curves, results / "cpt.html")
-    print_rows(summary)
+    finish(HERE, figure, "cpt.html", curves, runs, summarise(runs) if runs else [], work)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--analyse", action="store_true", help="only analyse what is trained")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
-    parser.add_argument("--work", type=Path, default=HERE / "work")
-    args = parser.parse_args(argv)
-    if not args.analyse:
-        todo = [(corpus, steps, seed, str(args.work)) for seed in SEEDS for corpus, steps in ARMS
-                # metrics.json is written only when a run ends: one cut short trains again
-                if not (args.work / folder_name(corpus, steps, seed) / "metrics.json").is_file()]
-        train_all(train, todo, args.jobs)
-    analyse(args.work)
+def jobs(work: Path) -> list[tuple[tuple[str, int, int, str], Path]]:
+    return [((corpus, steps, seed, str(work)), work / folder_name(corpus, steps, seed))
+            for seed in SEEDS for corpus, steps in ARMS]
 
 
 if __name__ == "__main__":
-    main()
+    main(__doc__, HERE, train, jobs, analyse)

@@ -22,13 +22,12 @@ Needs ``experiments/sft_length/work`` (its r16 runs) for the matched-ID comparis
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shared import outcomes, print_rows, read_curve, seed_bootstrap, train_all, write_results
+from shared import finish, main, outcomes, read_curve, seed_bootstrap
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -210,28 +209,15 @@ def analyse(work: Path) -> None:
                             "reward": r.get("reward")} for r in rows]
                 runs.append({"sft_steps": sft_steps, "rl_rank": rank, "seed": seed,
                              **analyse_run(rows, sft_only)})
-    if not runs:
-        raise SystemExit(f"nothing trained under {work}: run without --analyse first")
-    summary = summarise(runs)
-    results = write_results(HERE, curves=curves, runs=runs, summary=summary)
-    figure(curves, results / "curves.html")
-    print_rows(summary)
+    finish(HERE, figure, "curves.html", curves, runs, summarise(runs) if runs else [], work)
     print("OOD change per unit of start ID (after SFT):", strength_slope(runs))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--analyse", action="store_true", help="only analyse what is trained")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
-    parser.add_argument("--work", type=Path, default=HERE / "work")
-    args = parser.parse_args(argv)
-    if not args.analyse:
-        # seed-major, short SFT first: a longer SFT prefix goes on from a shorter one's end
-        todo = [(s, r, seed, str(args.work)) for seed in SEEDS for s in SFT_STEPS for r in RL_RANKS
-                if not (args.work / f"sft{s}_rl{r}_s{seed}" / "metrics.json").is_file()]
-        train_all(train, todo, args.jobs)
-    analyse(args.work)
+def jobs(work: Path) -> list[tuple[tuple[int, int, int, str], Path]]:
+    # seed-major, short SFT first: a longer SFT prefix goes on from a shorter one's end
+    return [((s, r, seed, str(work)), work / f"sft{s}_rl{r}_s{seed}")
+            for seed in SEEDS for s in SFT_STEPS for r in RL_RANKS]
 
 
 if __name__ == "__main__":
-    main()
+    main(__doc__, HERE, train, jobs, analyse)

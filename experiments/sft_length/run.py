@@ -21,13 +21,12 @@ training runs and their prefix cache go to ``work/`` (not committed).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shared import outcomes, print_rows, read_curve, seed_bootstrap, train_all, write_results
+from shared import finish, main, outcomes, read_curve, seed_bootstrap
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -185,26 +184,13 @@ def analyse(work: Path) -> None:
                         **{k: r[k] for k in ("id_accuracy", "id_accuracy_se", "ood_accuracy",
                                              "ood_accuracy_se", "train_loss")}} for r in rows]
             runs.append({"rank": rank, "seed": seed, **analyse_run(rows, budget)})
-    if not runs:
-        raise SystemExit(f"nothing trained under {work}: run without --analyse first")
-    summary = summarise(runs)
-    results = write_results(HERE, curves=curves, runs=runs, summary=summary)
-    figure(curves, results / "curves.html")
-    print_rows(summary)
+    finish(HERE, figure, "curves.html", curves, runs, summarise(runs) if runs else [], work)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--analyse", action="store_true", help="only analyse what is trained")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
-    parser.add_argument("--work", type=Path, default=HERE / "work")
-    args = parser.parse_args(argv)
-    if not args.analyse:
-        todo = [(rank, seed, str(args.work)) for rank in RANKS for seed in SEEDS
-                if not (args.work / f"r{rank}_s{seed}" / "whole" / "metrics.json").is_file()]
-        train_all(train, todo, args.jobs)
-    analyse(args.work)
+def jobs(work: Path) -> list[tuple[tuple[int, int, str], Path]]:
+    return [((rank, seed, str(work)), work / f"r{rank}_s{seed}" / "whole")
+            for rank in RANKS for seed in SEEDS]
 
 
 if __name__ == "__main__":
-    main()
+    main(__doc__, HERE, train, jobs, analyse)
