@@ -45,8 +45,8 @@ def stratified_order(strata: list[Any], seed: int) -> list[int]:
     >>> order = stratified_order(["a", "a", "b", "b"], seed=0)
     >>> sorted(order), sorted(["ab".index(x) for x in ("a", "b")])
     ([0, 1, 2, 3], [0, 1])
-    >>> {("a", "a", "b", "b")[i] for i in order[:2]}
-    {'a', 'b'}
+    >>> sorted({("a", "a", "b", "b")[i] for i in order[:2]})
+    ['a', 'b']
     """
     import random
 
@@ -163,6 +163,7 @@ def generation_record(spec: Any) -> dict[str, Any]:
     index, not the trial's seed: the planned steps, data order, prompts and LoRA initialisation
     are the same, the completions and hence the weights are not.
 
+    >>> from stagebudget.schedule import StageSpec
     >>> generation_record(StageSpec(kind="rl", steps=1))["engine"]
     'transformers'
     """
