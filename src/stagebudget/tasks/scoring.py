@@ -202,7 +202,7 @@ def extract(mode: str, completion: str) -> str | None:
     '4'
     >>> extract("last_line", "reasoning\\nMW\\n")
     'MW'
-    >>> extract("regex:=\\s*(\\d+)", "x = 3, so y = 42")
+    >>> extract(r"regex:=\\s*(\\d+)", "x = 3, so y = 42")
     '42'
     >>> extract("answer_tag", "no tags") is None
     True
