@@ -158,6 +158,12 @@ def _settle_study(plan: SearchPlan, attempts: int = 5) -> int | None:
             return mark_interrupted(study, plan.run, [o.name for o in plan.space.objectives])
         except StorageInternalError as exc:
             log.warning("settling the study after Ctrl-C failed (%s); retrying", exc)
+            # An RDB storage keeps the session Ctrl-C broke (its transaction half done): every
+            # retry failed on it, five times in a row, in one test run. Closing it rolls the
+            # transaction back and releases its database lock; the next call opens a new one.
+            sessions = getattr(plan.storage, "scoped_session", None)
+            if sessions is not None:
+                sessions.remove()
             gc.collect()  # drops the interrupted session's connection
             time.sleep(0.5 * (attempt + 1))
     return None
