@@ -78,11 +78,12 @@ def train_all(train: Callable[[Any], str], jobs: Sequence[Any], processes: int) 
 
 def finish(folder: Path, figure: Callable[[list[dict[str, Any]], Path], None], figure_name: str,
            curves: list[dict[str, Any]], runs: list[dict[str, Any]],
-           summary: list[dict[str, Any]], work: Path) -> None:
-    """Write ``results/`` (curves, runs, summary as CSV, and the figure) and print the summary;
-    nothing trained is an error that says so."""
+           summarise: Callable[[list[dict[str, Any]]], list[dict[str, Any]]], work: Path) -> None:
+    """Write ``results/`` (curves, runs and their summary as CSV, and the figure) and print the
+    summary; nothing trained is an error that says so."""
     if not runs:
         raise SystemExit(f"nothing trained under {work}: run without --analyse first")
+    summary = summarise(runs)
     results = write_results(folder, curves=curves, runs=runs, summary=summary)
     figure(curves, results / figure_name)
     print_rows(summary)

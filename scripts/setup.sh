@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
+OWN_TORCH=${TORCH_SPEC:+yes}  # a torch of one's own (a CUDA build): installed with pip
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
@@ -41,7 +42,7 @@ uv_install() {
     && .venv/bin/uv pip install -q --python .venv/bin/python --no-deps -e . \
     && .venv/bin/uv pip check -q --python .venv/bin/python
 }
-if [ "${STAGEBUDGET_UNPINNED:-0}" = 1 ] || [ "$TORCH_SPEC" != "torch==2.13.0" ] \
+if [ "${STAGEBUDGET_UNPINNED:-0}" = 1 ] || [ -n "$OWN_TORCH" ] \
    || [ -n "${PIP_EXTRA_INDEX_URL:-}" ] || [ -n "${PIP_INDEX_URL:-}" ] || ! uv_install; then
   pip_install
 fi

@@ -38,6 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "experiments"))
 sys.path.insert(0, str(ROOT / "bench"))
+from grid_table import grid_points  # noqa: E402
 from search_quality import DIRECTIONS, REF_POINT, run_one, trajectory  # noqa: E402
 from shared import print_rows, write_results  # noqa: E402
 
@@ -57,9 +58,10 @@ def family(share: float) -> str:
 
 def grid_rows() -> list[dict[str, Any]]:
     """One row per distinct schedule: its settings, ID/OOD per training seed and their mean."""
-    from stagebudget.searching.replay import load_table, replay_key
+    from stagebudget.searching.replay import load_table, mean_values
 
     table = load_table(str(TABLE))
+    means = mean_values(table)
     out = []
     for key, rows in table.items():
         params = rows[0]["params"]
@@ -74,9 +76,7 @@ def grid_rows() -> list[dict[str, Any]]:
         for r in rows:
             row[f"id_s{r['seed']}"], row[f"ood_s{r['seed']}"] = r["id_accuracy"], r["ood_accuracy"]
             row[f"se_s{r['seed']}"] = max(r["id_accuracy_se"], r["ood_accuracy_se"])
-        row["id"] = sum(r["id_accuracy"] for r in rows) / len(rows)
-        row["ood"] = sum(r["ood_accuracy"] for r in rows) / len(rows)
-        assert replay_key(rows[0]["schedule"]) == key
+        row["id"], row["ood"] = means[key]
         out.append(row)
     out.sort(key=lambda r: (r["sft_share"], r["sft_rank"] or 0, r["rl_rank"]))
     return out
@@ -156,18 +156,12 @@ def searches(rows: list[dict[str, Any]], work: Path) -> list[dict[str, Any]]:
     space = yaml.safe_load(SPACE.read_text())
     space["cost_table"] = str((SPACE.parent / space["cost_table"]).resolve())
     grid = SearchSpace.load(SPACE)
-    points = grid.grid_space()
-    n_grid = 1
-    for values in points.values():
-        n_grid *= len(values)
-    quarter = n_grid // 4
+    quarter = len(grid_points(grid)) // 4
     table = load_table(str(TABLE))
     truth = {r["key"]: (r["id"], r["ood"]) for r in rows}
     true_hv = hv(rows, "mean")
-    # what the whole grid costs: every grid point (72, RL-only points once per SFT rank, as
-    # the study trains them) at its schedule's mean nominal device-hours, no prefix reuse
     nominal = {k: statistics.mean(r[NOMINAL] for r in v) for k, v in table.items()}
-    cost = cast_grid_cost(grid, nominal)
+    cost = grid_cost(grid, nominal)
     front_keys = {r["key"] for r in rows if r["front_mean"]}
     out = []
     ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
@@ -190,20 +184,14 @@ def searches(rows: list[dict[str, Any]], work: Path) -> list[dict[str, Any]]:
     return out
 
 
-def cast_grid_cost(grid: Any, nominal: dict[str, float]) -> float:
+def grid_cost(grid: Any, nominal: dict[str, float]) -> float:
     """Nominal device-hours of every grid point trained alone (each point at its schedule's mean
-    over seeds)."""
-    import itertools
-
+    over seeds; RL-only points once per SFT rank, as the study trains them)."""
     from stagebudget.searching.replay import replay_key
 
-    names = list(grid.grid_space())
-    total = 0.0
     cost_model = grid.cost_model("cpu")
-    for values in itertools.product(*grid.grid_space().values()):
-        schedule = grid.schedule_from_params(dict(zip(names, values, strict=True)), cost_model)
-        total += nominal[replay_key(schedule.to_dict())]
-    return total
+    return sum(nominal[replay_key(grid.schedule_from_params(params, cost_model).to_dict())]
+               for params in grid_points(grid))
 
 
 def figure(rows: list[dict[str, Any]], path: Path) -> None:

@@ -184,7 +184,7 @@ def analyse(work: Path) -> None:
                        for r in rows]
             runs.append({"corpus": corpus, "cpt_steps": cpt_steps, "seed": seed,
                          **compare(points(rows), control)})
-    finish(HERE, figure, "cpt.html", curves, runs, summarise(runs) if runs else [], work)
+    finish(HERE, figure, "cpt.html", curves, runs, summarise, work)
 
 
 def jobs(work: Path) -> list[tuple[tuple[str, int, int, str], Path]]:

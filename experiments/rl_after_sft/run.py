@@ -209,7 +209,7 @@ def analyse(work: Path) -> None:
                             "reward": r.get("reward")} for r in rows]
                 runs.append({"sft_steps": sft_steps, "rl_rank": rank, "seed": seed,
                              **analyse_run(rows, sft_only)})
-    finish(HERE, figure, "curves.html", curves, runs, summarise(runs) if runs else [], work)
+    finish(HERE, figure, "curves.html", curves, runs, summarise, work)
     print("OOD change per unit of start ID (after SFT):", strength_slope(runs))
 
 

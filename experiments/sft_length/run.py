@@ -184,7 +184,7 @@ def analyse(work: Path) -> None:
                         **{k: r[k] for k in ("id_accuracy", "id_accuracy_se", "ood_accuracy",
                                              "ood_accuracy_se", "train_loss")}} for r in rows]
             runs.append({"rank": rank, "seed": seed, **analyse_run(rows, budget)})
-    finish(HERE, figure, "curves.html", curves, runs, summarise(runs) if runs else [], work)
+    finish(HERE, figure, "curves.html", curves, runs, summarise, work)
 
 
 def jobs(work: Path) -> list[tuple[tuple[int, int, str], Path]]:
