@@ -291,3 +291,43 @@ def test_an_rl_stage_trains_on_its_prompts_in_the_stratified_order(loaded, monke
     rl.run_rl(ctx)
     assert seen == [row["prompt"] for row in rl.rl_rows(suite.train, ctx.seed)][:8]
     assert trl_config_kwargs(_spec("rl", 4))["shuffle_dataset"] is False
+
+
+def test_an_sft_stage_reuses_the_set_trl_prepared_and_trains_the_same_weights(tiny_base,
+                                                                                monkeypatch):
+    from trl import SFTTrainer
+
+    from stagebudget.training.model import load_model_and_tokenizer
+    from stagebudget.training.stages import sft
+
+    prepare = SFTTrainer._prepare_dataset
+    calls: list[int] = []
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "_prepare_dataset", counting)
+    monkeypatch.setattr(sft, "_prepared", type(sft._prepared)())
+
+    def train(spec: StageSpec) -> dict[str, torch.Tensor]:
+        model, tokenizer = load_model_and_tokenizer(tiny_base)
+        ctx, _ = _context(model, tokenizer, ToySuite(), spec)
+        return {n: p.detach().clone() for n, p in get_stage("sft")(ctx).model.named_parameters()}
+
+    spec = _spec("sft", 4)
+    first = train(spec)
+    assert len(calls) == 1
+    again = train(spec)
+    assert len(calls) == 1  # prepared once, reused
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[n], again[n]) for n in first)
+
+    monkeypatch.setattr(sft, "_prepared", type(sft._prepared)())
+    fresh = train(spec)  # a process that never prepared it
+    assert len(calls) == 2
+    assert all(torch.equal(first[n], fresh[n]) for n in first)
+
+    train(StageSpec(kind="sft", steps=3, lora_rank=4, batch_size=8, learning_rate=1e-2,
+                    eval_interval=2, max_length=12))  # other truncation: prepared again
+    assert len(calls) == 3
