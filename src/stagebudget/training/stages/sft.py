@@ -102,7 +102,7 @@ def run_sft(ctx: StageContext) -> StageOutput:
         key = preparation_key(rows, ctx.tokenizer, args)
         prepared = _prepared.get(key) if key is not None else None
         if prepared is not None:
-            args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+            args.dataset_kwargs = {"skip_prepare_dataset": True}  # stagebudget sets no others
         trainer = SFTTrainer(
             model=ctx.model,
             args=args,
