@@ -331,3 +331,20 @@ def test_an_sft_stage_reuses_the_set_trl_prepared_and_trains_the_same_weights(ti
     train(StageSpec(kind="sft", steps=3, lora_rank=4, batch_size=8, learning_rate=1e-2,
                     eval_interval=2, max_length=12))  # other truncation: prepared again
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("kind", ["sft", "rl"])
+def test_a_stage_config_turns_checkpointing_off_without_a_deprecation_warning(loaded, kind):
+    import warnings
+
+    from stagebudget.training.stages.common import training_args
+    from stagebudget.trlconfig import config_class
+
+    model, tokenizer = loaded
+    ctx, _ = _context(model, tokenizer, ToySuite(), _spec(kind, 4))
+    config = getattr(__import__("trl"), config_class(ctx.spec).rpartition(".")[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = config(**training_args(ctx))
+    assert args.gradient_checkpointing is False
+    assert getattr(args, "activation_checkpointing", False) is False

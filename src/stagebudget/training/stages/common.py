@@ -148,6 +148,23 @@ def training_args(ctx: StageContext, **extra: Any) -> dict[str, Any]:
     if ctx.on_checkpoint is not None:  # a checkpoint at the end; the callback adds the others
         args.update(save_strategy="steps", save_steps=spec.steps, save_only_model=False)
     args.update(extra)
+    return installed_names(args)
+
+
+def installed_names(args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` under the names the installed transformers takes. TRL's configs set
+    ``gradient_checkpointing`` (default True); transformers 5.2x renamed it
+    ``activation_checkpointing``, warns on the old name in every stage of every trial and drops
+    it in v6. The new name, where it exists, decides: both end up with its value.
+    """
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "gradient_checkpointing" in args and "activation_checkpointing" in names:
+        args = dict(args)
+        args["activation_checkpointing"] = args.pop("gradient_checkpointing")
     return args
 
 
