@@ -246,6 +246,43 @@ def test_two_trials_on_one_prefix_train_it_once(tmp_path, tiny_base):
     assert _same_weights(tmp_path / "out0", tmp_path / "out1")
 
 
+def test_a_waiting_trial_goes_on_once_the_step_it_needs_is_published(tmp_path, monkeypatch):
+    """A trial training a longer stage of the same prefix holds the lock for its whole stage; a
+    trial that ends at an earlier step takes that step's checkpoint as soon as it is published,
+    while one that needs another step waits for the lock as before."""
+    import threading
+
+    from stagebudget import prefixcache
+
+    monkeypatch.setattr(prefixcache, "LOCK_POLL_SECONDS", 0.1)
+    cache, key = PrefixCache(tmp_path), "k" * 32
+    release, entered = threading.Event(), {5: threading.Event(), 7: threading.Event()}
+
+    def holder() -> None:
+        with cache.training(key):
+            release.wait(30)
+
+    def waiter(steps: int) -> None:
+        with cache.training(key, steps):
+            entered[steps].set()
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    while not (tmp_path / "locks" / f"{key}.lock").exists():
+        threading.Event().wait(0.01)
+    threads += [threading.Thread(target=waiter, args=(n,)) for n in (5, 7)]
+    for t in threads[1:]:
+        t.start()
+    assert not entered[5].wait(0.5)  # nothing published yet: it waits
+    cache.publish(key, STEP, 5, _records(5), _fill("5"))
+    assert entered[5].wait(5)  # the holder still holds the lock
+    assert not entered[7].is_set()  # step 7 is not there: still waiting for the lock
+    release.set()
+    assert entered[7].wait(5)
+    for t in threads:
+        t.join(5)
+
+
 # --- the CLI ---------------------------------------------------------------------------------
 def test_cache_ls_and_prune(tmp_path, capsys):
     from stagebudget.cli import main

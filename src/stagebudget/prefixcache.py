@@ -71,6 +71,7 @@ DEFAULT_MAX_GB = 20.0  # the least a default cap holds; larger models get more (
 # moments (bench/cache_bytes.py measured 12.00 on a ~130M Llama and 12.06 on its adapter).
 CHECKPOINT_BYTES_PER_PARAM = 12
 ENTRIES_UNDER_DEFAULT_CAP = 8  # the default cap holds this many of a search's largest entries
+LOCK_POLL_SECONDS = 1.0  # how often a trial waiting on a prefix looks for the step it needs
 # Stage fields that do not change what trains: where a stage is measured (greedy decoding,
 # which draws no random numbers) is left out of keys, so trials planned with different
 # evaluation intervals share prefixes; a reused prefix brings the curve points it measured.
@@ -187,14 +188,35 @@ class PrefixCache:
         return f"{kind}-{steps}"
 
     @contextmanager
-    def training(self, key: str) -> Iterator[None]:
-        """Hold the lock of ``key`` while a stage of it trains (blocks while another holds it)."""
-        from filelock import FileLock
+    def training(self, key: str, steps: int | None = None) -> Iterator[None]:
+        """Hold the lock of ``key`` while a stage of it trains; while another trial holds it,
+        wait, unless ``steps`` is given and the other trial publishes the checkpoint or the
+        end of ``key`` at ``steps`` meanwhile: then go on without the lock, since what this
+        stage needs is there. (A trial training a longer stage of the same prefix passes the
+        step a shorter one ends at long before its stage ends and it lets the lock go.)"""
+        from filelock import FileLock, Timeout
 
         path = self.root / "locks" / f"{key}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path)):
+        lock = FileLock(str(path))
+        while True:
+            try:
+                lock.acquire(timeout=LOCK_POLL_SECONDS)
+                break
+            except Timeout:
+                if steps is not None and self._published(key, steps):
+                    yield
+                    return
+        try:
             yield
+        finally:
+            lock.release()
+
+    def _published(self, key: str, steps: int) -> bool:
+        """A checkpoint or an end of ``key`` at ``steps`` is in place (not verified: the
+        lookup that takes it verifies it)."""
+        return any((self.key_dir(key) / self._name(kind, steps) / MANIFEST).is_file()
+                   for kind in (STEP, END))
 
     # --- lookup ----------------------------------------------------------------------------
     def entries_of(self, key: str) -> list[Entry]:

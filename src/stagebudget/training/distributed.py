@@ -90,10 +90,10 @@ class SharedCache:
     def numerics_changes(self, context: dict[str, Any]) -> list[str]:
         return self.inner.numerics_changes(context) if self.lead else []  # type: ignore[no-any-return]
 
-    def training(self, key: str) -> Any:
+    def training(self, key: str, steps: int | None = None) -> Any:
         import contextlib
 
-        return self.inner.training(key) if self.lead else contextlib.nullcontext()
+        return self.inner.training(key, steps) if self.lead else contextlib.nullcontext()
 
     def publish(self, *args: Any, **kwargs: Any) -> Any:
         return self.inner.publish(*args, **kwargs) if self.lead else None

@@ -294,8 +294,9 @@ def _run_stage(run: _Run, index: int, spec: StageSpec, progress: Report | None) 
     if run.prefix is None:
         _train_stage(run, index, spec, None)
     elif not _restore(run, index, spec):
-        with run.prefix.training(run.keys[index]):
-            if not _restore(run, index, spec):  # another trial may have trained it meanwhile
+        # another trial may train it meanwhile, or pass this stage's end in a longer one
+        with run.prefix.training(run.keys[index], spec.steps):
+            if not _restore(run, index, spec):
                 _train_stage(run, index, spec,
                              run.prefix.latest_checkpoint(run.keys[index], spec.steps))
     _emit(progress, "stage_end", stage=spec.kind, stage_index=index,
