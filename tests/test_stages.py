@@ -332,6 +332,12 @@ def test_an_sft_stage_reuses_the_set_trl_prepared_and_trains_the_same_weights(ti
                     eval_interval=2, max_length=12))  # other truncation: prepared again
     assert len(calls) == 3
 
+    monkeypatch.setattr(sft, "_prepared", type(sft._prepared)())
+    monkeypatch.setattr(sft, "PREPARED_MAX_BYTES", 0)  # too large to keep: prepared every time
+    train(spec)
+    train(spec)
+    assert len(calls) == 5 and not sft._prepared
+
 
 @pytest.mark.parametrize("kind", ["sft", "rl"])
 def test_a_stage_config_turns_checkpointing_off_without_a_deprecation_warning(loaded, kind):

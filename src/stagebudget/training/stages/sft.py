@@ -39,8 +39,11 @@ def sft_rows(ctx: StageContext) -> list[dict[str, Any]]:
 # for the same rows, tokenizer and preparation arguments: ~4 s of one core for the demo's 8,000
 # examples, most of an SFT stage's setup. A Ray worker trains trial after trial of one search on
 # the same suite, so each process keeps the last sets TRL prepared and hands one back to TRL as
-# prepared (``skip_prepare_dataset``) when everything that preparation reads is the same.
+# prepared (``skip_prepare_dataset``) when everything that preparation reads is the same. A set
+# larger than PREPARED_MAX_BYTES in memory is not kept: a worker must not hold a user's large
+# corpus between trials.
 PREPARED_KEPT = 2
+PREPARED_MAX_BYTES = 1 << 30
 _prepared: OrderedDict[str, Any] = OrderedDict()
 # The SFTConfig fields TRL 1.16's preparation reads (``SFTTrainer._prepare_dataset``).
 PREPARATION_ARGS = ("max_length", "truncation_mode", "packing", "packing_strategy",
@@ -79,8 +82,9 @@ def preparation_key(rows: list[dict[str, Any]], tokenizer: Any, args: Any) -> st
 
 
 def keep_prepared(key: str | None, dataset: Any) -> None:
-    """Keep ``dataset`` (as TRL prepared it) under ``key``: the :data:`PREPARED_KEPT` latest."""
-    if key is None:
+    """Keep ``dataset`` (as TRL prepared it) under ``key``: the :data:`PREPARED_KEPT` latest,
+    each at most :data:`PREPARED_MAX_BYTES` in memory."""
+    if key is None or getattr(getattr(dataset, "data", None), "nbytes", 0) > PREPARED_MAX_BYTES:
         return
     _prepared[key] = dataset
     _prepared.move_to_end(key)
