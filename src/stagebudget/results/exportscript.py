@@ -58,6 +58,7 @@ from stagebudget.chat import sft_row  # an SFT row: text, or chat messages the t
 from stagebudget.stages.rl import generating_model, rl_rows, suite_reward  # RL rows, model, reward
 from stagebudget.tasks import load_suite, pretrain_corpus  # the task data
 from stagebudget.training.evaluate import evaluate  # ID/OOD accuracy and standard errors
+from stagebudget.training.stages.common import installed_names  # this transformers' arg names
 
 '''
 
@@ -79,7 +80,8 @@ SCRIPT_TRAIN = '''
 def train_stage(model, tokenizer, suite, stage: dict, out: Path):
     """One stage with TRL, its adapter merged into the returned plain model."""
     peft_config = LoraConfig(**stage["peft"]) if stage["peft"] else None
-    args = {**stage["args"], "output_dir": str(out / f"stage{stage['index']}-{stage['stage']}")}
+    args = installed_names({**stage["args"],
+                            "output_dir": str(out / f"stage{stage['index']}-{stage['stage']}")})
     if args.get("bf16") and not torch.cuda.is_bf16_supported():
         args["bf16"] = False  # a GPU without bf16 trains in fp32, as stagebudget does
 '''
