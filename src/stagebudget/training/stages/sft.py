@@ -84,7 +84,7 @@ def preparation_key(rows: list[dict[str, Any]], tokenizer: Any, args: Any) -> st
 def keep_prepared(key: str | None, dataset: Any) -> None:
     """Keep ``dataset`` (as TRL prepared it) under ``key``: the :data:`PREPARED_KEPT` latest,
     each at most :data:`PREPARED_MAX_BYTES` in memory."""
-    if key is None or getattr(getattr(dataset, "data", None), "nbytes", 0) > PREPARED_MAX_BYTES:
+    if key is None or dataset.data.nbytes > PREPARED_MAX_BYTES:  # a datasets.Dataset's table
         return
     _prepared[key] = dataset
     _prepared.move_to_end(key)
@@ -92,30 +92,36 @@ def keep_prepared(key: str | None, dataset: Any) -> None:
         _prepared.popitem(last=False)
 
 
+def sft_trainer(ctx: StageContext, args: Any, rows: list[dict[str, Any]]) -> Any:
+    """TRL's ``SFTTrainer`` for the stage (SFT, or CPT's language modelling) on ``rows``, with
+    the set TRL prepared before in this process when :func:`preparation_key` matches."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    key = preparation_key(rows, ctx.tokenizer, args)
+    prepared = _prepared.get(key) if key is not None else None
+    if prepared is not None:
+        args.dataset_kwargs = {"skip_prepare_dataset": True}  # stagebudget sets no others
+    trainer = SFTTrainer(
+        model=ctx.model,
+        args=args,
+        train_dataset=prepared if prepared is not None else Dataset.from_list(rows),
+        processing_class=ctx.tokenizer,
+        peft_config=lora_config(ctx.spec),
+        callbacks=stage_callbacks(ctx),
+    )
+    keep_prepared(key, trainer.train_dataset)
+    return trainer
+
+
 def run_sft(ctx: StageContext) -> StageOutput:
     """Train one SFT stage (own LoRA adapter, or full fine-tuning at rank 0) and merge it."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     quiet_libraries()
-    spec = ctx.spec
     with ctx.clock.setting_up():
-        from datasets import Dataset
-
         args = SFTConfig(**training_args(ctx, max_length=sft_max_length(ctx)))
-        rows = sft_rows(ctx)
-        key = preparation_key(rows, ctx.tokenizer, args)
-        prepared = _prepared.get(key) if key is not None else None
-        if prepared is not None:
-            args.dataset_kwargs = {"skip_prepare_dataset": True}  # stagebudget sets no others
-        trainer = SFTTrainer(
-            model=ctx.model,
-            args=args,
-            train_dataset=prepared if prepared is not None else Dataset.from_list(rows),
-            processing_class=ctx.tokenizer,
-            peft_config=lora_config(spec),
-            callbacks=stage_callbacks(ctx),
-        )
-        keep_prepared(key, trainer.train_dataset)
+        trainer = sft_trainer(ctx, args, sft_rows(ctx))
     model, steps, adapter = train_and_merge(ctx, trainer)
     return StageOutput(model=model, metrics=loss_metrics(ctx), steps_done=steps, adapter=adapter)
 
