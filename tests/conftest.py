@@ -7,6 +7,13 @@ import os
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests run first. In two processes (README: ``-n 2 --dist
+    worksteal``) the suite then ends on short tests that both processes share, not on one
+    process finishing a multi-minute test while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _own_prefix_cache(tmp_path_factory):
     """Trials of this test session share a prefix cache of their own, never the user's (a
