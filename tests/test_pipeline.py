@@ -216,9 +216,11 @@ def test_the_same_schedule_gives_identical_results_beside_busy_processes(tiny_ba
     assert all(bool((a[k] == b[k]).all()) for k in a)
 
 
-def test_a_trial_process_does_not_import_mlflow(tiny_base, tmp_path):
+def test_a_trial_process_does_not_import_mlflow_or_draw_library_bars(tiny_base, tmp_path):
     """Stages report to no tracker, so a training process does not pay TRL's import of
-    mlflow (installed with the dev extra, so this test can fail): about 1 s per process."""
+    mlflow (installed with the dev extra, so this test can fail): about 1 s per process. And
+    a trial's output is its own: no transformers progress bar over the base model's weights
+    (``stagebudget train`` printed one before its first curve row)."""
     import importlib.util
     import subprocess
     import sys
@@ -237,3 +239,4 @@ def test_a_trial_process_does_not_import_mlflow(tiny_base, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "Loading weights" not in done.stdout + done.stderr, done.stderr[-2000:]

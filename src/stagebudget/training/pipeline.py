@@ -502,8 +502,9 @@ def run_schedule(
     :class:`TrainingDiverged` on a NaN/inf loss; any exception propagates after the ledger so
     far is written.
     """
-    from stagebudget.training.stages.common import resolve_device
+    from stagebudget.training.stages.common import no_progress_bars, resolve_device
 
+    no_progress_bars()  # before the model loads: transformers draws a bar over its weights
     # Stages report to no tracker (report_to="none"; a search logs to MLflow from its driver),
     # but TRL imports mlflow whenever it is installed: about 1 s per process idle, more under
     # load (bench/RESULTS.md). transformers' own switch turns that off; a user's value wins.

@@ -168,19 +168,27 @@ def installed_names(args: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
+def no_progress_bars() -> None:
+    """Turn off the progress bars of datasets and transformers (a trial reports its own
+    progress); their warnings stay, e.g. a user's model loading with weights missing."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.disable_progress_bar()
+
+
 def quiet_libraries() -> None:
     """Silence progress bars and info logs of datasets/transformers (a trial logs its own)."""
     import warnings
 
-    import datasets
     import transformers
 
     # TRL 1.16's configs still read a renamed transformers attribute; harmless, but it would
     # print on every stage of every trial.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    datasets.disable_progress_bars()
+    no_progress_bars()
     transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
 
 
 def stage_callbacks(ctx: StageContext) -> list[Any]:
