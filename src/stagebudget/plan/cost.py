@@ -39,10 +39,13 @@ OVERRUN_GUARD = 4.0
 # LoRA r16 0.097 s, GRPO with 8 prompts x 8 completions of <= 14 tokens LoRA r4 0.180 s and r16
 # 0.190 s; GRPO with 16 prompts ~0.32 s (1.8x the 8-prompt step, measured side by side). The
 # constants before, fitted on a loaded machine, priced the 8-prompt GRPO steps at 0.271/0.286 s,
-# so an RL stage trained two thirds of the steps its share of the budget paid for
-# (search_spaces/paper_grid.cost.json keeps them for the replayed grid). A LoRA adapter
+# so an RL stage trained two thirds of the steps its share of the budget paid for. A LoRA adapter
 # costs a fixed time per step at this size (28 small adapter modules, each a few extra
-# operations forward and backward), more than its FLOPs say; sampling pays ~2 ms per generated
+# operations forward and backward), more than its FLOPs say, and its rank matters less than they
+# say: the replay grid's build (2026-12-07, AVX-512) measured SFT r4 0.111 s, r16 0.107 s and r64
+# 0.145 s, against 0.082, 0.095 and 0.147 s here, so the grid prices its steps by that
+# measured table instead (search_spaces/paper_grid.cost.json); the demo's results are
+# planned with these constants and stay so. Sampling pays ~2 ms per generated
 # token whatever the batch (a forward call: it matters for long completions in small batches)
 # and runs its FLOPs at a fraction of the training rate (``gen_flops_factor``). cuda: an H100.
 _DEVICE = {
