@@ -83,8 +83,9 @@ class ObjectiveSpec(Strict):
 
 
 class SamplerSpec(Strict):
-    # GP found the most of the true front, soonest, on the replayed published grid
-    # (bench/RESULTS.md, "Search quality")
+    # GP and TPE find the most of the true front on the replayed published grid: GP first on
+    # the table of 2026-12-02, TPE first at a quarter of the trials on the rebuilt one, a tie at
+    # half (bench/RESULTS.md, "Search quality")
     name: str = "gp"
     seed: int | None = None
     options: dict[str, Any] = Field(default_factory=dict)
