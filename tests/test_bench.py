@@ -32,6 +32,25 @@ def test_overhead_space_pins_the_demo_to_one_point(tmp_path: Path) -> None:
     assert space.trials == 1 and space.concurrency == 1
 
 
+def test_a_benchmark_section_is_replaced_where_it_stands(tmp_path: Path) -> None:
+    """A re-run benchmark rewrites its own section in place: the file keeps its order (the
+    prose sections that discuss a table stay next to it) and every other section as it was."""
+    from bench_results import replace_section
+
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n## A\n\na\n\n## Search quality\n\nold\n\n"
+                    "## Search quality: what we take from it\n\nprose\n\n### sub\n\nx\n")
+    replace_section(path, "## A", ["## A", "", "new a"])
+    assert path.read_text() == ("# Benchmark results\n\n## A\n\nnew a\n\n## Search quality\n\n"
+                                "old\n\n## Search quality: what we take from it\n\nprose\n\n"
+                                "### sub\n\nx\n")
+    replace_section(path, "## Search quality: what we take from it", ["## Search quality: what we"
+                                                                     " take from it", "", "p2"])
+    assert path.read_text().endswith("old\n\n## Search quality: what we take from it\n\np2\n")
+    replace_section(path, "## New", ["## New", "", "n"])
+    assert path.read_text().endswith("p2\n\n## New\n\nn\n")
+
+
 def test_trial_split_adds_up() -> None:
     metrics = {"stages": [{"measured_seconds": 3.0}, {"measured_seconds": 1.0}],
                "eval_seconds": 2.0}
