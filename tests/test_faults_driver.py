@@ -132,6 +132,41 @@ def test_ctrl_c_exits_nonzero_says_how_to_resume_and_leaves_nothing_running(tmp_
     assert len([t for t in complete if not is_twin(t)]) == 4 >= done
 
 
+def test_a_ctrl_c_python_drops_inside_a_finaliser_still_stops_the_search(tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """Ctrl-C landing in a ``__del__`` or weakref callback of the driver (SQLAlchemy's, during
+    garbage collection: seen in CI) raises ``KeyboardInterrupt`` there, and Python only prints
+    "Exception ignored": the search ran on to its end and exited 0. It must stop as an
+    interrupted search instead."""
+    import stagebudget.searching.driver as driver
+
+    class Finaliser:
+        def __del__(self) -> None:  # the signal's handler runs here, in the main thread
+            signal.raise_signal(signal.SIGINT)
+
+    real_stats = driver._stats
+    fired: list[bool] = []
+
+    def stats_then_ctrl_c(plan, holder, running):  # the driver's own loop, after a trial
+        out = real_stats(plan, holder, running)
+        if not fired and any(r.status == "COMPLETE" for r in plan.run.records()):
+            fired.append(True)
+            Finaliser()  # dropped at once: KeyboardInterrupt inside __del__, swallowed
+        return out
+
+    monkeypatch.setattr(driver, "_stats", stats_then_ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with pytest.raises(KeyboardInterrupt, match="search interrupted"):
+            run_search(_space(tmp_path, trials=6), name="dropped", runs_dir=tmp_path / "runs",
+                       live=False, trial_fn=FAST)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    run = RunDir(tmp_path / "runs" / "dropped")
+    assert fired and run.read_meta()["interrupted"] and "finished" not in run.read_meta()
+    assert len([r for r in run.records() if r.status == "COMPLETE"]) < 6
+
+
 def test_deterministic_failures_are_not_retried(tmp_path: Path) -> None:
     fn = functools.partial(fake_trial_fn, seconds=0.05, fail="diverge")
     run = RunDir(run_search(_space(tmp_path, trials=2, max_retries=2), name="nan",

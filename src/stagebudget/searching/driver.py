@@ -32,6 +32,7 @@ from stagebudget.searching.preflight import check_mlflow, check_space
 from stagebudget.searching.raysession import (
     DriverLock,
     choose_local_ray_auth,
+    ctrl_c_latch,
     init_ray,
     reap_ray_session,
     tune_env,
@@ -345,7 +346,7 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
     from stagebudget.searching.study_attrs import annotate_study
     from stagebudget.searching.tbcurves import TENSORBOARD_DIR
     from stagebudget.searching.trainable import trial_trainable
-    from stagebudget.searching.tune_adapter import build_tuner
+    from stagebudget.searching.tune_adapter import CtrlCCheck, build_tuner
 
     space = plan.space
     from stagebudget.training.stages.common import resolve_device
@@ -366,21 +367,22 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
         plan.meta.update(ray_session_dir=session, ray_host=os.uname().nodename)
         plan.run.write_meta(_without_tool(plan.meta))
     try:
-        tuner, limiter, search = build_tuner(
-            trainable, space, run_dir=plan.run.root, study_name=plan.meta["study_name"],
-            storage=plan.storage, num_samples=plan.remaining, concurrency=space.concurrency,
-            points=plan.points, callbacks=[callback], mlflow_uri=plan.meta.get("mlflow"),
-            cost=cost,
-            limiter_kwargs={
-                "search_hours": space.budget.search_hours,
-                "per_trial_hours": space.budget.per_trial_hours,
-                "planned_hours": _planner(space, cost), "prior_hours": plan.prior_hours})
-        holder.update(limiter=limiter, study=search.study)
-        annotate_study(search.study, space, plan.run.root, plan.meta)
-        print(f"curves: tensorboard --logdir {plan.run.root / TENSORBOARD_DIR}", flush=True)
-        with display, tune_env():
-            tuner.fit()
-            display.update(_stats(plan, holder, 0), force=True)
+        with ctrl_c_latch() as ctrl_c:
+            tuner, limiter, search = build_tuner(
+                trainable, space, run_dir=plan.run.root, study_name=plan.meta["study_name"],
+                storage=plan.storage, num_samples=plan.remaining, concurrency=space.concurrency,
+                points=plan.points, callbacks=[callback, CtrlCCheck(ctrl_c)],
+                mlflow_uri=plan.meta.get("mlflow"), cost=cost,
+                limiter_kwargs={
+                    "search_hours": space.budget.search_hours,
+                    "per_trial_hours": space.budget.per_trial_hours,
+                    "planned_hours": _planner(space, cost), "prior_hours": plan.prior_hours})
+            holder.update(limiter=limiter, study=search.study)
+            annotate_study(search.study, space, plan.run.root, plan.meta)
+            print(f"curves: tensorboard --logdir {plan.run.root / TENSORBOARD_DIR}", flush=True)
+            with display, tune_env():
+                tuner.fit()
+                display.update(_stats(plan, holder, 0), force=True)
     finally:
         if owns_ray:
             ray.shutdown()  # for an external cluster this only disconnects the driver

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,6 +182,38 @@ TUNE_ENV = {
     # in RUN/tensorboard/ (stagebudget.searching.tbcurves), which the search names instead.
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
 }
+
+
+@contextlib.contextmanager
+def ctrl_c_latch() -> Iterator[threading.Event]:
+    """Ctrl-C ends the search even where Python drops its ``KeyboardInterrupt``.
+
+    Python raises it wherever the main thread is; inside a ``__del__`` or a weakref callback
+    (SQLAlchemy's, run by the garbage collector) it is printed as "Exception ignored" and lost,
+    and the search ran on to its end and exited 0. The handler also sets the yielded event:
+    :class:`~stagebudget.searching.tune_adapter.CtrlCCheck` raises again at Tune's next loop
+    step, and leaving the block raises if the body ended normally after a Ctrl-C. Where SIGINT
+    is not Python's default (ignored in a background job, or a caller's own handler), it is
+    left as it is.
+    """
+    seen = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+    installed = (previous is signal.default_int_handler
+                 and threading.current_thread() is threading.main_thread())
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        seen.set()
+        signal.default_int_handler(signum, frame)
+
+    if installed:
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield seen
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, previous)
+    if seen.is_set():
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

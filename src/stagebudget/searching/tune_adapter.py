@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -256,6 +257,27 @@ class RecordKeeper(tune.Callback):
         record.error = _trial_error_text(trial)
         record.finished = time.time()
         self.run.write_record(record)
+
+
+class CtrlCCheck(tune.Callback):
+    """Raises ``KeyboardInterrupt`` at the start of Tune's next loop step once ``seen`` is set:
+    a Ctrl-C that Python dropped (:func:`~stagebudget.searching.raysession.ctrl_c_latch`)
+    still stops the search there."""
+
+    def __init__(self, seen: threading.Event) -> None:
+        self.seen = seen
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks into the experiment state; an Event (a lock) cannot be,
+        # and a copy has no Ctrl-C of this process to see.
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.seen = threading.Event()
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.seen.is_set():
+            raise KeyboardInterrupt
 
 
 class TensorBoardCurves(tune.Callback):
