@@ -133,10 +133,12 @@ class StudySearch(OptunaSearch):
         return None  # not reached: the last attempt always starts its trial
 
     def _start(self, trial_id: str, ot_trial: Any, schedule: dict[str, Any] | None) -> None:
-        ot_trial.set_user_attr(TUNE_ID_ATTR, trial_id)
+        # The labels first, the Tune id last: a driver killed between the two writes leaves a
+        # trial whose id says it started with its labels already there (resume relies on it).
         name = reference_name(ot_trial.params, self._references)
         if name:
             ot_trial.set_user_attr(REFERENCE_ATTR, name)
+        ot_trial.set_user_attr(TUNE_ID_ATTR, trial_id)
         if schedule is not None:
             self._training.setdefault(identity(schedule), trial_id)
 
