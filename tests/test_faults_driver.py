@@ -132,6 +132,9 @@ def test_ctrl_c_exits_nonzero_says_how_to_resume_and_leaves_nothing_running(tmp_
     assert len([t for t in complete if not is_twin(t)]) == 4 >= done
 
 
+# The KeyboardInterrupt this test provokes inside __del__ is printed by Python and reported by
+# pytest as unraisable: expected here.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_ctrl_c_python_drops_inside_a_finaliser_still_stops_the_search(tmp_path: Path,
                                                                          monkeypatch) -> None:
     """Ctrl-C landing in a ``__del__`` or weakref callback of the driver (SQLAlchemy's, during
@@ -165,6 +168,30 @@ def test_a_ctrl_c_python_drops_inside_a_finaliser_still_stops_the_search(tmp_pat
     run = RunDir(tmp_path / "runs" / "dropped")
     assert fired and run.read_meta()["interrupted"] and "finished" not in run.read_meta()
     assert len([r for r in run.records() if r.status == "COMPLETE"]) < 6
+
+
+CRASH_AFTER_SEARCH = """
+import ctypes, functools, sys
+from pathlib import Path
+from stagebudget.searching.driver import run_search
+from stagebudget.testing.fakes import fake_trial_fn
+run_search(Path(sys.argv[1]), name="crash", runs_dir=Path(sys.argv[2]), live=False,
+           trial_fn=functools.partial(fake_trial_fn, seconds=0.05))
+print("search done", flush=True)
+ctypes.string_at(0)  # a crash after the search, as at interpreter exit
+"""
+
+
+def test_a_crash_after_the_search_says_where_it_was(tmp_path: Path) -> None:
+    """Ray removes the crash handlers it put in place of faulthandler's when it shuts down: a
+    driver that crashed at exit after a search on a cluster ended with signal 11 and an empty
+    stderr (CI). After the search, a crash prints Python's report with the line it was at."""
+    space = _space(tmp_path, trials=1)
+    res = subprocess.run([sys.executable, "-c", CRASH_AFTER_SEARCH, str(space),
+                          str(tmp_path / "runs")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == -signal.SIGSEGV and "search done" in res.stdout, res.stderr[-3000:]
+    assert "Fatal Python error: Segmentation fault" in res.stderr, res.stderr[-3000:]
+    assert 'File "<string>", line 9' in res.stderr, res.stderr[-3000:]
 
 
 def test_deterministic_failures_are_not_retried(tmp_path: Path) -> None:

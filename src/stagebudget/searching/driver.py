@@ -35,6 +35,7 @@ from stagebudget.searching.raysession import (
     ctrl_c_latch,
     init_ray,
     reap_ray_session,
+    shutdown_ray,
     tune_env,
 )
 from stagebudget.searching.resume import (
@@ -385,7 +386,7 @@ def _execute(plan: SearchPlan, *, address: str | None, live: bool,
                 display.update(_stats(plan, holder, 0), force=True)
     finally:
         if owns_ray:
-            ray.shutdown()  # for an external cluster this only disconnects the driver
+            shutdown_ray()  # for an external cluster this only disconnects the driver
     return bool(limiter.stopped_by_budget)
 
 

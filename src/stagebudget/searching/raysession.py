@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
+import io
 import logging
 import os
 import signal
@@ -168,6 +170,26 @@ def init_ray(address: str | None, space: SearchSpace) -> str | None:
             raise ClusterError(f"cannot connect to the Ray cluster at --address {address}: "
                                f"{str(exc).splitlines()[0]}") from None
     return None
+
+
+
+def shutdown_ray() -> None:
+    """``ray.shutdown()``, then Python's crash report back on.
+
+    Ray's core worker puts its own handlers on SIGSEGV and the like in place of
+    :mod:`faulthandler`'s and removes them when it shuts down: a crash later in the process (at
+    interpreter exit) then ended it with signal 11 and not one line on stderr (a search on a
+    cluster did, once, in CI). Where stderr is no file (a test's captured stream) it is left.
+    """
+    import ray
+
+    ray.shutdown()
+    try:
+        sys.stderr.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        return
+    faulthandler.disable()  # enable() alone keeps the handlers Ray removed as "enabled"
+    faulthandler.enable(file=sys.stderr, all_threads=True)
 
 
 # Tune settings read from the environment when ``fit`` starts (Ray's documented variables).
