@@ -172,7 +172,6 @@ def init_ray(address: str | None, space: SearchSpace) -> str | None:
     return None
 
 
-
 def shutdown_ray() -> None:
     """``ray.shutdown()``, then Python's crash report back on.
 
