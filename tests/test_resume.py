@@ -119,6 +119,8 @@ def test_killed_search_resumes_the_interrupted_trials_and_repeats_nothing(tmp_pa
             assert retries[0].user_attrs.get("reference") == cut.user_attrs.get("reference")
         # (one the kill cut between Optuna's ask and the searcher's labelling carries no label;
         # its retry is labelled from the same params when it starts: CI saw a cut "heuristic")
+        # a reference's retry keeps the reference's fixed params (not a second enqueue)
+        assert retries[0].system_attrs.get("fixed_params") == cut.system_attrs.get("fixed_params")
         assert "error" not in retries[0].user_attrs
     assert any(rec.reference for rec in stale.values())
     # the interrupted reference ran: every reference has a COMPLETE trial
@@ -138,7 +140,7 @@ def test_killed_search_resumes_the_interrupted_trials_and_repeats_nothing(tmp_pa
     # References are enqueued once (fixed_params), never again on resume; a sampler may still
     # propose the same params itself, which is not a re-enqueue.
     enqueued = [t.system_attrs["fixed_params"] for t in study.trials
-                if "fixed_params" in t.system_attrs]
+                if "fixed_params" in t.system_attrs and "failed_trial" not in t.system_attrs]
     assert len(enqueued) == 3
     assert len({json.dumps(p, sort_keys=True) for p in enqueued}) == 3
     assert json.loads((run.root / "run.json").read_text())["trials_requested"] == TRIALS
@@ -174,6 +176,28 @@ def test_retries_are_enqueued_once_and_only_real_outcomes_count(tmp_path: Path) 
     assert retry_interrupted(study) == [again.number]
     assert study.get_trials(states=(State.WAITING,))[0].system_attrs["retry_history"] == [
         cut.number, again.number]
+
+
+def test_a_reference_cut_before_all_its_params_were_sampled_runs_again_as_that_reference(
+        tmp_path: Path) -> None:
+    """An enqueued trial (a reference) killed after its first params were sampled: its retry
+    takes the rest from the reference too, not from the sampler (CI: the "heuristic" reference
+    never completed after a resume)."""
+    from stagebudget.searching.resume import retry_interrupted
+
+    study = optuna.create_study(directions=["maximize", "maximize"],
+                                storage=f"sqlite:///{tmp_path / 's.db'}",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1),
+            "y": optuna.distributions.FloatDistribution(0, 1)}
+    study.enqueue_trial({"x": 0.25, "y": 0.75})
+    cut = study.ask()
+    cut.suggest_float("x", 0, 1)                       # the kill lands before y is sampled
+    cut.set_user_attr("error", "interrupted")
+    study.tell(cut, state=State.FAIL)
+    assert retry_interrupted(study) == [cut.number]
+    again = study.ask(dist)
+    assert again.params == {"x": 0.25, "y": 0.75}
 
 
 def test_resume_of_a_finished_search_runs_nothing(tmp_path: Path) -> None:

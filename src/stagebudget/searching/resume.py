@@ -101,8 +101,11 @@ def retry_interrupted(study: Any) -> list[int]:
 
     The retry is a WAITING trial that the searcher asks first, marked the way Optuna's own
     ``RetryHeartbeatStaleTrialCallback`` marks one (system attrs ``failed_trial`` and
-    ``retry_history``), plus a ``retry_of`` user attribute for the dashboard. Idempotent: a
-    driver killed again before it asked the retry leaves it WAITING, and nothing is added twice.
+    ``retry_history``), plus a ``retry_of`` user attribute for the dashboard. An enqueued
+    trial's ``fixed_params`` go with it, as Optuna's callback carries them: a reference cut
+    before all its params were sampled then runs again as that reference, not with the rest
+    sampled afresh. Idempotent: a driver killed again before it asked the retry leaves it
+    WAITING, and nothing is added twice.
     """
     import optuna
     from optuna.trial import TrialState
@@ -114,10 +117,11 @@ def retry_interrupted(study: Any) -> list[int]:
         if not is_interrupted(t) or t.number in retried:
             continue
         history = [*t.system_attrs.get("retry_history", []), t.number]
+        carried = {k: t.system_attrs[k] for k in ("fixed_params",) if k in t.system_attrs}
         study.add_trial(optuna.trial.create_trial(
             state=TrialState.WAITING, params=t.params, distributions=t.distributions,
             user_attrs={RETRY_OF_ATTR: t.number},
-            system_attrs={"failed_trial": history[0], "retry_history": history}))
+            system_attrs={**carried, "failed_trial": history[0], "retry_history": history}))
         out.append(t.number)
     if out:
         log.info("running again the %d trials the last driver left unfinished: %s", len(out),
