@@ -170,6 +170,33 @@ def test_a_ctrl_c_python_drops_inside_a_finaliser_still_stops_the_search(tmp_pat
     assert len([r for r in run.records() if r.status == "COMPLETE"]) < 6
 
 
+def test_a_study_write_ctrl_c_cut_does_not_lock_out_the_settling(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """Ctrl-C that lands inside a study write leaves an SQLite connection with its transaction
+    open, held by the frames of the KeyboardInterrupt's traceback: settling inside the
+    exception handler kept them alive, was refused five times in a row and left the trial
+    RUNNING (CI). Here the cut write is a connection holding SQLite's write lock."""
+    import sqlite3
+
+    import stagebudget.searching.driver as driver
+
+    def cut_inside_a_write(plan, **_: object) -> bool:
+        plan.run.trials.mkdir(parents=True, exist_ok=True)
+        optuna.create_study(study_name=plan.meta["study_name"], storage=plan.storage,
+                            directions=["maximize", "maximize"]).ask()
+        held = sqlite3.connect(plan.storage.engine.url.database)
+        held.execute("BEGIN IMMEDIATE")  # the write Ctrl-C cut, its lock still held
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "_execute", cut_inside_a_write)
+    with pytest.raises(KeyboardInterrupt, match="search interrupted: 0 of 2"):
+        run_search(_space(tmp_path, trials=2), name="cut", runs_dir=tmp_path / "runs",
+                   live=False, trial_fn=FAST)
+    study = _study(RunDir(tmp_path / "runs" / "cut"))
+    assert [(t.state, t.user_attrs.get("error")) for t in study.trials] == [
+        (State.FAIL, "interrupted")]
+
+
 CRASH_AFTER_SEARCH = """
 import ctypes, functools, sys
 from pathlib import Path

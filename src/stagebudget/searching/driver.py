@@ -122,6 +122,7 @@ def _drive(plan: SearchPlan, *, resume: bool, address: str | None, live: bool,
                  plan.run.root)
         _summarise(plan, live)
         return plan.run.root
+    interrupted = False
     try:
         if trial_fn is None:
             _prepare_base_model(plan.space, plan.meta["space_file"])
@@ -132,10 +133,16 @@ def _drive(plan: SearchPlan, *, resume: bool, address: str | None, live: bool,
             # that would block the name.
             shutil.rmtree(plan.run.root, ignore_errors=True)
         elif isinstance(exc, KeyboardInterrupt):
-            raise _settle_interrupted(plan) from None
+            interrupted = True
         elif _is_disk_full(exc):
             raise _disk_full(plan, exc) from None
-        raise
+        if not interrupted:
+            raise
+    if interrupted:
+        # Settled once the handler has let go of the traceback: its frames hold the study
+        # write that Ctrl-C cut, and with it a database connection whose open transaction
+        # locks an SQLite study against the settling writes (CI: five refusals in a row).
+        raise _settle_interrupted(plan) from None
     plan.meta.update(stopped_by_budget=stopped, finished=time.time(),
                      spend=spend_summary(plan.run.records()))
     plan.run.write_meta(_without_tool(plan.meta))
@@ -159,7 +166,8 @@ def _settle_study(plan: SearchPlan, attempts: int = 5) -> int | None:
             study = load_study(plan.storage, plan.meta["study_name"])
             return mark_interrupted(study, plan.run, [o.name for o in plan.space.objectives])
         except StorageInternalError as exc:
-            log.warning("settling the study after Ctrl-C failed (%s); retrying", exc)
+            log.warning("settling the study after Ctrl-C failed (%s: %s); retrying", exc,
+                        exc.__cause__)
             # An RDB storage keeps the session Ctrl-C broke (its transaction half done): every
             # retry failed on it, five times in a row, in one test run. Closing it rolls the
             # transaction back and releases its database lock; the next call opens a new one.
